@@ -1,0 +1,1 @@
+//! app (placeholder until written).

@@ -1,0 +1,1 @@
+//! authz (placeholder until written).

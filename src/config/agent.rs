@@ -1,0 +1,271 @@
+//! The agent's own configuration sections (layer L1): the `agent:` key of the config file.
+//!
+//! Each component receives only its section. Everything here is plain data with defaults that a
+//! production node can run with; durations are written the humantime way (`5s`, `24h`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+fn default_trust_domain() -> String {
+    "cluster.local".to_string()
+}
+
+/// Settings of this agent, as opposed to the mesh model (workloads, services, policies).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AgentConfig {
+    /// The node this agent runs on; workloads whose `node` equals it are served locally.
+    /// May be left out of the file and given with `--node` instead.
+    #[serde(default)]
+    pub node: String,
+    /// Trust domain of local identities; peers from another trust domain are refused.
+    #[serde(default = "default_trust_domain")]
+    pub trust_domain: String,
+    /// The network this node is in (empty = default network).
+    #[serde(default)]
+    pub network: String,
+    /// Certificate authority settings.
+    #[serde(default)]
+    pub ca: CaConfig,
+    /// Local pods and the network namespaces they live in.
+    #[serde(default)]
+    pub pods: Vec<PodConfig>,
+    /// Data-plane settings.
+    #[serde(default)]
+    pub proxy: ProxyConfig,
+    /// HBONE client pool settings.
+    #[serde(default)]
+    pub pool: PoolConfig,
+    /// Node-level listeners (admin, metrics, readiness).
+    #[serde(default)]
+    pub listen: ListenConfig,
+    /// How long open connections may finish after a shutdown signal before they are cut.
+    #[serde(default = "defaults::drain_timeout", with = "humantime_serde")]
+    pub drain_timeout: Duration,
+    /// How often the config file is checked for changes.
+    #[serde(default = "defaults::reload_interval", with = "humantime_serde")]
+    pub reload_interval: Duration,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            node: String::new(),
+            trust_domain: default_trust_domain(),
+            network: String::new(),
+            ca: CaConfig::default(),
+            pods: Vec::new(),
+            proxy: ProxyConfig::default(),
+            pool: PoolConfig::default(),
+            listen: ListenConfig::default(),
+            drain_timeout: defaults::drain_timeout(),
+            reload_interval: defaults::reload_interval(),
+        }
+    }
+}
+
+/// The built-in CA.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CaConfig {
+    /// PEM root certificate to sign with (with `keyFile`); when unset a root is created in (and
+    /// reloaded from) the state directory.
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of `certFile`.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// Lifetime of issued workload certificates; they are rotated at half-life.
+    #[serde(default = "defaults::workload_cert_ttl", with = "humantime_serde")]
+    pub workload_cert_ttl: Duration,
+}
+
+impl Default for CaConfig {
+    fn default() -> Self {
+        CaConfig {
+            cert_file: None,
+            key_file: None,
+            workload_cert_ttl: defaults::workload_cert_ttl(),
+        }
+    }
+}
+
+/// A local pod: which workload it is and where its network namespace is.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PodConfig {
+    /// The workload's `uid`, or `namespace/name`.
+    pub workload: String,
+    /// Path of the pod's network namespace, e.g. `/run/netns/pod-a` or `/proc/PID/ns/net`.
+    pub netns: PathBuf,
+}
+
+/// Data-plane settings shared by every workload proxy.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// Timeout for every outgoing TCP connect.
+    #[serde(default = "defaults::connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// `SO_MARK` on every socket the agent creates in a pod, so capture rules skip them.
+    #[serde(default = "defaults::packet_mark")]
+    pub packet_mark: u32,
+    /// HBONE port of peers.
+    #[serde(default = "defaults::hbone_port")]
+    pub hbone_port: u16,
+    /// Upper bound on a CONNECT request's header block, in bytes.
+    #[serde(default = "defaults::max_header_list_size")]
+    pub max_header_list_size: u32,
+    /// Maximum concurrent streams a peer may open on one inbound HBONE connection.
+    #[serde(default = "defaults::max_concurrent_streams")]
+    pub max_concurrent_streams: u32,
+    /// HTTP/2 stream flow-control window.
+    #[serde(default = "defaults::stream_window")]
+    pub stream_window: u32,
+    /// HTTP/2 connection flow-control window.
+    #[serde(default = "defaults::connection_window")]
+    pub connection_window: u32,
+    /// HTTP/2 maximum frame size.
+    #[serde(default = "defaults::frame_size")]
+    pub frame_size: u32,
+    /// Interval of HTTP/2 PINGs on idle HBONE connections.
+    #[serde(default = "defaults::keepalive_interval", with = "humantime_serde")]
+    pub keepalive_interval: Duration,
+    /// A PING not answered within this closes the connection.
+    #[serde(default = "defaults::keepalive_timeout", with = "humantime_serde")]
+    pub keepalive_timeout: Duration,
+    /// Time allowed for a TLS handshake plus the HTTP/2 preface.
+    #[serde(default = "defaults::handshake_timeout", with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            connect_timeout: defaults::connect_timeout(),
+            packet_mark: defaults::packet_mark(),
+            hbone_port: defaults::hbone_port(),
+            max_header_list_size: defaults::max_header_list_size(),
+            max_concurrent_streams: defaults::max_concurrent_streams(),
+            stream_window: defaults::stream_window(),
+            connection_window: defaults::connection_window(),
+            frame_size: defaults::frame_size(),
+            keepalive_interval: defaults::keepalive_interval(),
+            keepalive_timeout: defaults::keepalive_timeout(),
+            handshake_timeout: defaults::handshake_timeout(),
+        }
+    }
+}
+
+/// HBONE client connection pool.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PoolConfig {
+    /// Streams per pooled connection before another connection is opened.
+    #[serde(default = "defaults::max_streams_per_connection")]
+    pub max_streams_per_connection: u32,
+    /// A pooled connection unused for this long is released.
+    #[serde(default = "defaults::pool_idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            max_streams_per_connection: defaults::max_streams_per_connection(),
+            idle_timeout: defaults::pool_idle_timeout(),
+        }
+    }
+}
+
+/// Node-level listeners in the agent's own network namespace.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ListenConfig {
+    /// Admin API; must be a loopback address.
+    #[serde(default = "defaults::admin_addr")]
+    pub admin: SocketAddr,
+    /// Prometheus metrics.
+    #[serde(default = "defaults::metrics_addr")]
+    pub metrics: SocketAddr,
+    /// Readiness probe.
+    #[serde(default = "defaults::readiness_addr")]
+    pub readiness: SocketAddr,
+}
+
+impl Default for ListenConfig {
+    fn default() -> Self {
+        ListenConfig {
+            admin: defaults::admin_addr(),
+            metrics: defaults::metrics_addr(),
+            readiness: defaults::readiness_addr(),
+        }
+    }
+}
+
+/// Defaults, one function per field so serde and `Default` agree.
+pub mod defaults {
+    use super::*;
+    use crate::net::ports;
+
+    pub(crate) fn drain_timeout() -> Duration {
+        Duration::from_secs(5)
+    }
+    pub(crate) fn reload_interval() -> Duration {
+        Duration::from_secs(1)
+    }
+    pub(crate) fn workload_cert_ttl() -> Duration {
+        Duration::from_secs(24 * 3600)
+    }
+    pub(crate) fn connect_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub(crate) fn packet_mark() -> u32 {
+        0x539
+    }
+    pub(crate) fn hbone_port() -> u16 {
+        ports::HBONE
+    }
+    pub(crate) fn max_header_list_size() -> u32 {
+        16 * 1024
+    }
+    pub(crate) fn max_concurrent_streams() -> u32 {
+        200
+    }
+    pub(crate) fn stream_window() -> u32 {
+        4 * 1024 * 1024
+    }
+    pub(crate) fn connection_window() -> u32 {
+        16 * 1024 * 1024
+    }
+    pub(crate) fn frame_size() -> u32 {
+        1024 * 1024
+    }
+    pub(crate) fn keepalive_interval() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub(crate) fn keepalive_timeout() -> Duration {
+        Duration::from_secs(20)
+    }
+    pub(crate) fn handshake_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub(crate) fn max_streams_per_connection() -> u32 {
+        100
+    }
+    pub(crate) fn pool_idle_timeout() -> Duration {
+        Duration::from_secs(300)
+    }
+    pub(crate) fn admin_addr() -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], ports::ADMIN))
+    }
+    pub(crate) fn metrics_addr() -> SocketAddr {
+        SocketAddr::from(([0, 0, 0, 0], ports::METRICS))
+    }
+    pub(crate) fn readiness_addr() -> SocketAddr {
+        SocketAddr::from(([0, 0, 0, 0], ports::READINESS))
+    }
+}

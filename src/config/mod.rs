@@ -1,0 +1,2 @@
+//! Configuration (layer L1). (placeholder until written)
+pub mod agent;

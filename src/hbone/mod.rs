@@ -1,0 +1,1 @@
+//! hbone (placeholder until written).

@@ -1,0 +1,29 @@
+//! nodetunnel: a node-level tunnel agent for zero-trust service meshes.
+//!
+//! One agent per node captures its pods' TCP traffic inside each pod's network namespace and
+//! carries it between nodes as HBONE (HTTP/2 CONNECT over mutual TLS 1.3) with per-workload
+//! SPIFFE identities. See `ARCHITECTURE.md` for the flow of a connection through the modules.
+//!
+//! Layers (a module uses only its own layer or lower):
+//! - L5 [`app`]: composition root, signals, node-level servers.
+//! - L4 [`capture`]: local pods and their per-pod listener sets.
+//! - L3 [`proxy`]: outbound, inbound, pool, route decision, copy.
+//! - L2 [`hbone`], [`tls`], [`identity`], [`authz`]: protocols and certificates.
+//! - L1 [`state`], [`config`], [`telemetry`]: the model, configuration, logging.
+//! - L0 [`sys`], [`socket`], [`drain`], [`net`], [`spiffe`]: syscalls, sockets, primitives.
+
+pub mod app;
+pub mod authz;
+pub mod capture;
+pub mod config;
+pub mod drain;
+pub mod hbone;
+pub mod identity;
+pub mod net;
+pub mod proxy;
+pub mod socket;
+pub mod spiffe;
+pub mod state;
+pub mod sys;
+pub mod telemetry;
+pub mod tls;

@@ -1,0 +1,1 @@
+//! socket (placeholder until written).
