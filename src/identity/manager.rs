@@ -1,0 +1,424 @@
+//! The certificate cache (layer L2): one certificate per identity, issued on first use, shared
+//! by every connection of that identity, rotated at half-life by a background task.
+//!
+//! Invariants: at most one issue per identity is in flight, and every caller waiting for that
+//! identity shares it; a certificate past half-life is still served while its replacement is
+//! issued; an expired certificate is never served (fail closed). Times are tracked on tokio's
+//! clock (so paused-clock tests drive rotation) and checked against the wall clock as well.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::time::{Duration, SystemTime};
+
+use futures_util::future::{BoxFuture, FutureExt, Shared};
+use tokio::sync::Notify;
+use tokio::task::{AbortHandle, JoinHandle};
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use super::{CaError, CertificateSource, WorkloadCertificate};
+use crate::spiffe::Identity;
+
+/// First retry delay after a failed issue; doubled per consecutive failure.
+const RETRY_BASE: Duration = Duration::from_secs(1);
+/// Longest delay between retries.
+const RETRY_CAP: Duration = Duration::from_secs(150);
+
+/// Why the manager has no certificate to give for an identity.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CertificateError {
+    /// The source failed and no unexpired certificate is cached.
+    #[error("no certificate for {identity}: {source}")]
+    Issue {
+        /// The identity asked for.
+        identity: Identity,
+        /// The source's error, shared by every caller that waited on the issue.
+        source: Arc<CaError>,
+    },
+    /// The source returned a certificate for another identity; it is refused.
+    #[error("certificate source returned {got} when asked for {identity}")]
+    IdentityMismatch {
+        /// The identity asked for.
+        identity: Identity,
+        /// The identity in the returned leaf.
+        got: Identity,
+    },
+    /// The source returned a certificate that is already expired.
+    #[error("certificate source returned an expired certificate for {identity}")]
+    AlreadyExpired {
+        /// The identity asked for.
+        identity: Identity,
+    },
+    /// The issue was stopped (identity forgotten or manager dropped) before it finished.
+    #[error("certificate issue for {identity} was cancelled")]
+    Cancelled {
+        /// The identity asked for.
+        identity: Identity,
+    },
+}
+
+type IssueResult = Result<Arc<WorkloadCertificate>, CertificateError>;
+type SharedIssue = Shared<BoxFuture<'static, IssueResult>>;
+
+/// Cache of workload certificates in front of a [`CertificateSource`].
+pub struct CertificateManager {
+    source: Arc<dyn CertificateSource>,
+    entries: Arc<Mutex<HashMap<Identity, Entry>>>,
+    /// Wakes the rotation task when an issue finishes or an identity is added.
+    changed: Arc<Notify>,
+    next_issue: AtomicU64,
+}
+
+struct Entry {
+    current: Option<Current>,
+    inflight: Option<Inflight>,
+    /// Consecutive failed issues, for backoff.
+    failures: u32,
+    /// Background issues wait until then after a failure.
+    retry_at: Option<Instant>,
+}
+
+struct Current {
+    certificate: Arc<WorkloadCertificate>,
+    refresh_at: Instant,
+    expires_at: Instant,
+}
+
+struct Inflight {
+    id: u64,
+    result: SharedIssue,
+    abort: AbortHandle,
+}
+
+impl Current {
+    fn new(certificate: Arc<WorkloadCertificate>) -> Self {
+        let now = Instant::now();
+        let wall = SystemTime::now();
+        let until = |at: SystemTime| now + at.duration_since(wall).unwrap_or_default();
+        Current {
+            refresh_at: until(certificate.refresh_at()),
+            expires_at: until(certificate.expires_at()),
+            certificate,
+        }
+    }
+
+    fn expired(&self, now: Instant) -> bool {
+        now >= self.expires_at || SystemTime::now() >= self.certificate.expires_at()
+    }
+
+    fn stale(&self, now: Instant) -> bool {
+        now >= self.refresh_at || SystemTime::now() >= self.certificate.refresh_at()
+    }
+}
+
+impl Entry {
+    fn new() -> Self {
+        Entry {
+            current: None,
+            inflight: None,
+            failures: 0,
+            retry_at: None,
+        }
+    }
+
+    /// The unexpired certificate, if any.
+    fn valid(&self, now: Instant) -> Option<&Current> {
+        self.current
+            .as_ref()
+            .filter(|current| !current.expired(now))
+    }
+
+    /// When a background issue should start (`None`: one is running).
+    fn due_at(&self, now: Instant) -> Option<Instant> {
+        if self.inflight.is_some() {
+            return None;
+        }
+        let wanted = match self.valid(now) {
+            Some(current) if !current.stale(now) => current.refresh_at,
+            _ => now,
+        };
+        Some(wanted.max(self.retry_at.unwrap_or(now)))
+    }
+}
+
+impl CertificateManager {
+    /// A manager with an empty cache. Issues run as tokio tasks, so it must be used inside a
+    /// runtime.
+    pub fn new(source: Arc<dyn CertificateSource>) -> Self {
+        CertificateManager {
+            source,
+            entries: Arc::new(Mutex::new(HashMap::new())),
+            changed: Arc::new(Notify::new()),
+            next_issue: AtomicU64::new(0),
+        }
+    }
+
+    /// The certificate of `identity`: the cached one if unexpired (starting a re-issue in the
+    /// background once past half-life), otherwise waits for an issue, shared with every other
+    /// caller waiting for the same identity. Cancel-safe: dropping the future does not stop the
+    /// issue.
+    pub async fn fetch(&self, identity: &Identity) -> IssueResult {
+        let issue = {
+            let mut entries = self.lock();
+            let entry = entries.entry(identity.clone()).or_insert_with(Entry::new);
+            let now = Instant::now();
+            if let Some(current) = entry.valid(now) {
+                let certificate = current.certificate.clone();
+                if entry.due_at(now).is_some_and(|due| due <= now) {
+                    self.start_issue(identity, entry);
+                }
+                return Ok(certificate);
+            }
+            match &entry.inflight {
+                Some(inflight) => inflight.result.clone(),
+                None => self.start_issue(identity, entry).result.clone(),
+            }
+        };
+        issue.await
+    }
+
+    /// Starts issuing a certificate for `identity` unless one is cached or in flight, without
+    /// waiting, and keeps the identity under rotation from then on.
+    pub fn prefetch(&self, identity: &Identity) {
+        let mut entries = self.lock();
+        let entry = entries.entry(identity.clone()).or_insert_with(Entry::new);
+        if entry.valid(Instant::now()).is_none() && entry.inflight.is_none() {
+            self.start_issue(identity, entry);
+        }
+    }
+
+    /// Drops the cached certificate of `identity` and stops its rotation and any issue in
+    /// flight. Open connections keep the config they hold.
+    pub fn forget(&self, identity: &Identity) {
+        let removed = self.lock().remove(identity);
+        if let Some(inflight) = removed.and_then(|entry| entry.inflight) {
+            inflight.abort.abort();
+        }
+    }
+
+    /// `(identity, not_before, not_after)` of every cached certificate, sorted by identity,
+    /// for the admin config dump.
+    pub fn certificates(&self) -> Vec<(Identity, SystemTime, SystemTime)> {
+        let mut certificates: Vec<_> = self
+            .lock()
+            .iter()
+            .filter_map(|(identity, entry)| {
+                let certificate = &entry.current.as_ref()?.certificate;
+                Some((
+                    identity.clone(),
+                    certificate.not_before(),
+                    certificate.expires_at(),
+                ))
+            })
+            .collect();
+        certificates.sort_by(|a, b| a.0.cmp(&b.0));
+        certificates
+    }
+
+    /// Runs rotation until `shutdown` completes: re-issues each cached identity at half-life,
+    /// and after a failure retries with capped exponential backoff and jitter, the old
+    /// certificate staying in service while it is valid.
+    pub fn spawn_rotation<F>(self: Arc<Self>, shutdown: F) -> JoinHandle<()>
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let span = tracing::info_span!("certificate_rotation");
+        tokio::spawn(async move { self.rotate(shutdown).await }.instrument(span))
+    }
+
+    async fn rotate<F: Future<Output = ()>>(&self, shutdown: F) {
+        tokio::pin!(shutdown);
+        loop {
+            let next = self.start_due_issues();
+            let sleep = async {
+                match next {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = &mut shutdown => break,
+                () = self.changed.notified() => {}
+                () = sleep => {}
+            }
+        }
+        tracing::debug!("certificate rotation stopped");
+    }
+
+    /// Starts every issue that is due; returns when the next one will be.
+    fn start_due_issues(&self) -> Option<Instant> {
+        let now = Instant::now();
+        let mut entries = self.lock();
+        let mut next: Option<Instant> = None;
+        for (identity, entry) in entries.iter_mut() {
+            let Some(due) = entry.due_at(now) else {
+                continue;
+            };
+            if due <= now {
+                tracing::debug!(%identity, "rotating certificate");
+                self.start_issue(identity, entry);
+            } else {
+                next = Some(next.map_or(due, |next| next.min(due)));
+            }
+        }
+        next
+    }
+
+    /// Spawns the issue task and records it in `entry` as the one in flight.
+    fn start_issue<'e>(&self, identity: &Identity, entry: &'e mut Entry) -> &'e Inflight {
+        let id = self.next_issue.fetch_add(1, Ordering::Relaxed);
+        let source = self.source.clone();
+        let entries = Arc::downgrade(&self.entries);
+        let changed = self.changed.clone();
+        let owned = identity.clone();
+        let span = tracing::info_span!("certificate_issue", identity = %identity);
+        let task = tokio::spawn(
+            async move {
+                let result = issue(source.as_ref(), &owned).await;
+                record(&entries, &owned, id, &result);
+                changed.notify_one();
+                result
+            }
+            .instrument(span),
+        );
+        let abort = task.abort_handle();
+        let identity = identity.clone();
+        let result = async move {
+            task.await
+                .unwrap_or(Err(CertificateError::Cancelled { identity }))
+        }
+        .boxed()
+        .shared();
+        entry.inflight.insert(Inflight { id, result, abort })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<Identity, Entry>> {
+        lock(&self.entries)
+    }
+}
+
+impl Drop for CertificateManager {
+    fn drop(&mut self) {
+        for entry in self.lock().values() {
+            if let Some(inflight) = &entry.inflight {
+                inflight.abort.abort();
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for CertificateManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertificateManager")
+            .field("source", &self.source)
+            .field("identities", &self.lock().len())
+            .finish()
+    }
+}
+
+// A panic while holding the lock leaves the map consistent (every update is one assignment).
+fn lock(entries: &Mutex<HashMap<Identity, Entry>>) -> MutexGuard<'_, HashMap<Identity, Entry>> {
+    entries.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Asks the source and checks the answer is for `identity` and still valid.
+async fn issue(source: &dyn CertificateSource, identity: &Identity) -> IssueResult {
+    let certificate = source
+        .fetch(identity)
+        .await
+        .map_err(|error| CertificateError::Issue {
+            identity: identity.clone(),
+            source: Arc::new(error),
+        })?;
+    if certificate.identity() != identity {
+        return Err(CertificateError::IdentityMismatch {
+            identity: identity.clone(),
+            got: certificate.identity().clone(),
+        });
+    }
+    if SystemTime::now() >= certificate.expires_at() {
+        return Err(CertificateError::AlreadyExpired {
+            identity: identity.clone(),
+        });
+    }
+    Ok(Arc::new(certificate))
+}
+
+/// Stores the outcome of issue `id`, unless the identity was forgotten or a newer issue
+/// replaced it meanwhile.
+fn record(
+    entries: &Weak<Mutex<HashMap<Identity, Entry>>>,
+    identity: &Identity,
+    id: u64,
+    result: &IssueResult,
+) {
+    let Some(entries) = entries.upgrade() else {
+        return;
+    };
+    let mut entries = lock(&entries);
+    let Some(entry) = entries.get_mut(identity) else {
+        return;
+    };
+    if entry.inflight.as_ref().map(|inflight| inflight.id) != Some(id) {
+        return;
+    }
+    entry.inflight = None;
+    let now = Instant::now();
+    match result {
+        Ok(certificate) => {
+            tracing::info!(expires_at = ?certificate.expires_at(), "certificate issued");
+            entry.current = Some(Current::new(certificate.clone()));
+            entry.failures = 0;
+            entry.retry_at = None;
+        }
+        Err(error) => {
+            entry.failures = entry.failures.saturating_add(1);
+            let delay = retry_delay(entry.failures, rand::random::<f64>());
+            // Retry before the old certificate runs out; once it has, drop it (fail closed).
+            let mut retry_at = now + delay;
+            match &entry.current {
+                Some(current) if current.expired(now) => entry.current = None,
+                Some(current) => retry_at = retry_at.min(current.expires_at),
+                None => {}
+            }
+            entry.retry_at = Some(retry_at);
+            tracing::warn!(%error, failures = entry.failures, retry_in = ?delay, "certificate issue failed");
+        }
+    }
+}
+
+/// Backoff before retry number `failures` (≥ 1): 1 s doubling up to 150 s, then spread by ±20%
+/// using `jitter` in `[0, 1)` so agents that failed together do not retry together.
+fn retry_delay(failures: u32, jitter: f64) -> Duration {
+    let exponent = failures.saturating_sub(1).min(16);
+    let base = RETRY_BASE.saturating_mul(1 << exponent).min(RETRY_CAP);
+    base.mul_f64(0.8 + 0.4 * jitter.clamp(0.0, 1.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_delay_doubles_caps_and_jitters() {
+        let cases: &[(u32, f64, Duration)] = &[
+            (1, 0.5, Duration::from_secs(1)),
+            (2, 0.5, Duration::from_secs(2)),
+            (5, 0.5, Duration::from_secs(16)),
+            (8, 0.5, Duration::from_secs(128)),
+            (9, 0.5, Duration::from_secs(150)),
+            (u32::MAX, 0.5, Duration::from_secs(150)),
+            (1, 0.0, Duration::from_millis(800)),
+            (9, 1.0, Duration::from_secs(180)),
+        ];
+        for (failures, jitter, expected) in cases {
+            assert_eq!(
+                retry_delay(*failures, *jitter),
+                *expected,
+                "failure {failures}, jitter {jitter}"
+            );
+        }
+    }
+}

@@ -1,0 +1,453 @@
+//! The built-in CA's files and leaves, and the manager's caching, sharing and rotation.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::Semaphore;
+use x509_parser::extensions::GeneralName;
+
+use super::ca::{BuiltinCa, ROOT_CERT_FILE, ROOT_KEY_FILE};
+use super::*;
+use crate::config::agent::CaConfig;
+use crate::tls::tests::{handshake, identity, new_ca};
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+fn ca_config(ttl: Duration) -> CaConfig {
+    CaConfig {
+        workload_cert_ttl: ttl,
+        ..CaConfig::default()
+    }
+}
+
+#[test]
+fn issued_leaf_carries_exactly_the_identity() {
+    let ca = new_ca();
+    let id = identity("spiffe://cluster.local/ns/default/sa/web");
+    let before = SystemTime::now();
+    let cert = ca.issue(&id).expect("issue");
+    assert_eq!(cert.identity(), &id);
+    assert_eq!(cert.chain().len(), 1, "leaf only, never the root");
+    assert_ne!(&cert.chain()[0], ca.root());
+
+    let (_, leaf) = x509_parser::parse_x509_certificate(cert.chain()[0].as_ref()).expect("parse");
+    let san = leaf
+        .subject_alternative_name()
+        .expect("san")
+        .expect("present");
+    let uri = id.to_string();
+    assert_eq!(san.value.general_names, vec![GeneralName::URI(&uri)]);
+    assert!(!leaf.is_ca());
+    let eku = leaf
+        .extended_key_usage()
+        .expect("eku")
+        .expect("present")
+        .value;
+    assert!(eku.server_auth && eku.client_auth);
+    let usage = leaf.key_usage().expect("ku").expect("present").value;
+    assert!(usage.digital_signature() && !usage.key_cert_sign());
+    assert_eq!(leaf.subject().iter().count(), 0, "empty subject");
+
+    // Valid from about a minute ago (clock skew) for the ttl.
+    let skew = before
+        .duration_since(cert.not_before())
+        .expect("starts in the past");
+    assert!(
+        skew >= Duration::from_secs(59) && skew <= Duration::from_secs(62),
+        "{skew:?}"
+    );
+    let lifetime = cert
+        .expires_at()
+        .duration_since(before)
+        .expect("ends in the future");
+    assert!(lifetime > HOUR - Duration::from_secs(2) && lifetime <= HOUR + Duration::from_secs(2));
+    let half = cert
+        .refresh_at()
+        .duration_since(cert.not_before())
+        .expect("after start");
+    assert_eq!(
+        half * 2,
+        cert.expires_at()
+            .duration_since(cert.not_before())
+            .expect("span")
+    );
+
+    let again = ca.issue(&id).expect("issue");
+    assert_ne!(
+        again.chain()[0],
+        cert.chain()[0],
+        "fresh key and serial per issue"
+    );
+}
+
+#[test]
+fn root_is_created_once_and_reloaded() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state");
+    let first = BuiltinCa::load_or_create(&state, &ca_config(HOUR)).expect("create");
+    let mode = std::fs::metadata(state.join(ROOT_KEY_FILE))
+        .expect("key")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "root key readable by the agent only");
+    let second = BuiltinCa::load_or_create(&state, &ca_config(HOUR)).expect("reload");
+    assert_eq!(first.root(), second.root(), "same root after restart");
+
+    // A leaf from the reloaded CA verifies against the first instance's root.
+    let id = identity("spiffe://cluster.local/ns/a/sa/x");
+    let (chain, key) = second.sign(&id).expect("sign");
+    WorkloadCertificate::new(chain, key, vec![first.root().clone()]).expect("chains");
+}
+
+#[tokio::test]
+async fn agents_sharing_root_files_trust_each_other() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cert_pem, key_pem) = BuiltinCa::generate_root("shared").expect("root");
+    let cert_file = dir.path().join("root.pem");
+    let key_file = dir.path().join("root-key.pem");
+    std::fs::write(&cert_file, &cert_pem).expect("write");
+    std::fs::write(&key_file, &key_pem).expect("write");
+    let config = CaConfig {
+        cert_file: Some(cert_file),
+        key_file: Some(key_file),
+        workload_cert_ttl: HOUR,
+    };
+    let node_a = BuiltinCa::load_or_create(&dir.path().join("a"), &config).expect("node a");
+    let node_b = BuiltinCa::load_or_create(&dir.path().join("b"), &config).expect("node b");
+    assert!(
+        !dir.path().join("a").join(ROOT_CERT_FILE).exists(),
+        "files win over state dir"
+    );
+    let expected = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes())
+        .expect("pem")
+        .1
+        .contents;
+    assert_eq!(node_a.root().as_ref(), expected.as_slice());
+
+    let client_id = identity("spiffe://cluster.local/ns/a/sa/client");
+    let server_id = identity("spiffe://cluster.local/ns/b/sa/server");
+    let client = node_a.issue(&client_id).expect("issue");
+    let server = node_b.issue(&server_id).expect("issue");
+    let result = handshake(client.client_config(&[server_id]), server.server_config()).await;
+    let server = result.server.expect("server accepts");
+    assert_eq!(
+        crate::tls::peer_identity(server.get_ref().1),
+        Some(client_id)
+    );
+}
+
+#[test]
+fn bad_root_material_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let write = |name: &str, contents: &str| -> PathBuf {
+        let path = dir.path().join(name);
+        std::fs::write(&path, contents).expect("write");
+        path
+    };
+    let (cert_a, key_a) = BuiltinCa::generate_root("a").expect("root");
+    let (_, key_b) = BuiltinCa::generate_root("b").expect("root");
+    let cert_a = write("a.pem", &cert_a);
+    let key_a = write("a-key.pem", &key_a);
+    let key_b = write("b-key.pem", &key_b);
+    let garbage = write("garbage.pem", "not pem");
+    let lone_key_state = dir.path().join("lone");
+    std::fs::create_dir(&lone_key_state).expect("mkdir");
+    std::fs::write(lone_key_state.join(ROOT_KEY_FILE), "x").expect("write");
+
+    let files = |cert: Option<&PathBuf>, key: Option<&PathBuf>, ttl| CaConfig {
+        cert_file: cert.cloned(),
+        key_file: key.cloned(),
+        workload_cert_ttl: ttl,
+    };
+    let cases: Vec<(&str, PathBuf, CaConfig, &str)> = vec![
+        (
+            "cert without key",
+            dir.path().into(),
+            files(Some(&cert_a), None, HOUR),
+            "set together",
+        ),
+        (
+            "key of another root",
+            dir.path().into(),
+            files(Some(&cert_a), Some(&key_b), HOUR),
+            "does not match",
+        ),
+        (
+            "certificate is not PEM",
+            dir.path().into(),
+            files(Some(&garbage), Some(&key_a), HOUR),
+            "root certificate",
+        ),
+        (
+            "key is not PEM",
+            dir.path().into(),
+            files(Some(&cert_a), Some(&garbage), HOUR),
+            "root key",
+        ),
+        (
+            "missing file",
+            dir.path().into(),
+            files(Some(&dir.path().join("nope")), Some(&key_a), HOUR),
+            "reading",
+        ),
+        (
+            "zero ttl",
+            dir.path().into(),
+            files(Some(&cert_a), Some(&key_a), Duration::ZERO),
+            "ttl",
+        ),
+        (
+            "state dir with a lone key",
+            lone_key_state,
+            files(None, None, HOUR),
+            "does not",
+        ),
+    ];
+    for (name, state, config, text) in cases {
+        let error = BuiltinCa::load_or_create(&state, &config).expect_err(name);
+        assert!(error.to_string().contains(text), "{name}: {error}");
+    }
+}
+
+/// A source that counts calls, can be made to fail, can hold callers at a gate, and can lie
+/// about the identity.
+#[derive(Debug)]
+struct TestSource {
+    ca: BuiltinCa,
+    calls: AtomicUsize,
+    failing: AtomicBool,
+    gate: Option<Arc<Semaphore>>,
+    answer_as: Option<Identity>,
+}
+
+impl TestSource {
+    fn new(ttl: Duration) -> Self {
+        let (cert, key) = BuiltinCa::generate_root("test").expect("root");
+        TestSource {
+            ca: BuiltinCa::from_pem(&cert, &key, ttl).expect("ca"),
+            calls: AtomicUsize::new(0),
+            failing: AtomicBool::new(false),
+            gate: None,
+            answer_as: None,
+        }
+    }
+
+    fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+}
+
+impl CertificateSource for TestSource {
+    fn fetch<'a>(
+        &'a self,
+        identity: &'a Identity,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<WorkloadCertificate, CaError>> + Send + 'a>,
+    > {
+        Box::pin(async move {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            if let Some(gate) = &self.gate {
+                let _permit = gate.acquire().await.expect("gate open");
+            }
+            if self.failing.load(Ordering::SeqCst) {
+                return Err(CaError::Sign(rcgen::Error::RingUnspecified));
+            }
+            self.ca.issue(self.answer_as.as_ref().unwrap_or(identity))
+        })
+    }
+}
+
+/// Fetches until the manager hands out a certificate other than `old`, advancing time.
+async fn until_replaced(
+    manager: &CertificateManager,
+    id: &Identity,
+    old: &Arc<WorkloadCertificate>,
+) -> Arc<WorkloadCertificate> {
+    for _ in 0..100 {
+        let current = manager.fetch(id).await.expect("fetch");
+        if !Arc::ptr_eq(&current, old) {
+            return current;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    panic!("certificate was never replaced");
+}
+
+#[tokio::test]
+async fn concurrent_fetches_share_one_issue() {
+    let gate = Arc::new(Semaphore::new(0));
+    let source = Arc::new(TestSource {
+        gate: Some(gate.clone()),
+        ..TestSource::new(HOUR)
+    });
+    let manager = Arc::new(CertificateManager::new(source.clone()));
+    let id = identity("spiffe://cluster.local/ns/a/sa/x");
+    let callers: Vec<_> = (0..8)
+        .map(|_| {
+            let manager = manager.clone();
+            let id = id.clone();
+            tokio::spawn(async move { manager.fetch(&id).await })
+        })
+        .collect();
+    while source.calls() == 0 {
+        tokio::task::yield_now().await;
+    }
+    for _ in 0..20 {
+        tokio::task::yield_now().await;
+    }
+    gate.add_permits(100);
+    let mut certificates = Vec::new();
+    for caller in callers {
+        certificates.push(caller.await.expect("join").expect("fetch"));
+    }
+    assert_eq!(source.calls(), 1, "one issue for eight callers");
+    assert!(certificates
+        .iter()
+        .all(|c| Arc::ptr_eq(c, &certificates[0])));
+    let again = manager.fetch(&id).await.expect("cached");
+    assert!(Arc::ptr_eq(&again, &certificates[0]));
+    assert_eq!(source.calls(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn rotates_at_half_life_without_disturbing_open_sessions() {
+    let source = Arc::new(TestSource::new(HOUR));
+    let manager = Arc::new(CertificateManager::new(source.clone()));
+    let client_id = identity("spiffe://cluster.local/ns/a/sa/client");
+    let server_id = identity("spiffe://cluster.local/ns/b/sa/server");
+    let old = manager.fetch(&server_id).await.expect("fetch");
+    let client = manager.fetch(&client_id).await.expect("fetch");
+    let session = handshake(
+        client.client_config(std::slice::from_ref(&server_id)),
+        old.server_config(),
+    )
+    .await;
+    let (mut client_stream, mut server_stream) =
+        (session.client.expect("c"), session.server.expect("s"));
+
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let rotation = manager.clone().spawn_rotation(async move {
+        let _ = stopped.await;
+    });
+    tokio::time::sleep(HOUR / 2 + Duration::from_secs(60)).await;
+    let new = until_replaced(&manager, &server_id, &old).await;
+    assert_ne!(new.chain()[0], old.chain()[0]);
+
+    // The open session keeps working; a new handshake gets the new certificate.
+    client_stream.write_all(b"still").await.expect("write");
+    let mut buffer = [0u8; 5];
+    server_stream.read_exact(&mut buffer).await.expect("read");
+    let client = manager.fetch(&client_id).await.expect("fetch");
+    let fresh = handshake(client.client_config(&[server_id]), new.server_config()).await;
+    let fresh = fresh.client.expect("client");
+    let presented = &fresh.get_ref().1.peer_certificates().expect("certs")[0];
+    assert_eq!(presented, &new.chain()[0]);
+
+    stop.send(()).expect("rotation running");
+    rotation.await.expect("rotation stops");
+}
+
+#[tokio::test(start_paused = true)]
+async fn stale_fetch_serves_old_certificate_and_reissues() {
+    let source = Arc::new(TestSource::new(HOUR));
+    let manager = CertificateManager::new(source.clone());
+    let id = identity("spiffe://cluster.local/ns/a/sa/x");
+    let old = manager.fetch(&id).await.expect("fetch");
+    tokio::time::sleep(HOUR / 2 + Duration::from_secs(60)).await;
+    let served = manager.fetch(&id).await.expect("fetch");
+    assert!(Arc::ptr_eq(&served, &old), "no wait for the re-issue");
+    until_replaced(&manager, &id, &old).await;
+    assert_eq!(source.calls(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn failing_source_keeps_old_certificate_until_expiry_then_fails_closed() {
+    let source = Arc::new(TestSource::new(HOUR));
+    let manager = Arc::new(CertificateManager::new(source.clone()));
+    let id = identity("spiffe://cluster.local/ns/a/sa/x");
+    let old = manager.fetch(&id).await.expect("fetch");
+    source.failing.store(true, Ordering::SeqCst);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let rotation = manager.clone().spawn_rotation(async move {
+        let _ = stopped.await;
+    });
+
+    tokio::time::sleep(HOUR / 2 + Duration::from_secs(600)).await;
+    let attempts = source.calls();
+    assert!(attempts > 2, "rotation retried ({attempts} calls)");
+    assert!(attempts < 40, "retries back off ({attempts} calls)");
+    let served = manager
+        .fetch(&id)
+        .await
+        .expect("old certificate still valid");
+    assert!(Arc::ptr_eq(&served, &old));
+
+    tokio::time::sleep(HOUR / 2).await;
+    let error = manager
+        .fetch(&id)
+        .await
+        .expect_err("expired certificate served");
+    assert!(matches!(error, CertificateError::Issue { .. }), "{error}");
+    assert!(
+        manager.certificates().is_empty(),
+        "expired certificate dropped"
+    );
+
+    source.failing.store(false, Ordering::SeqCst);
+    let recovered = manager.fetch(&id).await.expect("source is back");
+    assert!(!Arc::ptr_eq(&recovered, &old));
+    stop.send(()).expect("rotation running");
+    rotation.await.expect("rotation stops");
+}
+
+#[tokio::test]
+async fn certificate_for_another_identity_is_refused() {
+    let asked = identity("spiffe://cluster.local/ns/a/sa/x");
+    let source = Arc::new(TestSource {
+        answer_as: Some(identity("spiffe://cluster.local/ns/a/sa/admin")),
+        ..TestSource::new(HOUR)
+    });
+    let manager = CertificateManager::new(source);
+    let error = manager.fetch(&asked).await.expect_err("mismatch accepted");
+    assert!(
+        matches!(error, CertificateError::IdentityMismatch { .. }),
+        "{error}"
+    );
+    assert!(manager.certificates().is_empty());
+}
+
+#[tokio::test]
+async fn prefetch_certificates_and_forget() {
+    let source = Arc::new(TestSource::new(HOUR));
+    let manager = CertificateManager::new(source.clone());
+    let a = identity("spiffe://cluster.local/ns/a/sa/a");
+    let b = identity("spiffe://cluster.local/ns/b/sa/b");
+    manager.prefetch(&b);
+    manager.fetch(&a).await.expect("fetch");
+    manager.fetch(&b).await.expect("fetch");
+    assert_eq!(
+        source.calls(),
+        2,
+        "prefetch issue shared with the later fetch"
+    );
+    let listed: Vec<Identity> = manager
+        .certificates()
+        .into_iter()
+        .map(|(id, _, _)| id)
+        .collect();
+    assert_eq!(listed, vec![a.clone(), b.clone()]);
+
+    manager.forget(&a);
+    let listed: Vec<Identity> = manager
+        .certificates()
+        .into_iter()
+        .map(|(id, _, _)| id)
+        .collect();
+    assert_eq!(listed, vec![b]);
+    manager.fetch(&a).await.expect("fetch");
+    assert_eq!(source.calls(), 3, "forgotten identity is issued again");
+}

@@ -1,1 +1,0 @@
-//! tls (placeholder until written).

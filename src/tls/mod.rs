@@ -1,0 +1,180 @@
+//! TLS for HBONE (layer L2): the rustls configurations a workload uses on port 15008 and the
+//! SPIFFE verifiers that decide whether a peer's certificate names an acceptable identity.
+//!
+//! Where it sits: the outbound side dials a peer with a [`rustls::ClientConfig`] built here that
+//! accepts only the identities the route decision expects; the inbound HBONE listener accepts
+//! with a [`rustls::ServerConfig`] that requires a client certificate from our own trust domain;
+//! both read the peer's identity afterwards with [`peer_identity`]. The configs are built once
+//! per workload certificate by `identity::WorkloadCertificate`, which owns the key material.
+//!
+//! Settings (shared/reference/istio-compat.md §2.4–2.5): TLS 1.3 only, suites exactly
+//! `TLS13_AES_256_GCM_SHA384` and `TLS13_AES_128_GCM_SHA256`, ALPN `h2` on both sides, no SNI,
+//! no session resumption, client certificate mandatory. Chains are verified to the roots that
+//! came with our own certificate; identities are compared byte for byte.
+
+mod verify;
+
+use std::sync::{Arc, LazyLock};
+
+use rustls::client::Resumption;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::CertificateDer;
+use rustls::server::VerifierBuilderError;
+use rustls::sign::CertifiedKey;
+use rustls::{ClientConfig, CommonState, RootCertStore, ServerConfig};
+use x509_parser::error::X509Error;
+use x509_parser::extensions::GeneralName;
+
+use crate::spiffe::Identity;
+
+pub use verify::{IdentityList, PeerIdentityError, ServerIdentityVerifier, TrustDomainVerifier};
+
+/// The only application protocol HBONE speaks over TLS.
+pub const ALPN_H2: &[u8] = b"h2";
+
+/// Why a TLS configuration could not be built from a workload's certificate material.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// The trust roots are empty or not usable as trust anchors for client verification.
+    #[error("cannot build the client certificate verifier: {0}")]
+    Verifier(#[from] VerifierBuilderError),
+    /// The private key is of an unsupported kind or does not belong to the leaf certificate.
+    #[error("workload private key is unusable: {0}")]
+    Key(#[source] rustls::Error),
+    /// rustls refused the protocol settings (a programming error in the provider setup).
+    #[error("TLS settings refused: {0}")]
+    Settings(#[source] rustls::Error),
+}
+
+static PROVIDER: LazyLock<Arc<CryptoProvider>> = LazyLock::new(|| {
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider.cipher_suites = vec![
+        rustls::crypto::ring::cipher_suite::TLS13_AES_256_GCM_SHA384,
+        rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256,
+    ];
+    Arc::new(provider)
+});
+
+/// The ring provider restricted to the two AES-GCM TLS 1.3 suites. Every config and verifier in
+/// this module uses it, so signature algorithms and suites cannot drift between sides.
+pub fn provider() -> Arc<CryptoProvider> {
+    PROVIDER.clone()
+}
+
+/// Pairs a certificate chain (leaf first, never the root) with its private key, checking that
+/// the key is supported and belongs to the leaf, so a bad pair fails here and not mid-handshake.
+pub fn certified_key(
+    chain: Vec<CertificateDer<'static>>,
+    key: rustls::pki_types::PrivateKeyDer<'static>,
+) -> Result<Arc<CertifiedKey>, TlsError> {
+    let signing_key = PROVIDER
+        .key_provider
+        .load_private_key(key)
+        .map_err(TlsError::Key)?;
+    let certified = CertifiedKey::new(chain, signing_key);
+    certified.keys_match().map_err(TlsError::Key)?;
+    Ok(Arc::new(certified))
+}
+
+/// Server side of port 15008: presents `cert`, requires a client certificate that chains to
+/// `roots` and whose identity is in `trust_domain` (see [`TrustDomainVerifier`]).
+pub fn server_config(
+    cert: Arc<CertifiedKey>,
+    roots: Arc<RootCertStore>,
+    trust_domain: &str,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let verifier = TrustDomainVerifier::new(roots, trust_domain)?;
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(TlsError::Settings)?
+        .with_client_cert_verifier(Arc::new(verifier))
+        .with_cert_resolver(Arc::new(verify::AlwaysResolves(cert)));
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    // Our clients never resume, so tickets would only cost bytes.
+    config.send_tls13_tickets = 0;
+    Ok(Arc::new(config))
+}
+
+/// Client side of HBONE: presents `cert` and accepts only a server whose leaf chains to `roots`
+/// and names one of `expected` (see [`ServerIdentityVerifier`]). An empty `expected` accepts no
+/// server. The returned value can be re-targeted cheaply with [`expecting`].
+pub fn client_config(
+    cert: Arc<CertifiedKey>,
+    roots: Arc<RootCertStore>,
+    expected: &[Identity],
+) -> Result<ClientConfig, TlsError> {
+    let verifier = ServerIdentityVerifier::new(roots, expected.to_vec());
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(TlsError::Settings)?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_client_cert_resolver(Arc::new(verify::AlwaysResolves(cert)));
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    // The server name is not checked (identity is); SNI would only leak it.
+    config.enable_sni = false;
+    config.resumption = Resumption::disabled();
+    Ok(config)
+}
+
+/// A copy of `template` (from [`client_config`]) that accepts only servers naming one of
+/// `expected`. Everything else, including the client certificate, is shared.
+pub fn expecting(
+    template: &ClientConfig,
+    roots: Arc<RootCertStore>,
+    expected: &[Identity],
+) -> Arc<ClientConfig> {
+    let mut config = template.clone();
+    config
+        .dangerous()
+        .set_certificate_verifier(Arc::new(ServerIdentityVerifier::new(
+            roots,
+            expected.to_vec(),
+        )));
+    Arc::new(config)
+}
+
+/// The server name given to rustls on connect: never sent (SNI off) and never checked.
+pub fn dummy_server_name() -> rustls::pki_types::ServerName<'static> {
+    rustls::pki_types::ServerName::IpAddress(std::net::Ipv4Addr::UNSPECIFIED.into())
+}
+
+/// The SPIFFE identities in the URI SANs of a DER certificate, in certificate order. URI SANs
+/// that are not identities of the accepted shape are skipped (logged at debug); other SAN kinds
+/// are ignored. Fails only if the certificate itself cannot be parsed.
+pub fn spiffe_identities(cert: &CertificateDer<'_>) -> Result<Vec<Identity>, X509Error> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).map_err(|e| match e {
+        x509_parser::nom::Err::Error(e) | x509_parser::nom::Err::Failure(e) => e,
+        x509_parser::nom::Err::Incomplete(_) => X509Error::InvalidCertificate,
+    })?;
+    let Some(san) = parsed.subject_alternative_name()? else {
+        return Ok(Vec::new());
+    };
+    let identities = san
+        .value
+        .general_names
+        .iter()
+        .filter_map(|name| match name {
+            GeneralName::URI(uri) => match uri.parse::<Identity>() {
+                Ok(identity) => Some(identity),
+                Err(error) => {
+                    tracing::debug!(uri, %error, "ignoring URI SAN that is not a SPIFFE identity");
+                    None
+                }
+            },
+            _ => None,
+        })
+        .collect();
+    Ok(identities)
+}
+
+/// The identity of the peer of an established connection: the first URI SAN of its leaf
+/// certificate that is a SPIFFE identity. `None` before the handshake or if there is none
+/// (which our verifiers never let through).
+pub fn peer_identity(connection: &CommonState) -> Option<Identity> {
+    let leaf = connection.peer_certificates()?.first()?;
+    spiffe_identities(leaf).ok()?.into_iter().next()
+}
+
+#[cfg(test)]
+pub(crate) mod tests;

@@ -1,0 +1,347 @@
+//! Real handshakes over in-memory pipes between configs built from issued certificates.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::CertificateDer;
+use rustls::{ClientConfig, ServerConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_rustls::{client, server, TlsAcceptor, TlsConnector};
+
+use super::*;
+use crate::identity::ca::BuiltinCa;
+use crate::identity::WorkloadCertificate;
+
+pub(crate) fn identity(text: &str) -> Identity {
+    text.parse().expect("test identity")
+}
+
+/// A CA whose root has a subject of its own (roots with equal subjects fail with BadSignature
+/// instead of UnknownIssuer).
+pub(crate) fn new_ca() -> BuiltinCa {
+    let name = format!("test root {}", rand::random::<u64>());
+    let (cert, key) = BuiltinCa::generate_root(&name).expect("root");
+    BuiltinCa::from_pem(&cert, &key, Duration::from_secs(3600)).expect("ca")
+}
+
+/// Both ends of one handshake; each side's error is kept as text.
+pub(crate) struct Handshake {
+    pub client: Result<client::TlsStream<tokio::io::DuplexStream>, String>,
+    pub server: Result<server::TlsStream<tokio::io::DuplexStream>, String>,
+}
+
+pub(crate) async fn handshake(client: Arc<ClientConfig>, server: Arc<ServerConfig>) -> Handshake {
+    let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+    let connect = TlsConnector::from(client).connect(dummy_server_name(), client_io);
+    let accept = TlsAcceptor::from(server).accept(server_io);
+    let both = async { tokio::join!(connect, accept) };
+    let (client, server) = tokio::time::timeout(Duration::from_secs(10), both)
+        .await
+        .expect("handshake finished");
+    Handshake {
+        client: client.map_err(|e| e.to_string()),
+        server: server.map_err(|e| e.to_string()),
+    }
+}
+
+/// How the client side of a case is configured.
+enum Client {
+    /// A workload certificate, expecting these identities from the server.
+    Workload(WorkloadCertificate, Vec<Identity>),
+    /// Correct roots and expectations, but no client certificate at all.
+    NoCertificate(WorkloadCertificate, Vec<Identity>),
+    /// Offers only TLS 1.2 (with a valid client certificate).
+    Tls12Only(WorkloadCertificate),
+}
+
+enum Outcome {
+    Connected,
+    /// The client aborts; its error contains the text.
+    ClientRefuses(&'static str),
+    /// The server aborts; its error contains the text.
+    ServerRefuses(&'static str),
+}
+
+fn client_config_for(client: Client) -> Arc<ClientConfig> {
+    match client {
+        Client::Workload(cert, expected) => cert.client_config(&expected),
+        Client::NoCertificate(cert, expected) => {
+            let verifier = ServerIdentityVerifier::new(cert.roots().clone(), expected);
+            let mut config = ClientConfig::builder_with_provider(provider())
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .expect("versions")
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(verifier))
+                .with_no_client_auth();
+            config.alpn_protocols = vec![ALPN_H2.to_vec()];
+            Arc::new(config)
+        }
+        Client::Tls12Only(cert) => {
+            let verifier = ServerIdentityVerifier::new(cert.roots().clone(), Vec::new());
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let mut config = ClientConfig::builder_with_provider(provider)
+                .with_protocol_versions(&[&rustls::version::TLS12])
+                .expect("versions")
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(verifier))
+                .with_no_client_auth();
+            config.alpn_protocols = vec![ALPN_H2.to_vec()];
+            Arc::new(config)
+        }
+    }
+}
+
+/// A certificate signed by `signer` but trusting `roots` (to model a peer from another root).
+fn cross(signer: &BuiltinCa, id: &Identity, roots: &[&BuiltinCa]) -> WorkloadCertificate {
+    let (chain, key) = signer.sign(id).expect("sign");
+    let roots: Vec<CertificateDer<'static>> = roots.iter().map(|ca| ca.root().clone()).collect();
+    WorkloadCertificate::new(chain, key, roots).expect("certificate")
+}
+
+#[tokio::test]
+async fn handshake_table() {
+    let ca = new_ca();
+    let other_ca = new_ca();
+    let client_id = identity("spiffe://cluster.local/ns/a/sa/client");
+    let server_id = identity("spiffe://cluster.local/ns/b/sa/server");
+    let unrelated = identity("spiffe://cluster.local/ns/b/sa/other");
+    let foreign = identity("spiffe://other.domain/ns/a/sa/client");
+    let issue = |id: &Identity| ca.issue(id).expect("issue");
+    let server = issue(&server_id);
+
+    let cases: Vec<(&str, Client, WorkloadCertificate, Outcome)> = vec![
+        (
+            "same root, expected identity",
+            Client::Workload(issue(&client_id), vec![server_id.clone()]),
+            issue(&server_id),
+            Outcome::Connected,
+        ),
+        (
+            "any of several expected identities",
+            Client::Workload(
+                issue(&client_id),
+                vec![unrelated.clone(), server_id.clone()],
+            ),
+            issue(&server_id),
+            Outcome::Connected,
+        ),
+        (
+            "server during root rotation trusts the client's new root",
+            Client::Workload(
+                cross(&other_ca, &client_id, &[&ca]),
+                vec![server_id.clone()],
+            ),
+            cross(&ca, &server_id, &[&ca, &other_ca]),
+            Outcome::Connected,
+        ),
+        (
+            "server has an unexpected identity",
+            Client::Workload(issue(&client_id), vec![unrelated.clone()]),
+            issue(&server_id),
+            Outcome::ClientRefuses(
+                "server identity spiffe://cluster.local/ns/b/sa/server is not one of \
+                 [spiffe://cluster.local/ns/b/sa/other]",
+            ),
+        ),
+        (
+            "client expects nobody",
+            Client::Workload(issue(&client_id), vec![]),
+            issue(&server_id),
+            Outcome::ClientRefuses("is not one of [-]"),
+        ),
+        (
+            "server certificate from another root",
+            Client::Workload(issue(&client_id), vec![server_id.clone()]),
+            cross(&other_ca, &server_id, &[&ca]),
+            Outcome::ClientRefuses("UnknownIssuer"),
+        ),
+        (
+            "client certificate from another root",
+            Client::Workload(
+                cross(&other_ca, &client_id, &[&ca]),
+                vec![server_id.clone()],
+            ),
+            issue(&server_id),
+            Outcome::ServerRefuses("UnknownIssuer"),
+        ),
+        (
+            "client from another trust domain",
+            Client::Workload(issue(&foreign), vec![server_id.clone()]),
+            issue(&server_id),
+            Outcome::ServerRefuses(
+                "client identity spiffe://other.domain/ns/a/sa/client is not in trust domain \
+                 cluster.local",
+            ),
+        ),
+        (
+            "client without a certificate",
+            Client::NoCertificate(issue(&client_id), vec![server_id.clone()]),
+            issue(&server_id),
+            Outcome::ServerRefuses("certificate"),
+        ),
+        (
+            "client offering only TLS 1.2",
+            Client::Tls12Only(issue(&client_id)),
+            server,
+            Outcome::ServerRefuses("Tls12NotOfferedOrEnabled"),
+        ),
+    ];
+
+    for (name, client, server, outcome) in cases {
+        let result = handshake(client_config_for(client), server.server_config()).await;
+        match outcome {
+            Outcome::Connected => {
+                let client = result
+                    .client
+                    .unwrap_or_else(|e| panic!("{name}: client: {e}"));
+                let server = result
+                    .server
+                    .unwrap_or_else(|e| panic!("{name}: server: {e}"));
+                let (_, client_conn) = client.get_ref();
+                let (_, server_conn) = server.get_ref();
+                assert_eq!(
+                    peer_identity(client_conn),
+                    Some(server_id.clone()),
+                    "{name}"
+                );
+                assert_eq!(
+                    peer_identity(server_conn),
+                    Some(client_id.clone()),
+                    "{name}"
+                );
+            }
+            Outcome::ClientRefuses(text) => {
+                let error = result
+                    .client
+                    .err()
+                    .unwrap_or_else(|| panic!("{name}: client connected"));
+                assert!(error.contains(text), "{name}: client error {error:?}");
+                assert!(result.server.is_err(), "{name}: server connected");
+            }
+            Outcome::ServerRefuses(text) => {
+                let error = result
+                    .server
+                    .err()
+                    .unwrap_or_else(|| panic!("{name}: server accepted"));
+                assert!(error.contains(text), "{name}: server error {error:?}");
+                // In TLS 1.3 the client may finish first; then its first read must fail.
+                if let Ok(mut client) = result.client {
+                    let mut buffer = [0u8; 1];
+                    let read = client.read(&mut buffer).await;
+                    assert!(!matches!(read, Ok(1)), "{name}: client got data");
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn negotiates_h2_tls13_aes_gcm_and_carries_data() {
+    let ca = new_ca();
+    let client_id = identity("spiffe://cluster.local/ns/a/sa/client");
+    let server_id = identity("spiffe://cluster.local/ns/b/sa/server");
+    let client_cert = ca.issue(&client_id).expect("issue");
+    let server_cert = ca.issue(&server_id).expect("issue");
+    let result = handshake(
+        client_cert.client_config(&[server_id]),
+        server_cert.server_config(),
+    )
+    .await;
+    let mut client = result.client.expect("client");
+    let mut server = result.server.expect("server");
+    for state in [
+        client.get_ref().1 as &rustls::CommonState,
+        server.get_ref().1,
+    ] {
+        assert_eq!(state.alpn_protocol(), Some(ALPN_H2));
+        assert_eq!(
+            state.protocol_version(),
+            Some(rustls::ProtocolVersion::TLSv1_3)
+        );
+        let suite = state.negotiated_cipher_suite().expect("suite").suite();
+        assert!(
+            matches!(
+                suite,
+                rustls::CipherSuite::TLS13_AES_256_GCM_SHA384
+                    | rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
+            ),
+            "{suite:?}"
+        );
+    }
+    client.write_all(b"ping").await.expect("write");
+    let mut buffer = [0u8; 4];
+    server.read_exact(&mut buffer).await.expect("read");
+    assert_eq!(&buffer, b"ping");
+}
+
+#[test]
+fn provider_has_exactly_the_aes_gcm_tls13_suites() {
+    let suites: Vec<_> = provider().cipher_suites.iter().map(|s| s.suite()).collect();
+    assert_eq!(
+        suites,
+        vec![
+            rustls::CipherSuite::TLS13_AES_256_GCM_SHA384,
+            rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
+        ]
+    );
+}
+
+#[tokio::test]
+async fn no_sni_and_no_resumption() {
+    let ca = new_ca();
+    let server_id = identity("spiffe://cluster.local/ns/b/sa/server");
+    let client_cert = ca
+        .issue(&identity("spiffe://cluster.local/ns/a/sa/client"))
+        .expect("issue");
+    let server_cert = ca.issue(&server_id).expect("issue");
+    let client = client_cert.client_config(&[server_id]);
+    for attempt in 0..2 {
+        let result = handshake(client.clone(), server_cert.server_config()).await;
+        let server = result.server.expect("server");
+        let (_, connection) = server.get_ref();
+        assert_eq!(
+            connection.server_name(),
+            None,
+            "attempt {attempt}: SNI sent"
+        );
+        assert_eq!(
+            connection.handshake_kind(),
+            Some(rustls::HandshakeKind::Full),
+            "attempt {attempt}"
+        );
+    }
+}
+
+#[test]
+fn spiffe_identities_skip_other_sans() {
+    let cases: &[(&[&str], &[&str])] = &[
+        (
+            &["spiffe://cluster.local/ns/a/sa/x"],
+            &["spiffe://cluster.local/ns/a/sa/x"],
+        ),
+        (
+            &[
+                "https://example.com/",
+                "spiffe://td/ns/a/sa/x",
+                "spiffe://td/ns/b/sa/y",
+            ],
+            &["spiffe://td/ns/a/sa/x", "spiffe://td/ns/b/sa/y"],
+        ),
+        (&["spiffe://td/ns/a/sa/x/extra", "spiffe://td/sa/x"], &[]),
+        (&[], &[]),
+    ];
+    for (uris, expected) in cases {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params =
+            rcgen::CertificateParams::new(vec!["dns.example".to_string()]).expect("params");
+        for uri in *uris {
+            let uri = rcgen::Ia5String::try_from(uri.to_string()).expect("ia5");
+            params.subject_alt_names.push(rcgen::SanType::URI(uri));
+        }
+        let cert = params.self_signed(&key).expect("cert");
+        let got = spiffe_identities(cert.der()).expect("parse");
+        let expected: Vec<Identity> = expected.iter().map(|s| identity(s)).collect();
+        assert_eq!(got, expected, "{uris:?}");
+    }
+    assert!(spiffe_identities(&CertificateDer::from(vec![0x30, 0x03, 0x01])).is_err());
+}
