@@ -9,6 +9,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::local::{Invalid, Problems};
+use super::locate::FieldPath;
+
 fn default_trust_domain() -> String {
     "cluster.local".to_string()
 }
@@ -63,6 +66,46 @@ impl Default for AgentConfig {
             listen: ListenConfig::default(),
             drain_timeout: defaults::drain_timeout(),
             reload_interval: defaults::reload_interval(),
+        }
+    }
+}
+
+impl AgentConfig {
+    /// Checks what this section can check on its own (pods are checked against the workloads in
+    /// `local`), recording problems under `path` (the `agent` key).
+    pub(crate) fn check(&self, path: &FieldPath, problems: &mut Problems) {
+        if crate::spiffe::Identity::new(&self.trust_domain, "namespace", "account").is_err() {
+            problems.push(
+                path.key("trustDomain"),
+                Invalid::IdentityPart(self.trust_domain.clone()),
+            );
+        }
+        let ca = path.key("ca");
+        match (&self.ca.cert_file, &self.ca.key_file) {
+            (Some(_), None) => problems.push(
+                ca.key("certFile"),
+                Invalid::CaPairIncomplete {
+                    present: "certFile",
+                    missing: "keyFile",
+                },
+            ),
+            (None, Some(_)) => problems.push(
+                ca.key("keyFile"),
+                Invalid::CaPairIncomplete {
+                    present: "keyFile",
+                    missing: "certFile",
+                },
+            ),
+            _ => {}
+        }
+        if !self.listen.admin.ip().is_loopback() {
+            problems.push(
+                path.key("listen").key("admin"),
+                Invalid::AdminNotLoopback(self.listen.admin),
+            );
+        }
+        if self.proxy.hbone_port == 0 {
+            problems.push(path.key("proxy").key("hbonePort"), Invalid::PortZero);
         }
     }
 }

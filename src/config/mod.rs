@@ -1,2 +1,256 @@
-//! Configuration (layer L1). (placeholder until written)
+//! Configuration (layer L1): the local YAML file, parsed, checked and converted into the model.
+//!
+//! The file is Istio's local ztunnel config (`workloads`, `services`, `policies`, loaded
+//! unchanged) plus our own `agent:` section ([`agent::AgentConfig`]). [`load`] reads it at
+//! start-up and [`watch::run`] re-reads it on change; both go through the pure [`parse`], which
+//! reports *every* problem it can find, each with file, line, column and field, so that
+//! `check-config` can show a user all of them at once. A syntax or type error stops
+//! deserialisation, so that one comes alone.
+//!
+//! Flow: text → serde (shape, types, unknown keys) → `local::convert` and
+//! `AgentConfig::check` (identities, addresses, duplicates, references) → [`locate::Locator`]
+//! (field path → line and column) → [`Config`] or [`ConfigErrors`].
+
 pub mod agent;
+mod local;
+pub mod locate;
+pub mod watch;
+
+#[cfg(test)]
+mod tests;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use crate::state;
+
+pub use local::Invalid;
+use locate::{FieldPath, Locator, Position};
+
+/// A loaded, checked configuration. Every invariant `parse` checks holds for it, so consumers
+/// (the state store, the pod registry, the CA) can trust it without re-validating.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// The agent's own section, with command-line overrides applied.
+    pub agent: agent::AgentConfig,
+    /// Workloads, in file order.
+    pub workloads: Vec<state::Workload>,
+    /// Services, in file order.
+    pub services: Vec<state::Service>,
+    /// Policies, in file order.
+    pub policies: Vec<state::Policy>,
+    /// The file it came from.
+    pub path: PathBuf,
+}
+
+impl Config {
+    /// The model part as an indexed snapshot for the state store.
+    pub fn snapshot(&self) -> state::Snapshot {
+        state::Snapshot::new(
+            self.workloads.clone(),
+            self.services.clone(),
+            self.policies.clone(),
+        )
+    }
+}
+
+/// Command-line flags that win over the file.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Overrides {
+    /// `--node`: replaces `agent.node`.
+    pub node: Option<String>,
+    /// `--ca-cert`: replaces `agent.ca.certFile`.
+    pub ca_cert: Option<PathBuf>,
+    /// `--ca-key`: replaces `agent.ca.keyFile`.
+    pub ca_key: Option<PathBuf>,
+}
+
+impl Overrides {
+    fn apply(&self, agent: &mut agent::AgentConfig) {
+        if let Some(node) = &self.node {
+            agent.node = node.clone();
+        }
+        if let Some(cert) = &self.ca_cert {
+            agent.ca.cert_file = Some(cert.clone());
+        }
+        if let Some(key) = &self.ca_key {
+            agent.ca.key_file = Some(key.clone());
+        }
+    }
+}
+
+/// One problem in a config file.
+///
+/// Displayed as `{file}:{line}:{column}: {field}: {message}` (1-based), the form editors and CI
+/// logs link to. An error about the file as a whole (it cannot be read) has line 0 and is
+/// displayed as `{file}: {message}`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    /// The file.
+    pub file: PathBuf,
+    /// 1-based line; 0 when the error is about the whole file.
+    pub line: usize,
+    /// 1-based column; 0 when the error is about the whole file.
+    pub column: usize,
+    /// The field, e.g. `workloads[1].workloadIps[0]`; `.` for the document itself.
+    pub field: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.line == 0 {
+            return write!(f, "{}: {}", self.file.display(), self.message);
+        }
+        write!(
+            f,
+            "{}:{}:{}: {}: {}",
+            self.file.display(),
+            self.line,
+            self.column,
+            self.field,
+            self.message
+        )
+    }
+}
+
+/// Every problem found in a config file, in file order. Never empty.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (index, error) in self.0.iter().enumerate() {
+            if index > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{error}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Reads and parses the config file at `path`.
+pub fn load(path: &Path, overrides: &Overrides) -> Result<Config, ConfigErrors> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => parse(path, &text, overrides),
+        Err(error) => Err(ConfigErrors(vec![ConfigError {
+            file: path.to_path_buf(),
+            line: 0,
+            column: 0,
+            field: ".".to_string(),
+            message: format!("cannot read config file: {error}"),
+        }])),
+    }
+}
+
+/// Parses config `text` (that came from `path`, which is only used in errors). Pure: no I/O, no
+/// environment; the same text and overrides always give the same result.
+pub fn parse(path: &Path, text: &str, overrides: &Overrides) -> Result<Config, ConfigErrors> {
+    let file = match serde_yaml::from_str::<Option<local::LocalFile>>(text) {
+        Ok(file) => file.unwrap_or_default(),
+        Err(error) => return Err(ConfigErrors(vec![serde_error(path, &error)])),
+    };
+    let mut file = file;
+    overrides.apply(&mut file.agent);
+    let mut problems = local::Problems::default();
+    file.agent
+        .check(&FieldPath::default().key("agent"), &mut problems);
+    let converted = local::convert(&file, &mut problems);
+    if !problems.0.is_empty() {
+        return Err(located(path, text, problems));
+    }
+    Ok(Config {
+        agent: file.agent,
+        workloads: converted.workloads,
+        services: converted.services,
+        policies: converted.policies,
+        path: path.to_path_buf(),
+    })
+}
+
+/// Positions each problem and sorts them in file order (stable, so problems at one position
+/// keep the order they were found in).
+fn located(path: &Path, text: &str, problems: local::Problems) -> ConfigErrors {
+    let locator = Locator::new(text);
+    let mut errors: Vec<ConfigError> = problems
+        .0
+        .into_iter()
+        .map(|problem| {
+            let Position { line, column } = if problem.at_key {
+                locator.locate_key(&problem.path)
+            } else {
+                locator.locate(&problem.path)
+            };
+            ConfigError {
+                file: path.to_path_buf(),
+                line,
+                column,
+                field: problem.path.to_string(),
+                message: problem.invalid.to_string(),
+            }
+        })
+        .collect();
+    errors.sort_by_key(|error| (error.line, error.column));
+    ConfigErrors(errors)
+}
+
+/// Splits serde_yaml's `"{path}: {message} at line L column C"` into field and message, keeping
+/// the position it carries.
+fn serde_error(path: &Path, error: &serde_yaml::Error) -> ConfigError {
+    let position = error
+        .location()
+        .map_or(Position::START, |location| Position {
+            line: location.line(),
+            column: location.column(),
+        });
+    let mut text = error.to_string();
+    let suffix = format!(" at line {} column {}", position.line, position.column);
+    if let Some(start) = text.find(&suffix) {
+        text.replace_range(start..start + suffix.len(), "");
+    }
+    let (mut field, mut message) = match text.split_once(": ") {
+        Some((field, message)) if !field.is_empty() && !field.contains(' ') => {
+            (field.to_string(), message.to_string())
+        }
+        _ => (".".to_string(), text),
+    };
+    if message == "invalid IP address syntax" {
+        message = "invalid IP address".to_string();
+    }
+    if let Some((unknown, rewritten)) = unknown_field(&message) {
+        // serde names the mapping; the unknown key itself is the more useful field.
+        field = if field == "." {
+            unknown
+        } else {
+            format!("{field}.{unknown}")
+        };
+        message = rewritten;
+    }
+    ConfigError {
+        file: path.to_path_buf(),
+        line: position.line,
+        column: position.column,
+        field,
+        message,
+    }
+}
+
+/// For serde's "unknown field `x`, expected one of `a`, `b`": the key, and a message that
+/// suggests the intended field when only its case differs (`workloadIPs` → `workloadIps`), the
+/// common slip, instead of listing every field.
+fn unknown_field(message: &str) -> Option<(String, String)> {
+    let rest = message.strip_prefix("unknown field `")?;
+    let (unknown, expected) = rest.split_once('`')?;
+    let suggestion = expected
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .find(|candidate| candidate.eq_ignore_ascii_case(unknown));
+    let rewritten = match suggestion {
+        Some(candidate) => format!("unknown field `{unknown}`, did you mean `{candidate}`?"),
+        None => message.to_string(),
+    };
+    Some((unknown.to_string(), rewritten))
+}

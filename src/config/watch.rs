@@ -1,0 +1,157 @@
+//! Hot reload of the config file (layer L1, part of `config`).
+//!
+//! [`run`] polls the file and publishes each new valid [`Config`] on a `watch` channel; the
+//! app turns it into a state snapshot and a pod reconcile. A bad edit is rejected whole: its
+//! errors are logged once and the last good config stays published.
+//!
+//! Why poll instead of inotify: a Kubernetes ConfigMap volume updates by swapping a `..data`
+//! symlink to a new directory, so a watch on the file itself never fires (and editors that
+//! write-then-rename do the same). Reading the (small) file every interval and comparing a hash
+//! of its content is simple and sees every kind of update. Size and mtime alone are not enough:
+//! two writes of equal size inside one coarse mtime tick look identical.
+
+use std::collections::hash_map::DefaultHasher;
+use std::future::Future;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::{error, info, warn};
+
+use super::{parse, Config, Overrides};
+
+/// What the watcher remembers between polls.
+#[derive(Debug, Default)]
+struct Seen {
+    /// Hash of the last content that was handled (good or bad), so a `touch` or a rewrite with
+    /// the same bytes neither republishes nor re-logs.
+    content: Option<u64>,
+    /// The file could not be read at the last poll (warned once, not every poll).
+    unreadable: bool,
+}
+
+/// Polls `path` every `interval` until `shutdown` completes, publishing each valid config that
+/// differs from the last one. `last` is the config already in use (loaded at start-up); a bad
+/// edit leaves it in place.
+pub async fn run(
+    path: PathBuf,
+    overrides: Overrides,
+    interval: Duration,
+    last: Arc<Config>,
+    publish: tokio::sync::watch::Sender<Arc<Config>>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let mut last = last;
+    let mut seen = Seen::default();
+    tokio::pin!(shutdown);
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => return,
+            _ = ticker.tick() => {}
+        }
+        let Some(next) = poll(&path, &overrides, &mut seen).await else {
+            continue;
+        };
+        // The first poll sees what start-up loaded, and an edit may only touch comments:
+        // consumers hear about real changes only.
+        if next == *last {
+            continue;
+        }
+        log_changes(&last, &next);
+        last = Arc::new(next);
+        // No receivers left only means nobody listens any more; keep polling until shutdown.
+        let _ = publish.send(last.clone());
+    }
+}
+
+/// One poll: a new valid config if the file changed to one, otherwise `None` (after logging
+/// whatever needs logging).
+async fn poll(path: &Path, overrides: &Overrides, seen: &mut Seen) -> Option<Config> {
+    let text = match tokio::fs::read(path).await {
+        Ok(text) => text,
+        Err(error) => {
+            if !seen.unreadable {
+                // NotFound is the usual case: the file was deleted or a symlink swap is
+                // half-way.
+                warn!(path = %path.display(), %error, "cannot read config file; keeping the last good config");
+                seen.unreadable = true;
+            }
+            return None;
+        }
+    };
+    if seen.unreadable {
+        info!(path = %path.display(), "config file is readable again");
+        seen.unreadable = false;
+    }
+    let content = hash(&text);
+    if seen.content == Some(content) {
+        return None;
+    }
+    seen.content = Some(content);
+    let text = String::from_utf8_lossy(&text);
+    match parse(path, &text, overrides) {
+        Ok(config) => Some(config),
+        Err(errors) => {
+            for problem in &errors.0 {
+                error!(error = %problem, "config error");
+            }
+            error!(
+                path = %path.display(),
+                errors = errors.0.len(),
+                "config update rejected; keeping the last good config"
+            );
+            None
+        }
+    }
+}
+
+fn hash(bytes: &[u8]) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    bytes.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// Logs what a reload changes: counts at info, and a warning for fields that are only read at
+/// start-up (they stay in effect until a restart; the rest of the update applies).
+fn log_changes(old: &Config, new: &Config) {
+    info!(
+        path = %new.path.display(),
+        workloads.before = old.workloads.len(),
+        workloads.after = new.workloads.len(),
+        services.before = old.services.len(),
+        services.after = new.services.len(),
+        policies.before = old.policies.len(),
+        policies.after = new.policies.len(),
+        pods.before = old.agent.pods.len(),
+        pods.after = new.agent.pods.len(),
+        "config reloaded"
+    );
+    for field in restart_fields(old, new) {
+        warn!(field, "config change needs a restart to take effect");
+    }
+}
+
+/// Fields that differ between `old` and `new` and are only read at start-up.
+pub(crate) fn restart_fields(old: &Config, new: &Config) -> Vec<&'static str> {
+    let (old, new) = (&old.agent, &new.agent);
+    let checks = [
+        ("agent.listen.admin", old.listen.admin != new.listen.admin),
+        (
+            "agent.listen.metrics",
+            old.listen.metrics != new.listen.metrics,
+        ),
+        (
+            "agent.listen.readiness",
+            old.listen.readiness != new.listen.readiness,
+        ),
+        ("agent.ca.certFile", old.ca.cert_file != new.ca.cert_file),
+        ("agent.ca.keyFile", old.ca.key_file != new.ca.key_file),
+    ];
+    checks
+        .into_iter()
+        .filter_map(|(field, changed)| changed.then_some(field))
+        .collect()
+}
