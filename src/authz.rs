@@ -1,1 +1,0 @@
-//! authz (placeholder until written).

@@ -1,0 +1,209 @@
+//! L4 authorization: may this inbound connection reach this pod? (layer L2, pure).
+//!
+//! Sits at the destination agent, after the HBONE CONNECT is parsed (or a plaintext connection is
+//! accepted on 15006) and before the agent connects to the application. It implements Istio
+//! ztunnel's semantics (shared/reference/istio-compat.md §4.2, §5) over the policy model in
+//! [`crate::state::policy`], plus PeerAuthentication mTLS modes and a zero-trust default-deny
+//! switch. Every function here is a pure decision: no I/O, no clock, no `.await`. Callers take a
+//! state snapshot, build [`ConnectionFacts`], call [`authorize`] and act on the [`Decision`]
+//! (401 / close), logging it and showing it through `nodetunnel explain`.
+//!
+//! - [`evaluate`]: policy selection and the §5 evaluation order, with an explain trace.
+//! - [`authorize`]: [`evaluate`] plus the PeerAuthentication STRICT check; what enforcement uses.
+//! - [`istio`]: translation of Istio `AuthorizationPolicy` / `PeerAuthentication` YAML.
+
+mod decision;
+mod evaluate;
+pub mod istio;
+mod mtls;
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use crate::spiffe::Identity;
+use crate::state::policy::{Policy, PolicyScope};
+use crate::state::Workload;
+
+pub use decision::{
+    Decision, DecisionReason, DryRunEffect, DryRunResult, PolicyOutcome, PolicyTrace, Verdict,
+};
+pub use mtls::{
+    mtls_mode, resolve_mtls, MtlsLevel, MtlsMode, MtlsResolution, MtlsSource, PeerAuthentication,
+    PeerAuthenticationScope,
+};
+
+/// What the destination agent knows about an inbound connection when it decides.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnectionFacts {
+    /// The peer's SPIFFE identity from the mTLS handshake; `None` for plaintext (15006).
+    pub source_identity: Option<Identity>,
+    /// The TCP peer address of the connection (client pod, waypoint or gateway).
+    pub source_ip: IpAddr,
+    /// The destination pod IP.
+    pub destination_ip: IpAddr,
+    /// The resolved target port on the pod (never 15008).
+    pub destination_port: u16,
+}
+
+/// Agent-wide authorization settings (the agent config's `authz` section).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct AuthzOptions {
+    /// Zero-trust posture: a workload with no enforced ALLOW policy admits nothing, instead of
+    /// Istio's default of admitting everything. DENY policies still apply first.
+    pub default_deny: bool,
+}
+
+/// `selector.matchLabels` of an Istio policy, kept so that selection can happen against the
+/// destination's labels at evaluation time (standalone mode has no istiod to fill
+/// `Workload::authorization_policies`).
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WorkloadSelector {
+    /// Every label here must be on the workload with the same value; empty selects every
+    /// workload in scope.
+    #[serde(default)]
+    pub match_labels: BTreeMap<String, String>,
+    /// Set for policies in the mesh root namespace: Istio applies their selector to workloads of
+    /// every namespace, not only the policy's own.
+    #[serde(default)]
+    pub all_namespaces: bool,
+}
+
+impl WorkloadSelector {
+    /// Whether a policy living in `policy_namespace` with this selector selects `workload`.
+    pub fn selects(&self, policy_namespace: &str, workload: &Workload) -> bool {
+        (self.all_namespaces || policy_namespace == workload.namespace)
+            && self
+                .match_labels
+                .iter()
+                .all(|(key, value)| workload.labels.get(key) == Some(value))
+    }
+}
+
+/// A policy together with the workload selector it was written with (Istio YAML input).
+/// A `WorkloadSelector`-scoped policy applies to a workload that lists its key in
+/// `authorization_policies` (xDS / local config) *or* that its selector selects.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SelectorPolicy {
+    /// The translated L4 policy.
+    pub policy: Policy,
+    /// Its selector; `None` when the scope is not `WorkloadSelector`.
+    #[serde(default)]
+    pub selector: Option<WorkloadSelector>,
+}
+
+impl SelectorPolicy {
+    /// A policy without selector (selection by scope and workload-listed keys only).
+    pub fn new(policy: Policy) -> Self {
+        SelectorPolicy {
+            policy,
+            selector: None,
+        }
+    }
+}
+
+/// A borrowed view of one candidate policy: what [`evaluate`] iterates over. Built from
+/// `&Arc<Policy>` (the state snapshot), `&Policy` or `&SelectorPolicy` (Istio YAML), so both
+/// sources can be chained into one evaluation.
+#[derive(Debug, Clone, Copy)]
+pub struct PolicyRef<'a> {
+    /// The policy.
+    pub policy: &'a Policy,
+    /// Its label selector, if it came with one.
+    pub selector: Option<&'a WorkloadSelector>,
+}
+
+impl<'a> From<&'a Policy> for PolicyRef<'a> {
+    fn from(policy: &'a Policy) -> Self {
+        PolicyRef {
+            policy,
+            selector: None,
+        }
+    }
+}
+
+impl<'a> From<&'a Arc<Policy>> for PolicyRef<'a> {
+    fn from(policy: &'a Arc<Policy>) -> Self {
+        PolicyRef::from(policy.as_ref())
+    }
+}
+
+impl<'a> From<&'a SelectorPolicy> for PolicyRef<'a> {
+    fn from(policy: &'a SelectorPolicy) -> Self {
+        PolicyRef {
+            policy: &policy.policy,
+            selector: policy.selector.as_ref(),
+        }
+    }
+}
+
+impl PolicyRef<'_> {
+    /// Whether this policy applies to `workload` (§5 selection): Global always; Namespace in the
+    /// workload's namespace; WorkloadSelector when listed by the workload or selected by labels.
+    fn applies_to(&self, workload: &Workload, key: &str) -> bool {
+        if workload
+            .authorization_policies
+            .iter()
+            .any(|listed| listed == key)
+        {
+            return true;
+        }
+        match self.policy.scope {
+            PolicyScope::Global => true,
+            PolicyScope::Namespace => self.policy.namespace == workload.namespace,
+            PolicyScope::WorkloadSelector => self
+                .selector
+                .is_some_and(|selector| selector.selects(&self.policy.namespace, workload)),
+        }
+    }
+}
+
+/// Decides a connection against L4 authorization policies only (§5): selects the policies that
+/// apply to `destination`, then evaluates dry-run DENY (logged), enforced DENY, dry-run ALLOW
+/// (logged), "no enforced ALLOW" (allow, or deny under `default_deny`), any ALLOW (allow), else
+/// deny. Does not apply PeerAuthentication; enforcement should call [`authorize`].
+pub fn evaluate<'a, P>(
+    policies: impl IntoIterator<Item = P>,
+    destination: &Workload,
+    facts: &ConnectionFacts,
+    options: &AuthzOptions,
+) -> Decision
+where
+    P: Into<PolicyRef<'a>>,
+{
+    let selected = evaluate::select(policies.into_iter().map(Into::into), destination);
+    evaluate::decide(selected, facts, options)
+}
+
+/// The full inbound decision: the PeerAuthentication mode for `destination` at the target port,
+/// then [`evaluate`]. STRICT is enforced the way istiod does it for ztunnel: an enforced DENY
+/// policy `not_principals: [presence]` (so plaintext, which has no principal, matches) is put
+/// first among the candidates; it appears in the explain trace under istiod's converted name.
+pub fn authorize<'a, P>(
+    policies: impl IntoIterator<Item = P>,
+    peer_authentications: &[PeerAuthentication],
+    destination: &Workload,
+    facts: &ConnectionFacts,
+    options: &AuthzOptions,
+) -> Decision
+where
+    P: Into<PolicyRef<'a>>,
+{
+    let resolution = resolve_mtls(peer_authentications, destination, facts.destination_port);
+    let strict = mtls::strict_policy(&resolution);
+    let given: Vec<PolicyRef<'a>> = policies.into_iter().map(Into::into).collect();
+    let candidates = strict.iter().map(PolicyRef::from).chain(given);
+    let selected = evaluate::select(candidates, destination);
+    let mut decision = evaluate::decide(selected, facts, options);
+    decision.mtls = Some(resolution);
+    decision
+}
+
+#[cfg(test)]
+mod conformance;
+#[cfg(test)]
+mod tests;

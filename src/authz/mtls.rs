@@ -1,0 +1,231 @@
+//! PeerAuthentication mTLS modes (layer L2, pure): which mode applies to a workload's port, and
+//! the DENY policy that enforces STRICT.
+//!
+//! Precedence is Istio's (`ComposePeerAuthentication`): mesh-wide (root namespace, no selector),
+//! then namespace-wide, then workload (selector, same namespace), each overriding the previous
+//! one unless its mode is UNSET; a workload policy's `portLevelMtls` entry overrides the
+//! workload-level result for that target port (UNSET there inherits it). When several policies
+//! compete at one level, the first in configuration order wins (Istio: the oldest).
+//!
+//! STRICT is enforced as istiod does for ztunnel: an enforced DENY policy whose only match is
+//! `not_principals: [presence]`, which plaintext connections (no principal) match and mTLS ones
+//! never do. PERMISSIVE and DISABLE both admit plaintext; HBONE is mTLS by construction, so
+//! DISABLE cannot refuse it.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use crate::state::policy::{Match, Policy, PolicyAction, PolicyScope, StringMatch};
+use crate::state::Workload;
+
+/// How a workload accepts inbound traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum MtlsMode {
+    /// Only mTLS (HBONE): plaintext inbound is refused.
+    Strict,
+    /// Both mTLS and plaintext (Istio's default).
+    #[default]
+    Permissive,
+    /// Plaintext allowed; HBONE still works (it cannot be refused at L4 by the agent).
+    Disable,
+}
+
+impl fmt::Display for MtlsMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            MtlsMode::Strict => "STRICT",
+            MtlsMode::Permissive => "PERMISSIVE",
+            MtlsMode::Disable => "DISABLE",
+        })
+    }
+}
+
+/// Which workloads a PeerAuthentication applies to; resolved at translation time from the
+/// resource's namespace (root or not) and selector.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub enum PeerAuthenticationScope {
+    /// Root namespace, no selector: the whole mesh.
+    Mesh,
+    /// No selector: workloads of its namespace.
+    Namespace,
+    /// Workloads of its namespace carrying all these labels.
+    Workload {
+        /// Labels the workload must carry (non-empty).
+        match_labels: BTreeMap<String, String>,
+    },
+}
+
+/// A PeerAuthentication in model form. `None` modes are Istio's UNSET (inherit).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PeerAuthentication {
+    /// Resource name.
+    pub name: String,
+    /// Resource namespace.
+    pub namespace: String,
+    /// Mesh, namespace or workload.
+    pub scope: PeerAuthenticationScope,
+    /// The workload-level mode; `None` inherits.
+    #[serde(default)]
+    pub mode: Option<MtlsMode>,
+    /// Per target port overrides (workload scope only); `None` inherits the workload-level mode.
+    #[serde(default)]
+    pub port_level: BTreeMap<u16, Option<MtlsMode>>,
+}
+
+impl PeerAuthentication {
+    /// `namespace/name`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Which setting decided the mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MtlsLevel {
+    /// A mesh-wide policy's mode.
+    Mesh,
+    /// A namespace-wide policy's mode.
+    Namespace,
+    /// A workload policy's mode.
+    Workload,
+    /// A workload policy's `portLevelMtls` entry for this port.
+    Port,
+}
+
+/// The PeerAuthentication that decided the mode, for explain.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MtlsSource {
+    /// `namespace/name` of the PeerAuthentication.
+    pub peer_authentication: String,
+    /// At which level it decided.
+    pub level: MtlsLevel,
+}
+
+/// The effective mode for one workload port and where it came from.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MtlsResolution {
+    /// The effective mode.
+    pub mode: MtlsMode,
+    /// `None` when no PeerAuthentication set it (the PERMISSIVE default).
+    pub source: Option<MtlsSource>,
+}
+
+impl fmt::Display for MtlsResolution {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.source {
+            None => write!(f, "{} (default)", self.mode),
+            Some(source) => write!(
+                f,
+                "{} (PeerAuthentication {}, {:?} level)",
+                self.mode, source.peer_authentication, source.level
+            ),
+        }
+    }
+}
+
+fn first(
+    peer_authentications: &[PeerAuthentication],
+    applies: impl Fn(&PeerAuthentication) -> bool,
+) -> Option<&PeerAuthentication> {
+    peer_authentications.iter().find(|pa| applies(pa))
+}
+
+/// The effective mode for `workload` at target `port`, with the policy that set it.
+pub fn resolve_mtls(
+    peer_authentications: &[PeerAuthentication],
+    workload: &Workload,
+    port: u16,
+) -> MtlsResolution {
+    let mesh = first(peer_authentications, |pa| {
+        pa.scope == PeerAuthenticationScope::Mesh
+    });
+    let namespace = first(peer_authentications, |pa| {
+        pa.scope == PeerAuthenticationScope::Namespace && pa.namespace == workload.namespace
+    });
+    let selected = first(peer_authentications, |pa| match &pa.scope {
+        PeerAuthenticationScope::Workload { match_labels } => {
+            pa.namespace == workload.namespace
+                && match_labels
+                    .iter()
+                    .all(|(key, value)| workload.labels.get(key) == Some(value))
+        }
+        _ => false,
+    });
+    let mut resolution = MtlsResolution {
+        mode: MtlsMode::Permissive,
+        source: None,
+    };
+    let levels = [
+        (mesh, MtlsLevel::Mesh),
+        (namespace, MtlsLevel::Namespace),
+        (selected, MtlsLevel::Workload),
+    ];
+    for (pa, level) in levels {
+        let Some(pa) = pa else { continue };
+        if let Some(mode) = pa.mode {
+            resolution = MtlsResolution {
+                mode,
+                source: Some(MtlsSource {
+                    peer_authentication: pa.key(),
+                    level,
+                }),
+            };
+        }
+    }
+    let port_mode = selected.and_then(|pa| Some((pa, (*pa.port_level.get(&port)?)?)));
+    if let Some((pa, mode)) = port_mode {
+        resolution = MtlsResolution {
+            mode,
+            source: Some(MtlsSource {
+                peer_authentication: pa.key(),
+                level: MtlsLevel::Port,
+            }),
+        };
+    }
+    resolution
+}
+
+/// The effective mode for `workload` at target `port` (see [`resolve_mtls`]).
+pub fn mtls_mode(
+    peer_authentications: &[PeerAuthentication],
+    workload: &Workload,
+    port: u16,
+) -> MtlsMode {
+    resolve_mtls(peer_authentications, workload, port).mode
+}
+
+/// The DENY policy enforcing STRICT for this resolution, named as istiod names its converted
+/// policies (`istio_converted_static_strict`, or `converted_peer_authentication_<name>` for a
+/// port-level setting) in the deciding PeerAuthentication's namespace.
+pub(super) fn strict_policy(resolution: &MtlsResolution) -> Option<Policy> {
+    if resolution.mode != MtlsMode::Strict {
+        return None;
+    }
+    let source = resolution.source.as_ref()?;
+    let (namespace, name) = source
+        .peer_authentication
+        .split_once('/')
+        .unwrap_or(("", source.peer_authentication.as_str()));
+    let name = match source.level {
+        MtlsLevel::Port => format!("converted_peer_authentication_{name}"),
+        _ => "istio_converted_static_strict".to_string(),
+    };
+    let plaintext = Match {
+        not_principals: vec![StringMatch::Presence(serde_yaml::Value::Null)],
+        ..Match::default()
+    };
+    Some(Policy {
+        name,
+        namespace: namespace.to_string(),
+        scope: PolicyScope::Global,
+        action: PolicyAction::Deny,
+        dry_run: false,
+        rules: vec![vec![vec![plaintext]]],
+    })
+}
