@@ -104,6 +104,9 @@ impl BuiltinCa {
         if parsed.public_key().raw != issuer_key.public_key_der().as_slice() {
             return Err(CaError::KeyMismatch);
         }
+        if !parsed.validity().is_valid() {
+            return Err(CaError::RootExpired);
+        }
         let issuer = params.self_signed(&issuer_key).map_err(CaError::Sign)?;
         Ok(BuiltinCa {
             issuer,

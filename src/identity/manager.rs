@@ -82,7 +82,9 @@ struct Entry {
 
 struct Current {
     certificate: Arc<WorkloadCertificate>,
+    /// Rotation time on tokio's clock and on the wall clock.
     refresh_at: Instant,
+    refresh_wall: SystemTime,
     expires_at: Instant,
 }
 
@@ -93,13 +95,22 @@ struct Inflight {
 }
 
 impl Current {
+    /// Schedules rotation at half-life, but no earlier than half of the remaining lifetime: a
+    /// certificate that arrives already past half-life (skewed CA clock, long-lived CA cache)
+    /// must not turn rotation into a tight loop against the CA.
     fn new(certificate: Arc<WorkloadCertificate>) -> Self {
         let now = Instant::now();
         let wall = SystemTime::now();
+        let remaining = certificate
+            .expires_at()
+            .duration_since(wall)
+            .unwrap_or_default();
+        let refresh_wall = certificate.refresh_at().max(wall + remaining / 2);
         let until = |at: SystemTime| now + at.duration_since(wall).unwrap_or_default();
         Current {
-            refresh_at: until(certificate.refresh_at()),
-            expires_at: until(certificate.expires_at()),
+            refresh_at: until(refresh_wall),
+            refresh_wall,
+            expires_at: now + remaining,
             certificate,
         }
     }
@@ -109,7 +120,7 @@ impl Current {
     }
 
     fn stale(&self, now: Instant) -> bool {
-        now >= self.refresh_at || SystemTime::now() >= self.certificate.refresh_at()
+        now >= self.refresh_at || SystemTime::now() >= self.refresh_wall
     }
 }
 

@@ -65,6 +65,9 @@ pub enum CaError {
     /// The root key does not belong to the root certificate.
     #[error("root key does not match the root certificate's public key")]
     KeyMismatch,
+    /// The root certificate is expired or not yet valid: every leaf it signs would be refused.
+    #[error("root certificate is outside its validity period")]
+    RootExpired,
     /// The configured certificate lifetime is zero or absurdly long.
     #[error("workload certificate ttl {0:?} is not between 1s and 10 years")]
     InvalidTtl(Duration),

@@ -154,6 +154,9 @@ fn bad_root_material_is_refused() {
     let key_a = write("a-key.pem", &key_a);
     let key_b = write("b-key.pem", &key_b);
     let garbage = write("garbage.pem", "not pem");
+    let (expired_cert, expired_key) = expired_root();
+    let expired_cert = write("expired.pem", &expired_cert);
+    let expired_key = write("expired-key.pem", &expired_key);
     let lone_key_state = dir.path().join("lone");
     std::fs::create_dir(&lone_key_state).expect("mkdir");
     std::fs::write(lone_key_state.join(ROOT_KEY_FILE), "x").expect("write");
@@ -201,6 +204,12 @@ fn bad_root_material_is_refused() {
             "ttl",
         ),
         (
+            "expired root",
+            dir.path().into(),
+            files(Some(&expired_cert), Some(&expired_key), HOUR),
+            "validity",
+        ),
+        (
             "state dir with a lone key",
             lone_key_state,
             files(None, None, HOUR),
@@ -211,6 +220,73 @@ fn bad_root_material_is_refused() {
         let error = BuiltinCa::load_or_create(&state, &config).expect_err(name);
         assert!(error.to_string().contains(text), "{name}: {error}");
     }
+}
+
+fn expired_root() -> (String, String) {
+    let key = rcgen::KeyPair::generate().expect("key");
+    let mut params = rcgen::CertificateParams::default();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.not_before = rcgen::date_time_ymd(2000, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2001, 1, 1);
+    let cert = params.self_signed(&key).expect("cert");
+    (cert.pem(), key.serialize_pem())
+}
+
+#[test]
+fn unusable_certificate_material_is_refused() {
+    let ca = new_ca();
+    let other = new_ca();
+    let id = identity("spiffe://cluster.local/ns/a/sa/x");
+    let sign = || ca.sign(&id).expect("sign");
+    let (chain, key) = sign();
+    let (_, other_key) = sign();
+    let (no_spiffe, no_spiffe_key) = {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let params = rcgen::CertificateParams::new(vec!["web.example".to_string()]).expect("p");
+        let cert = params.self_signed(&key).expect("cert");
+        let key = rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der());
+        (vec![cert.der().clone()], key.into())
+    };
+    let root = vec![ca.root().clone()];
+    let cases: Vec<(&str, Result<WorkloadCertificate, InvalidCertificate>, &str)> = vec![
+        (
+            "empty chain",
+            WorkloadCertificate::new(vec![], key.clone_key(), root.clone()),
+            "empty",
+        ),
+        (
+            "no roots",
+            WorkloadCertificate::new(chain.clone(), key.clone_key(), vec![]),
+            "root",
+        ),
+        (
+            "garbage root",
+            WorkloadCertificate::new(chain.clone(), key.clone_key(), vec![vec![1, 2, 3].into()]),
+            "root",
+        ),
+        (
+            "key of another leaf",
+            WorkloadCertificate::new(chain.clone(), other_key, root.clone()),
+            "key",
+        ),
+        (
+            "leaf without SPIFFE identity",
+            WorkloadCertificate::new(no_spiffe, no_spiffe_key, root.clone()),
+            "no SPIFFE identity",
+        ),
+    ];
+    for (name, result, text) in cases {
+        let error = result.expect_err(name);
+        assert!(error.to_string().contains(text), "{name}: {error}");
+    }
+
+    // A root sent along in the chain is dropped; several roots are accepted (rotation).
+    let mut with_root = chain.clone();
+    with_root.push(ca.root().clone());
+    let roots = vec![ca.root().clone(), other.root().clone()];
+    let cert = WorkloadCertificate::new(with_root, key, roots).expect("valid");
+    assert_eq!(cert.chain(), chain.as_slice());
+    assert_eq!(cert.roots().len(), 2);
 }
 
 /// A source that counts calls, can be made to fail, can hold callers at a gate, and can lie
@@ -334,7 +410,16 @@ async fn rotates_at_half_life_without_disturbing_open_sessions() {
         let _ = stopped.await;
     });
     tokio::time::sleep(HOUR / 2 + Duration::from_secs(60)).await;
-    let new = until_replaced(&manager, &server_id, &old).await;
+    // The background task re-issues on its own (fetch would also trigger it: wait without).
+    let calls_before = source.calls();
+    for _ in 0..100 {
+        if source.calls() > calls_before {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let new = manager.fetch(&server_id).await.expect("fetch");
+    assert!(!Arc::ptr_eq(&new, &old), "rotated without a fetch");
     assert_ne!(new.chain()[0], old.chain()[0]);
 
     // The open session keeps working; a new handshake gets the new certificate.
