@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::local::{Invalid, Problems};
+use super::convert::{Invalid, Problems};
 use super::locate::FieldPath;
 
 fn default_trust_domain() -> String {

@@ -7,11 +7,12 @@
 //! `check-config` can show a user all of them at once. A syntax or type error stops
 //! deserialisation, so that one comes alone.
 //!
-//! Flow: text → serde (shape, types, unknown keys) → `local::convert` and
+//! Flow: text → serde (`local`: shape, types, unknown keys) → `convert::convert` and
 //! `AgentConfig::check` (identities, addresses, duplicates, references) → [`locate::Locator`]
 //! (field path → line and column) → [`Config`] or [`ConfigErrors`].
 
 pub mod agent;
+mod convert;
 mod local;
 pub mod locate;
 pub mod watch;
@@ -24,7 +25,7 @@ use std::path::{Path, PathBuf};
 
 use crate::state;
 
-pub use local::Invalid;
+pub use convert::Invalid;
 use locate::{FieldPath, Locator, Position};
 
 /// A loaded, checked configuration. Every invariant `parse` checks holds for it, so consumers
@@ -154,10 +155,10 @@ pub fn parse(path: &Path, text: &str, overrides: &Overrides) -> Result<Config, C
     };
     let mut file = file;
     overrides.apply(&mut file.agent);
-    let mut problems = local::Problems::default();
+    let mut problems = convert::Problems::default();
     file.agent
         .check(&FieldPath::default().key("agent"), &mut problems);
-    let converted = local::convert(&file, &mut problems);
+    let converted = convert::convert(&file, &mut problems);
     if !problems.0.is_empty() {
         return Err(located(path, text, problems));
     }
@@ -172,7 +173,7 @@ pub fn parse(path: &Path, text: &str, overrides: &Overrides) -> Result<Config, C
 
 /// Positions each problem and sorts them in file order (stable, so problems at one position
 /// keep the order they were found in).
-fn located(path: &Path, text: &str, problems: local::Problems) -> ConfigErrors {
+fn located(path: &Path, text: &str, problems: convert::Problems) -> ConfigErrors {
     let locator = Locator::new(text);
     let mut errors: Vec<ConfigError> = problems
         .0
