@@ -65,6 +65,9 @@ type SharedIssue = Shared<BoxFuture<'static, IssueResult>>;
 /// Cache of workload certificates in front of a [`CertificateSource`].
 pub struct CertificateManager {
     source: Arc<dyn CertificateSource>,
+    /// Where issues run: the runtime `new` was called on (the control runtime), whichever
+    /// runtime the waiting caller is on.
+    runtime: tokio::runtime::Handle,
     entries: Arc<Mutex<HashMap<Identity, Entry>>>,
     /// Wakes the rotation task when an issue finishes or an identity is added.
     changed: Arc<Notify>,
@@ -155,11 +158,15 @@ impl Entry {
 }
 
 impl CertificateManager {
-    /// A manager with an empty cache. Issues run as tokio tasks, so it must be used inside a
-    /// runtime.
+    /// A manager with an empty cache. Issues run as tasks on the current runtime, so call it
+    /// from the control runtime.
+    ///
+    /// # Panics
+    /// Outside a tokio runtime.
     pub fn new(source: Arc<dyn CertificateSource>) -> Self {
         CertificateManager {
             source,
+            runtime: tokio::runtime::Handle::current(),
             entries: Arc::new(Mutex::new(HashMap::new())),
             changed: Arc::new(Notify::new()),
             next_issue: AtomicU64::new(0),
@@ -170,7 +177,10 @@ impl CertificateManager {
     /// background once past half-life), otherwise waits for an issue, shared with every other
     /// caller waiting for the same identity. Cancel-safe: dropping the future does not stop the
     /// issue.
-    pub async fn fetch(&self, identity: &Identity) -> IssueResult {
+    pub async fn fetch(
+        &self,
+        identity: &Identity,
+    ) -> Result<Arc<WorkloadCertificate>, CertificateError> {
         let issue = {
             let mut entries = self.lock();
             let entry = entries.entry(identity.clone()).or_insert_with(Entry::new);
@@ -236,7 +246,8 @@ impl CertificateManager {
         F: Future<Output = ()> + Send + 'static,
     {
         let span = tracing::info_span!("certificate_rotation");
-        tokio::spawn(async move { self.rotate(shutdown).await }.instrument(span))
+        let runtime = self.runtime.clone();
+        runtime.spawn(async move { self.rotate(shutdown).await }.instrument(span))
     }
 
     async fn rotate<F: Future<Output = ()>>(&self, shutdown: F) {
@@ -285,7 +296,7 @@ impl CertificateManager {
         let changed = self.changed.clone();
         let owned = identity.clone();
         let span = tracing::info_span!("certificate_issue", identity = %identity);
-        let task = tokio::spawn(
+        let task = self.runtime.spawn(
             async move {
                 let result = issue(source.as_ref(), &owned).await;
                 record(&entries, &owned, id, &result);
