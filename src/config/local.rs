@@ -64,8 +64,10 @@ pub struct LocalFile {
     /// Istio's `services`.
     #[serde(default)]
     pub services: Vec<LocalService>,
-    /// Istio's `policies`, already in the model's shape.
-    #[serde(default)]
+    /// Istio's `policies`, already in the model's shape. Istio writes enums as single-key
+    /// maps (`{Exact: ns}`, `{Presence: []}`); serde_yaml 0.9 expects YAML tags (`!Exact ns`)
+    /// unless told otherwise, which is what `singleton_map_recursive` does.
+    #[serde(default, with = "serde_yaml::with::singleton_map_recursive")]
     pub policies: Vec<Policy>,
 }
 

@@ -187,8 +187,30 @@ services:
   ipFamilies: Dual
   canonical: true
   visibility: Public
+policies:
+- name: p
+  namespace: ns
+  scope: WorkloadSelector
+  action: Deny
+  dryRun: true
+  rules:
+  - - - namespaces: [{Exact: ns}, {Prefix: team-}]
+        notNamespaces: [{Suffix: -test}]
+        principals: [{Presence: []}]
+        notPrincipals: [{Presence: {}}]
+        serviceAccounts: [{namespace: ns, serviceAccount: sa}]
+        notServiceAccounts: []
+        sourceIps: [10.0.0.0/8]
+        notSourceIps: [\"fd00::/8\"]
+        destinationIps: [10.1.0.1/32]
+        notDestinationIps: []
+        destinationPorts: [80]
+        notDestinationPorts: [9999]
 ";
     let config = parse_ok(text);
+    let matched = &config.policies[0].rules[0][0][0];
+    assert!(matched.principals[0].matches("anyone") && !matched.principals[0].matches(""));
+    assert!(matched.namespaces[1].matches("team-a"));
     assert_eq!(config.workloads[0].workload_ips.len(), 2);
     assert_eq!(
         config.workloads[0]
@@ -603,4 +625,14 @@ async fn watch_publishes_valid_edits_and_keeps_the_last_good_config() {
         .await
         .expect("watcher stops on shutdown")
         .unwrap();
+}
+
+#[test]
+fn policy_errors_keep_their_position() {
+    let text =
+        "policies:\n- name: p\n  namespace: ns\n  rules:\n  - - - namespaces: [{Regex: x}]\n";
+    assert_eq!(
+        error_lines(text, &Overrides::default()),
+        ["nodetunnel.yaml:5:23: policies[0].rules[0][0][0].namespaces[0]: unknown variant `Regex`, expected one of `Exact`, `Prefix`, `Suffix`, `Presence`"]
+    );
 }
