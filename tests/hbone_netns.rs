@@ -105,19 +105,30 @@ fn harness_routes_pods_across_nodes_and_cleans_up() {
 fn harness_cleans_up_after_a_panic() {
     require_netns!("harness_cleans_up_after_a_panic");
     let prefix = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-    let seen = prefix.clone();
+    let sleeper = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let (seen, spawned) = (prefix.clone(), sleeper.clone());
     let outcome = std::panic::catch_unwind(move || {
         let topology = topology(&[("a", "pod")]);
         *seen.lock().expect("lock") = topology.prefix().to_string();
-        // A long-lived process inside the namespace must not keep it alive.
         topology.install_redirect("pod").expect("nft");
-        std::process::Command::new("ip")
+        // A long-lived process inside the namespace must not keep it alive.
+        let child = std::process::Command::new("ip")
             .args(["netns", "exec", &topology.netns("pod"), "sleep", "600"])
             .spawn()
             .expect("sleep");
+        *spawned.lock().expect("lock") = Some(child);
         panic!("deliberate");
     });
     assert!(outcome.is_err());
+    let child = sleeper.lock().expect("lock").take();
+    let status = child
+        .expect("sleep was spawned")
+        .wait()
+        .expect("reap sleep");
+    assert!(
+        !status.success(),
+        "the process inside the namespace was killed"
+    );
     let prefix = prefix.lock().expect("lock").clone();
     assert!(!prefix.is_empty());
     let leftovers = Topology::leftover_namespaces(&prefix).expect("ip netns list");
@@ -179,5 +190,557 @@ fn log_reader_finds_access_events_and_keeps_other_lines() {
     assert_eq!(
         log.other_lines,
         vec!["thread 'main' panicked at src/main.rs"]
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Agent tests: two real agents.
+
+/// Two agents sharing one root. Field order is drop order: agents stop before the namespaces go.
+struct Cluster {
+    agents: Vec<Agent>,
+    ca: Ca,
+    mesh: Mesh,
+    topology: Topology,
+}
+
+impl Cluster {
+    /// Installs the redirection rules in `captured` pods and starts an agent on each node,
+    /// capturing the listed pods that live there; waits until both are ready.
+    fn start(topology: Topology, mesh: Mesh, captured: &[&str]) -> Cluster {
+        for pod in captured {
+            topology.install_redirect(pod).expect("redirection rules");
+        }
+        let ca = Ca::init().expect("nodetunnel ca init");
+        let mut agents = Vec::new();
+        for node in ["a", "b"] {
+            let local: Vec<&str> = captured
+                .iter()
+                .copied()
+                .filter(|pod| topology.pod(pod).node == node)
+                .collect();
+            let config = mesh.render(&topology, node, &local);
+            agents.push(Agent::start(&topology, node, &ca, &config).expect("agent ready"));
+        }
+        Cluster {
+            agents,
+            ca,
+            mesh,
+            topology,
+        }
+    }
+
+    fn agent(&self, node: &str) -> &Agent {
+        let index = if node == "a" { 0 } else { 1 };
+        &self.agents[index]
+    }
+
+    fn ip(&self, pod: &str) -> Ipv4Addr {
+        self.topology.pod(pod).ip
+    }
+}
+
+/// client on node a, server on node b, both HBONE and captured.
+fn client_server_cluster() -> Cluster {
+    let topology = topology(&[("a", "client"), ("b", "server")]);
+    let mesh = Mesh {
+        workloads: vec![
+            WorkloadSpec::new("client", topology.pod("client").ip, "a", Protocol::Hbone),
+            WorkloadSpec::new("server", topology.pod("server").ip, "b", Protocol::Hbone),
+        ],
+        services: Vec::new(),
+    };
+    Cluster::start(topology, mesh, &["client", "server"])
+}
+
+/// A large payload goes client → agent A → HBONE → agent B → server and back, and the
+/// client's half-close reaches the server while the server can still answer: the trailer
+/// `EOF <n>` is written by the server only after it read EOF.
+#[test]
+fn hbone_carries_bytes_both_ways_with_half_close() {
+    require_netns!("hbone_carries_bytes_both_ways_with_half_close");
+    let cluster = client_server_cluster();
+    let server = EchoServer::start(
+        &cluster.topology,
+        "server",
+        APP_PORT,
+        Reply::EchoThenTrailer,
+    )
+    .expect("server app");
+    let target = addr(cluster.ip("server"), APP_PORT);
+
+    for (size, seed) in [(1usize, 1u64), (1024 * 1024 + 17, 2)] {
+        let payload = apps::payload(b"", size, seed);
+        let response = apps::exchange(
+            &cluster.topology,
+            "client",
+            target,
+            payload.clone(),
+            IO_TIMEOUT,
+        )
+        .unwrap_or_else(|error| panic!("exchange of {size} bytes: {error:#}"));
+        let trailer = format!("EOF {size}\n");
+        assert!(
+            response.ends_with(trailer.as_bytes()),
+            "server never saw the client's half-close for {size} bytes (got {} bytes)",
+            response.len()
+        );
+        assert!(
+            response[..response.len() - trailer.len()] == payload[..],
+            "echoed bytes differ from what was sent ({size} bytes)"
+        );
+    }
+    assert_eq!(
+        server.accepted(),
+        2,
+        "one app connection per client connection"
+    );
+}
+
+/// While the app receives a plaintext marker, a capture of the node-to-node link shows only
+/// TLS on 15008: the marker never appears and nothing goes to the app port in the clear.
+#[test]
+fn node_link_carries_only_tls() {
+    require_netns!("node_link_carries_only_tls");
+    let cluster = client_server_cluster();
+    let server =
+        EchoServer::start(&cluster.topology, "server", APP_PORT, Reply::Echo).expect("server app");
+    let link = cluster.topology.link_interface("a", "b");
+    let capture = Capture::start(&cluster.topology.netns("a"), &link).expect("capture");
+
+    let marker = b"NODETUNNEL-PLAINTEXT-MARKER-5b2f".to_vec();
+    let payload = apps::payload(&marker, 64 * 1024, 3);
+    let target = addr(cluster.ip("server"), APP_PORT);
+    let response = apps::exchange(
+        &cluster.topology,
+        "client",
+        target,
+        payload.clone(),
+        IO_TIMEOUT,
+    )
+    .expect("exchange through the tunnel");
+    assert!(response == payload, "echo through the tunnel differs");
+    assert!(
+        server.received_contains(&marker),
+        "the app must see the plaintext marker"
+    );
+
+    let segments = capture.finish().expect("pcap");
+    let findings = capture::examine(&segments, &marker, 15008);
+    assert!(
+        !findings.marker_seen,
+        "plaintext marker crossed the node link: {findings:?}"
+    );
+    assert!(
+        findings.payload_bytes_on_port >= payload.len(),
+        "the payload should have crossed the link on 15008: {findings:?}"
+    );
+    assert!(
+        findings.flows_on_port_start_with_tls,
+        "15008 flows must be TLS: {findings:?}"
+    );
+    let clear: Vec<_> = segments
+        .iter()
+        .filter(|segment| {
+            segment.destination.port() == APP_PORT || segment.source.port() == APP_PORT
+        })
+        .collect();
+    assert!(
+        clear.is_empty(),
+        "app-port traffic on the link: {:?}",
+        clear.first()
+    );
+}
+
+/// Both agents write one access-log event for the connection: agent B names the client's
+/// SPIFFE identity, agent A the server's, with the HBONE address and byte counts.
+#[test]
+fn access_logs_name_both_spiffe_identities() {
+    require_netns!("access_logs_name_both_spiffe_identities");
+    let cluster = client_server_cluster();
+    let _server =
+        EchoServer::start(&cluster.topology, "server", APP_PORT, Reply::Echo).expect("server app");
+    let payload = apps::payload(b"identity-check", 10_000, 4);
+    let target = addr(cluster.ip("server"), APP_PORT);
+    apps::exchange(
+        &cluster.topology,
+        "client",
+        target,
+        payload.clone(),
+        IO_TIMEOUT,
+    )
+    .expect("exchange");
+
+    let client_id = cluster.mesh.workload("client").identity();
+    let server_id = cluster.mesh.workload("server").identity();
+    let inbound = cluster
+        .agent("b")
+        .wait_for_event("agent B's inbound access event", LOG_TIMEOUT, |event| {
+            event.is_access() && event.field("direction").as_deref() == Some("inbound")
+        })
+        .expect("inbound access log");
+    assert_eq!(
+        inbound.field("src.identity"),
+        Some(client_id.clone()),
+        "{}",
+        inbound.raw
+    );
+    assert_eq!(
+        inbound.field("dst.identity"),
+        Some(server_id.clone()),
+        "{}",
+        inbound.raw
+    );
+    assert_eq!(inbound.field("error"), None, "{}", inbound.raw);
+
+    let outbound = cluster
+        .agent("a")
+        .wait_for_event("agent A's outbound access event", LOG_TIMEOUT, |event| {
+            event.is_access() && event.field("direction").as_deref() == Some("outbound")
+        })
+        .expect("outbound access log");
+    assert_eq!(
+        outbound.field("src.identity"),
+        Some(client_id),
+        "{}",
+        outbound.raw
+    );
+    assert_eq!(
+        outbound.field("dst.identity"),
+        Some(server_id),
+        "{}",
+        outbound.raw
+    );
+    assert_eq!(
+        outbound.field("dst.addr"),
+        Some(target.to_string()),
+        "{}",
+        outbound.raw
+    );
+    let hbone = addr(cluster.ip("server"), 15008).to_string();
+    assert_eq!(
+        outbound.field("dst.hbone_addr"),
+        Some(hbone),
+        "{}",
+        outbound.raw
+    );
+    for event in [&inbound, &outbound] {
+        for field in ["bytes_sent", "bytes_recv"] {
+            let bytes = event.number(field).unwrap_or(0);
+            assert!(
+                bytes >= payload.len() as u64,
+                "{field} = {bytes}: {}",
+                event.raw
+            );
+        }
+    }
+    let log_a = cluster.agent("a").log();
+    assert_eq!(
+        log_a.access("outbound").len(),
+        1,
+        "exactly one event per connection"
+    );
+}
+
+/// A client that reaches pod B's 15008 directly (from an uncaptured pod) is refused unless its
+/// certificate chains to the mesh root and names our trust domain; when refused, nothing reaches
+/// the app. The trusted case is the control that shows the probe itself works.
+#[test]
+fn hbone_port_refuses_untrusted_client_certificates() {
+    require_netns!("hbone_port_refuses_untrusted_client_certificates");
+    let mut topology = topology(&[("a", "client"), ("b", "server")]);
+    topology.add_pod("a", "intruder").expect("intruder pod");
+    let mesh = Mesh {
+        workloads: vec![
+            WorkloadSpec::new("client", topology.pod("client").ip, "a", Protocol::Hbone),
+            WorkloadSpec::new("server", topology.pod("server").ip, "b", Protocol::Hbone),
+        ],
+        services: Vec::new(),
+    };
+    let cluster = Cluster::start(topology, mesh, &["client", "server"]);
+    let server =
+        EchoServer::start(&cluster.topology, "server", APP_PORT, Reply::Echo).expect("server app");
+    let client_id = cluster.mesh.workload("client").identity();
+    let hbone = addr(cluster.ip("server"), 15008);
+    let authority = addr(cluster.ip("server"), APP_PORT).to_string();
+
+    let cases: Vec<(&str, Option<tls_probe::ClientCert>, bool)> = vec![
+        ("no client certificate", None, false),
+        (
+            "foreign root, mesh identity",
+            Some(tls_probe::leaf_from_foreign_root(&client_id).expect("cert")),
+            false,
+        ),
+        (
+            "mesh root, foreign trust domain",
+            Some(
+                tls_probe::leaf_from_root(&cluster.ca, "spiffe://evil.local/ns/default/sa/client")
+                    .expect("cert"),
+            ),
+            false,
+        ),
+        (
+            "mesh root, mesh identity (control)",
+            Some(tls_probe::leaf_from_root(&cluster.ca, &client_id).expect("cert")),
+            true,
+        ),
+    ];
+    for (index, (case, cert, accepted)) in cases.into_iter().enumerate() {
+        let marker = format!("PROBE-MARKER-{index}").into_bytes();
+        let before = server.accepted();
+        let (auth, mark) = (authority.clone(), marker.clone());
+        let outcome = cluster
+            .topology
+            .run_in("intruder", move || {
+                tls_probe::probe(hbone, cert, &auth, &mark)
+            })
+            .expect("probe thread");
+        if accepted {
+            assert_eq!(
+                outcome,
+                Outcome::Http2 {
+                    response: true,
+                    ok: true
+                },
+                "{case}"
+            );
+            support::wait_for("the app to get the tunnelled marker", IO_TIMEOUT, || {
+                server.received_contains(&marker).then_some(())
+            })
+            .unwrap_or_else(|error| panic!("{case}: {error}"));
+        } else {
+            assert!(
+                matches!(outcome, Outcome::Refused(_)),
+                "{case}: {outcome:?}"
+            );
+            assert_eq!(
+                server.accepted(),
+                before,
+                "{case}: a connection reached the app"
+            );
+            assert!(
+                !server.received_contains(&marker),
+                "{case}: bytes reached the app"
+            );
+        }
+    }
+    assert_eq!(
+        server.accepted(),
+        1,
+        "only the trusted probe may reach the app"
+    );
+}
+
+/// A workload with `protocol: TCP` that is not captured is reached from a captured client by
+/// plain passthrough: the bytes cross the link in the clear to the app port, nothing uses
+/// 15008, and agent A logs the connection without a peer identity.
+#[test]
+fn tcp_workload_is_reached_in_plaintext() {
+    require_netns!("tcp_workload_is_reached_in_plaintext");
+    let topology = topology(&[("a", "client"), ("b", "legacy")]);
+    let mesh = Mesh {
+        workloads: vec![
+            WorkloadSpec::new("client", topology.pod("client").ip, "a", Protocol::Hbone),
+            WorkloadSpec::new("legacy", topology.pod("legacy").ip, "b", Protocol::Tcp),
+        ],
+        services: Vec::new(),
+    };
+    let cluster = Cluster::start(topology, mesh, &["client"]);
+    let legacy =
+        EchoServer::start(&cluster.topology, "legacy", APP_PORT, Reply::Echo).expect("legacy app");
+    let link = cluster.topology.link_interface("a", "b");
+    let capture = Capture::start(&cluster.topology.netns("a"), &link).expect("capture");
+
+    let marker = b"LEGACY-PLAINTEXT-MARKER".to_vec();
+    let payload = apps::payload(&marker, 2048, 5);
+    let target = addr(cluster.ip("legacy"), APP_PORT);
+    let response = apps::exchange(
+        &cluster.topology,
+        "client",
+        target,
+        payload.clone(),
+        IO_TIMEOUT,
+    )
+    .expect("exchange with the TCP workload");
+    assert!(response == payload, "echo from the TCP workload differs");
+    assert_eq!(legacy.accepted(), 1);
+
+    let segments = capture.finish().expect("pcap");
+    let findings = capture::examine(&segments, &marker, 15008);
+    assert!(
+        findings.marker_seen,
+        "passthrough should be plaintext on the link: {findings:?}"
+    );
+    assert_eq!(
+        findings.payload_bytes_on_port, 0,
+        "no HBONE for a TCP workload: {findings:?}"
+    );
+
+    let outbound = cluster
+        .agent("a")
+        .wait_for_event("agent A's outbound access event", LOG_TIMEOUT, |event| {
+            event.is_access() && event.field("direction").as_deref() == Some("outbound")
+        })
+        .expect("outbound access log");
+    assert_eq!(
+        outbound.field("dst.addr"),
+        Some(target.to_string()),
+        "{}",
+        outbound.raw
+    );
+    let no_value = |name: &str| outbound.field(name).is_none_or(|value| value.is_empty());
+    assert!(no_value("dst.hbone_addr"), "{}", outbound.raw);
+    assert!(no_value("dst.identity"), "{}", outbound.raw);
+}
+
+/// A service VIP with one endpoint on each node: connections to the VIP from node a reach both
+/// endpoints (each answers with its name) within a bounded number of tries, and every answer
+/// is a complete echo from one of them.
+#[test]
+fn service_vip_is_balanced_across_two_nodes() {
+    require_netns!("service_vip_is_balanced_across_two_nodes");
+    const TRIES: usize = 40;
+    let topology = topology(&[("a", "client"), ("a", "echo-a"), ("b", "echo-b")]);
+    let service = ServiceSpec::new("echo", Ipv4Addr::new(10, 96, 0, 10), 80, APP_PORT);
+    let mut workloads = vec![WorkloadSpec::new(
+        "client",
+        topology.pod("client").ip,
+        "a",
+        Protocol::Hbone,
+    )];
+    for (name, node) in [("echo-a", "a"), ("echo-b", "b")] {
+        let mut workload = WorkloadSpec::new(name, topology.pod(name).ip, node, Protocol::Hbone);
+        workload.service_account = "echo".to_string();
+        workload.services.push((service.key(), 80, APP_PORT));
+        workloads.push(workload);
+    }
+    let mesh = Mesh {
+        workloads,
+        services: vec![service.clone()],
+    };
+    let cluster = Cluster::start(topology, mesh, &["client", "echo-a", "echo-b"]);
+    let servers: Vec<EchoServer> = ["echo-a", "echo-b"]
+        .iter()
+        .map(|name| {
+            EchoServer::start(
+                &cluster.topology,
+                name,
+                APP_PORT,
+                Reply::Named(name.to_string()),
+            )
+            .expect("endpoint app")
+        })
+        .collect();
+
+    let vip = addr(service.vip, 80);
+    let mut seen = std::collections::BTreeSet::new();
+    for attempt in 0..TRIES {
+        let payload = format!("request {attempt}").into_bytes();
+        let response = apps::exchange(
+            &cluster.topology,
+            "client",
+            vip,
+            payload.clone(),
+            IO_TIMEOUT,
+        )
+        .unwrap_or_else(|error| panic!("try {attempt} to the VIP: {error:#}"));
+        let text = String::from_utf8_lossy(&response).to_string();
+        let (name, echoed) = text.split_once('\n').unwrap_or(("", ""));
+        assert!(
+            ["echo-a", "echo-b"].contains(&name),
+            "unexpected answer {text:?}"
+        );
+        assert_eq!(echoed.as_bytes(), payload, "incomplete echo from {name}");
+        seen.insert(name.to_string());
+        if seen.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(seen.len(), 2, "only {seen:?} answered in {TRIES} tries");
+    assert!(servers.iter().all(|server| server.accepted() >= 1));
+}
+
+/// The config file is watched: adding a service makes its VIP work without a restart; an
+/// invalid edit (which would also remove it) is rejected whole with a logged error naming the
+/// bad field, and the VIP keeps working; a later valid edit still applies.
+#[test]
+fn live_config_edit_applies_and_invalid_edit_keeps_last_good() {
+    require_netns!("live_config_edit_applies_and_invalid_edit_keeps_last_good");
+    let cluster = client_server_cluster();
+    let server =
+        EchoServer::start(&cluster.topology, "server", APP_PORT, Reply::Echo).expect("server app");
+    let service = ServiceSpec::new("late", Ipv4Addr::new(10, 96, 0, 20), 80, APP_PORT);
+    let vip = addr(service.vip, 80);
+    let works = |attempt: &str| {
+        let payload = format!("via the VIP: {attempt}").into_bytes();
+        apps::exchange(
+            &cluster.topology,
+            "client",
+            vip,
+            payload.clone(),
+            Duration::from_secs(3),
+        )
+        .is_ok_and(|response| response == payload)
+    };
+    assert!(
+        !works("before the edit"),
+        "the VIP must not work before it is configured"
+    );
+    assert_eq!(server.accepted(), 0);
+
+    let mut with_service = cluster.mesh.clone();
+    with_service.services.push(service.clone());
+    with_service.workloads[1]
+        .services
+        .push((service.key(), 80, APP_PORT));
+    let agent = cluster.agent("a");
+    agent
+        .write_config(&with_service.render(&cluster.topology, "a", &["client"]))
+        .expect("edit");
+    support::wait_for("the new VIP to work", Duration::from_secs(15), || {
+        works("after the edit").then_some(())
+    })
+    .expect("valid edit applied without restart");
+
+    let problems_before = agent.log().problems().len();
+    let invalid = cluster
+        .mesh
+        .render(&cluster.topology, "a", &["client"])
+        .replacen("agent:\n", "agent:\n  bogusField: 1\n", 1);
+    agent.write_config(&invalid).expect("invalid edit");
+    let rejection = support::wait_for("the invalid edit to be rejected", LOG_TIMEOUT, || {
+        agent
+            .log()
+            .problems()
+            .get(problems_before..)?
+            .iter()
+            .find(|event| event.raw.contains("bogusField"))
+            .map(|e| e.raw.clone())
+    })
+    .unwrap_or_else(|error| panic!("{error}; log:\n{}", agent.log().tail(20)));
+    assert!(
+        rejection.contains("config.yaml"),
+        "the error should name the file: {rejection}"
+    );
+    for attempt in 0..3 {
+        assert!(
+            works(&format!("after the bad edit #{attempt}")),
+            "last good config lost"
+        );
+    }
+
+    agent
+        .write_config(&cluster.mesh.render(&cluster.topology, "a", &["client"]))
+        .expect("valid removal");
+    support::wait_for(
+        "the removed VIP to stop working",
+        Duration::from_secs(15),
+        || (!works("after removal")).then_some(()),
+    )
+    .expect("a valid edit after a rejected one still applies");
+    let mut agent_a = cluster.agents.into_iter().next().expect("agent a");
+    assert!(
+        agent_a.exit_status().is_none(),
+        "agent A must still be running"
     );
 }
