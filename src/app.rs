@@ -1,1 +1,238 @@
-//! app (placeholder until written).
+//! The composition root (layer L5): builds every component from the loaded configuration,
+//! starts the node-level servers, the pod manager and the config watcher, and runs until a
+//! shutdown signal, then drains.
+//!
+//! Start-up order matters: the configuration was fully validated before we get here (bad
+//! config binds nothing); the CA and certificate manager come up before any listener so the
+//! first connection can get a certificate; readiness reports pending pods until every pod is
+//! captured.
+
+use std::convert::Infallible;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode};
+use tokio::net::TcpListener;
+
+use crate::capture::{DesiredPod, PodManager};
+use crate::config::{self, Config, Overrides};
+use crate::drain::Drain;
+use crate::identity::ca::BuiltinCa;
+use crate::identity::CertificateManager;
+use crate::proxy::{ProxyInputs, ProxySettings};
+use crate::state::StateStore;
+use crate::sys::Netns;
+
+/// How often failed pods are retried.
+const POD_RETRY_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Everything `run` needs besides the config.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Where the built-in CA keeps its root.
+    pub state_dir: PathBuf,
+    /// Command-line overrides, re-applied on every reload.
+    pub overrides: Overrides,
+}
+
+/// Runs the agent until SIGTERM/SIGINT (graceful drain) or a second SIGINT (immediate exit).
+pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
+    let agent = config.agent.clone();
+    let home = Arc::new(Netns::current().context("open the agent's own network namespace")?);
+    let ca = BuiltinCa::load_or_create(&options.state_dir, &agent.ca)
+        .context("start the built-in CA")?;
+    let certificates = Arc::new(CertificateManager::new(Arc::new(ca)));
+    let state = Arc::new(StateStore::new(config.snapshot()));
+    let drain = Drain::new();
+    let inputs = ProxyInputs {
+        state: state.clone(),
+        certificates: certificates.clone(),
+        settings: Arc::new(ProxySettings {
+            proxy: agent.proxy.clone(),
+            pool: agent.pool.clone(),
+            original_source: true,
+        }),
+    };
+    let pods = Arc::new(PodManager::new(
+        inputs,
+        home,
+        agent.proxy.packet_mark,
+        drain.child(),
+    ));
+    let control = drain.child();
+    let rotation_stop = control.clone();
+    certificates
+        .clone()
+        .spawn_rotation(async move { rotation_stop.draining().await });
+    let readiness = TcpListener::bind(agent.listen.readiness)
+        .await
+        .with_context(|| format!("bind readiness {}", agent.listen.readiness))?;
+    control.spawn(serve_readiness(readiness, pods.clone(), control.clone()));
+
+    let config = Arc::new(config);
+    let (publish, updates) = tokio::sync::watch::channel(config.clone());
+    let watch_stop = control.clone();
+    control.spawn(config::watch::run(
+        config.path.clone(),
+        options.overrides.clone(),
+        agent.reload_interval,
+        config.clone(),
+        publish,
+        async move { watch_stop.draining().await },
+    ));
+    control.spawn(apply_updates(updates, state, pods.clone(), control.clone()));
+    tracing::info!(node = %agent.node, config = %config.path.display(), "nodetunnel started");
+
+    wait_for_shutdown_signal().await;
+    tracing::info!(deadline = ?agent.drain_timeout, "shutting down: draining connections");
+    let shutdown = drain.shutdown(agent.drain_timeout);
+    tokio::select! {
+        forced = shutdown => {
+            if forced > 0 {
+                tracing::warn!(forced, "drain deadline passed; closed remaining connections");
+            }
+        }
+        _ = second_interrupt() => {
+            tracing::warn!("second interrupt: exiting now");
+        }
+    }
+    tracing::info!("nodetunnel stopped");
+    Ok(())
+}
+
+/// The pods of this node listed in the config, with their uids resolved.
+fn desired_pods(config: &Config) -> Vec<DesiredPod> {
+    config
+        .agent
+        .pods
+        .iter()
+        .filter_map(|pod| {
+            let workload = config.workloads.iter().find(|workload| {
+                workload.uid == pod.workload
+                    || format!("{}/{}", workload.namespace, workload.name) == pod.workload
+            })?;
+            Some(DesiredPod {
+                uid: workload.uid.clone(),
+                netns: pod.netns.clone(),
+            })
+        })
+        .collect()
+}
+
+/// Applies each published config: model first (new connections see it), then pods. Retries
+/// failed pods periodically.
+async fn apply_updates(
+    mut updates: tokio::sync::watch::Receiver<Arc<Config>>,
+    state: Arc<StateStore>,
+    pods: Arc<PodManager>,
+    drain: Drain,
+) {
+    let mut current = updates.borrow_and_update().clone();
+    let mut failures = pods.reconcile(&desired_pods(&current)).await;
+    let mut retry = tokio::time::interval(POD_RETRY_INTERVAL);
+    loop {
+        tokio::select! {
+            changed = updates.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                current = updates.borrow_and_update().clone();
+                state.replace(current.snapshot());
+                failures = pods.reconcile(&desired_pods(&current)).await;
+            }
+            _ = retry.tick(), if failures > 0 => {
+                failures = pods.reconcile(&desired_pods(&current)).await;
+            }
+            _ = drain.draining() => return,
+        }
+    }
+}
+
+/// `GET /healthz/ready`: 200 when every pod is captured; 503 listing what is pending.
+async fn serve_readiness(listener: TcpListener, pods: Arc<PodManager>, drain: Drain) {
+    serve_http(listener, drain, move |request| {
+        let pods = pods.clone();
+        async move {
+            if request.uri().path() != "/healthz/ready" {
+                return text(StatusCode::NOT_FOUND, "not found\n".to_string());
+            }
+            let pending = pods.pending();
+            if pending.is_empty() {
+                text(StatusCode::OK, "ready\n".to_string())
+            } else {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("not ready: pods pending: {}\n", pending.join(", ")),
+                )
+            }
+        }
+    })
+    .await
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response
+}
+
+/// A minimal HTTP/1.1 accept loop for the node-level servers.
+async fn serve_http<F, Fut>(listener: TcpListener, drain: Drain, handler: F)
+where
+    F: Fn(Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = drain.draining() => return,
+        };
+        let Ok((stream, _peer)) = accepted else {
+            continue;
+        };
+        let handler = handler.clone();
+        let service = hyper::service::service_fn(move |request| {
+            let handler = handler.clone();
+            async move { Ok::<_, Infallible>(handler(request).await) }
+        });
+        let connection_drain = drain.clone();
+        drain.spawn(async move {
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let connection = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, service);
+            tokio::select! {
+                _ = connection => {}
+                _ = connection_drain.draining() => {}
+            }
+        });
+    }
+}
+
+async fn wait_for_shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut terminate), Ok(mut interrupt)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; only a kill will stop the agent");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = terminate.recv() => tracing::info!("received SIGTERM"),
+        _ = interrupt.recv() => tracing::info!("received SIGINT"),
+    }
+}
+
+async fn second_interrupt() {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()) {
+        Ok(mut interrupt) => {
+            interrupt.recv().await;
+        }
+        Err(_) => std::future::pending().await,
+    }
+}
+

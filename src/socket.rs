@@ -1,1 +1,191 @@
-//! socket (placeholder until written).
+//! The socket factory (layer L0): the one place the agent makes sockets.
+//!
+//! A factory is either for the agent's own namespace (node-level servers) or for one pod's
+//! namespace, where every socket — listeners and outgoing connections alike — is created inside
+//! the pod's netns and carries the packet mark so the pod's redirection rules skip it. Every
+//! setting a socket needs (reuse-port, no-delay, keepalive, transparent, mark) lives here.
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+use crate::sys::Netns;
+
+/// Backlog of every listener; a pod rarely has more pending accepts than this.
+const LISTEN_BACKLOG: i32 = 1024;
+
+/// TCP keepalive of outgoing and accepted connections: detects peers that vanished without FIN.
+const KEEPALIVE_TIME: Duration = Duration::from_secs(180);
+
+/// Where sockets are created and how they are marked.
+#[derive(Debug, Clone)]
+pub struct SocketFactory {
+    /// `None`: the agent's own namespace.
+    pod: Option<PodNetns>,
+}
+
+#[derive(Debug, Clone)]
+struct PodNetns {
+    netns: Arc<Netns>,
+    home: Arc<Netns>,
+    mark: u32,
+}
+
+/// Errors making a socket.
+#[derive(Debug, thiserror::Error)]
+pub enum SocketError {
+    /// Entering the pod's namespace failed (it may be gone).
+    #[error("cannot enter network namespace {path}: {source}")]
+    Netns {
+        /// The namespace path.
+        path: String,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// A socket call failed.
+    #[error("{op} {addr}: {source}")]
+    Io {
+        /// What we were doing (`bind`, `connect`...).
+        op: &'static str,
+        /// The address involved.
+        addr: SocketAddr,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// The connect did not complete in time.
+    #[error("connect {0}: timed out")]
+    ConnectTimeout(SocketAddr),
+}
+
+impl SocketError {
+    /// Whether the failure was a timeout (reported as a possible NetworkPolicy block).
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, SocketError::ConnectTimeout(_))
+    }
+}
+
+impl SocketFactory {
+    /// Sockets in the agent's own namespace, unmarked.
+    pub fn node() -> Self {
+        SocketFactory { pod: None }
+    }
+
+    /// Sockets inside `netns`, marked with `mark`. `home` is the agent's own namespace, to which
+    /// the creating thread returns.
+    pub fn pod(netns: Arc<Netns>, home: Arc<Netns>, mark: u32) -> Self {
+        SocketFactory {
+            pod: Some(PodNetns { netns, home, mark }),
+        }
+    }
+
+    /// Creates a raw socket in the right namespace with the mark set.
+    fn raw_socket(&self, domain: Domain) -> Result<Socket, io::Error> {
+        let create = || -> io::Result<Socket> {
+            let socket = Socket::new(domain, Type::STREAM.nonblocking(), Some(Protocol::TCP))?;
+            socket.set_cloexec(true)?;
+            Ok(socket)
+        };
+        let socket = match &self.pod {
+            None => create()?,
+            Some(pod) => pod.netns.run_in(&pod.home, create)??,
+        };
+        if let Some(pod) = &self.pod {
+            socket.set_mark(pod.mark)?;
+        }
+        Ok(socket)
+    }
+
+    /// A listener on `addr` (port reuse on, so a restarted agent can bind beside the old one).
+    /// A wildcard IPv6 address is dual-stack; if the namespace has no IPv6, IPv4 wildcard is used.
+    /// `transparent` lets the listener accept connections for non-local addresses (TPROXY).
+    pub fn listen(&self, addr: SocketAddr, transparent: bool) -> Result<TcpListener, SocketError> {
+        let attempt = |addr: SocketAddr| -> io::Result<TcpListener> {
+            let socket = self.raw_socket(Domain::for_address(addr))?;
+            socket.set_reuse_address(true)?;
+            socket.set_reuse_port(true)?;
+            if addr.is_ipv6() {
+                socket.set_only_v6(false)?;
+            }
+            if transparent {
+                // Best effort: without CAP_NET_ADMIN TPROXY is unavailable, REDIRECT still works.
+                let _ = socket.set_ip_transparent(true);
+            }
+            socket.bind(&addr.into())?;
+            socket.listen(LISTEN_BACKLOG)?;
+            TcpListener::from_std(socket.into())
+        };
+        match attempt(addr) {
+            Ok(listener) => Ok(listener),
+            Err(error)
+                if addr.ip() == IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+                    && error.raw_os_error() == Some(libc::EAFNOSUPPORT) =>
+            {
+                let v4 = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), addr.port());
+                attempt(v4).map_err(|source| SocketError::Io {
+                    op: "listen",
+                    addr: v4,
+                    source,
+                })
+            }
+            Err(source) => Err(SocketError::Io {
+                op: "listen",
+                addr,
+                source,
+            }),
+        }
+    }
+
+    /// Connects to `dst`. With `source` set, the socket is bound to that (foreign) IP with
+    /// transparent + freebind, so the destination sees the original client's address.
+    pub async fn connect(
+        &self,
+        dst: SocketAddr,
+        source: Option<IpAddr>,
+        timeout: Duration,
+    ) -> Result<TcpStream, SocketError> {
+        let io_error = |op, source| SocketError::Io {
+            op,
+            addr: dst,
+            source,
+        };
+        let socket = self
+            .raw_socket(Domain::for_address(dst))
+            .map_err(|source| io_error("socket", source))?;
+        socket
+            .set_nodelay(true)
+            .map_err(|source| io_error("setsockopt", source))?;
+        socket
+            .set_tcp_keepalive(&TcpKeepalive::new().with_time(KEEPALIVE_TIME))
+            .map_err(|source| io_error("setsockopt", source))?;
+        if let Some(ip) = source {
+            let bind = || -> io::Result<()> {
+                if ip.is_ipv4() {
+                    socket.set_ip_transparent(true)?;
+                    socket.set_freebind(true)?;
+                } else {
+                    socket.set_freebind_ipv6(true)?;
+                    crate::sys::set_ipv6_transparent(&socket)?;
+                }
+                socket.bind(&SocketAddr::new(ip, 0).into())
+            };
+            bind().map_err(|source| io_error("bind original source", source))?;
+        }
+        let socket = TcpSocket::from_std_stream(socket.into());
+        match tokio::time::timeout(timeout, socket.connect(dst)).await {
+            Ok(Ok(stream)) => Ok(stream),
+            Ok(Err(source)) => Err(io_error("connect", source)),
+            Err(_) => Err(SocketError::ConnectTimeout(dst)),
+        }
+    }
+}
+
+/// Socket options every accepted connection gets.
+pub fn configure_accepted(stream: &TcpStream) {
+    let socket = SockRef::from(stream);
+    let _ = socket.set_nodelay(true);
+    let _ = socket.set_tcp_keepalive(&TcpKeepalive::new().with_time(KEEPALIVE_TIME));
+}

@@ -1,1 +1,152 @@
-//! sys (placeholder until written).
+//! Linux system interfaces (layer L0): network namespaces and socket options that the safe
+//! crates expose only partially. This is the only module allowed to hold `unsafe`, and only
+//! where neither nix nor socket2 wraps the call.
+//!
+//! Used by [`crate::socket`] (the socket factory) and by the listeners, which recover the
+//! original destination of a redirected connection here.
+
+use std::fs::File;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::{AsFd, AsRawFd};
+use std::path::{Path, PathBuf};
+
+use nix::sched::{setns, CloneFlags};
+use nix::sys::socket::{getsockopt, sockopt};
+
+/// An open handle on a network namespace. Holding the fd keeps the namespace alive and lets us
+/// enter it even after its `/run/netns` name is gone.
+#[derive(Debug)]
+pub struct Netns {
+    file: File,
+    path: PathBuf,
+    id: NetnsId,
+}
+
+/// Device and inode of a namespace file: two handles name the same namespace iff these match.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+pub struct NetnsId {
+    /// `st_dev` of the nsfs inode.
+    pub dev: u64,
+    /// `st_ino` of the nsfs inode.
+    pub inode: u64,
+}
+
+impl Netns {
+    /// Opens the namespace at `path` (`/run/netns/NAME`, `/proc/PID/ns/net`).
+    pub fn open(path: &Path) -> io::Result<Self> {
+        let file = File::open(path)?;
+        Self::from_file(file, path.to_path_buf())
+    }
+
+    /// Wraps an already open namespace fd (e.g. one received over SCM_RIGHTS).
+    pub fn from_file(file: File, path: PathBuf) -> io::Result<Self> {
+        let stat = nix::sys::stat::fstat(file.as_raw_fd()).map_err(io::Error::from)?;
+        Ok(Netns {
+            file,
+            path,
+            id: NetnsId {
+                dev: stat.st_dev,
+                inode: stat.st_ino,
+            },
+        })
+    }
+
+    /// The namespace this thread is in now.
+    pub fn current() -> io::Result<Self> {
+        Self::open(Path::new("/proc/thread-self/ns/net"))
+    }
+
+    /// Identity of the namespace (dev + inode).
+    pub fn id(&self) -> NetnsId {
+        self.id
+    }
+
+    /// Where it was opened from (for messages).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` on the **calling thread** inside this namespace, then moves the thread back to
+    /// `home`. Sockets keep the namespace they were created in, so `f` should only create sockets;
+    /// it must not block or await. If the thread cannot return home, continuing would run
+    /// unrelated work in a pod's namespace, so the process aborts.
+    pub fn run_in<T>(&self, home: &Netns, f: impl FnOnce() -> T) -> io::Result<T> {
+        setns(self.file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
+        let result = f();
+        if let Err(error) = setns(home.file.as_fd(), CloneFlags::CLONE_NEWNET) {
+            tracing::error!(%error, "cannot return to the agent's network namespace; aborting");
+            std::process::abort();
+        }
+        Ok(result)
+    }
+
+    /// Runs `f` on a **new thread** that enters this namespace and stays there; for work that
+    /// must not touch the caller's thread (listener creation at pod start).
+    pub fn run_on_thread<T: Send>(&self, f: impl FnOnce() -> T + Send) -> io::Result<T> {
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    setns(self.file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
+                    Ok(f())
+                })
+                .join()
+                .map_err(|_| io::Error::other("netns worker thread panicked"))?
+        })
+    }
+}
+
+/// The destination a redirected (REDIRECT/DNAT) connection was addressed to, falling back to
+/// the local address (TPROXY delivers to the original address directly). IPv4-mapped IPv6
+/// addresses are turned into plain IPv4 so lookups in the model match.
+pub fn original_destination(stream: &impl AsFd, local: SocketAddr) -> SocketAddr {
+    if let Ok(addr) = getsockopt(stream, sockopt::OriginalDst) {
+        let ip = Ipv4Addr::from(u32::from_be(addr.sin_addr.s_addr));
+        return SocketAddr::V4(SocketAddrV4::new(ip, u16::from_be(addr.sin_port)));
+    }
+    if let Ok(addr) = getsockopt(stream, sockopt::Ip6tOriginalDst) {
+        let ip = Ipv6Addr::from(addr.sin6_addr.s6_addr);
+        let v6 = SocketAddr::V6(SocketAddrV6::new(ip, u16::from_be(addr.sin6_port), 0, 0));
+        return canonical(v6);
+    }
+    canonical(local)
+}
+
+/// `::ffff:a.b.c.d` → `a.b.c.d`; dual-stack listeners report IPv4 peers in mapped form.
+pub fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(canonical_ip(addr.ip()), addr.port())
+}
+
+/// The IP form of [`canonical`].
+pub fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(IpAddr::V4)
+            .unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    }
+}
+
+/// Sets `IPV6_TRANSPARENT`, which nix and socket2 do not wrap; needed to bind an outgoing
+/// socket to a foreign IPv6 client address (original-source preservation).
+#[allow(unsafe_code)]
+pub fn set_ipv6_transparent(socket: &impl AsRawFd) -> io::Result<()> {
+    let enable: libc::c_int = 1;
+    // SAFETY: `socket` is an open fd for the duration of the call; we pass a pointer to a live
+    // c_int and its exact size, as setsockopt(2) requires for this boolean option.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_IPV6,
+            libc::IPV6_TRANSPARENT,
+            std::ptr::addr_of!(enable).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}

@@ -1,1 +1,189 @@
-//! proxy (placeholder until written).
+//! The data plane of one workload (layer L3): outbound (15001), inbound HBONE (15008) and
+//! inbound plaintext (15006), plus the HBONE pool, the route decision and the byte copy.
+//!
+//! A [`WorkloadProxy`] serves exactly one local workload. Capture (L4) creates it with the
+//! socket factory of the pod's network namespace and a drain scope of its own, binds its
+//! listeners inside the pod, and drains it when the pod goes away. Each accept loop is short and
+//! hands every connection to a named `handle` function in its own tracked task.
+
+pub mod copy;
+mod inbound;
+mod inbound_plaintext;
+mod outbound;
+pub mod pool;
+pub mod route;
+
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+
+use crate::config::agent::{PoolConfig, ProxyConfig};
+use crate::drain::Drain;
+use crate::hbone::H2Settings;
+use crate::identity::CertificateManager;
+use crate::net::{ports, ListenAddr};
+use crate::socket::{SocketError, SocketFactory};
+use crate::state::{StateStore, Workload};
+
+/// Settings every workload proxy shares.
+#[derive(Debug, Clone)]
+pub struct ProxySettings {
+    /// Data-plane section of the config.
+    pub proxy: ProxyConfig,
+    /// Pool section of the config.
+    pub pool: PoolConfig,
+    /// Connect to local apps from the client's own IP, so apps see the real client address.
+    pub original_source: bool,
+}
+
+/// What a workload proxy needs from the rest of the agent.
+#[derive(Debug, Clone)]
+pub struct ProxyInputs {
+    /// The mesh model.
+    pub state: Arc<StateStore>,
+    /// Workload certificates.
+    pub certificates: Arc<CertificateManager>,
+    /// Shared settings.
+    pub settings: Arc<ProxySettings>,
+}
+
+/// The three listeners of a workload, bound inside its namespace.
+#[derive(Debug)]
+pub struct Listeners {
+    /// 15001.
+    pub outbound: TcpListener,
+    /// 15006.
+    pub inbound_plaintext: TcpListener,
+    /// 15008.
+    pub inbound: TcpListener,
+}
+
+impl Listeners {
+    /// Binds the three listeners (wildcard, dual-stack where possible) with `sockets`.
+    pub fn bind(sockets: &SocketFactory) -> Result<Self, SocketError> {
+        let wildcard = |port| SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port);
+        Ok(Listeners {
+            outbound: sockets.listen(wildcard(ports::OUTBOUND), true)?,
+            inbound_plaintext: sockets.listen(wildcard(ports::INBOUND_PLAINTEXT), true)?,
+            inbound: sockets.listen(wildcard(ports::HBONE), false)?,
+        })
+    }
+}
+
+/// The proxy of one local workload.
+#[derive(Debug)]
+pub struct WorkloadProxy {
+    inputs: ProxyInputs,
+    workload_uid: String,
+    sockets: SocketFactory,
+    pool: pool::Pool,
+    h2: H2Settings,
+    drain: Drain,
+}
+
+impl WorkloadProxy {
+    /// A proxy for the workload `workload_uid` whose sockets are made by `sockets` and whose
+    /// tasks live in `drain`.
+    pub fn new(
+        inputs: ProxyInputs,
+        workload_uid: String,
+        sockets: SocketFactory,
+        drain: Drain,
+    ) -> Arc<Self> {
+        let h2 = H2Settings::from(&inputs.settings.proxy);
+        let pool = pool::Pool::new(
+            sockets.clone(),
+            inputs.certificates.clone(),
+            pool::PoolSettings {
+                pool: inputs.settings.pool.clone(),
+                h2: h2.clone(),
+                connect_timeout: inputs.settings.proxy.connect_timeout,
+                handshake_timeout: inputs.settings.proxy.handshake_timeout,
+            },
+        );
+        Arc::new(WorkloadProxy {
+            inputs,
+            workload_uid,
+            sockets,
+            pool,
+            h2,
+            drain,
+        })
+    }
+
+    /// Starts the accept loops and the pool's idle release on the proxy's drain scope.
+    pub fn spawn(self: &Arc<Self>, listeners: Listeners) {
+        let drain = &self.drain;
+        let local = |listener: &TcpListener| {
+            listener
+                .local_addr()
+                .map(ListenAddr)
+                .map(|addr| addr.to_string())
+                .unwrap_or_default()
+        };
+        tracing::info!(
+            workload = %self.workload_uid,
+            outbound = %local(&listeners.outbound),
+            inbound = %local(&listeners.inbound),
+            inbound_plaintext = %local(&listeners.inbound_plaintext),
+            "workload proxy listening"
+        );
+        drain.spawn(outbound::serve(self.clone(), listeners.outbound));
+        drain.spawn(inbound::serve(self.clone(), listeners.inbound));
+        drain.spawn(inbound_plaintext::serve(
+            self.clone(),
+            listeners.inbound_plaintext,
+        ));
+        let pool = self.pool.clone();
+        let stop = self.drain.clone();
+        drain.spawn(async move { pool.run_idle_release(stop.draining()).await });
+    }
+
+    /// The workload this proxy serves, in the current snapshot.
+    fn workload(&self) -> Option<Arc<Workload>> {
+        self.inputs
+            .state
+            .snapshot()
+            .workload(&self.workload_uid)
+            .cloned()
+    }
+
+    /// The pooled HBONE connections (admin, tests).
+    pub fn pooled_connections(&self) -> usize {
+        self.pool.connection_count()
+    }
+}
+
+/// Accepts until drain starts, spawning `handle` per connection in the proxy's drain scope.
+async fn accept_loop<F, Fut>(proxy: &Arc<WorkloadProxy>, listener: TcpListener, name: &str, handle: F)
+where
+    F: Fn(Arc<WorkloadProxy>, tokio::net::TcpStream, SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = proxy.drain.draining() => return,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                crate::socket::configure_accepted(&stream);
+                let peer = crate::sys::canonical(peer);
+                let connection = handle(proxy.clone(), stream, peer);
+                let forced = proxy.drain.clone();
+                proxy.drain.spawn(async move {
+                    tokio::select! {
+                        _ = connection => {}
+                        _ = forced.forced() => {}
+                    }
+                });
+            }
+            Err(error) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                tracing::warn!(listener = name, %error, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}

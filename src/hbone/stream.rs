@@ -1,0 +1,130 @@
+//! An HBONE tunnel stream as `AsyncRead + AsyncWrite` (layer L2).
+//!
+//! h2 exposes a stream as a `SendStream` with explicit flow-control capacity and a `RecvStream`
+//! of `Bytes` chunks whose capacity must be released. This adapter hides both so the proxy can
+//! copy bytes the same way for TCP and tunnels. Shutting down the write side sends END_STREAM
+//! (a TCP FIN travels as END_STREAM, keeping half-close); a peer's RST_STREAM with NO_ERROR or
+//! CANCEL reads as a clean end of stream, as Istio's agents treat it.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, Bytes};
+use h2::{RecvStream, SendStream};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Largest chunk handed to h2 per write; bounds per-stream buffering.
+const MAX_WRITE_CHUNK: usize = 256 * 1024;
+
+/// One direction pair of an HBONE tunnel.
+pub struct H2Stream {
+    send: SendStream<Bytes>,
+    recv: RecvStream,
+    /// Bytes received but not yet read by the caller.
+    pending: Bytes,
+    /// Set once the write side sent END_STREAM.
+    write_closed: bool,
+    /// An optional guard released when the stream is dropped (pool stream accounting).
+    _guard: Option<Box<dyn Send + Sync>>,
+}
+
+impl H2Stream {
+    /// Wraps a stream pair.
+    pub fn new(send: SendStream<Bytes>, recv: RecvStream) -> Self {
+        H2Stream {
+            send,
+            recv,
+            pending: Bytes::new(),
+            write_closed: false,
+            _guard: None,
+        }
+    }
+
+    /// Keeps `guard` alive as long as the stream.
+    pub fn with_guard(mut self, guard: impl Send + Sync + 'static) -> Self {
+        self._guard = Some(Box::new(guard));
+        self
+    }
+}
+
+fn is_clean_reset(error: &h2::Error) -> bool {
+    matches!(
+        error.reason(),
+        Some(h2::Reason::NO_ERROR) | Some(h2::Reason::CANCEL)
+    ) && error.is_remote()
+}
+
+fn to_io(error: h2::Error) -> io::Error {
+    if error.is_io() {
+        return error
+            .into_io()
+            .unwrap_or_else(|| io::Error::other("h2 io error"));
+    }
+    io::Error::new(io::ErrorKind::ConnectionReset, error)
+}
+
+impl AsyncRead for H2Stream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.pending.is_empty() {
+            match ready!(self.recv.poll_data(cx)) {
+                None => return Poll::Ready(Ok(())),
+                Some(Err(error)) if is_clean_reset(&error) => return Poll::Ready(Ok(())),
+                Some(Err(error)) => return Poll::Ready(Err(to_io(error))),
+                Some(Ok(chunk)) => self.pending = chunk,
+            }
+        }
+        let take = self.pending.len().min(buf.remaining());
+        buf.put_slice(&self.pending[..take]);
+        self.pending.advance(take);
+        // Give the window back only for what the caller consumed, so a slow reader slows the peer.
+        let _ = self.recv.flow_control().release_capacity(take);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for H2Stream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let want = buf.len().min(MAX_WRITE_CHUNK);
+        self.send.reserve_capacity(want);
+        let granted = match ready!(self.send.poll_capacity(cx)) {
+            None => return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
+            Some(Err(error)) => return Poll::Ready(Err(to_io(error))),
+            Some(Ok(granted)) => granted.min(want),
+        };
+        if granted == 0 {
+            // Capacity can be assigned as zero transiently; poll again later.
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        let chunk = Bytes::copy_from_slice(&buf[..granted]);
+        self.send.send_data(chunk, false).map_err(to_io)?;
+        Poll::Ready(Ok(granted))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // h2 flushes from its connection task.
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if !self.write_closed {
+            self.write_closed = true;
+            self.send
+                .send_data(Bytes::new(), true)
+                .map_err(to_io)?;
+        }
+        Poll::Ready(Ok(()))
+    }
+}

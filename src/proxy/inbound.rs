@@ -1,0 +1,258 @@
+//! Inbound HBONE (15008): mTLS with the pod's own certificate, then one CONNECT stream per
+//! tunnelled connection. A stream is answered 200 only after the upstream connect to the app
+//! succeeded; 400 for a malformed request or an authority that is not this pod; 503 when the
+//! target is an agent port or the app cannot be reached. Errors stay inside their stream.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use h2::server::SendResponse;
+use h2::RecvStream;
+use http::{Request, Response, StatusCode};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tracing::Instrument;
+
+use super::{accept_loop, copy, WorkloadProxy};
+use crate::hbone::stream::H2Stream;
+use crate::hbone::{self, Authority, ParsedConnect, TraceParent};
+use crate::net::{ports, ClientAddr};
+use crate::spiffe::Identity;
+use crate::state::Workload;
+use crate::telemetry::{ConnectionRecord, Direction};
+
+pub(super) async fn serve(proxy: Arc<WorkloadProxy>, listener: TcpListener) {
+    accept_loop(&proxy, listener, "inbound", handle).await
+}
+
+/// Why an HBONE connection (as a whole) could not be served.
+#[derive(Debug, thiserror::Error)]
+enum ConnectionError {
+    #[error("the local workload {0} is not in the current configuration")]
+    UnknownWorkload(String),
+    #[error("no certificate for {identity}: {source}")]
+    Certificate {
+        identity: Identity,
+        source: crate::identity::CertificateError,
+    },
+    #[error("TLS handshake: {0}")]
+    Tls(#[source] std::io::Error),
+    #[error("TLS handshake timed out")]
+    HandshakeTimeout,
+    #[error(transparent)]
+    Server(#[from] hbone::server::ServerError),
+}
+
+async fn handle(proxy: Arc<WorkloadProxy>, stream: TcpStream, peer: SocketAddr) {
+    let span = tracing::debug_span!("inbound_hbone", peer = %peer);
+    if let Err(error) = serve_connection(proxy, stream, ClientAddr(peer)).instrument(span).await {
+        // Refused handshakes are routine (scanners, wrong roots); the peer address says who.
+        tracing::warn!(peer = %peer, %error, "HBONE connection refused");
+    }
+}
+
+async fn serve_connection(
+    proxy: Arc<WorkloadProxy>,
+    stream: TcpStream,
+    peer: ClientAddr,
+) -> Result<(), ConnectionError> {
+    let local = proxy
+        .workload()
+        .ok_or_else(|| ConnectionError::UnknownWorkload(proxy.workload_uid.clone()))?;
+    let certificate = proxy
+        .inputs
+        .certificates
+        .fetch(&local.identity)
+        .await
+        .map_err(|source| ConnectionError::Certificate {
+            identity: local.identity.clone(),
+            source,
+        })?;
+    let acceptor = TlsAcceptor::from(certificate.server_config());
+    let timeout = proxy.inputs.settings.proxy.handshake_timeout;
+    let tls = tokio::time::timeout(timeout, acceptor.accept(stream))
+        .await
+        .map_err(|_| ConnectionError::HandshakeTimeout)?
+        .map_err(ConnectionError::Tls)?;
+    let peer_identity = crate::tls::peer_identity(tls.get_ref().1);
+    tracing::debug!(peer_identity = ?peer_identity.as_ref().map(ToString::to_string), "HBONE connection established");
+    let stream_proxy = proxy.clone();
+    hbone::server::serve(tls, &proxy.h2, &proxy.drain, move |request, respond| {
+        handle_stream(
+            stream_proxy.clone(),
+            peer,
+            peer_identity.clone(),
+            request,
+            respond,
+        )
+    })
+    .await?;
+    Ok(())
+}
+
+/// Why a CONNECT stream was refused; each maps to the HTTP status Istio's agents use.
+#[derive(Debug, thiserror::Error)]
+enum StreamError {
+    #[error(transparent)]
+    BadRequest(#[from] hbone::RequestError),
+    #[error("ip mismatch: {requested} is not an address of {workload}")]
+    IpMismatch { requested: String, workload: String },
+    #[error("hostname authority {0} does not name a service of this workload")]
+    UnknownHostname(String),
+    #[error("target port {0} is one of the agent's own ports")]
+    AgentPort(u16),
+    #[error("the local workload is no longer configured")]
+    UnknownWorkload,
+    #[error("connect to the application: {0}")]
+    Upstream(#[source] crate::socket::SocketError),
+    #[error("sending the response: {0}")]
+    Respond(#[source] h2::Error),
+    #[error("copy: {0}")]
+    Copy(#[source] std::io::Error),
+}
+
+impl StreamError {
+    fn status(&self) -> StatusCode {
+        match self {
+            StreamError::BadRequest(error) => error.status(),
+            StreamError::IpMismatch { .. } => StatusCode::BAD_REQUEST,
+            StreamError::UnknownHostname(_)
+            | StreamError::AgentPort(_)
+            | StreamError::UnknownWorkload
+            | StreamError::Upstream(_) => StatusCode::SERVICE_UNAVAILABLE,
+            StreamError::Respond(_) | StreamError::Copy(_) => StatusCode::OK,
+        }
+    }
+}
+
+async fn handle_stream(
+    proxy: Arc<WorkloadProxy>,
+    peer: ClientAddr,
+    peer_identity: Option<Identity>,
+    request: Request<RecvStream>,
+    respond: SendResponse<Bytes>,
+) {
+    let parsed = hbone::parse_connect(&request);
+    let trace = parsed
+        .as_ref()
+        .ok()
+        .and_then(|p| p.traceparent.clone())
+        .unwrap_or_else(TraceParent::random);
+    let authority = request.uri().to_string();
+    let span = tracing::info_span!("inbound", id = %trace, peer = %peer);
+    let mut record = ConnectionRecord::new(Direction::Inbound, peer, &authority);
+    record.trace = trace.to_string();
+    record.src_identity = peer_identity;
+    record.dst_hbone_addr = Some(authority);
+    async move {
+        let body = request.into_body();
+        let mut respond = Some(respond);
+        let result = match parsed {
+            Ok(parsed) => tunnel(&proxy, peer, parsed, body, &mut respond, &mut record).await,
+            Err(error) => Err(StreamError::from(error)),
+        };
+        if let Err(error) = result {
+            if let Some(respond) = respond.take() {
+                hbone::server::reject(respond, error.status());
+            }
+            record.fail(error);
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// Checks the target, connects to the app, answers 200 and copies.
+async fn tunnel(
+    proxy: &WorkloadProxy,
+    peer: ClientAddr,
+    request: ParsedConnect,
+    body: RecvStream,
+    respond: &mut Option<SendResponse<Bytes>>,
+    record: &mut ConnectionRecord,
+) -> Result<(), StreamError> {
+    let local = proxy.workload().ok_or(StreamError::UnknownWorkload)?;
+    record.dst_workload = Some(local.clone());
+    record.dst_identity = Some(local.identity.clone());
+    let snapshot = proxy.inputs.state.snapshot();
+    if let Some(source) = snapshot.workload_by_address(&crate::net::NetworkAddress {
+        network: local.network.clone(),
+        ip: peer.0.ip(),
+    }) {
+        record.src_workload = Some(source.clone());
+    }
+    drop(snapshot);
+    let target = resolve_target(proxy, &local, &request.authority)?;
+    record.dst_addr = target.to_string();
+    if ports::is_agent_port(target.port()) {
+        return Err(StreamError::AgentPort(target.port()));
+    }
+    // Original source: the app sees the HBONE peer's IP (proven by the connection, unlike the
+    // client-supplied `forwarded` header), unless client and app share the pod.
+    let source_ip = (proxy.inputs.settings.original_source && peer.0.ip() != target.ip())
+        .then_some(peer.0.ip());
+    let timeout = proxy.inputs.settings.proxy.connect_timeout;
+    let upstream = proxy
+        .sockets
+        .connect(target, source_ip, timeout)
+        .await
+        .map_err(StreamError::Upstream)?;
+    let Some(mut respond) = respond.take() else {
+        return Ok(());
+    };
+    let send = respond
+        .send_response(Response::new(()), false)
+        .map_err(StreamError::Respond)?;
+    let tunnel = H2Stream::new(send, body);
+    copy::bidirectional(tunnel, upstream, &record.bytes.sent, &record.bytes.received)
+        .await
+        .map_err(StreamError::Copy)
+}
+
+/// Maps the CONNECT authority to an address of the local workload.
+fn resolve_target(
+    proxy: &WorkloadProxy,
+    local: &Workload,
+    authority: &Authority,
+) -> Result<SocketAddr, StreamError> {
+    match authority {
+        Authority::Address(address) => {
+            if local.workload_ips.contains(&address.ip()) {
+                Ok(*address)
+            } else {
+                Err(StreamError::IpMismatch {
+                    requested: address.ip().to_string(),
+                    workload: local.uid.clone(),
+                })
+            }
+        }
+        Authority::Hostname { host, port } => {
+            let snapshot = proxy.inputs.state.snapshot();
+            let target_port = local
+                .services
+                .iter()
+                .filter(|(key, _)| {
+                    snapshot
+                        .service(key)
+                        .is_some_and(|service| &service.hostname == host)
+                })
+                .find_map(|(key, ports)| {
+                    let own = ports.get(port).copied().filter(|p| *p != 0);
+                    own.or_else(|| {
+                        snapshot
+                            .service(key)
+                            .and_then(|s| s.ports.get(port).copied())
+                            .filter(|p| *p != 0)
+                    })
+                })
+                .ok_or_else(|| StreamError::UnknownHostname(format!("{host}:{port}")))?;
+            let ip = local
+                .workload_ips
+                .first()
+                .copied()
+                .ok_or(StreamError::UnknownWorkload)?;
+            Ok(SocketAddr::new(ip, target_port))
+        }
+    }
+}

@@ -1,0 +1,104 @@
+//! Outbound (15001): connections an application in the pod made, redirected to us. Recovers the
+//! original destination, decides the route, and sends the bytes over HBONE or plain TCP.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::{TcpListener, TcpStream};
+use tracing::Instrument;
+
+use super::route::{self, HboneRoute, PassthroughRoute, Route};
+use super::{accept_loop, copy, WorkloadProxy};
+use crate::hbone::{self, Authority, ConnectRequest, TraceParent};
+use crate::net::{ClientAddr, OriginalDst};
+use crate::telemetry::{ConnectionRecord, Direction};
+
+pub(super) async fn serve(proxy: Arc<WorkloadProxy>, listener: TcpListener) {
+    accept_loop(&proxy, listener, "outbound", handle).await
+}
+
+async fn handle(proxy: Arc<WorkloadProxy>, stream: TcpStream, peer: SocketAddr) {
+    let local = stream.local_addr().unwrap_or(peer);
+    let destination = OriginalDst(crate::sys::original_destination(&stream, local));
+    let client = ClientAddr(peer);
+    let trace = TraceParent::random();
+    let span = tracing::info_span!("outbound", id = %trace, src = %client, dst = %destination);
+    let mut record = ConnectionRecord::new(Direction::Outbound, client, destination);
+    record.trace = trace.to_string();
+    async move {
+        if let Err(error) = proxy_connection(&proxy, stream, client, destination, trace, &mut record).await {
+            record.fail(error);
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// Why an outbound connection failed.
+#[derive(Debug, thiserror::Error)]
+enum OutboundError {
+    #[error("the source workload {0} is not in the current configuration")]
+    UnknownSource(String),
+    #[error(transparent)]
+    Route(#[from] route::RouteError),
+    #[error(transparent)]
+    Pool(#[from] super::pool::PoolError),
+    #[error(transparent)]
+    Socket(#[from] crate::socket::SocketError),
+    #[error("copy: {0}")]
+    Copy(#[source] std::io::Error),
+}
+
+async fn proxy_connection(
+    proxy: &WorkloadProxy,
+    stream: TcpStream,
+    client: ClientAddr,
+    destination: OriginalDst,
+    trace: TraceParent,
+    record: &mut ConnectionRecord,
+) -> Result<(), OutboundError> {
+    let source = proxy
+        .workload()
+        .ok_or_else(|| OutboundError::UnknownSource(proxy.workload_uid.clone()))?;
+    record.src_workload = Some(source.clone());
+    record.src_identity = Some(source.identity.clone());
+    let snapshot = proxy.inputs.state.snapshot();
+    let hbone_port = proxy.inputs.settings.proxy.hbone_port;
+    let decision = route::decide(&snapshot, &source, destination, hbone_port, rand::random())?;
+    drop(snapshot);
+    match decision {
+        Route::Hbone(route) => {
+            let HboneRoute { peer, authority, destination: target, service, expected_identities } = route;
+            record.dst_workload = Some(target.clone());
+            record.dst_identity = Some(target.identity.clone());
+            record.dst_service = service.clone();
+            record.dst_hbone_addr = Some(authority.to_string());
+            let request = ConnectRequest {
+                authority: Authority::Address(authority),
+                client,
+                service_host: service.as_ref().map(|s| s.hostname.clone()),
+                baggage: hbone::baggage(&source),
+                traceparent: trace,
+            };
+            let key = super::pool::PoolKey {
+                source_identity: source.identity.clone(),
+                expected_identities,
+                peer,
+                source_ip: client.0.ip(),
+            };
+            let tunnel = proxy.pool.connect(&key, &request).await?;
+            copy::bidirectional(stream, tunnel, &record.bytes.sent, &record.bytes.received)
+                .await
+                .map_err(OutboundError::Copy)
+        }
+        Route::Passthrough(PassthroughRoute { target, destination: known, service }) => {
+            record.dst_workload = known;
+            record.dst_service = service;
+            let timeout = proxy.inputs.settings.proxy.connect_timeout;
+            let upstream = proxy.sockets.connect(target.0, None, timeout).await?;
+            copy::bidirectional(stream, upstream, &record.bytes.sent, &record.bytes.received)
+                .await
+                .map_err(OutboundError::Copy)
+        }
+    }
+}

@@ -1,0 +1,316 @@
+//! The HBONE client connection pool (layer L3), one per workload proxy.
+//!
+//! Connections are keyed by (source identity, expected destination identities, peer address,
+//! source IP) and never shared across keys, so a tunnel always carries exactly the identity it
+//! was authenticated with. Concurrent first requests for a key share one handshake (a per-key
+//! async lock), a connection carries at most `maxStreamsPerConnection` streams before another is
+//! opened, and connections idle past `idleTimeout` are released.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio_rustls::TlsConnector;
+
+use crate::config::agent::PoolConfig;
+use crate::hbone::client::{ClientConnection, ClientError};
+use crate::hbone::stream::H2Stream;
+use crate::hbone::{ConnectRequest, H2Settings};
+use crate::identity::{CertificateError, CertificateManager};
+use crate::net::UpstreamAddr;
+use crate::socket::{SocketError, SocketFactory};
+use crate::spiffe::Identity;
+
+/// What makes two tunnels shareable on one connection.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    /// The identity our side presents.
+    pub source_identity: Identity,
+    /// Identities the peer may present; sorted and deduplicated by the caller.
+    pub expected_identities: Vec<Identity>,
+    /// The peer's HBONE address.
+    pub peer: UpstreamAddr,
+    /// The pod IP the connection originates from.
+    pub source_ip: IpAddr,
+}
+
+/// Errors getting a tunnel from the pool.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    /// TCP connect to the peer failed.
+    #[error("connect to HBONE peer: {0}")]
+    Connect(#[from] SocketError),
+    /// No certificate for the source identity.
+    #[error("certificate for {identity}: {source}")]
+    Certificate {
+        /// The source identity.
+        identity: Identity,
+        /// Why.
+        source: CertificateError,
+    },
+    /// TLS handshake failed (wrong peer identity, untrusted chain...).
+    #[error("TLS handshake with {peer}: {source}")]
+    Tls {
+        /// The peer.
+        peer: UpstreamAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The TLS + HTTP/2 handshake did not finish in time.
+    #[error("handshake with {0} timed out")]
+    HandshakeTimeout(UpstreamAddr),
+    /// The CONNECT request could not be built.
+    #[error(transparent)]
+    Request(#[from] crate::hbone::BuildError),
+    /// HTTP/2 or the CONNECT exchange failed.
+    #[error(transparent)]
+    Hbone(#[from] ClientError),
+}
+
+/// Settings the pool needs.
+#[derive(Debug, Clone)]
+pub struct PoolSettings {
+    /// Limits and idle timeout.
+    pub pool: PoolConfig,
+    /// HTTP/2 settings.
+    pub h2: H2Settings,
+    /// TCP connect timeout.
+    pub connect_timeout: Duration,
+    /// TLS + h2 handshake timeout.
+    pub handshake_timeout: Duration,
+}
+
+#[derive(Debug)]
+struct Pooled {
+    connection: ClientConnection,
+    streams: Arc<AtomicUsize>,
+    last_used: Mutex<Instant>,
+}
+
+#[derive(Debug, Default)]
+struct KeyEntry {
+    /// Serialises connection creation for the key.
+    connecting: tokio::sync::Mutex<()>,
+    connections: Mutex<Vec<Arc<Pooled>>>,
+}
+
+/// Decrements the connection's stream count when the tunnel ends.
+struct StreamGuard(Arc<AtomicUsize>);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A pool of HBONE client connections. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Pool {
+    inner: Arc<PoolInner>,
+}
+
+#[derive(Debug)]
+struct PoolInner {
+    keys: Mutex<HashMap<PoolKey, Arc<KeyEntry>>>,
+    sockets: SocketFactory,
+    certificates: Arc<CertificateManager>,
+    settings: PoolSettings,
+}
+
+impl Pool {
+    /// A pool whose connections are made with `sockets` (the source pod's namespace).
+    pub fn new(
+        sockets: SocketFactory,
+        certificates: Arc<CertificateManager>,
+        settings: PoolSettings,
+    ) -> Self {
+        Pool {
+            inner: Arc::new(PoolInner {
+                keys: Mutex::new(HashMap::new()),
+                sockets,
+                certificates,
+                settings,
+            }),
+        }
+    }
+
+    /// Opens a tunnel for `request` on a pooled connection for `key`, creating one if needed.
+    /// A pooled connection that turns out to be unusable (GOAWAY, broken) is discarded and the
+    /// request retried once on a fresh connection.
+    pub async fn connect(
+        &self,
+        key: &PoolKey,
+        request: &ConnectRequest,
+    ) -> Result<H2Stream, PoolError> {
+        let entry = self.entry(key);
+        let mut fresh_attempted = false;
+        loop {
+            let pooled = match self.checkout(&entry) {
+                Some(pooled) => pooled,
+                None => {
+                    fresh_attempted = true;
+                    self.checkout_or_create(key, &entry).await?
+                }
+            };
+            pooled.streams.fetch_add(1, Ordering::AcqRel);
+            let guard = StreamGuard(pooled.streams.clone());
+            match pooled.connection.connect(request.build()?).await {
+                Ok(stream) => return Ok(stream.with_guard(guard)),
+                Err(ClientError::Unusable(error)) if !fresh_attempted => {
+                    tracing::debug!(%error, peer = %key.peer, "pooled HBONE connection unusable; retrying on a new one");
+                    self.remove(&entry, &pooled);
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
+    }
+
+    fn entry(&self, key: &PoolKey) -> Arc<KeyEntry> {
+        let mut keys = self.inner.keys.lock().unwrap_or_else(|p| p.into_inner());
+        keys.entry(key.clone()).or_default().clone()
+    }
+
+    /// A live connection for the key with a free stream slot.
+    fn checkout(&self, entry: &KeyEntry) -> Option<Arc<Pooled>> {
+        let max = self.inner.settings.pool.max_streams_per_connection as usize;
+        let mut connections = entry
+            .connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        connections.retain(|pooled| !pooled.connection.is_closed());
+        let pooled = connections
+            .iter()
+            .filter(|pooled| pooled.streams.load(Ordering::Acquire) < max)
+            .min_by_key(|pooled| pooled.streams.load(Ordering::Acquire))?
+            .clone();
+        *pooled.last_used.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        Some(pooled)
+    }
+
+    async fn checkout_or_create(
+        &self,
+        key: &PoolKey,
+        entry: &KeyEntry,
+    ) -> Result<Arc<Pooled>, PoolError> {
+        let _connecting = entry.connecting.lock().await;
+        // Someone may have created one while we waited for the lock.
+        if let Some(pooled) = self.checkout(entry) {
+            return Ok(pooled);
+        }
+        let connection = self.handshake(key).await?;
+        let pooled = Arc::new(Pooled {
+            connection,
+            streams: Arc::new(AtomicUsize::new(0)),
+            last_used: Mutex::new(Instant::now()),
+        });
+        entry
+            .connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(pooled.clone());
+        Ok(pooled)
+    }
+
+    async fn handshake(&self, key: &PoolKey) -> Result<ClientConnection, PoolError> {
+        let settings = &self.inner.settings;
+        let certificate = self
+            .inner
+            .certificates
+            .fetch(&key.source_identity)
+            .await
+            .map_err(|source| PoolError::Certificate {
+                identity: key.source_identity.clone(),
+                source,
+            })?;
+        let tcp = self
+            .inner
+            .sockets
+            .connect(key.peer.0, None, settings.connect_timeout)
+            .await?;
+        let connector = TlsConnector::from(certificate.client_config(&key.expected_identities));
+        let handshake = async {
+            let tls = connector
+                .connect(crate::tls::dummy_server_name(), tcp)
+                .await
+                .map_err(|source| PoolError::Tls {
+                    peer: key.peer,
+                    source,
+                })?;
+            Ok::<_, PoolError>(ClientConnection::handshake(tls, &settings.h2).await?)
+        };
+        tokio::time::timeout(settings.handshake_timeout, handshake)
+            .await
+            .map_err(|_| PoolError::HandshakeTimeout(key.peer))?
+    }
+
+    fn remove(&self, entry: &KeyEntry, stale: &Arc<Pooled>) {
+        entry
+            .connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|pooled| !Arc::ptr_eq(pooled, stale));
+    }
+
+    /// Drops connections that are closed, or idle (no streams) for longer than the idle timeout,
+    /// and keys left with no connections. Returns how many connections were released.
+    pub fn release_idle(&self) -> usize {
+        let idle_timeout = self.inner.settings.pool.idle_timeout;
+        let mut released = 0;
+        let mut keys = self.inner.keys.lock().unwrap_or_else(|p| p.into_inner());
+        keys.retain(|_, entry| {
+            let mut connections = entry
+                .connections
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let before = connections.len();
+            connections.retain(|pooled| {
+                let idle = pooled.streams.load(Ordering::Acquire) == 0
+                    && pooled
+                        .last_used
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .elapsed()
+                        >= idle_timeout;
+                !(idle || pooled.connection.is_closed())
+            });
+            released += before - connections.len();
+            // Keep an entry whose lock is held: a handshake for it is in progress.
+            !connections.is_empty() || entry.connecting.try_lock().is_err()
+        });
+        released
+    }
+
+    /// Number of pooled connections (for the admin API and tests).
+    pub fn connection_count(&self) -> usize {
+        let keys = self.inner.keys.lock().unwrap_or_else(|p| p.into_inner());
+        keys.values()
+            .map(|entry| {
+                entry
+                    .connections
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .len()
+            })
+            .sum()
+    }
+
+    /// Runs [`Pool::release_idle`] periodically until `stop` resolves.
+    pub async fn run_idle_release(&self, stop: impl std::future::Future<Output = ()>) {
+        let period = (self.inner.settings.pool.idle_timeout / 2).max(Duration::from_secs(1));
+        let mut ticks = tokio::time::interval(period);
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                _ = ticks.tick() => {
+                    let released = self.release_idle();
+                    if released > 0 {
+                        tracing::debug!(released, "released idle HBONE connections");
+                    }
+                }
+                _ = &mut stop => return,
+            }
+        }
+    }
+}
