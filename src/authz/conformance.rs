@@ -19,10 +19,10 @@ const TABLE: &str = include_str!("conformance.yaml");
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct Case {
     name: String,
-    /// Local-config policies. Read through JSON: serde_yaml 0.9 only takes `!Tag` enums, while
-    /// the local config writes string matches as maps (`{Exact: ..}`).
-    #[serde(default)]
-    policies: Vec<serde_json::Value>,
+    /// Local-config policies, read as the config loader reads them (string matches are
+    /// single-key maps such as `{Exact: ..}`).
+    #[serde(default, with = "serde_yaml::with::singleton_map_recursive")]
+    policies: Vec<Policy>,
     #[serde(default)]
     istio: Vec<Value>,
     #[serde(default)]
@@ -114,11 +114,8 @@ fn run(case: Case) -> Result<(), String> {
             translation.warnings, translation.errors
         ));
     }
-    let mut policies = Vec::new();
-    for policy in case.policies {
-        let policy: Policy = serde_json::from_value(policy).map_err(|error| error.to_string())?;
-        policies.push(SelectorPolicy::new(policy));
-    }
+    let mut policies: Vec<SelectorPolicy> =
+        case.policies.into_iter().map(SelectorPolicy::new).collect();
     policies.extend(translation.policies);
     let mut destination = workload(&case.workload.namespace, "server", [10, 0, 2, 7]);
     destination.labels = case.workload.labels;
