@@ -34,6 +34,7 @@ struct Seen {
 /// Polls `path` every `interval` until `shutdown` completes, publishing each valid config that
 /// differs from the last one. `last` is the config already in use (loaded at start-up); a bad
 /// edit leaves it in place.
+#[tracing::instrument(name = "config_watch", skip_all, fields(path = %path.display()))]
 pub async fn run(
     path: PathBuf,
     overrides: Overrides,
