@@ -57,37 +57,37 @@ fn line_of(text: &str, needle: &str, occurrence: usize) -> usize {
 
 const AGENT: &str = "agent:\n  node: node-a\n";
 
-const CLIENT: &str = "\
-  - uid: cluster1//Pod/default/client
-    name: client
-    namespace: default
-    serviceAccount: client
-    workloadIps: [10.200.1.2]
-    protocol: HBONE
-    node: node-a
-";
+const CLIENT: &str = concat!(
+    "  - uid: cluster1//Pod/default/client\n",
+    "    name: client\n",
+    "    namespace: default\n",
+    "    serviceAccount: client\n",
+    "    workloadIps: [10.200.1.2]\n",
+    "    protocol: HBONE\n",
+    "    node: node-a\n",
+);
 
-const SERVER: &str = "\
-  - uid: cluster1//Pod/default/server
-    name: server
-    namespace: default
-    serviceAccount: server
-    workloadIps: [10.200.2.2]
-    protocol: HBONE
-    node: node-b
-    services:
-      default/echo.default.svc.cluster.local: {80: 8080}
-";
+const SERVER: &str = concat!(
+    "  - uid: cluster1//Pod/default/server\n",
+    "    name: server\n",
+    "    namespace: default\n",
+    "    serviceAccount: server\n",
+    "    workloadIps: [10.200.2.2]\n",
+    "    protocol: HBONE\n",
+    "    node: node-b\n",
+    "    services:\n",
+    "      default/echo.default.svc.cluster.local: {80: 8080}\n",
+);
 
-const SERVICES: &str = "\
-services:
-  - name: echo
-    namespace: default
-    hostname: echo.default.svc.cluster.local
-    vips: [/10.96.0.10]
-    ports: {80: 8080}
-policies: []
-";
+const SERVICES: &str = concat!(
+    "services:\n",
+    "  - name: echo\n",
+    "    namespace: default\n",
+    "    hostname: echo.default.svc.cluster.local\n",
+    "    vips: [/10.96.0.10]\n",
+    "    ports: {80: 8080}\n",
+    "policies: []\n",
+);
 
 fn good_config() -> String {
     format!("{AGENT}workloads:\n{CLIENT}{SERVER}{SERVICES}")
@@ -186,16 +186,19 @@ fn check_config_reports_every_error_with_file_line_and_field() {
         ),
         (
             "two errors in one file",
-            good_config()
-                .replace("10.200.2.2", "10.200.2.300")
-                .replace("  node: node-a\n", "  node: node-a\n  drainTimeout: soon\n"),
+            format!("{AGENT}workloads:\n{no_ip_client}{duplicate}{SERVICES}"),
             vec![
-                ("drainTimeout: soon", 0, "agent.drainTimeout", ""),
                 (
-                    "10.200.2.300",
+                    "uid: cluster1//Pod/default/client",
                     0,
-                    "workloads[1].workloadIps[0]",
-                    "10.200.2.300",
+                    "workloads[0].workloadIps",
+                    "no",
+                ),
+                (
+                    "uid: cluster1//Pod/default/client",
+                    1,
+                    "workloads[1].uid",
+                    "duplicate",
                 ),
             ],
         ),
