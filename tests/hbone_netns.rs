@@ -391,7 +391,9 @@ fn access_logs_name_both_spiffe_identities() {
         "{}",
         inbound.raw
     );
-    assert_eq!(inbound.field("error"), None, "{}", inbound.raw);
+    let no_error =
+        |event: &support::logs::LogEvent| event.field("error").unwrap_or_default().is_empty();
+    assert!(no_error(&inbound), "{}", inbound.raw);
 
     let outbound = cluster
         .agent("a")
@@ -411,17 +413,15 @@ fn access_logs_name_both_spiffe_identities() {
         "{}",
         outbound.raw
     );
-    assert_eq!(
-        outbound.field("dst.addr"),
-        Some(target.to_string()),
-        "{}",
-        outbound.raw
-    );
+    assert!(no_error(&outbound), "{}", outbound.raw);
+    // Istio's meaning (reference/istio-compat.md, access log): `dst.addr` is the actual L4
+    // destination (the peer's HBONE port), `dst.hbone_addr` the CONNECT authority.
     let hbone = addr(cluster.ip("server"), 15008).to_string();
+    let fields = (outbound.field("dst.addr"), outbound.field("dst.hbone_addr"));
+    let expected = (Some(hbone), Some(target.to_string()));
     assert_eq!(
-        outbound.field("dst.hbone_addr"),
-        Some(hbone),
-        "{}",
+        fields, expected,
+        "(dst.addr, dst.hbone_addr): {}",
         outbound.raw
     );
     for event in [&inbound, &outbound] {
