@@ -54,7 +54,6 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
         settings: Arc::new(ProxySettings {
             proxy: agent.proxy.clone(),
             pool: agent.pool.clone(),
-            original_source: true,
         }),
     };
     let pods = Arc::new(PodManager::new(
@@ -152,7 +151,8 @@ async fn apply_updates(
     }
 }
 
-/// `GET /healthz/ready`: 200 when every pod is captured; 503 listing what is pending.
+/// `GET /healthz/ready`: 200 when every pod is captured; 500 listing what is pending (as
+/// Istio's agent answers, so existing probes and dashboards read it the same way).
 async fn serve_readiness(listener: TcpListener, pods: Arc<PodManager>, drain: Drain) {
     serve_http(listener, drain, move |request| {
         let pods = pods.clone();
@@ -165,8 +165,8 @@ async fn serve_readiness(listener: TcpListener, pods: Arc<PodManager>, drain: Dr
                 text(StatusCode::OK, "ready\n".to_string())
             } else {
                 text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("not ready: pods pending: {}\n", pending.join(", ")),
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("not ready, pending: {}\n", pending.join(", ")),
                 )
             }
         }
@@ -202,8 +202,8 @@ where
         let connection_drain = drain.clone();
         drain.spawn(async move {
             let io = hyper_util::rt::TokioIo::new(stream);
-            let connection = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, service);
+            let connection =
+                hyper::server::conn::http1::Builder::new().serve_connection(io, service);
             tokio::select! {
                 _ = connection => {}
                 _ = connection_drain.draining() => {}
@@ -235,4 +235,3 @@ async fn second_interrupt() {
         Err(_) => std::future::pending().await,
     }
 }
-

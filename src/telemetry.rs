@@ -157,9 +157,8 @@ impl Drop for ConnectionRecord {
         let duration = format!("{}ms", self.started.elapsed().as_millis());
         let bytes_sent = self.bytes.sent.load(Ordering::Relaxed);
         let bytes_recv = self.bytes.received.load(Ordering::Relaxed);
-        let error = self.error.as_deref().unwrap_or_default();
         macro_rules! access_event {
-            ($level:expr) => {
+            ($level:expr, $error:expr) => {
                 tracing::event!(
                     target: "access",
                     $level,
@@ -178,15 +177,14 @@ impl Drop for ConnectionRecord {
                     bytes_sent,
                     bytes_recv,
                     duration = %duration,
-                    error = %error,
+                    error = $error,
                     "connection complete"
                 )
             };
         }
-        if self.error.is_none() {
-            access_event!(tracing::Level::INFO)
-        } else {
-            access_event!(tracing::Level::WARN)
+        match self.error.as_deref() {
+            None => access_event!(tracing::Level::INFO, tracing::field::Empty),
+            Some(error) => access_event!(tracing::Level::ERROR, tracing::field::display(error)),
         }
     }
 }

@@ -183,6 +183,11 @@ pub struct ProxyConfig {
     /// Time allowed for a TLS handshake plus the HTTP/2 preface.
     #[serde(default = "defaults::handshake_timeout", with = "humantime_serde")]
     pub handshake_timeout: Duration,
+    /// Connect to local apps from the client's own IP (transparent + freebind), so apps see
+    /// the real client address. Needs the connmark return-path rules in the pod, which the
+    /// agent installs itself when it manages redirection.
+    #[serde(default)]
+    pub original_source: bool,
 }
 
 impl Default for ProxyConfig {
@@ -199,6 +204,7 @@ impl Default for ProxyConfig {
             keepalive_interval: defaults::keepalive_interval(),
             keepalive_timeout: defaults::keepalive_timeout(),
             handshake_timeout: defaults::handshake_timeout(),
+            original_source: false,
         }
     }
 }

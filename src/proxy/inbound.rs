@@ -46,7 +46,10 @@ enum ConnectionError {
 
 async fn handle(proxy: Arc<WorkloadProxy>, stream: TcpStream, peer: SocketAddr) {
     let span = tracing::debug_span!("inbound_hbone", peer = %peer);
-    if let Err(error) = serve_connection(proxy, stream, ClientAddr(peer)).instrument(span).await {
+    if let Err(error) = serve_connection(proxy, stream, ClientAddr(peer))
+        .instrument(span)
+        .await
+    {
         // Refused handshakes are routine (scanners, wrong roots); the peer address says who.
         tracing::warn!(peer = %peer, %error, "HBONE connection refused");
     }
@@ -190,7 +193,7 @@ async fn tunnel(
     }
     // Original source: the app sees the HBONE peer's IP (proven by the connection, unlike the
     // client-supplied `forwarded` header), unless client and app share the pod.
-    let source_ip = (proxy.inputs.settings.original_source && peer.0.ip() != target.ip())
+    let source_ip = (proxy.inputs.settings.proxy.original_source && peer.0.ip() != target.ip())
         .then_some(peer.0.ip());
     let timeout = proxy.inputs.settings.proxy.connect_timeout;
     let upstream = proxy

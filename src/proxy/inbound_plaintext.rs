@@ -36,7 +36,8 @@ async fn handle(proxy: Arc<WorkloadProxy>, stream: TcpStream, peer: SocketAddr) 
     let destination = OriginalDst(crate::sys::original_destination(&stream, local));
     let client = ClientAddr(peer);
     let trace = TraceParent::random();
-    let span = tracing::info_span!("inbound_plaintext", id = %trace, src = %client, dst = %destination);
+    let span =
+        tracing::info_span!("inbound_plaintext", id = %trace, src = %client, dst = %destination);
     let mut record = ConnectionRecord::new(Direction::Inbound, client, destination);
     record.trace = trace.to_string();
     async move {
@@ -66,7 +67,6 @@ async fn proxy_connection(
         return Err(PlaintextError::NotLocal(destination.0));
     }
     record.dst_workload = Some(local.clone());
-    record.dst_identity = Some(local.identity.clone());
     let snapshot = proxy.inputs.state.snapshot();
     record.src_workload = snapshot
         .workload_by_address(&NetworkAddress {
@@ -75,8 +75,9 @@ async fn proxy_connection(
         })
         .cloned();
     drop(snapshot);
-    let source_ip = (proxy.inputs.settings.original_source && client.0.ip() != destination.0.ip())
-        .then_some(client.0.ip());
+    let source_ip = (proxy.inputs.settings.proxy.original_source
+        && client.0.ip() != destination.0.ip())
+    .then_some(client.0.ip());
     let timeout = proxy.inputs.settings.proxy.connect_timeout;
     let upstream = proxy
         .sockets

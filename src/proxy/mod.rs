@@ -33,8 +33,6 @@ pub struct ProxySettings {
     pub proxy: ProxyConfig,
     /// Pool section of the config.
     pub pool: PoolConfig,
-    /// Connect to local apps from the client's own IP, so apps see the real client address.
-    pub original_source: bool,
 }
 
 /// What a workload proxy needs from the rest of the agent.
@@ -156,8 +154,12 @@ impl WorkloadProxy {
 }
 
 /// Accepts until drain starts, spawning `handle` per connection in the proxy's drain scope.
-async fn accept_loop<F, Fut>(proxy: &Arc<WorkloadProxy>, listener: TcpListener, name: &str, handle: F)
-where
+async fn accept_loop<F, Fut>(
+    proxy: &Arc<WorkloadProxy>,
+    listener: TcpListener,
+    name: &str,
+    handle: F,
+) where
     F: Fn(Arc<WorkloadProxy>, tokio::net::TcpStream, SocketAddr) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {

@@ -26,7 +26,9 @@ async fn handle(proxy: Arc<WorkloadProxy>, stream: TcpStream, peer: SocketAddr) 
     let mut record = ConnectionRecord::new(Direction::Outbound, client, destination);
     record.trace = trace.to_string();
     async move {
-        if let Err(error) = proxy_connection(&proxy, stream, client, destination, trace, &mut record).await {
+        if let Err(error) =
+            proxy_connection(&proxy, stream, client, destination, trace, &mut record).await
+        {
             record.fail(error);
         }
     }
@@ -61,16 +63,24 @@ async fn proxy_connection(
         .workload()
         .ok_or_else(|| OutboundError::UnknownSource(proxy.workload_uid.clone()))?;
     record.src_workload = Some(source.clone());
-    record.src_identity = Some(source.identity.clone());
     let snapshot = proxy.inputs.state.snapshot();
     let hbone_port = proxy.inputs.settings.proxy.hbone_port;
     let decision = route::decide(&snapshot, &source, destination, hbone_port, rand::random())?;
     drop(snapshot);
     match decision {
         Route::Hbone(route) => {
-            let HboneRoute { peer, authority, destination: target, service, expected_identities } = route;
+            let HboneRoute {
+                peer,
+                authority,
+                destination: target,
+                service,
+                expected_identities,
+            } = route;
+            // Identities are logged only for mTLS; dst.addr is the L4 peer, as Istio logs it.
+            record.src_identity = Some(source.identity.clone());
             record.dst_workload = Some(target.clone());
             record.dst_identity = Some(target.identity.clone());
+            record.dst_addr = peer.to_string();
             record.dst_service = service.clone();
             record.dst_hbone_addr = Some(authority.to_string());
             let request = ConnectRequest {
@@ -91,7 +101,11 @@ async fn proxy_connection(
                 .await
                 .map_err(OutboundError::Copy)
         }
-        Route::Passthrough(PassthroughRoute { target, destination: known, service }) => {
+        Route::Passthrough(PassthroughRoute {
+            target,
+            destination: known,
+            service,
+        }) => {
             record.dst_workload = known;
             record.dst_service = service;
             let timeout = proxy.inputs.settings.proxy.connect_timeout;

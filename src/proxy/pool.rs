@@ -175,10 +175,7 @@ impl Pool {
     /// A live connection for the key with a free stream slot.
     fn checkout(&self, entry: &KeyEntry) -> Option<Arc<Pooled>> {
         let max = self.inner.settings.pool.max_streams_per_connection as usize;
-        let mut connections = entry
-            .connections
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut connections = entry.connections.lock().unwrap_or_else(|p| p.into_inner());
         connections.retain(|pooled| !pooled.connection.is_closed());
         let pooled = connections
             .iter()
@@ -260,10 +257,7 @@ impl Pool {
         let mut released = 0;
         let mut keys = self.inner.keys.lock().unwrap_or_else(|p| p.into_inner());
         keys.retain(|_, entry| {
-            let mut connections = entry
-                .connections
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+            let mut connections = entry.connections.lock().unwrap_or_else(|p| p.into_inner());
             let before = connections.len();
             connections.retain(|pooled| {
                 let idle = pooled.streams.load(Ordering::Acquire) == 0
