@@ -90,23 +90,22 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     telemetry::init_logging(cli.log_format);
     match cli.command {
-        Command::CheckConfig { file, overrides } => {
-            match config::load(&file, &overrides.into()) {
-                Ok(_) => {
-                    println!("{}: ok", file.display());
-                    ExitCode::SUCCESS
-                }
-                Err(errors) => {
-                    eprintln!("{errors}");
-                    ExitCode::from(EXIT_CONFIG)
-                }
+        Command::CheckConfig { file, overrides } => match config::load(&file, &overrides.into()) {
+            Ok(_) => {
+                println!("{}: ok", file.display());
+                ExitCode::SUCCESS
             }
-        }
+            Err(errors) => {
+                eprintln!("{errors}");
+                ExitCode::from(EXIT_CONFIG)
+            }
+        },
         Command::Ca {
-            command: CaCommand::Init {
-                out_dir,
-                common_name,
-            },
+            command:
+                CaCommand::Init {
+                    out_dir,
+                    common_name,
+                },
         } => match init_ca(&out_dir, &common_name) {
             Ok(()) => ExitCode::SUCCESS,
             Err(error) => {
@@ -161,7 +160,8 @@ fn init_ca(out_dir: &std::path::Path, common_name: &str) -> anyhow::Result<()> {
     let (cert_pem, key_pem) = BuiltinCa::generate_root(common_name)?;
     let cert_path = out_dir.join("ca-cert.pem");
     let key_path = out_dir.join("ca-key.pem");
-    std::fs::write(&cert_path, cert_pem).with_context(|| format!("write {}", cert_path.display()))?;
+    std::fs::write(&cert_path, cert_pem)
+        .with_context(|| format!("write {}", cert_path.display()))?;
     write_private(&key_path, key_pem.as_bytes())?;
     println!("wrote {} and {}", cert_path.display(), key_path.display());
     Ok(())

@@ -139,11 +139,15 @@ mod tests {
 
     #[test]
     fn parts_and_exact_comparison() {
-        let id: Identity = "spiffe://cluster.local/ns/default/sa/client".parse().unwrap();
+        let id: Identity = "spiffe://cluster.local/ns/default/sa/client"
+            .parse()
+            .unwrap();
         assert_eq!(id.trust_domain(), "cluster.local");
         assert_eq!(id.namespace(), "default");
         assert_eq!(id.service_account(), "client");
-        let upper: Identity = "spiffe://cluster.local/ns/Default/sa/client".parse().unwrap();
+        let upper: Identity = "spiffe://cluster.local/ns/Default/sa/client"
+            .parse()
+            .unwrap();
         assert_ne!(id, upper, "comparison is byte for byte, no case folding");
     }
 }

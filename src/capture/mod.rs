@@ -187,12 +187,8 @@ impl PodManager {
                 source,
             })?;
         let drain = self.drain.child();
-        let proxy = WorkloadProxy::new(
-            self.inputs.clone(),
-            pod.uid.clone(),
-            sockets,
-            drain.clone(),
-        );
+        let proxy =
+            WorkloadProxy::new(self.inputs.clone(), pod.uid.clone(), sockets, drain.clone());
         proxy.spawn(listeners);
         running.insert(
             pod.uid.clone(),

@@ -233,9 +233,8 @@ pub fn parse_connect<B>(request: &Request<B>) -> Result<ParsedConnect, RequestEr
             .get(name)
             .and_then(|value: &HeaderValue| value.to_str().ok())
     };
-    let (forwarded_for, forwarded_host) = header(FORWARDED)
-        .map(parse_forwarded)
-        .unwrap_or_default();
+    let (forwarded_for, forwarded_host) =
+        header(FORWARDED).map(parse_forwarded).unwrap_or_default();
     Ok(ParsedConnect {
         authority,
         forwarded_for,

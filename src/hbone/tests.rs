@@ -35,7 +35,10 @@ fn build_matches_istio_wire_form() {
         "00-0123456789abcdef0123456789abcdef-0123456789abcdef-00"
     );
     let parsed = parse_connect(&request).unwrap();
-    assert_eq!(parsed.forwarded_for, Some("10.0.1.2:41000".parse().unwrap()));
+    assert_eq!(
+        parsed.forwarded_for,
+        Some("10.0.1.2:41000".parse().unwrap())
+    );
     assert_eq!(
         parsed.forwarded_host.as_deref(),
         Some("echo.default.svc.cluster.local")
@@ -54,10 +57,19 @@ fn ipv6_authority_is_bracketed_and_round_trips() {
     .build()
     .unwrap();
     assert_eq!(request.uri().to_string(), "[fd00::7]:80");
-    assert!(request.headers().get(BAGGAGE).is_none(), "empty baggage omitted");
+    assert!(
+        request.headers().get(BAGGAGE).is_none(),
+        "empty baggage omitted"
+    );
     let parsed = parse_connect(&request).unwrap();
-    assert_eq!(parsed.authority, Authority::Address("[fd00::7]:80".parse().unwrap()));
-    assert_eq!(parsed.forwarded_for, Some("[fd00::1]:1234".parse().unwrap()));
+    assert_eq!(
+        parsed.authority,
+        Authority::Address("[fd00::7]:80".parse().unwrap())
+    );
+    assert_eq!(
+        parsed.forwarded_for,
+        Some("[fd00::1]:1234".parse().unwrap())
+    );
 }
 
 #[test]
@@ -75,13 +87,41 @@ fn parse_table() {
                 port: 80,
             }),
         ),
-        (Method::GET, "10.0.0.1:80", Err(RequestError::Method("GET".into()))),
-        (Method::POST, "10.0.0.1:80", Err(RequestError::Method("POST".into()))),
-        (Method::CONNECT, "10.0.0.1:0", Err(RequestError::Authority("10.0.0.1:0".into()))),
-        (Method::CONNECT, "10.0.0.1:99999", Err(RequestError::Authority("10.0.0.1:99999".into()))),
-        (Method::CONNECT, "host_with_underscore:80", Err(RequestError::Authority("host_with_underscore:80".into()))),
-        (Method::CONNECT, "10.0.0.1", Err(RequestError::Authority("10.0.0.1".into()))),
-        (Method::CONNECT, "10.0.0.1:http", Err(RequestError::Authority("10.0.0.1:http".into()))),
+        (
+            Method::GET,
+            "10.0.0.1:80",
+            Err(RequestError::Method("GET".into())),
+        ),
+        (
+            Method::POST,
+            "10.0.0.1:80",
+            Err(RequestError::Method("POST".into())),
+        ),
+        (
+            Method::CONNECT,
+            "10.0.0.1:0",
+            Err(RequestError::Authority("10.0.0.1:0".into())),
+        ),
+        (
+            Method::CONNECT,
+            "10.0.0.1:99999",
+            Err(RequestError::Authority("10.0.0.1:99999".into())),
+        ),
+        (
+            Method::CONNECT,
+            "host_with_underscore:80",
+            Err(RequestError::Authority("host_with_underscore:80".into())),
+        ),
+        (
+            Method::CONNECT,
+            "10.0.0.1",
+            Err(RequestError::Authority("10.0.0.1".into())),
+        ),
+        (
+            Method::CONNECT,
+            "10.0.0.1:http",
+            Err(RequestError::Authority("10.0.0.1:http".into())),
+        ),
     ];
     for (method, authority, want) in cases {
         let got = parse_connect(&request(method.clone(), authority, &[])).map(|p| p.authority);
@@ -109,27 +149,53 @@ fn forwarded_and_traceparent_variants() {
         ("garbage;;==", None, None),
     ];
     for (value, client, host) in cases {
-        let parsed =
-            parse_connect(&request(Method::CONNECT, "10.0.0.1:80", &[(FORWARDED, value)])).unwrap();
-        assert_eq!(parsed.forwarded_for, client.map(|c| c.parse().unwrap()), "{value}");
+        let parsed = parse_connect(&request(
+            Method::CONNECT,
+            "10.0.0.1:80",
+            &[(FORWARDED, value)],
+        ))
+        .unwrap();
+        assert_eq!(
+            parsed.forwarded_for,
+            client.map(|c| c.parse().unwrap()),
+            "{value}"
+        );
         assert_eq!(parsed.forwarded_host.as_deref(), *host, "{value}");
     }
     let good = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
     let traces: &[(&str, bool)] = &[
         (good, true),
-        ("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-0", false),
-        ("01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", false),
-        ("00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01", false),
-        ("00-0af7651916cd43dd8448eb211c80319c_b7ad6b7169203331-01", false),
+        (
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-0",
+            false,
+        ),
+        (
+            "01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            false,
+        ),
+        (
+            "00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01",
+            false,
+        ),
+        (
+            "00-0af7651916cd43dd8448eb211c80319c_b7ad6b7169203331-01",
+            false,
+        ),
     ];
     for (value, ok) in traces {
-        let parsed =
-            parse_connect(&request(Method::CONNECT, "10.0.0.1:80", &[(TRACEPARENT, value)]))
-                .unwrap();
+        let parsed = parse_connect(&request(
+            Method::CONNECT,
+            "10.0.0.1:80",
+            &[(TRACEPARENT, value)],
+        ))
+        .unwrap();
         assert_eq!(parsed.traceparent.is_some(), *ok, "{value}");
     }
     let random = TraceParent::random().to_string();
-    assert_eq!(TraceParent::parse(&random).map(|t| t.to_string()), Some(random));
+    assert_eq!(
+        TraceParent::parse(&random).map(|t| t.to_string()),
+        Some(random)
+    );
 }
 
 #[test]
@@ -140,7 +206,9 @@ fn baggage_follows_istio_order_and_skips_empty() {
         namespace: "default".into(),
         service_account: "client".into(),
         trust_domain: "cluster.local".into(),
-        identity: "spiffe://cluster.local/ns/default/sa/client".parse().unwrap(),
+        identity: "spiffe://cluster.local/ns/default/sa/client"
+            .parse()
+            .unwrap(),
         workload_ips: vec![],
         protocol: Default::default(),
         node: String::new(),

@@ -270,9 +270,9 @@ impl Snapshot {
                     .get(&key)
                     .and_then(|ports| ports.get(&service_port))
                     .copied();
-                let target_port = own_port.filter(|port| *port != 0).or(
-                    Some(service_target).filter(|port| *port != 0),
-                )?;
+                let target_port = own_port
+                    .filter(|port| *port != 0)
+                    .or(Some(service_target).filter(|port| *port != 0))?;
                 Some(Endpoint {
                     workload: workload.clone(),
                     target_port,
