@@ -62,6 +62,17 @@ struct RunningPod {
     drain: Drain,
 }
 
+/// What [`PodManager::add`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AddOutcome {
+    /// A new proxy was started.
+    Started,
+    /// The pod already ran in the same namespace; nothing changed.
+    Unchanged,
+    /// The pod ran in another namespace; its old proxy was replaced.
+    Replaced,
+}
+
 /// The status of one pod, for readiness and the admin API.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 #[serde(tag = "state", rename_all = "camelCase")]
@@ -104,71 +115,109 @@ impl PodManager {
         }
     }
 
-    /// Brings the running set in line with `desired`. Returns how many pods failed.
+    /// Brings the config-sourced pods in line with `desired`: pods not listed are removed, listed
+    /// ones started (or replaced if their namespace changed). Returns how many pods failed; they
+    /// stay listed as failed (readiness reports them) until a later reconcile succeeds.
     pub async fn reconcile(&self, desired: &[DesiredPod]) -> usize {
-        let mut running = self.running.lock().await;
-        let wanted: HashMap<&str, &DesiredPod> =
-            desired.iter().map(|pod| (pod.uid.as_str(), pod)).collect();
-        let gone: Vec<String> = running
-            .keys()
-            .filter(|uid| !wanted.contains_key(uid.as_str()))
-            .cloned()
-            .collect();
-        for uid in gone {
-            if let Some(pod) = running.remove(&uid) {
-                tracing::info!(workload = %uid, netns = %pod.netns_path.display(), "pod removed; draining its proxy");
-                pod.drain.terminate().await;
-            }
-        }
-        let mut status = BTreeMap::new();
+        let wanted: std::collections::HashSet<&str> =
+            desired.iter().map(|pod| pod.uid.as_str()).collect();
+        self.retain(|uid| wanted.contains(uid)).await;
         let mut failures = 0;
         for pod in desired {
-            match self.ensure(&mut running, pod).await {
-                Ok(()) => {
-                    status.insert(
-                        pod.uid.clone(),
-                        PodStatus::Running {
-                            netns: pod.netns.clone(),
-                        },
-                    );
-                }
-                Err(error) => {
-                    failures += 1;
-                    tracing::error!(workload = %pod.uid, %error, "cannot capture pod; will retry");
-                    status.insert(
-                        pod.uid.clone(),
-                        PodStatus::Failed {
-                            netns: pod.netns.clone(),
-                            reason: error.to_string(),
-                        },
-                    );
-                }
+            let opened = Netns::open(&pod.netns).map_err(|source| CaptureError::OpenNetns {
+                path: pod.netns.clone(),
+                source,
+            });
+            if self.add_opened(&pod.uid, &pod.netns, opened).await.is_err() {
+                failures += 1;
             }
         }
-        *self.status.lock().unwrap_or_else(|p| p.into_inner()) = status;
         failures
     }
 
-    /// Starts `pod` unless it already runs in the same namespace; replaces it if the namespace
-    /// changed (same uid, new netns: the pod was recreated).
-    async fn ensure(
+    /// Starts the proxy of `uid` in `netns`. Idempotent for the same namespace (dev + inode);
+    /// a different namespace for a running uid means the pod was recreated: the old proxy is
+    /// terminated and a new one started.
+    pub async fn add(&self, uid: &str, netns: Netns) -> Result<AddOutcome, CaptureError> {
+        let path = netns.path().to_path_buf();
+        let mut running = self.running.lock().await;
+        let result = self.start(&mut running, uid, netns).await;
+        drop(running);
+        self.set_status(uid, &path, result.as_ref().err());
+        if let Err(error) = &result {
+            tracing::error!(workload = %uid, %error, "cannot capture pod");
+        }
+        result
+    }
+
+    async fn add_opened(
         &self,
-        running: &mut HashMap<String, RunningPod>,
-        pod: &DesiredPod,
-    ) -> Result<(), CaptureError> {
-        let netns = Netns::open(&pod.netns).map_err(|source| CaptureError::OpenNetns {
-            path: pod.netns.clone(),
-            source,
-        })?;
-        if let Some(current) = running.get(&pod.uid) {
-            if current.netns_id == netns.id() {
-                return Ok(());
-            }
-            tracing::info!(workload = %pod.uid, "pod network namespace changed; replacing its proxy");
-            if let Some(old) = running.remove(&pod.uid) {
-                old.drain.terminate().await;
+        uid: &str,
+        path: &std::path::Path,
+        netns: Result<Netns, CaptureError>,
+    ) -> Result<AddOutcome, CaptureError> {
+        match netns {
+            Ok(netns) => self.add(uid, netns).await,
+            Err(error) => {
+                tracing::error!(workload = %uid, %error, "cannot capture pod; will retry");
+                self.set_status(uid, path, Some(&error));
+                Err(error)
             }
         }
+    }
+
+    /// Stops the proxy of `uid`: its listeners close and its connections are cut at once.
+    /// Returns whether it was running.
+    pub async fn remove(&self, uid: &str) -> bool {
+        let removed = self.running.lock().await.remove(uid);
+        self.status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(uid);
+        let Some(pod) = removed else {
+            return false;
+        };
+        tracing::info!(workload = %uid, netns = %pod.netns_path.display(), "pod removed; draining its proxy");
+        pod.drain.terminate().await;
+        true
+    }
+
+    /// Removes every pod for which `keep` is false (snapshot reconciliation). Returns the uids
+    /// removed.
+    pub async fn retain(&self, keep: impl Fn(&str) -> bool) -> Vec<String> {
+        let known: Vec<String> = {
+            let running = self.running.lock().await;
+            let status = self.status.lock().unwrap_or_else(|p| p.into_inner());
+            running.keys().chain(status.keys()).cloned().collect()
+        };
+        let mut removed = Vec::new();
+        for uid in known {
+            if !keep(&uid) && !removed.contains(&uid) {
+                self.remove(&uid).await;
+                removed.push(uid);
+            }
+        }
+        removed
+    }
+
+    async fn start(
+        &self,
+        running: &mut HashMap<String, RunningPod>,
+        uid: &str,
+        netns: Netns,
+    ) -> Result<AddOutcome, CaptureError> {
+        let mut outcome = AddOutcome::Started;
+        if let Some(current) = running.get(uid) {
+            if current.netns_id == netns.id() {
+                return Ok(AddOutcome::Unchanged);
+            }
+            tracing::info!(workload = %uid, "pod network namespace changed; replacing its proxy");
+            if let Some(old) = running.remove(uid) {
+                old.drain.terminate().await;
+            }
+            outcome = AddOutcome::Replaced;
+        }
+        let path = netns.path().to_path_buf();
         let netns = Arc::new(netns);
         let sockets = SocketFactory::pod(netns.clone(), self.home.clone(), self.mark);
         // Registering the sockets with tokio needs the runtime context on that thread too.
@@ -179,30 +228,46 @@ impl PodManager {
                 Listeners::bind(&sockets)
             })
             .map_err(|source| CaptureError::Thread {
-                path: pod.netns.clone(),
+                path: path.clone(),
                 source,
             })?
             .map_err(|source| CaptureError::Listen {
-                path: pod.netns.clone(),
+                path: path.clone(),
                 source,
             })?;
         let drain = self.drain.child();
         let proxy =
-            WorkloadProxy::new(self.inputs.clone(), pod.uid.clone(), sockets, drain.clone());
+            WorkloadProxy::new(self.inputs.clone(), uid.to_string(), sockets, drain.clone());
         proxy.spawn(listeners);
         running.insert(
-            pod.uid.clone(),
+            uid.to_string(),
             RunningPod {
                 netns_id: netns.id(),
-                netns_path: pod.netns.clone(),
+                netns_path: path,
                 proxy,
                 drain,
             },
         );
-        Ok(())
+        Ok(outcome)
     }
 
-    /// Status of every desired pod as of the last reconcile.
+    fn set_status(&self, uid: &str, netns: &std::path::Path, error: Option<&CaptureError>) {
+        let status = match error {
+            None => PodStatus::Running {
+                netns: netns.to_path_buf(),
+            },
+            Some(error) => PodStatus::Failed {
+                netns: netns.to_path_buf(),
+                reason: error.to_string(),
+            },
+        };
+        self.status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(uid.to_string(), status);
+    }
+
+    /// Status of every known pod.
     pub fn status(&self) -> BTreeMap<String, PodStatus> {
         self.status
             .lock()
