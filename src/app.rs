@@ -18,6 +18,7 @@ use http_body_util::Full;
 use hyper::{Request, Response, StatusCode};
 use tokio::net::TcpListener;
 
+use crate::capture::zds::ZdsClient;
 use crate::capture::{DesiredPod, PodManager};
 use crate::config::{self, Config, Overrides};
 use crate::drain::Drain;
@@ -70,7 +71,24 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
     let readiness = TcpListener::bind(agent.listen.readiness)
         .await
         .with_context(|| format!("bind readiness {}", agent.listen.readiness))?;
-    control.spawn(serve_readiness(readiness, pods.clone(), control.clone()));
+    let zds_synced = agent.zds.enabled.then(|| {
+        let client = Arc::new(ZdsClient::new(
+            agent.zds.clone(),
+            agent.node.clone(),
+            pods.clone(),
+            state.clone(),
+        ));
+        let synced = client.subscribe_synced();
+        let stop = control.clone();
+        control.spawn(client.run(async move { stop.draining().await }));
+        synced
+    });
+    control.spawn(serve_readiness(
+        readiness,
+        pods.clone(),
+        zds_synced,
+        control.clone(),
+    ));
 
     let config = Arc::new(config);
     let (publish, updates) = tokio::sync::watch::channel(config.clone());
@@ -152,15 +170,25 @@ async fn apply_updates(
 }
 
 /// `GET /healthz/ready`: 200 when every pod is captured; 500 listing what is pending (as
-/// Istio's agent answers, so existing probes and dashboards read it the same way).
-async fn serve_readiness(listener: TcpListener, pods: Arc<PodManager>, drain: Drain) {
+/// Istio's agent answers, so existing probes and dashboards read it the same way). With
+/// istio-cni, not ready until the current connection's snapshot is applied.
+async fn serve_readiness(
+    listener: TcpListener,
+    pods: Arc<PodManager>,
+    zds_synced: Option<tokio::sync::watch::Receiver<bool>>,
+    drain: Drain,
+) {
     serve_http(listener, drain, move |request| {
         let pods = pods.clone();
+        let zds_synced = zds_synced.clone();
         async move {
             if request.uri().path() != "/healthz/ready" {
                 return text(StatusCode::NOT_FOUND, "not found\n".to_string());
             }
-            let pending = pods.pending();
+            let mut pending = pods.pending();
+            if zds_synced.is_some_and(|synced| !*synced.borrow()) {
+                pending.insert(0, "workload proxy manager".to_string());
+            }
             if pending.is_empty() {
                 text(StatusCode::OK, "ready\n".to_string())
             } else {

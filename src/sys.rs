@@ -8,7 +8,7 @@
 use std::fs::File;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use nix::sched::{setns, CloneFlags};
@@ -149,4 +149,68 @@ pub fn set_ipv6_transparent(socket: &impl AsRawFd) -> io::Result<()> {
     } else {
         Err(io::Error::last_os_error())
     }
+}
+
+/// One datagram read by [`recv_with_fds`].
+#[derive(Debug)]
+pub struct ReceivedDatagram {
+    /// Bytes written into the caller's buffer.
+    pub len: usize,
+    /// The fds that came with it (SCM_RIGHTS), owned, close-on-exec.
+    pub fds: Vec<OwnedFd>,
+    /// The datagram was longer than the buffer; the rest was discarded (`MSG_TRUNC`).
+    pub truncated: bool,
+    /// The ancillary data did not fit (`MSG_CTRUNC`); fds beyond the room were lost.
+    pub control_truncated: bool,
+}
+
+/// Reads one datagram and its SCM_RIGHTS fds from a (non-blocking) unix socket. Each received
+/// fd is owned by the result at once, so none can leak whatever the caller does next.
+/// `max_fds` is the room for fds; the kernel caps one message at 253, so that much room means
+/// no fd is ever dropped silently. A would-block read is returned as `ErrorKind::WouldBlock`.
+#[allow(unsafe_code)]
+pub fn recv_with_fds(
+    socket: std::os::fd::BorrowedFd<'_>,
+    buffer: &mut [u8],
+    max_fds: usize,
+) -> io::Result<ReceivedDatagram> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    use std::os::fd::{FromRawFd, RawFd};
+    let mut control = vec![0u8; nix::sys::socket::cmsg_space::<RawFd>() * max_fds.max(1)];
+    let mut iov = [io::IoSliceMut::new(buffer)];
+    let message = recvmsg::<()>(
+        socket.as_raw_fd(),
+        &mut iov,
+        Some(&mut control),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .map_err(io::Error::from)?;
+    let mut fds = Vec::new();
+    if let Ok(messages) = message.cmsgs() {
+        for control_message in messages {
+            let ControlMessageOwned::ScmRights(raw) = control_message else {
+                continue;
+            };
+            for fd in raw {
+                // SAFETY: the kernel installed `fd` in our fd table for this recvmsg(2) call
+                // (SCM_RIGHTS); nothing else knows it, and it is wrapped exactly once here.
+                fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+            }
+        }
+    }
+    Ok(ReceivedDatagram {
+        len: message.bytes,
+        fds,
+        truncated: message.flags.contains(MsgFlags::MSG_TRUNC),
+        control_truncated: message.flags.contains(MsgFlags::MSG_CTRUNC),
+    })
+}
+
+/// Registers an owned fd (e.g. a SEQPACKET socket nix made) with the current tokio reactor.
+/// Must be called inside a tokio runtime.
+#[allow(unsafe_code)]
+pub fn register_async_fd(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+    // SAFETY: an `OwnedFd` is a valid open fd that only its owner can close, and its
+    // `as_raw_fd` always returns that same fd; the `AsyncFd` owns it until it is dropped.
+    unsafe { tokio::io::unix::AsyncFd::register(fd) }.map_err(|error| error.into_parts().1)
 }

@@ -36,6 +36,9 @@ pub struct AgentConfig {
     /// Local pods and the network namespaces they live in.
     #[serde(default)]
     pub pods: Vec<PodConfig>,
+    /// istio-cni (ZDS) as the pod source, instead of `pods`.
+    #[serde(default)]
+    pub zds: ZdsConfig,
     /// Data-plane settings.
     #[serde(default)]
     pub proxy: ProxyConfig,
@@ -61,6 +64,7 @@ impl Default for AgentConfig {
             network: String::new(),
             ca: CaConfig::default(),
             pods: Vec::new(),
+            zds: ZdsConfig::default(),
             proxy: ProxyConfig::default(),
             pool: PoolConfig::default(),
             listen: ListenConfig::default(),
@@ -144,6 +148,32 @@ pub struct PodConfig {
     pub workload: String,
     /// Path of the pod's network namespace, e.g. `/run/netns/pod-a` or `/proc/PID/ns/net`.
     pub netns: PathBuf,
+}
+
+/// The istio-cni hand-off (ZDS): whether pods come from istio-cni, where its socket is and how
+/// eagerly to reconnect to it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ZdsConfig {
+    /// Take pods from istio-cni; the `pods` list is then ignored.
+    #[serde(default)]
+    pub enabled: bool,
+    /// istio-cni's SEQPACKET socket (istio's `INPOD_UDS`).
+    #[serde(default = "defaults::zds_socket")]
+    pub socket: PathBuf,
+    /// Cap of the reconnect backoff (10 ms doubling, with jitter).
+    #[serde(default = "defaults::zds_reconnect_max", with = "humantime_serde")]
+    pub reconnect_max: Duration,
+}
+
+impl Default for ZdsConfig {
+    fn default() -> Self {
+        ZdsConfig {
+            enabled: false,
+            socket: defaults::zds_socket(),
+            reconnect_max: defaults::zds_reconnect_max(),
+        }
+    }
 }
 
 /// Data-plane settings shared by every workload proxy.
@@ -268,6 +298,12 @@ pub mod defaults {
     }
     pub(crate) fn workload_cert_ttl() -> Duration {
         Duration::from_secs(24 * 3600)
+    }
+    pub(crate) fn zds_socket() -> PathBuf {
+        PathBuf::from("/var/run/ztunnel/ztunnel.sock")
+    }
+    pub(crate) fn zds_reconnect_max() -> Duration {
+        Duration::from_secs(15)
     }
     pub(crate) fn connect_timeout() -> Duration {
         Duration::from_secs(10)
