@@ -296,6 +296,21 @@ fn runtime_add_delete_and_replacement() {
     node.wait_captured("second", false);
     node.wait_captured("recreated", true);
 
+    // Recreated with a new Kubernetes uid: the Add of the new uid comes before the Del of the
+    // old one, which must not stop the new proxy.
+    let recreated = connection
+        .add("5f0c9a1e-second-v2", &info("second"), &node.netns("second"))
+        .expect("add of the new uid");
+    assert_eq!(recreated, Answer::Ack);
+    node.wait_captured("second", true);
+    node.wait_captured("recreated", false);
+    assert_eq!(
+        connection.del(&uid("second")).expect("late del"),
+        Answer::Ack
+    );
+    // The ACK comes after the request was applied, so the listeners are checked right away.
+    node.wait_captured("second", true);
+
     assert_eq!(
         connection.del("never-added").expect("del unknown"),
         Answer::Ack,

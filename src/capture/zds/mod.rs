@@ -291,6 +291,9 @@ impl ZdsClient {
                 self.pods.remove(&previous.workload_uid).await;
             }
         }
+        // A recreated pod (same name, new Kubernetes uid) takes over the proxy of the old uid;
+        // a late `Del` of the old uid must not stop it.
+        known.retain(|other, pod| *other == uid || pod.workload_uid != workload_uid);
         let outcome = self.pods.add(&workload_uid, netns).await;
         let pending = outcome.is_err().then_some(spare);
         known.insert(
