@@ -21,8 +21,8 @@ use prost::Message;
 use socket2::{Domain, SockAddr, Socket, Type};
 
 use nodetunnel::capture::zds::proto::{
-    workload_request::Payload, workload_response, AddWorkload, DelWorkload, KeepWorkload,
-    SnapshotSent, Version, WorkloadInfo, WorkloadRequest, WorkloadResponse, ZdsHello,
+    decode_response, workload_request::Payload, AddWorkload, DelWorkload, KeepWorkload,
+    SnapshotSent, Version, WorkloadInfo, WorkloadRequest, ZdsHello,
 };
 
 /// How long the fake waits for the agent (to connect, to answer).
@@ -186,15 +186,10 @@ impl CniConnection {
         let response = self
             .receive()
             .with_context(|| format!("answer to {what}"))?;
-        let response = WorkloadResponse::decode(response.as_slice())
-            .with_context(|| format!("decode the answer to {what}"))?;
-        let Some(workload_response::Payload::Ack(ack)) = response.payload else {
-            bail!("answer to {what} has no ack");
-        };
-        let answer = if ack.error.is_empty() {
-            Answer::Ack
-        } else {
-            Answer::Nack(ack.error)
+        let answer = match decode_response(&response) {
+            Some(Ok(())) => Answer::Ack,
+            Some(Err(reason)) => Answer::Nack(reason),
+            None => bail!("the answer to {what} is not a WorkloadResponse with an ack"),
         };
         self.answers.push((what.to_string(), answer.clone()));
         Ok(answer)

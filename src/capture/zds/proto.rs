@@ -305,6 +305,19 @@ pub fn encode_response(nack: Option<&str>) -> Vec<u8> {
     prost::Message::encode_to_vec(&response)
 }
 
+/// Decodes a response, as istio-cni does (used by the fake istio-cni of the tests and by the
+/// fuzz target): `Some(Ok(()))` for an ACK, `Some(Err(reason))` for a NACK, `None` if the bytes
+/// are not a response with an ack.
+pub fn decode_response(bytes: &[u8]) -> Option<Result<(), String>> {
+    let response = <WorkloadResponse as prost::Message>::decode(bytes).ok()?;
+    let workload_response::Payload::Ack(ack) = response.payload?;
+    Some(if ack.error.is_empty() {
+        Ok(())
+    } else {
+        Err(ack.error)
+    })
+}
+
 /// Encodes the hello the agent sends first on every connection.
 pub fn encode_hello() -> Vec<u8> {
     prost::Message::encode_to_vec(&ZdsHello {
