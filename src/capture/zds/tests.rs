@@ -112,3 +112,27 @@ fn only_namespace_files_are_accepted_as_netns() {
     let (netns, _spare) = netns_from_fd("pod-2", OwnedFd::from(own)).expect("a netns");
     assert_eq!(netns.path(), Path::new("zds:pod-2"));
 }
+
+#[test]
+fn zds_config_section_defaults_overrides_and_typos() {
+    let parse = |agent: &str| {
+        let yaml =
+            format!("agent:\n  node: node-a\n{agent}workloads: []\nservices: []\npolicies: []\n");
+        config::parse(Path::new("test.yaml"), &yaml, &Overrides::default())
+    };
+    let defaults = parse("").expect("no zds section").agent.zds;
+    assert!(!defaults.enabled, "off unless asked for");
+    assert_eq!(defaults.socket, Path::new("/var/run/ztunnel/ztunnel.sock"));
+    assert_eq!(defaults.reconnect_max, Duration::from_secs(15));
+
+    let set = parse("  zds:\n    enabled: true\n    socket: /tmp/cni.sock\n    reconnectMax: 2s\n")
+        .expect("zds section")
+        .agent
+        .zds;
+    assert!(set.enabled);
+    assert_eq!(set.socket, Path::new("/tmp/cni.sock"));
+    assert_eq!(set.reconnect_max, Duration::from_secs(2));
+
+    let typo = parse("  zds:\n    enable: true\n").expect_err("unknown field");
+    assert!(typo.to_string().contains("enable"), "{typo}");
+}
