@@ -49,8 +49,8 @@ struct Node {
 impl Node {
     /// Node `a` with `pods` (each a workload of the same name in the model), the test's
     /// redirection rules in `redirected`, a listening fake istio-cni and a started agent (not
-    /// ready yet: it waits for the snapshot).
-    fn start(pods: &[&str], redirected: &[&str]) -> Node {
+    /// ready yet: it waits for the snapshot) that also captures `configured` from its config.
+    fn start(pods: &[&str], redirected: &[&str], configured: &[&str]) -> Node {
         let mut topology = Topology::new();
         topology.add_node("a").expect("node a");
         for pod in pods {
@@ -70,8 +70,13 @@ impl Node {
         let socket = dir.path().join("ztunnel.sock");
         let cni = FakeCni::listen(&socket).expect("fake istio-cni listens");
         let ca = Ca::init().expect("nodetunnel ca init");
-        let agent =
-            Agent::spawn(&topology, "a", &ca, &render(&mesh, &socket)).expect("agent spawns");
+        let agent = Agent::spawn(
+            &topology,
+            "a",
+            &ca,
+            &render(&topology, &mesh, &socket, configured),
+        )
+        .expect("agent spawns");
         Node {
             agent,
             cni: Some(cni),
@@ -160,13 +165,25 @@ impl Node {
     }
 }
 
-/// The agent config: ZDS on, no config pods, quick reconnects. Original-source connects are
-/// off: the test's redirection rules (standing in for istio-cni's) have no return path.
-fn render(mesh: &Mesh, socket: &Path) -> String {
+/// The agent config: ZDS on, quick reconnects, `configured` pods from the config as well.
+/// Original-source connects are off: the test's redirection rules (standing in for
+/// istio-cni's) have no return path.
+fn render(topology: &Topology, mesh: &Mesh, socket: &Path, configured: &[&str]) -> String {
+    let mut pods = String::from("  pods: []\n");
+    if !configured.is_empty() {
+        pods = String::from("  pods:\n");
+    }
+    for pod in configured {
+        let netns = topology.netns_path(pod);
+        pods.push_str(&format!(
+            "    - workload: default/{pod}\n      netns: {}\n",
+            netns.display()
+        ));
+    }
     format!(
         "agent:\n  node: node-a\n  trustDomain: cluster.local\n  drainTimeout: 2s\n  \
-         reloadInterval: 200ms\n  pods: []\n  proxy:\n    originalSource: false\n  zds:\n    enabled: true\n    socket: {}\n    \
-         reconnectMax: 500ms\n{}",
+         reloadInterval: 200ms\n{pods}  proxy:\n    originalSource: false\n  zds:\n    \
+         enabled: true\n    socket: {}\n    reconnectMax: 500ms\n{}",
         socket.display(),
         mesh.render_model()
     )
@@ -193,7 +210,7 @@ fn add(node: &Node, connection: &mut CniConnection, pod: &str) -> Answer {
 #[test]
 fn snapshot_pods_are_captured_and_carry_traffic() {
     require_netns!("snapshot_pods_are_captured_and_carry_traffic");
-    let mut node = Node::start(&["client", "server", "idle"], &["client", "server"]);
+    let mut node = Node::start(&["client", "server", "idle"], &["client", "server"], &[]);
     let _server = EchoServer::start(&node.topology, "server", APP_PORT, Reply::Echo).expect("app");
     let mut connection = node.accept();
     for pod in ["client", "server", "idle"] {
@@ -228,10 +245,11 @@ fn snapshot_pods_are_captured_and_carry_traffic() {
 
 /// istio-cni restarts: pods keep their listeners while it is away; the agent reconnects on its
 /// own, and the new snapshot keeps the re-added and the kept pod and drains the one it omits.
+/// A pod from the agent's own config is not istio-cni's to drain.
 #[test]
 fn cni_restart_reconciles_and_drops_the_stale_pod() {
     require_netns!("cni_restart_reconciles_and_drops_the_stale_pod");
-    let mut node = Node::start(&["readded", "kept", "stale"], &[]);
+    let mut node = Node::start(&["readded", "kept", "stale", "static"], &[], &["static"]);
     let mut connection = node.accept();
     for pod in ["readded", "kept", "stale"] {
         assert_eq!(add(&node, &mut connection, pod), Answer::Ack, "add {pod}");
@@ -248,7 +266,7 @@ fn cni_restart_reconciles_and_drops_the_stale_pod() {
         node.agent.exit_status().is_none(),
         "the agent survives istio-cni going away"
     );
-    for pod in ["readded", "kept", "stale"] {
+    for pod in ["readded", "kept", "stale", "static"] {
         node.wait_captured(pod, true);
     }
 
@@ -260,6 +278,7 @@ fn cni_restart_reconciles_and_drops_the_stale_pod() {
     node.wait_captured("stale", false);
     node.wait_captured("readded", true);
     node.wait_captured("kept", true);
+    node.wait_captured("static", true);
     node.agent
         .wait_ready(&node.topology, WAIT)
         .expect("ready again after the new snapshot");
@@ -270,7 +289,7 @@ fn cni_restart_reconciles_and_drops_the_stale_pod() {
 #[test]
 fn runtime_add_delete_and_replacement() {
     require_netns!("runtime_add_delete_and_replacement");
-    let mut node = Node::start(&["first", "second", "recreated"], &[]);
+    let mut node = Node::start(&["first", "second", "recreated"], &[], &[]);
     let mut connection = node.accept();
     assert_eq!(
         connection.snapshot_sent().expect("empty snapshot"),
@@ -323,7 +342,7 @@ fn runtime_add_delete_and_replacement() {
 #[test]
 fn bad_requests_are_nacked_and_other_pods_keep_serving() {
     require_netns!("bad_requests_are_nacked_and_other_pods_keep_serving");
-    let mut node = Node::start(&["client", "server", "later"], &["client", "server"]);
+    let mut node = Node::start(&["client", "server", "later"], &["client", "server"], &[]);
     let _server = EchoServer::start(&node.topology, "server", APP_PORT, Reply::Echo).expect("app");
     let mut connection = node.accept();
     assert_eq!(add(&node, &mut connection, "client"), Answer::Ack);

@@ -308,14 +308,24 @@ impl ZdsClient {
         Ok(())
     }
 
-    /// After `SnapshotSent`: drains every pod not announced on this connection.
+    /// After `SnapshotSent`: drains every pod not announced on this connection. Only pods this
+    /// client started are candidates (it knows all of them: pods do not outlive the process),
+    /// so pods of other sources (config, admin API) are untouched.
     async fn reconcile(&self, announced: &HashSet<String>, known: &mut HashMap<String, KnownPod>) {
-        known.retain(|uid, _| announced.contains(uid));
+        let (kept, dropped): (HashMap<_, _>, HashMap<_, _>) = std::mem::take(known)
+            .into_iter()
+            .partition(|(uid, _)| announced.contains(uid));
+        *known = kept;
         let keep: HashSet<&str> = known
             .values()
             .map(|pod| pod.workload_uid.as_str())
             .collect();
-        let removed = self.pods.retain(|uid| keep.contains(uid)).await;
+        let stale: HashSet<String> = dropped
+            .into_values()
+            .map(|pod| pod.workload_uid)
+            .filter(|workload_uid| !keep.contains(workload_uid.as_str()))
+            .collect();
+        let removed = self.pods.retain(|uid| !stale.contains(uid)).await;
         tracing::info!(
             pods = known.len(),
             drained = removed.len(),
