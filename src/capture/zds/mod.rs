@@ -142,6 +142,7 @@ impl ZdsClient {
             tokio::pin!(stop);
             let mut backoff = Backoff::new(RECONNECT_INITIAL, self.config.reconnect_max);
             let mut known = HashMap::new();
+            let mut unreachable_logged = false;
             loop {
                 let (handled, error) = tokio::select! {
                     ended = self.serve_connection(&mut known) => ended,
@@ -152,12 +153,15 @@ impl ZdsClient {
                     backoff.reset();
                 }
                 let delay = backoff.next_delay(rand::random());
-                match error {
-                    ConnectionError::Connect { .. } => {
-                        tracing::debug!(%error, ?delay, "istio-cni not reachable; retrying")
-                    }
-                    _ => tracing::warn!(%error, ?delay, "istio-cni connection lost; pods keep running, reconnecting"),
+                let unreachable = matches!(error, ConnectionError::Connect { .. });
+                if !unreachable {
+                    tracing::warn!(%error, ?delay, "istio-cni connection lost; pods keep running, reconnecting");
+                } else if !unreachable_logged {
+                    tracing::warn!(%error, "istio-cni not reachable; retrying with backoff");
+                } else {
+                    tracing::debug!(%error, ?delay, "istio-cni still not reachable");
                 }
+                unreachable_logged = unreachable;
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     _ = &mut stop => return,

@@ -3,7 +3,7 @@
 //! prefix; what the bytes mean is [`super::proto`]'s business.
 
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::Path;
 
 use nix::sys::socket::{
@@ -61,7 +61,7 @@ impl Connection {
             None,
         )?;
         let address = UnixAddr::new(path)?;
-        connect(std::os::fd::AsRawFd::as_raw_fd(&socket), &address)?;
+        connect(socket.as_raw_fd(), &address)?;
         Ok(Connection {
             socket: crate::sys::register_async_fd(socket)?,
         })
@@ -72,7 +72,7 @@ impl Connection {
         let sent = self
             .socket
             .async_io(Interest::WRITABLE, |socket| {
-                let raw = std::os::fd::AsRawFd::as_raw_fd(socket);
+                let raw = socket.as_raw_fd();
                 send(raw, bytes, MsgFlags::MSG_NOSIGNAL).map_err(io::Error::from)
             })
             .await?;
