@@ -43,6 +43,23 @@ enum Command {
         #[command(flatten)]
         overrides: OverrideArgs,
     },
+    /// Explain whether a connection would be allowed, and which policy decides; exits 0 if
+    /// allowed, 1 if denied, 64 for a config error or a source/destination that cannot be
+    /// resolved.
+    Explain {
+        /// The config file (agent section + Istio local config + policies).
+        #[arg(long)]
+        config: PathBuf,
+        /// The client: a workload (name, namespace/name or uid), an IP, or a SPIFFE id.
+        #[arg(long)]
+        from: String,
+        /// The destination: ip:port of a workload, or workload:port.
+        #[arg(long)]
+        to: String,
+        /// Print the answer as JSON (the admin API's shape).
+        #[arg(long)]
+        json: bool,
+    },
     /// Certificate authority utilities.
     Ca {
         #[command(subcommand)]
@@ -91,7 +108,8 @@ fn main() -> ExitCode {
     telemetry::init_logging(cli.log_format);
     match cli.command {
         Command::CheckConfig { file, overrides } => match config::load(&file, &overrides.into()) {
-            Ok(_) => {
+            Ok(config) => {
+                print_policy_findings(&config);
                 println!("{}: ok", file.display());
                 ExitCode::SUCCESS
             }
@@ -100,6 +118,12 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_CONFIG)
             }
         },
+        Command::Explain {
+            config,
+            from,
+            to,
+            json,
+        } => explain(&config, &from, &to, json),
         Command::Ca {
             command:
                 CaCommand::Init {
@@ -151,6 +175,47 @@ fn main() -> ExitCode {
                 }
             }
         }
+    }
+}
+
+/// Istio resources left out or changed: not errors (the rest applies), but shown.
+fn print_policy_findings(config: &config::Config) {
+    for finding in &config.istio.findings {
+        eprintln!("{finding}");
+    }
+}
+
+fn explain(path: &std::path::Path, from: &str, to: &str, json: bool) -> ExitCode {
+    let config = match config::load(path, &Overrides::default()) {
+        Ok(config) => config,
+        Err(errors) => {
+            eprintln!("{errors}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    print_policy_findings(&config);
+    let explained = match nodetunnel::authz::explain(&config.snapshot(), from, to) {
+        Ok(explained) => explained,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if json {
+        match serde_json::to_string_pretty(&explained) {
+            Ok(text) => println!("{text}"),
+            Err(error) => {
+                eprintln!("error: {error}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        println!("{explained}");
+    }
+    if explained.decision.is_allowed() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 

@@ -10,28 +10,33 @@
 //!
 //! - [`evaluate`]: policy selection and the §5 evaluation order, with an explain trace.
 //! - [`authorize`]: [`evaluate`] plus the PeerAuthentication STRICT check; what enforcement uses.
+//! - [`decide`]: [`authorize`] over a state snapshot; [`explain`] resolves people's names for
+//!   the source and destination first (CLI and admin API).
 //! - [`istio`]: translation of Istio `AuthorizationPolicy` / `PeerAuthentication` YAML.
 
 mod decision;
 mod evaluate;
+pub mod explain;
 pub mod istio;
 mod mtls;
 
-use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
 use crate::spiffe::Identity;
 use crate::state::policy::{Policy, PolicyScope};
-use crate::state::Workload;
+use crate::state::{Snapshot, Workload};
+
+pub use crate::state::policy::{
+    AuthzOptions, MtlsMode, PeerAuthentication, PeerAuthenticationScope, SelectorPolicy,
+    WorkloadSelector,
+};
 
 pub use decision::{
     Decision, DecisionReason, DryRunEffect, DryRunResult, PolicyOutcome, PolicyTrace, Verdict,
 };
-pub use mtls::{
-    mtls_mode, resolve_mtls, MtlsLevel, MtlsMode, MtlsResolution, MtlsSource, PeerAuthentication,
-    PeerAuthenticationScope,
-};
+pub use explain::{explain, ExplainError, Explained};
+pub use mtls::{mtls_mode, resolve_mtls, MtlsLevel, MtlsResolution, MtlsSource};
 
 /// What the destination agent knows about an inbound connection when it decides.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -45,65 +50,6 @@ pub struct ConnectionFacts {
     pub destination_ip: IpAddr,
     /// The resolved target port on the pod (never 15008).
     pub destination_port: u16,
-}
-
-/// Agent-wide authorization settings (the agent config's `authz` section).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
-pub struct AuthzOptions {
-    /// Zero-trust posture: a workload with no enforced ALLOW policy admits nothing, instead of
-    /// Istio's default of admitting everything. DENY policies still apply first.
-    pub default_deny: bool,
-}
-
-/// `selector.matchLabels` of an Istio policy, kept so that selection can happen against the
-/// destination's labels at evaluation time (standalone mode has no istiod to fill
-/// `Workload::authorization_policies`).
-#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct WorkloadSelector {
-    /// Every label here must be on the workload with the same value; empty selects every
-    /// workload in scope.
-    #[serde(default)]
-    pub match_labels: BTreeMap<String, String>,
-    /// Set for policies in the mesh root namespace: Istio applies their selector to workloads of
-    /// every namespace, not only the policy's own.
-    #[serde(default)]
-    pub all_namespaces: bool,
-}
-
-impl WorkloadSelector {
-    /// Whether a policy living in `policy_namespace` with this selector selects `workload`.
-    pub fn selects(&self, policy_namespace: &str, workload: &Workload) -> bool {
-        (self.all_namespaces || policy_namespace == workload.namespace)
-            && self
-                .match_labels
-                .iter()
-                .all(|(key, value)| workload.labels.get(key) == Some(value))
-    }
-}
-
-/// A policy together with the workload selector it was written with (Istio YAML input).
-/// A `WorkloadSelector`-scoped policy applies to a workload that lists its key in
-/// `authorization_policies` (xDS / local config) *or* that its selector selects.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct SelectorPolicy {
-    /// The translated L4 policy.
-    pub policy: Policy,
-    /// Its selector; `None` when the scope is not `WorkloadSelector`.
-    #[serde(default)]
-    pub selector: Option<WorkloadSelector>,
-}
-
-impl SelectorPolicy {
-    /// A policy without selector (selection by scope and workload-listed keys only).
-    pub fn new(policy: Policy) -> Self {
-        SelectorPolicy {
-            policy,
-            selector: None,
-        }
-    }
 }
 
 /// A borrowed view of one candidate policy: what [`evaluate`] iterates over. Built from
@@ -201,6 +147,19 @@ where
     let mut decision = evaluate::decide(selected, facts, options);
     decision.mtls = Some(resolution);
     decision
+}
+
+/// [`authorize`] with the policies, PeerAuthentications and options of one `snapshot`: what
+/// enforcement (first check and re-evaluation) and explain call, so they cannot disagree.
+pub fn decide(snapshot: &Snapshot, destination: &Workload, facts: &ConnectionFacts) -> Decision {
+    let authorization = snapshot.authorization();
+    authorize(
+        &authorization.policies,
+        &authorization.peer_authentications,
+        destination,
+        facts,
+        &authorization.options,
+    )
 }
 
 #[cfg(test)]

@@ -12,75 +12,13 @@
 //! never do. PERMISSIVE and DISABLE both admit plaintext; HBONE is mTLS by construction, so
 //! DISABLE cannot refuse it.
 
-use std::collections::BTreeMap;
 use std::fmt;
 
-use crate::state::policy::{Match, Policy, PolicyAction, PolicyScope, StringMatch};
+use crate::state::policy::{
+    Match, MtlsMode, PeerAuthentication, PeerAuthenticationScope, Policy, PolicyAction,
+    PolicyScope, StringMatch,
+};
 use crate::state::Workload;
-
-/// How a workload accepts inbound traffic.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum MtlsMode {
-    /// Only mTLS (HBONE): plaintext inbound is refused.
-    Strict,
-    /// Both mTLS and plaintext (Istio's default).
-    #[default]
-    Permissive,
-    /// Plaintext allowed; HBONE still works (it cannot be refused at L4 by the agent).
-    Disable,
-}
-
-impl fmt::Display for MtlsMode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            MtlsMode::Strict => "STRICT",
-            MtlsMode::Permissive => "PERMISSIVE",
-            MtlsMode::Disable => "DISABLE",
-        })
-    }
-}
-
-/// Which workloads a PeerAuthentication applies to; resolved at translation time from the
-/// resource's namespace (root or not) and selector.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub enum PeerAuthenticationScope {
-    /// Root namespace, no selector: the whole mesh.
-    Mesh,
-    /// No selector: workloads of its namespace.
-    Namespace,
-    /// Workloads of its namespace carrying all these labels.
-    Workload {
-        /// Labels the workload must carry (non-empty).
-        match_labels: BTreeMap<String, String>,
-    },
-}
-
-/// A PeerAuthentication in model form. `None` modes are Istio's UNSET (inherit).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct PeerAuthentication {
-    /// Resource name.
-    pub name: String,
-    /// Resource namespace.
-    pub namespace: String,
-    /// Mesh, namespace or workload.
-    pub scope: PeerAuthenticationScope,
-    /// The workload-level mode; `None` inherits.
-    #[serde(default)]
-    pub mode: Option<MtlsMode>,
-    /// Per target port overrides (workload scope only); `None` inherits the workload-level mode.
-    #[serde(default)]
-    pub port_level: BTreeMap<u16, Option<MtlsMode>>,
-}
-
-impl PeerAuthentication {
-    /// `namespace/name`.
-    pub fn key(&self) -> String {
-        format!("{}/{}", self.namespace, self.name)
-    }
-}
 
 /// Which setting decided the mode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]

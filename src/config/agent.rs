@@ -48,6 +48,9 @@ pub struct AgentConfig {
     /// Node-level listeners (admin, metrics, readiness).
     #[serde(default)]
     pub listen: ListenConfig,
+    /// Authorization: zero-trust switch and Istio policy sources.
+    #[serde(default)]
+    pub authorization: AuthorizationConfig,
     /// How long open connections may finish after a shutdown signal before they are cut.
     #[serde(default = "defaults::drain_timeout", with = "humantime_serde")]
     pub drain_timeout: Duration,
@@ -68,6 +71,7 @@ impl Default for AgentConfig {
             proxy: ProxyConfig::default(),
             pool: PoolConfig::default(),
             listen: ListenConfig::default(),
+            authorization: AuthorizationConfig::default(),
             drain_timeout: defaults::drain_timeout(),
             reload_interval: defaults::reload_interval(),
         }
@@ -260,6 +264,49 @@ impl Default for PoolConfig {
     }
 }
 
+/// Authorization settings; all of them apply on reload, to open connections too.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthorizationConfig {
+    /// Zero-trust posture: a workload no enforced ALLOW policy applies to admits nothing
+    /// (Istio's default admits everything). DENY policies still come first.
+    #[serde(default)]
+    pub default_deny: bool,
+    /// The mesh root namespace: Istio resources there without a selector apply mesh-wide.
+    #[serde(default = "defaults::root_namespace")]
+    pub root_namespace: String,
+    /// Directories of Istio `AuthorizationPolicy` / `PeerAuthentication` YAML files (`*.yaml`,
+    /// `*.yml`), relative to the config file's directory; re-read with the config file.
+    #[serde(default)]
+    pub policy_dirs: Vec<PathBuf>,
+}
+
+impl Default for AuthorizationConfig {
+    fn default() -> Self {
+        AuthorizationConfig {
+            default_deny: false,
+            root_namespace: defaults::root_namespace(),
+            policy_dirs: Vec::new(),
+        }
+    }
+}
+
+impl AuthorizationConfig {
+    /// The options `authz` evaluates with.
+    pub fn options(&self) -> crate::state::policy::AuthzOptions {
+        crate::state::policy::AuthzOptions {
+            default_deny: self.default_deny,
+        }
+    }
+
+    /// The options Istio resources are translated with.
+    pub fn istio_options(&self) -> crate::authz::istio::IstioOptions {
+        crate::authz::istio::IstioOptions {
+            root_namespace: self.root_namespace.clone(),
+        }
+    }
+}
+
 /// Node-level listeners in the agent's own network namespace.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -349,6 +396,9 @@ pub mod defaults {
     }
     pub(crate) fn metrics_addr() -> SocketAddr {
         SocketAddr::from(([0, 0, 0, 0], ports::METRICS))
+    }
+    pub(crate) fn root_namespace() -> String {
+        "istio-system".to_string()
     }
     pub(crate) fn readiness_addr() -> SocketAddr {
         SocketAddr::from(([0, 0, 0, 0], ports::READINESS))

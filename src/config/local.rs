@@ -69,6 +69,11 @@ pub struct LocalFile {
     /// unless told otherwise, which is what `singleton_map_recursive` does.
     #[serde(default, with = "serde_yaml::with::singleton_map_recursive")]
     pub policies: Vec<Policy>,
+    /// Our extension: Istio `AuthorizationPolicy` / `PeerAuthentication` resources
+    /// (`security.istio.io/v1` or `v1beta1`), kept untyped so that one bad resource is reported
+    /// by name and left out instead of failing the whole file.
+    #[serde(default)]
+    pub istio_resources: Vec<serde_yaml::Value>,
 }
 
 /// Istio's tunnel protocols as written in the local config.

@@ -13,6 +13,7 @@
 
 pub mod agent;
 mod convert;
+pub mod istio;
 mod local;
 pub mod locate;
 pub mod watch;
@@ -40,6 +41,9 @@ pub struct Config {
     pub services: Vec<state::Service>,
     /// Policies, in file order.
     pub policies: Vec<state::Policy>,
+    /// Istio resources of the file's `istioResources` and of the policy directories, translated,
+    /// with what was left out.
+    pub istio: istio::IstioResources,
     /// The file it came from.
     pub path: PathBuf,
 }
@@ -47,11 +51,33 @@ pub struct Config {
 impl Config {
     /// The model part as an indexed snapshot for the state store.
     pub fn snapshot(&self) -> state::Snapshot {
-        state::Snapshot::new(
+        state::Snapshot::with_authorization(
             self.workloads.clone(),
             self.services.clone(),
-            self.policies.clone(),
+            self.authorization(),
         )
+    }
+
+    /// Every policy source merged in configuration order: local `policies`, then Istio
+    /// resources; with the agent's zero-trust switch.
+    pub fn authorization(&self) -> state::Authorization {
+        let local = self
+            .policies
+            .iter()
+            .cloned()
+            .map(state::policy::SelectorPolicy::new);
+        state::Authorization {
+            policies: local.chain(self.istio.policies.iter().cloned()).collect(),
+            peer_authentications: self.istio.peer_authentications.clone(),
+            options: self.agent.authorization.options(),
+        }
+    }
+
+    /// Adds the resources of policy-directory files (read by [`load`] or the watcher).
+    pub fn add_policy_files(&mut self, files: &[istio::PolicyFile]) {
+        let options = self.agent.authorization.istio_options();
+        self.istio.add_files(files, &options);
+        self.istio.drop_duplicates(&self.policies);
     }
 }
 
@@ -132,8 +158,16 @@ impl fmt::Display for ConfigErrors {
     }
 }
 
-/// Reads and parses the config file at `path`.
+/// Reads and parses the config file at `path`, then the policy directories it names.
 pub fn load(path: &Path, overrides: &Overrides) -> Result<Config, ConfigErrors> {
+    let mut config = read(path, overrides)?;
+    let files = istio::read_policy_dirs(path, &config.agent.authorization.policy_dirs)?;
+    config.add_policy_files(&files);
+    Ok(config)
+}
+
+/// Reads and parses the config file alone (no policy directories).
+fn read(path: &Path, overrides: &Overrides) -> Result<Config, ConfigErrors> {
     match std::fs::read_to_string(path) {
         Ok(text) => parse(path, &text, overrides),
         Err(error) => Err(ConfigErrors(vec![ConfigError {
@@ -147,7 +181,8 @@ pub fn load(path: &Path, overrides: &Overrides) -> Result<Config, ConfigErrors> 
 }
 
 /// Parses config `text` (that came from `path`, which is only used in errors). Pure: no I/O, no
-/// environment; the same text and overrides always give the same result.
+/// environment; the same text and overrides always give the same result. Policy directories
+/// are not read here (see [`load`] and [`Config::add_policy_files`]).
 pub fn parse(path: &Path, text: &str, overrides: &Overrides) -> Result<Config, ConfigErrors> {
     let file = match serde_yaml::from_str::<Option<local::LocalFile>>(text) {
         Ok(file) => file.unwrap_or_default(),
@@ -162,11 +197,16 @@ pub fn parse(path: &Path, text: &str, overrides: &Overrides) -> Result<Config, C
     if !problems.0.is_empty() {
         return Err(located(path, text, problems));
     }
+    let istio_options = file.agent.authorization.istio_options();
+    let mut istio =
+        istio::IstioResources::from_file(path, text, &file.istio_resources, &istio_options);
+    istio.drop_duplicates(&converted.policies);
     Ok(Config {
         agent: file.agent,
         workloads: converted.workloads,
         services: converted.services,
         policies: converted.policies,
+        istio,
         path: path.to_path_buf(),
     })
 }

@@ -234,7 +234,7 @@ const WORKLOAD_A: &str = "- uid: u-a
 fn error_cases() -> Vec<(&'static str, String, Vec<&'static str>)> {
     vec![
         ("unknown top-level key", "workload: []\n".into(), vec![
-                "nodetunnel.yaml:1:1: workload: unknown field `workload`, expected one of `agent`, `workloads`, `services`, `policies`",
+                "nodetunnel.yaml:1:1: workload: unknown field `workload`, expected one of `agent`, `workloads`, `services`, `policies`, `istioResources`",
             ]),
         (
             "unknown workload field, case slip",

@@ -1,8 +1,10 @@
 //! Hot reload of the config file (layer L1, part of `config`).
 //!
-//! [`run`] polls the file and publishes each new valid [`Config`] on a `watch` channel; the
-//! app turns it into a state snapshot and a pod reconcile. A bad edit is rejected whole: its
-//! errors are logged once and the last good config stays published.
+//! [`run`] polls the file (and the policy directories it names) and publishes each new valid
+//! [`Config`] on a `watch` channel; the app turns it into a state snapshot and a pod reconcile.
+//! A bad edit is rejected whole: its errors are logged once and the last good config stays
+//! published. Istio resources that are left out or changed ([`super::istio::PolicyFinding`])
+//! are not errors: they are logged as warnings at start-up and whenever they change.
 //!
 //! Why poll instead of inotify: a Kubernetes ConfigMap volume updates by swapping a `..data`
 //! symlink to a new directory, so a watch on the file itself never fires (and editors that
@@ -29,6 +31,12 @@ struct Seen {
     content: Option<u64>,
     /// The file could not be read at the last poll (warned once, not every poll).
     unreadable: bool,
+    /// The last valid parse of the file, without policy directories; `None` while the file is
+    /// invalid.
+    parsed: Option<Config>,
+    /// Hash of the policy directories' files (paths and contents) last handled, or of the
+    /// error reading them.
+    policy_files: Option<u64>,
 }
 
 /// Polls `path` every `interval` until `shutdown` completes, publishing each valid config that
@@ -44,6 +52,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) {
     let mut last = last;
+    log_findings(&last, None);
     let mut seen = Seen::default();
     tokio::pin!(shutdown);
     let mut ticker = tokio::time::interval(interval);
@@ -62,6 +71,7 @@ pub async fn run(
             continue;
         }
         log_changes(&last, &next);
+        log_findings(&next, Some(&last));
         last = Arc::new(next);
         // No receivers left only means nobody listens any more; keep polling until shutdown.
         let _ = publish.send(last.clone());
@@ -88,24 +98,80 @@ async fn poll(path: &Path, overrides: &Overrides, seen: &mut Seen) -> Option<Con
         seen.unreadable = false;
     }
     let content = hash(&text);
-    if seen.content == Some(content) {
+    let file_changed = seen.content != Some(content);
+    if file_changed {
+        seen.content = Some(content);
+        let text = String::from_utf8_lossy(&text);
+        seen.parsed = match parse(path, &text, overrides) {
+            Ok(config) => Some(config),
+            Err(errors) => {
+                reject(path, &errors);
+                None
+            }
+        };
+    }
+    let parsed = seen.parsed.as_ref()?;
+    let dirs = parsed.agent.authorization.policy_dirs.clone();
+    let files = {
+        let path = path.to_path_buf();
+        tokio::task::spawn_blocking(move || super::istio::read_policy_dirs(&path, &dirs))
+            .await
+            .ok()?
+    };
+    let files_hash = match &files {
+        Ok(files) => hash_files(files),
+        Err(errors) => hash(errors.to_string().as_bytes()),
+    };
+    if !file_changed && seen.policy_files == Some(files_hash) {
         return None;
     }
-    seen.content = Some(content);
-    let text = String::from_utf8_lossy(&text);
-    match parse(path, &text, overrides) {
-        Ok(config) => Some(config),
+    seen.policy_files = Some(files_hash);
+    match files {
+        Ok(files) => {
+            let mut config = parsed.clone();
+            config.add_policy_files(&files);
+            Some(config)
+        }
         Err(errors) => {
-            for problem in &errors.0 {
-                error!(error = %problem, "config error");
-            }
-            error!(
-                path = %path.display(),
-                errors = errors.0.len(),
-                "config update rejected; keeping the last good config"
-            );
+            reject(path, &errors);
             None
         }
+    }
+}
+
+fn reject(path: &Path, errors: &super::ConfigErrors) {
+    for problem in &errors.0 {
+        error!(error = %problem, "config error");
+    }
+    error!(
+        path = %path.display(),
+        errors = errors.0.len(),
+        "config update rejected; keeping the last good config"
+    );
+}
+
+fn hash_files(files: &[super::istio::PolicyFile]) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    for file in files {
+        file.path.hash(&mut hasher);
+        file.text.hash(&mut hasher);
+    }
+    hasher.finish()
+}
+
+/// Logs the Istio resources left out or changed, once per distinct set: everything at
+/// start-up (`previous` is `None`), then only what a reload adds.
+fn log_findings(config: &Config, previous: Option<&Config>) {
+    for finding in &config.istio.findings {
+        if previous.is_some_and(|previous| previous.istio.findings.contains(finding)) {
+            continue;
+        }
+        warn!(
+            location = %finding.location,
+            kind = ?finding.kind,
+            reason = %finding.message,
+            "Istio resource not applied as written"
+        );
     }
 }
 
@@ -126,6 +192,10 @@ fn log_changes(old: &Config, new: &Config) {
         services.after = new.services.len(),
         policies.before = old.policies.len(),
         policies.after = new.policies.len(),
+        istio_policies.before = old.istio.policies.len(),
+        istio_policies.after = new.istio.policies.len(),
+        peer_authentications.before = old.istio.peer_authentications.len(),
+        peer_authentications.after = new.istio.peer_authentications.len(),
         pods.before = old.agent.pods.len(),
         pods.after = new.agent.pods.len(),
         "config reloaded"

@@ -1,7 +1,9 @@
 //! Inbound HBONE (15008): mTLS with the pod's own certificate, then one CONNECT stream per
 //! tunnelled connection. A stream is answered 200 only after the upstream connect to the app
-//! succeeded; 400 for a malformed request or an authority that is not this pod; 503 when the
-//! target is an agent port or the app cannot be reached. Errors stay inside their stream.
+//! succeeded; 400 for a malformed request or an authority that is not this pod; 401 when
+//! authorization denies it (decided after the target is resolved, before connecting to the app);
+//! 503 when the target is an agent port or the app cannot be reached. Errors stay inside their
+//! stream. A stream that a policy change denies later is reset ("policy changed").
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,7 +16,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
+use super::connections::{self, Denied, Revoked};
 use super::{accept_loop, copy, WorkloadProxy};
+use crate::authz::ConnectionFacts;
 use crate::hbone::stream::H2Stream;
 use crate::hbone::{self, Authority, ParsedConnect, TraceParent};
 use crate::net::{ports, ClientAddr};
@@ -107,6 +111,10 @@ enum StreamError {
     AgentPort(u16),
     #[error("the local workload is no longer configured")]
     UnknownWorkload,
+    #[error(transparent)]
+    Denied(Denied),
+    #[error(transparent)]
+    Revoked(Revoked),
     #[error("connect to the application: {0}")]
     Upstream(#[source] crate::socket::SocketError),
     #[error("sending the response: {0}")]
@@ -124,7 +132,10 @@ impl StreamError {
             | StreamError::AgentPort(_)
             | StreamError::UnknownWorkload
             | StreamError::Upstream(_) => StatusCode::SERVICE_UNAVAILABLE,
-            StreamError::Respond(_) | StreamError::Copy(_) => StatusCode::OK,
+            StreamError::Denied(_) => StatusCode::UNAUTHORIZED,
+            StreamError::Respond(_) | StreamError::Copy(_) | StreamError::Revoked(_) => {
+                StatusCode::OK
+            }
         }
     }
 }
@@ -146,13 +157,16 @@ async fn handle_stream(
     let span = tracing::info_span!("inbound", id = %trace, peer = %peer);
     let mut record = ConnectionRecord::new(Direction::Inbound, peer, &authority);
     record.trace = trace.to_string();
-    record.src_identity = peer_identity;
+    record.src_identity = peer_identity.clone();
     record.dst_hbone_addr = Some(authority);
     async move {
         let body = request.into_body();
         let mut respond = Some(respond);
         let result = match parsed {
-            Ok(parsed) => tunnel(&proxy, peer, parsed, body, &mut respond, &mut record).await,
+            Ok(parsed) => {
+                let client = (peer, peer_identity);
+                tunnel(&proxy, client, parsed, body, &mut respond, &mut record).await
+            }
             Err(error) => Err(StreamError::from(error)),
         };
         if let Err(error) = result {
@@ -166,10 +180,11 @@ async fn handle_stream(
     .await
 }
 
-/// Checks the target, connects to the app, answers 200 and copies.
+/// Checks the target, authorizes, connects to the app, answers 200 and copies until done or
+/// until a policy change revokes the stream.
 async fn tunnel(
     proxy: &WorkloadProxy,
-    peer: ClientAddr,
+    (peer, peer_identity): (ClientAddr, Option<Identity>),
     request: ParsedConnect,
     body: RecvStream,
     respond: &mut Option<SendResponse<Bytes>>,
@@ -191,6 +206,14 @@ async fn tunnel(
     if ports::is_agent_port(target.port()) {
         return Err(StreamError::AgentPort(target.port()));
     }
+    let facts = ConnectionFacts {
+        source_identity: peer_identity,
+        source_ip: peer.0.ip(),
+        destination_ip: target.ip(),
+        destination_port: target.port(),
+    };
+    let registration = connections::admit(&proxy.connections, &proxy.inputs.state, &local, facts)
+        .map_err(StreamError::Denied)?;
     // Original source: the app sees the HBONE peer's IP (proven by the connection, unlike the
     // client-supplied `forwarded` header), unless client and app share the pod.
     let source_ip = (proxy.inputs.settings.proxy.original_source && peer.0.ip() != target.ip())
@@ -208,9 +231,12 @@ async fn tunnel(
         .send_response(Response::new(()), false)
         .map_err(StreamError::Respond)?;
     let tunnel = H2Stream::new(send, body);
-    copy::bidirectional(tunnel, upstream, &record.bytes.sent, &record.bytes.received)
-        .await
-        .map_err(StreamError::Copy)
+    let copy = copy::bidirectional(tunnel, upstream, &record.bytes.sent, &record.bytes.received);
+    // Dropping the copy on revocation resets the stream (h2 CANCEL) and closes the app socket.
+    tokio::select! {
+        copied = copy => copied.map_err(StreamError::Copy),
+        revoked = registration.revoked() => Err(StreamError::Revoked(revoked)),
+    }
 }
 
 /// Maps the CONNECT authority to an address of the local workload.

@@ -1,5 +1,8 @@
 //! Inbound plaintext (15006): TCP arriving at the pod that is not HBONE, redirected to us. The
 //! original destination is the pod's own address; we connect to it from inside the pod.
+//! Authorization decides with no peer identity (so PeerAuthentication STRICT refuses it, and
+//! principal or namespace rules never match it); a denied connection is closed before anything
+//! reaches the app, and a policy change can close it later ("policy changed").
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -7,7 +10,9 @@ use std::sync::Arc;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument;
 
+use super::connections::{self, Denied, Revoked};
 use super::{accept_loop, copy, WorkloadProxy};
+use crate::authz::ConnectionFacts;
 use crate::hbone::TraceParent;
 use crate::net::{ports, ClientAddr, NetworkAddress, OriginalDst};
 use crate::telemetry::{ConnectionRecord, Direction};
@@ -25,6 +30,10 @@ enum PlaintextError {
     UnknownWorkload(String),
     #[error("destination {0} is not an address of this workload")]
     NotLocal(SocketAddr),
+    #[error(transparent)]
+    Denied(Denied),
+    #[error(transparent)]
+    Revoked(Revoked),
     #[error(transparent)]
     Socket(#[from] crate::socket::SocketError),
     #[error("copy: {0}")]
@@ -75,6 +84,14 @@ async fn proxy_connection(
         })
         .cloned();
     drop(snapshot);
+    let facts = ConnectionFacts {
+        source_identity: None,
+        source_ip: client.0.ip(),
+        destination_ip: destination.0.ip(),
+        destination_port: destination.0.port(),
+    };
+    let registration = connections::admit(&proxy.connections, &proxy.inputs.state, &local, facts)
+        .map_err(PlaintextError::Denied)?;
     let source_ip = (proxy.inputs.settings.proxy.original_source
         && client.0.ip() != destination.0.ip())
     .then_some(client.0.ip());
@@ -83,7 +100,9 @@ async fn proxy_connection(
         .sockets
         .connect(destination.0, source_ip, timeout)
         .await?;
-    copy::bidirectional(stream, upstream, &record.bytes.sent, &record.bytes.received)
-        .await
-        .map_err(PlaintextError::Copy)
+    let copy = copy::bidirectional(stream, upstream, &record.bytes.sent, &record.bytes.received);
+    tokio::select! {
+        copied = copy => copied.map_err(PlaintextError::Copy),
+        revoked = registration.revoked() => Err(PlaintextError::Revoked(revoked)),
+    }
 }

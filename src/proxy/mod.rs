@@ -6,6 +6,7 @@
 //! listeners inside the pod, and drains it when the pod goes away. Each accept loop is short and
 //! hands every connection to a named `handle` function in its own tracked task.
 
+mod connections;
 pub mod copy;
 mod inbound;
 mod inbound_plaintext;
@@ -78,6 +79,8 @@ pub struct WorkloadProxy {
     pool: pool::Pool,
     h2: H2Settings,
     drain: Drain,
+    /// Open inbound connections, re-evaluated on every policy change.
+    connections: Arc<connections::Connections>,
 }
 
 impl WorkloadProxy {
@@ -107,6 +110,7 @@ impl WorkloadProxy {
             pool,
             h2,
             drain,
+            connections: Arc::default(),
         })
     }
 
@@ -127,6 +131,14 @@ impl WorkloadProxy {
             inbound_plaintext = %local(&listeners.inbound_plaintext),
             "workload proxy listening"
         );
+        // Subscribed before the first accept, so no change can slip past a new connection.
+        drain.spawn(connections::run_reevaluation(
+            self.connections.clone(),
+            self.inputs.state.clone(),
+            self.workload_uid.clone(),
+            self.inputs.state.subscribe(),
+            self.drain.clone(),
+        ));
         drain.spawn(outbound::serve(self.clone(), listeners.outbound));
         drain.spawn(inbound::serve(self.clone(), listeners.inbound));
         drain.spawn(inbound_plaintext::serve(
@@ -145,6 +157,11 @@ impl WorkloadProxy {
             .snapshot()
             .workload(&self.workload_uid)
             .cloned()
+    }
+
+    /// Open inbound connections (HBONE streams and plaintext) under authorization (admin).
+    pub fn inbound_connections(&self) -> usize {
+        self.connections.len()
     }
 
     /// The pooled HBONE connections (admin, tests).

@@ -16,7 +16,7 @@ use arc_swap::ArcSwap;
 use crate::net::NetworkAddress;
 use crate::spiffe::Identity;
 
-pub use policy::Policy;
+pub use policy::{Authorization, Policy};
 
 /// How a workload accepts mesh traffic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
@@ -166,7 +166,7 @@ pub struct Snapshot {
     service_by_vip: HashMap<NetworkAddress, Arc<Service>>,
     /// Service key → the workloads backing it, in uid order (deterministic load balancing input).
     endpoints: HashMap<String, Vec<Arc<Workload>>>,
-    policies: Vec<Arc<Policy>>,
+    authorization: Authorization,
 }
 
 /// A service endpoint chosen for a connection.
@@ -179,9 +179,26 @@ pub struct Endpoint {
 }
 
 impl Snapshot {
+    /// Indexes the given model with local-config policies only (no selectors, no
+    /// PeerAuthentications, default options). See [`Snapshot::with_authorization`].
+    pub fn new(workloads: Vec<Workload>, services: Vec<Service>, policies: Vec<Policy>) -> Self {
+        let authorization = Authorization {
+            policies: policies
+                .into_iter()
+                .map(policy::SelectorPolicy::new)
+                .collect(),
+            ..Authorization::default()
+        };
+        Snapshot::with_authorization(workloads, services, authorization)
+    }
+
     /// Indexes the given model. The inputs must already be validated (unique uids and
     /// addresses); on a duplicate the later entry wins, which validation makes unreachable.
-    pub fn new(workloads: Vec<Workload>, services: Vec<Service>, policies: Vec<Policy>) -> Self {
+    pub fn with_authorization(
+        workloads: Vec<Workload>,
+        services: Vec<Service>,
+        authorization: Authorization,
+    ) -> Self {
         let mut snapshot = Snapshot::default();
         let mut sorted = workloads;
         sorted.sort_by(|a, b| a.uid.cmp(&b.uid));
@@ -212,7 +229,7 @@ impl Snapshot {
             }
             snapshot.services.insert(service.key(), service);
         }
-        snapshot.policies = policies.into_iter().map(Arc::new).collect();
+        snapshot.authorization = authorization;
         snapshot
     }
 
@@ -246,9 +263,21 @@ impl Snapshot {
         self.services.values()
     }
 
-    /// All policies, in configuration order.
-    pub fn policies(&self) -> &[Arc<Policy>] {
-        &self.policies
+    /// Authorization policies, PeerAuthentications and options: what `authz` decides with.
+    pub fn authorization(&self) -> &Authorization {
+        &self.authorization
+    }
+
+    /// The first workload (in uid order) with `ip` in any network; for tools that take a bare
+    /// IP from a person (explain), never for the data path, which knows its network.
+    pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
+        let mut found: Vec<&Arc<Workload>> = self
+            .workloads
+            .values()
+            .filter(|workload| workload.workload_ips.contains(&ip))
+            .collect();
+        found.sort_by(|a, b| a.uid.cmp(&b.uid));
+        found.into_iter().next()
     }
 
     /// Healthy endpoints of `service` that serve `service_port`, with their target ports.

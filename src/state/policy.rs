@@ -1,8 +1,15 @@
 //! L4 authorization policies in the model (layer L1): the shape Istio's ztunnel receives from
 //! istiod (`istio.security.Authorization`) and reads from its local config file. Evaluation lives
-//! in `authz`; this file is only the data.
+//! in `authz`; this file is only the data: policies (with the label selector Istio YAML gives
+//! them), PeerAuthentications and the agent-wide authorization options, so that a [`super::Snapshot`]
+//! holds everything `authz::authorize` reads.
+
+use std::collections::BTreeMap;
+use std::fmt;
 
 use ipnet::IpNet;
+
+use super::Workload;
 
 /// Which workloads a policy applies to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -125,4 +132,140 @@ impl Policy {
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
     }
+}
+
+/// Agent-wide authorization settings (the agent config's `authorization.defaultDeny`), carried in
+/// the snapshot so that a reload changes them together with the policies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct AuthzOptions {
+    /// Zero-trust posture: a workload with no enforced ALLOW policy admits nothing, instead of
+    /// Istio's default of admitting everything. DENY policies still apply first.
+    pub default_deny: bool,
+}
+
+/// `selector.matchLabels` of an Istio policy, kept so that selection can happen against the
+/// destination's labels at evaluation time (standalone mode has no istiod to fill
+/// `Workload::authorization_policies`).
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WorkloadSelector {
+    /// Every label here must be on the workload with the same value; empty selects every
+    /// workload in scope.
+    #[serde(default)]
+    pub match_labels: BTreeMap<String, String>,
+    /// Set for policies in the mesh root namespace: Istio applies their selector to workloads of
+    /// every namespace, not only the policy's own.
+    #[serde(default)]
+    pub all_namespaces: bool,
+}
+
+impl WorkloadSelector {
+    /// Whether a policy living in `policy_namespace` with this selector selects `workload`.
+    pub fn selects(&self, policy_namespace: &str, workload: &Workload) -> bool {
+        (self.all_namespaces || policy_namespace == workload.namespace)
+            && self
+                .match_labels
+                .iter()
+                .all(|(key, value)| workload.labels.get(key) == Some(value))
+    }
+}
+
+/// A policy together with the workload selector it was written with (Istio YAML input).
+/// A `WorkloadSelector`-scoped policy applies to a workload that lists its key in
+/// `authorization_policies` (xDS / local config) *or* that its selector selects.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SelectorPolicy {
+    /// The translated L4 policy.
+    pub policy: Policy,
+    /// Its selector; `None` when the scope is not `WorkloadSelector`.
+    #[serde(default)]
+    pub selector: Option<WorkloadSelector>,
+}
+
+impl SelectorPolicy {
+    /// A policy without selector (selection by scope and workload-listed keys only).
+    pub fn new(policy: Policy) -> Self {
+        SelectorPolicy {
+            policy,
+            selector: None,
+        }
+    }
+}
+
+/// How a workload accepts inbound traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum MtlsMode {
+    /// Only mTLS (HBONE): plaintext inbound is refused.
+    Strict,
+    /// Both mTLS and plaintext (Istio's default).
+    #[default]
+    Permissive,
+    /// Plaintext allowed; HBONE still works (it cannot be refused at L4 by the agent).
+    Disable,
+}
+
+impl fmt::Display for MtlsMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            MtlsMode::Strict => "STRICT",
+            MtlsMode::Permissive => "PERMISSIVE",
+            MtlsMode::Disable => "DISABLE",
+        })
+    }
+}
+
+/// Which workloads a PeerAuthentication applies to; resolved at translation time from the
+/// resource's namespace (root or not) and selector.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub enum PeerAuthenticationScope {
+    /// Root namespace, no selector: the whole mesh.
+    Mesh,
+    /// No selector: workloads of its namespace.
+    Namespace,
+    /// Workloads of its namespace carrying all these labels.
+    Workload {
+        /// Labels the workload must carry (non-empty).
+        match_labels: BTreeMap<String, String>,
+    },
+}
+
+/// A PeerAuthentication in model form. `None` modes are Istio's UNSET (inherit).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PeerAuthentication {
+    /// Resource name.
+    pub name: String,
+    /// Resource namespace.
+    pub namespace: String,
+    /// Mesh, namespace or workload.
+    pub scope: PeerAuthenticationScope,
+    /// The workload-level mode; `None` inherits.
+    #[serde(default)]
+    pub mode: Option<MtlsMode>,
+    /// Per target port overrides (workload scope only); `None` inherits the workload-level mode.
+    #[serde(default)]
+    pub port_level: BTreeMap<u16, Option<MtlsMode>>,
+}
+
+impl PeerAuthentication {
+    /// `namespace/name`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Everything authorization reads from a snapshot, from every source, in configuration order
+/// (the local config's `policies` first, then Istio resources).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Authorization {
+    /// L4 authorization policies, each with its label selector if it came with one.
+    pub policies: Vec<SelectorPolicy>,
+    /// PeerAuthentications (first wins on conflicts at one level, as in Istio).
+    pub peer_authentications: Vec<PeerAuthentication>,
+    /// The zero-trust switch.
+    pub options: AuthzOptions,
 }

@@ -1,0 +1,289 @@
+//! Authorization of inbound connections, first and live (layer L3).
+//!
+//! Every inbound connection of a workload proxy — an HBONE CONNECT stream once its target is
+//! resolved, or a plaintext connection on 15006 — goes through [`admit`]: it is *registered*
+//! with its [`ConnectionFacts`] first and only then decided on a fresh snapshot, so a policy
+//! change that lands between the two can never be missed. While it lives, [`run_reevaluation`]
+//! decides it again on every new snapshot (`StateStore::subscribe`) and cancels the ones now
+//! denied; the connection's task sees [`Registration::revoked`] complete, stops copying, and
+//! logs "policy changed" in its access-log record. Allowed connections are not touched.
+//!
+//! Decisions are `authz::decide` (pure); this file only registers, logs and cancels.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::authz::{self, ConnectionFacts, Decision, DecisionReason, DryRunEffect, MtlsMode};
+use crate::drain::Drain;
+use crate::state::{Snapshot, StateStore, Workload};
+
+/// Why a connection is refused or was closed: the deciding policy, or the reason none decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Denied(Decision);
+
+impl Denied {
+    /// The full decision, for logs.
+    pub(super) fn decision(&self) -> &Decision {
+        &self.0
+    }
+
+    /// Whether STRICT mTLS, not an authorization policy, refused a plaintext connection.
+    fn is_strict_mtls(&self) -> bool {
+        let strict = self
+            .0
+            .mtls
+            .as_ref()
+            .is_some_and(|mtls| mtls.mode == MtlsMode::Strict);
+        let by_strict_policy = self.0.deciding_policy().is_some_and(|policy| {
+            policy.ends_with("/istio_converted_static_strict")
+                || policy.contains("/converted_peer_authentication_")
+        });
+        strict && by_strict_policy
+    }
+}
+
+impl fmt::Display for Denied {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.is_strict_mtls() {
+            if let Some(mtls) = &self.0.mtls {
+                return write!(f, "plaintext refused: mTLS mode {mtls}");
+            }
+        }
+        match &self.0.reason {
+            DecisionReason::DeniedBy { policy, .. } => write!(f, "denied by policy {policy}"),
+            other => write!(f, "denied: {}", other.summary()),
+        }
+    }
+}
+
+impl std::error::Error for Denied {}
+
+/// A connection closed by re-evaluation; displayed `policy changed: <denial>`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("policy changed: {0}")]
+pub(super) struct Revoked(pub(super) Denied);
+
+/// One registered connection, as the re-evaluator sees it.
+#[derive(Debug)]
+struct Entry {
+    facts: ConnectionFacts,
+    cancel: CancellationToken,
+    revoked: Arc<OnceLock<Denied>>,
+}
+
+/// The live inbound connections of one workload proxy.
+#[derive(Debug, Default)]
+pub(crate) struct Connections {
+    entries: Mutex<HashMap<u64, Entry>>,
+    next_id: AtomicU64,
+}
+
+/// A connection's place in [`Connections`]; removed when dropped (with the connection's task).
+#[derive(Debug)]
+pub(super) struct Registration {
+    id: u64,
+    connections: Arc<Connections>,
+    cancel: CancellationToken,
+    revoked: Arc<OnceLock<Denied>>,
+}
+
+impl Registration {
+    /// Completes when a policy change denies this connection; never otherwise.
+    pub(super) async fn revoked(&self) -> Revoked {
+        self.cancel.cancelled().await;
+        match self.revoked.get() {
+            Some(denied) => Revoked(denied.clone()),
+            // The token is only cancelled after the reason is set.
+            None => std::future::pending().await,
+        }
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.connections.lock().remove(&self.id);
+    }
+}
+
+impl Connections {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Entry>> {
+        // A panic while holding the lock cannot leave the map inconsistent (single inserts and
+        // removes), so a poisoned lock is still usable.
+        self.entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn register(self: &Arc<Self>, facts: ConnectionFacts) -> Registration {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let cancel = CancellationToken::new();
+        let revoked = Arc::new(OnceLock::new());
+        self.lock().insert(
+            id,
+            Entry {
+                facts,
+                cancel: cancel.clone(),
+                revoked: revoked.clone(),
+            },
+        );
+        Registration {
+            id,
+            connections: self.clone(),
+            cancel,
+            revoked,
+        }
+    }
+
+    /// Open connections (admin, tests).
+    pub(crate) fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Decides every open connection again on `snapshot` and cancels those now denied. Returns
+    /// how many were closed.
+    fn reevaluate(&self, snapshot: &Snapshot, workload: &Workload) -> usize {
+        let open: Vec<(ConnectionFacts, CancellationToken, Arc<OnceLock<Denied>>)> = self
+            .lock()
+            .values()
+            .filter(|entry| !entry.cancel.is_cancelled())
+            .map(|entry| {
+                (
+                    entry.facts.clone(),
+                    entry.cancel.clone(),
+                    entry.revoked.clone(),
+                )
+            })
+            .collect();
+        let mut closed = 0;
+        for (facts, cancel, revoked) in open {
+            let decision = authz::decide(snapshot, workload, &facts);
+            if decision.is_allowed() {
+                continue;
+            }
+            let denied = Denied(decision);
+            tracing::info!(
+                src.addr = %facts.source_ip,
+                src.identity = %identity_text(&facts),
+                dst.port = facts.destination_port,
+                reason = %denied,
+                explain = %denied.decision(),
+                "closing connection: policy changed"
+            );
+            let _ = revoked.set(denied);
+            cancel.cancel();
+            closed += 1;
+        }
+        closed
+    }
+}
+
+fn identity_text(facts: &ConnectionFacts) -> String {
+    facts
+        .source_identity
+        .as_ref()
+        .map(ToString::to_string)
+        .unwrap_or_default()
+}
+
+/// Registers the connection, then decides it on the current snapshot. The returned
+/// registration must live as long as the connection.
+pub(super) fn admit(
+    connections: &Arc<Connections>,
+    state: &StateStore,
+    local: &Workload,
+    facts: ConnectionFacts,
+) -> Result<Registration, Denied> {
+    let registration = connections.register(facts.clone());
+    let snapshot = state.snapshot();
+    let workload = snapshot.workload(&local.uid).map_or(local, |w| w.as_ref());
+    let decision = authz::decide(&snapshot, workload, &facts);
+    log_decision(&decision, &facts);
+    if decision.is_allowed() {
+        Ok(registration)
+    } else {
+        Err(Denied(decision))
+    }
+}
+
+/// One event per decision: deny at info, allow at debug (info when a dry-run policy would have
+/// denied, so shadow policies are visible at the default level).
+fn log_decision(decision: &Decision, facts: &ConnectionFacts) {
+    let dry_run: Vec<String> = decision
+        .dry_run
+        .iter()
+        .map(|result| {
+            let effect = match result.effect {
+                DryRunEffect::WouldAllow => "would allow",
+                DryRunEffect::WouldDeny => "would deny",
+            };
+            format!("{}: {effect}", result.policy)
+        })
+        .collect();
+    let would_deny = decision
+        .dry_run
+        .iter()
+        .any(|result| result.effect == DryRunEffect::WouldDeny);
+    macro_rules! decision_event {
+        ($level:expr, $message:literal) => {
+            tracing::event!(
+                $level,
+                verdict = %decision.verdict,
+                policy = decision.deciding_policy().unwrap_or(""),
+                reason = %decision.reason,
+                dry_run = %dry_run.join(", "),
+                src.addr = %facts.source_ip,
+                src.identity = %identity_text(facts),
+                dst.port = facts.destination_port,
+                $message
+            )
+        };
+    }
+    if !decision.is_allowed() {
+        decision_event!(tracing::Level::INFO, "connection denied by authorization");
+    } else if would_deny {
+        decision_event!(
+            tracing::Level::INFO,
+            "connection allowed (a dry-run policy would deny it)"
+        );
+    } else {
+        decision_event!(tracing::Level::DEBUG, "connection allowed by authorization");
+    }
+}
+
+/// Re-evaluates `connections` of workload `workload_uid` after every snapshot change until
+/// `stop` drains. `changes` must be subscribed before the proxy accepts its first connection.
+#[tracing::instrument(name = "policy_reevaluation", skip_all, fields(workload = %workload_uid))]
+pub(super) async fn run_reevaluation(
+    connections: Arc<Connections>,
+    state: Arc<StateStore>,
+    workload_uid: String,
+    mut changes: tokio::sync::watch::Receiver<u64>,
+    stop: Drain,
+) {
+    loop {
+        tokio::select! {
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+            _ = stop.draining() => return,
+        }
+        let snapshot = state.snapshot();
+        // A workload that left the model is being removed with its whole proxy (drain).
+        let Some(workload) = snapshot.workload(&workload_uid).cloned() else {
+            continue;
+        };
+        let closed = connections.reevaluate(&snapshot, &workload);
+        if closed > 0 {
+            tracing::info!(workload = %workload_uid, closed, "policy change closed connections");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

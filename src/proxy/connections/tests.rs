@@ -1,0 +1,184 @@
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::*;
+use crate::config::{parse, Overrides};
+
+const MODEL: &str = r#"
+workloads:
+  - {name: server, namespace: default, serviceAccount: server, workloadIps: [10.0.0.2], protocol: HBONE, labels: {app: server}}
+  - {name: good, namespace: default, serviceAccount: good, workloadIps: [10.0.0.3], protocol: HBONE}
+  - {name: bad, namespace: default, serviceAccount: bad, workloadIps: [10.0.0.4], protocol: HBONE}
+"#;
+
+/// A snapshot of `MODEL` plus `extra` top-level YAML (policies, istioResources, agent).
+fn snapshot(extra: &str) -> Snapshot {
+    let text = format!("{MODEL}{extra}");
+    match parse(Path::new("test.yaml"), &text, &Overrides::default()) {
+        Ok(config) => config.snapshot(),
+        Err(errors) => panic!("test config: {errors}"),
+    }
+}
+
+fn facts(client: Option<&str>, ip: [u8; 4]) -> ConnectionFacts {
+    ConnectionFacts {
+        source_identity: client.map(|sa| {
+            format!("spiffe://cluster.local/ns/default/sa/{sa}")
+                .parse()
+                .expect("identity")
+        }),
+        source_ip: ip.into(),
+        destination_ip: [10, 0, 0, 2].into(),
+        destination_port: 8080,
+    }
+}
+
+const ALLOW_GOOD: &str = r#"
+istioResources:
+  - apiVersion: security.istio.io/v1
+    kind: AuthorizationPolicy
+    metadata: {name: allow-good, namespace: default}
+    spec:
+      selector: {matchLabels: {app: server}}
+      rules: [{from: [{source: {principals: [cluster.local/ns/default/sa/good]}}]}]
+"#;
+
+const DENY_GOOD: &str = r#"
+istioResources:
+  - apiVersion: security.istio.io/v1
+    kind: AuthorizationPolicy
+    metadata: {name: deny-good, namespace: default}
+    spec:
+      action: DENY
+      rules: [{from: [{source: {principals: [cluster.local/ns/default/sa/good]}}]}]
+"#;
+
+fn store(extra: &str) -> (StateStore, Arc<Workload>) {
+    let snapshot = snapshot(extra);
+    let server = snapshot
+        .workload("Kubernetes//Pod/default/server")
+        .expect("server workload")
+        .clone();
+    (StateStore::new(snapshot), server)
+}
+
+#[test]
+fn admit_registers_allowed_and_refuses_denied_with_the_deciding_policy() {
+    let (state, server) = store(ALLOW_GOOD);
+    let connections = Arc::new(Connections::default());
+    let admitted = admit(
+        &connections,
+        &state,
+        &server,
+        facts(Some("good"), [10, 0, 0, 3]),
+    );
+    assert!(admitted.is_ok());
+    assert_eq!(connections.len(), 1);
+    let denied = admit(
+        &connections,
+        &state,
+        &server,
+        facts(Some("bad"), [10, 0, 0, 4]),
+    )
+    .expect_err("bad is not allowed");
+    assert_eq!(
+        denied.to_string(),
+        "denied: allow policies exist, but none allowed"
+    );
+    assert_eq!(connections.len(), 1, "a refused connection is unregistered");
+    drop(admitted);
+    assert_eq!(
+        connections.len(),
+        0,
+        "dropping the registration unregisters"
+    );
+}
+
+#[test]
+fn denial_texts_name_the_policy_or_the_mtls_mode() {
+    let strict = r#"
+istioResources:
+  - apiVersion: security.istio.io/v1
+    kind: PeerAuthentication
+    metadata: {name: default, namespace: istio-system}
+    spec: {mtls: {mode: STRICT}}
+"#;
+    let zero_trust = "agent: {authorization: {defaultDeny: true}}\n";
+    let cases = [
+        (DENY_GOOD, Some("good"), "denied by policy default/deny-good"),
+        (
+            strict,
+            None,
+            "plaintext refused: mTLS mode STRICT (PeerAuthentication istio-system/default, Mesh level)",
+        ),
+        (zero_trust, Some("good"), "denied: default deny (zero-trust)"),
+    ];
+    for (extra, client, expected) in cases {
+        let (state, server) = store(extra);
+        let connections = Arc::new(Connections::default());
+        let denied =
+            admit(&connections, &state, &server, facts(client, [10, 0, 0, 3])).expect_err(expected);
+        assert_eq!(denied.to_string(), expected);
+    }
+}
+
+#[tokio::test]
+async fn a_policy_change_revokes_only_the_connections_it_denies() {
+    let (state, server) = store("");
+    let state = Arc::new(state);
+    let connections = Arc::new(Connections::default());
+    let changes = state.subscribe();
+    let stop = Drain::new();
+    let task = tokio::spawn(run_reevaluation(
+        connections.clone(),
+        state.clone(),
+        server.uid.clone(),
+        changes,
+        stop.clone(),
+    ));
+    let good = admit(
+        &connections,
+        &state,
+        &server,
+        facts(Some("good"), [10, 0, 0, 3]),
+    )
+    .expect("no policies: allowed");
+    let other = admit(
+        &connections,
+        &state,
+        &server,
+        facts(Some("bad"), [10, 0, 0, 4]),
+    )
+    .expect("no policies: allowed");
+
+    state.replace(snapshot(DENY_GOOD));
+    let revoked = tokio::time::timeout(Duration::from_secs(5), good.revoked())
+        .await
+        .expect("revoked promptly");
+    assert_eq!(
+        revoked.to_string(),
+        "policy changed: denied by policy default/deny-good"
+    );
+    let untouched = tokio::time::timeout(Duration::from_millis(100), other.revoked()).await;
+    assert!(untouched.is_err(), "an allowed connection is not touched");
+
+    stop.terminate().await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+}
+
+#[test]
+fn reevaluation_skips_connections_already_revoked() {
+    let (state, server) = store("");
+    let connections = Arc::new(Connections::default());
+    let _good = admit(
+        &connections,
+        &state,
+        &server,
+        facts(Some("good"), [10, 0, 0, 3]),
+    )
+    .expect("allowed");
+    let deny = snapshot(DENY_GOOD);
+    assert_eq!(connections.reevaluate(&deny, &server), 1);
+    assert_eq!(connections.reevaluate(&deny, &server), 0, "closed once");
+}
