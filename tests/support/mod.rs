@@ -63,14 +63,15 @@ pub fn which(tool: &str) -> bool {
     std::env::split_paths(&path).any(|dir| dir.join(tool).is_file())
 }
 
-/// A name prefix unique to this process and call: `nt<pid-hex><counter-hex>`.
+/// A name prefix unique to this process and call: `nt<pid-hex>n<counter-hex>`.
 ///
-/// At most 11 characters, so `<prefix>-<short role>` stays usable where the kernel limits names.
+/// The `n` separates the pid, so `scripts/test.sh` can find namespaces of a test process that
+/// was killed before its `Drop` guards ran and delete them when that pid is gone.
 pub fn unique_prefix() -> String {
     use std::sync::atomic::{AtomicU32, Ordering};
     static COUNTER: AtomicU32 = AtomicU32::new(0);
     let counter = COUNTER.fetch_add(1, Ordering::Relaxed);
-    format!("nt{:x}{:x}", std::process::id(), counter)
+    format!("nt{:x}n{:x}", std::process::id(), counter)
 }
 
 /// Polls `condition` every 50 ms until it returns `Some`, or fails after `timeout`.
