@@ -18,6 +18,7 @@ use http_body_util::Full;
 use hyper::{Request, Response, StatusCode};
 use tokio::net::TcpListener;
 
+use crate::capture::rules::RedirectRules;
 use crate::capture::zds::ZdsClient;
 use crate::capture::{DesiredPod, PodManager};
 use crate::config::{self, Config, Overrides};
@@ -28,7 +29,7 @@ use crate::proxy::{ProxyInputs, ProxySettings};
 use crate::state::StateStore;
 use crate::sys::Netns;
 
-/// How often failed pods are retried.
+/// How often config pods are re-checked: failed ones retried, vanished namespaces released.
 const POD_RETRY_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Everything `run` needs besides the config.
@@ -61,6 +62,12 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
         inputs,
         home,
         agent.proxy.packet_mark,
+        agent.capture.install_rules.then(|| RedirectRules {
+            mark: agent.proxy.packet_mark,
+            outbound_port: crate::net::ports::OUTBOUND,
+            inbound_plaintext_port: crate::net::ports::INBOUND_PLAINTEXT,
+            hbone_port: crate::net::ports::HBONE,
+        }),
         drain.child(),
     ));
     let control = drain.child();
@@ -71,6 +78,18 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
     let readiness = TcpListener::bind(agent.listen.readiness)
         .await
         .with_context(|| format!("bind readiness {}", agent.listen.readiness))?;
+    let admin = TcpListener::bind(agent.listen.admin)
+        .await
+        .with_context(|| format!("bind admin {}", agent.listen.admin))?;
+    control.spawn(crate::admin::serve(
+        admin,
+        crate::admin::AdminState {
+            pods: pods.clone(),
+            state: state.clone(),
+            node: agent.node.clone(),
+        },
+        control.clone(),
+    ));
     let zds_synced = agent.zds.enabled.then(|| {
         let client = Arc::new(ZdsClient::new(
             agent.zds.clone(),
@@ -117,6 +136,7 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
             tracing::warn!("second interrupt: exiting now");
         }
     }
+    pods.remove_all().await;
     tracing::info!("nodetunnel stopped");
     Ok(())
 }
@@ -161,8 +181,14 @@ async fn apply_updates(
                 state.replace(current.snapshot());
                 failures = pods.reconcile(&desired_pods(&current)).await;
             }
-            _ = retry.tick(), if failures > 0 => {
-                failures = pods.reconcile(&desired_pods(&current)).await;
+            // Periodic even without failures: a pod's namespace can vanish under us (pod
+            // deleted), and re-opening each path is how we notice and release it.
+            _ = retry.tick() => {
+                let failed = pods.reconcile(&desired_pods(&current)).await;
+                if failed != failures {
+                    tracing::info!(failed, "pods still failing after retry");
+                }
+                failures = failed;
             }
             _ = drain.draining() => return,
         }
@@ -209,7 +235,7 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
 }
 
 /// A minimal HTTP/1.1 accept loop for the node-level servers.
-async fn serve_http<F, Fut>(listener: TcpListener, drain: Drain, handler: F)
+pub(crate) async fn serve_http<F, Fut>(listener: TcpListener, drain: Drain, handler: F)
 where
     F: Fn(Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: std::future::Future<Output = Response<Full<Bytes>>> + Send + 'static,

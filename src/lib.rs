@@ -5,13 +5,14 @@
 //! SPIFFE identities. See `ARCHITECTURE.md` for the flow of a connection through the modules.
 //!
 //! Layers (a module uses only its own layer or lower):
-//! - L5 [`app`]: composition root, signals, node-level servers.
+//! - L5 [`app`], [`admin`]: composition root, signals, node-level servers, admin API.
 //! - L4 [`capture`]: local pods and their per-pod listener sets.
 //! - L3 [`proxy`]: outbound, inbound, pool, route decision, copy.
 //! - L2 [`hbone`], [`tls`], [`identity`], [`authz`]: protocols and certificates.
 //! - L1 [`state`], [`config`], [`telemetry`]: the model, configuration, logging.
 //! - L0 [`sys`], [`socket`], [`drain`], [`net`], [`spiffe`]: syscalls, sockets, primitives.
 
+pub mod admin;
 pub mod app;
 pub mod authz;
 pub mod capture;

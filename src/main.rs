@@ -60,6 +60,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Capture or release pods on a running agent (through its admin API).
+    Pod {
+        /// The agent's admin address.
+        #[arg(long, global = true, default_value = "127.0.0.1:15000")]
+        admin: std::net::SocketAddr,
+        #[command(subcommand)]
+        command: PodCommand,
+    },
     /// Certificate authority utilities.
     Ca {
         #[command(subcommand)]
@@ -77,6 +85,31 @@ enum CaCommand {
         /// Common name of the root.
         #[arg(long, default_value = "nodetunnel root CA")]
         common_name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PodCommand {
+    /// Capture a pod: open its listeners in the netns and install its redirection rules.
+    Add {
+        /// The workload: uid or namespace/name (must be on this agent's node).
+        #[arg(long)]
+        workload: String,
+        /// Its network namespace, e.g. /run/netns/NAME or /proc/PID/ns/net.
+        #[arg(long)]
+        netns: PathBuf,
+    },
+    /// Release a pod: close its listeners and connections, remove its rules.
+    Remove {
+        /// The workload: uid or namespace/name.
+        #[arg(long)]
+        workload: String,
+    },
+    /// List captured pods.
+    List {
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -124,6 +157,7 @@ fn main() -> ExitCode {
             to,
             json,
         } => explain(&config, &from, &to, json),
+        Command::Pod { admin, command } => pod_command(admin, command),
         Command::Ca {
             command:
                 CaCommand::Init {
@@ -245,4 +279,80 @@ fn write_private(path: &std::path::Path, contents: &[u8]) -> anyhow::Result<()> 
         .with_context(|| format!("write {}", path.display()))?;
     file.write_all(contents)
         .with_context(|| format!("write {}", path.display()))
+}
+
+/// Runs a `nodetunnel pod` subcommand against the agent's admin API.
+fn pod_command(admin: std::net::SocketAddr, command: PodCommand) -> ExitCode {
+    use hyper::Method;
+    use nodetunnel::admin::{call, query};
+    let (method, path, json) = match &command {
+        PodCommand::Add { workload, netns } => {
+            let netns = netns.to_string_lossy();
+            let query = query(&[("workload", workload), ("netns", &netns)]);
+            (Method::POST, format!("/pods?{query}"), false)
+        }
+        PodCommand::Remove { workload } => (
+            Method::DELETE,
+            format!("/pods?{}", query(&[("workload", workload)])),
+            false,
+        ),
+        PodCommand::List { json } => (Method::GET, "/pods".to_string(), *json),
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let (status, body) = match runtime.block_on(call(admin, method, &path)) {
+        Ok(answer) => answer,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if !status.is_success() {
+        let reason = serde_json::from_str::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
+            .unwrap_or(body);
+        eprintln!("error: {reason}");
+        return ExitCode::FAILURE;
+    }
+    match command {
+        PodCommand::List { .. } if !json => print_pods(&body),
+        _ => println!("{}", body.trim()),
+    }
+    ExitCode::SUCCESS
+}
+
+/// `nodetunnel pod list` as a table.
+fn print_pods(body: &str) {
+    let pods: std::collections::BTreeMap<String, serde_json::Value> =
+        serde_json::from_str(body).unwrap_or_default();
+    println!(
+        "{:<48} {:<8} {:<8} {:<32} REASON",
+        "WORKLOAD", "STATE", "SOURCE", "NETNS"
+    );
+    for (uid, status) in pods {
+        let field = |name: &str| {
+            status
+                .get(name)
+                .and_then(|v| v.as_str())
+                .unwrap_or("")
+                .to_string()
+        };
+        println!(
+            "{:<48} {:<8} {:<8} {:<32} {}",
+            uid,
+            field("state"),
+            field("source"),
+            field("netns"),
+            field("reason")
+        );
+    }
 }

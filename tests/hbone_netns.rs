@@ -2,8 +2,8 @@
 //! `nodetunnel` process, "pods" with ordinary TCP apps, and the node-to-node link captured.
 //!
 //! Topology (see `support::netns`): node `a` (pods 10.200.1.x) and node `b` (pods 10.200.2.x)
-//! joined by one veth pair. Captured pods get the test's nftables redirection rules
-//! (`support::netns::redirect_rules`) until the agent installs its own (issue 3).
+//! joined by one veth pair. The agents install the redirection rules in the pods they capture;
+//! the harness's own rules (`support::netns::redirect_rules`) only serve its self-tests.
 //!
 //! Needs root. Without it these tests fail loudly unless `NODETUNNEL_SKIP_NETNS_TESTS=1`.
 
@@ -205,12 +205,9 @@ struct Cluster {
 }
 
 impl Cluster {
-    /// Installs the redirection rules in `captured` pods and starts an agent on each node,
-    /// capturing the listed pods that live there; waits until both are ready.
+    /// Starts an agent on each node, capturing the listed pods that live there (the agent
+    /// installs their redirection rules); waits until both are ready.
     fn start(topology: Topology, mesh: Mesh, captured: &[&str]) -> Cluster {
-        for pod in captured {
-            topology.install_redirect(pod).expect("redirection rules");
-        }
         let ca = Ca::init().expect("nodetunnel ca init");
         let mut agents = Vec::new();
         for node in ["a", "b"] {

@@ -8,6 +8,7 @@
 //! else touched); a pod whose namespace changed is replaced. A pod that fails to start is
 //! reported with the reason and retried on the next reconcile; the others carry on.
 
+pub mod rules;
 pub mod zds;
 
 use std::collections::{BTreeMap, HashMap};
@@ -31,6 +32,14 @@ pub struct DesiredPod {
 /// Why a pod could not be captured.
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
+    /// The redirection rules could not be installed.
+    #[error("redirection rules in {path}: {source}")]
+    Rules {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        source: rules::RulesError,
+    },
     /// The namespace path could not be opened.
     #[error("open network namespace {path}: {source}")]
     OpenNetns {
@@ -58,10 +67,26 @@ pub enum CaptureError {
 }
 
 struct RunningPod {
+    source: PodSource,
+    netns: Arc<Netns>,
     netns_id: NetnsId,
     netns_path: PathBuf,
     proxy: Arc<WorkloadProxy>,
     drain: Drain,
+    /// Whether we installed redirection rules in the pod (and must remove them).
+    rules_installed: bool,
+}
+
+/// Who asked for a pod. Each source reconciles only its own pods.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum PodSource {
+    /// `agent.pods` in the config file.
+    Config,
+    /// Added at run time through the admin API (`nodetunnel pod add`).
+    Api,
+    /// istio-cni over ZDS; the CNI owns the redirection rules.
+    Cni,
 }
 
 /// What [`PodManager::add`] did.
@@ -83,11 +108,15 @@ pub enum PodStatus {
     Running {
         /// The namespace path.
         netns: PathBuf,
+        /// Who added it.
+        source: PodSource,
     },
     /// The last attempt failed; it will be retried.
     Failed {
         /// The namespace path.
         netns: PathBuf,
+        /// Who added it.
+        source: PodSource,
         /// Why.
         reason: String,
     },
@@ -98,22 +127,37 @@ pub struct PodManager {
     inputs: ProxyInputs,
     home: Arc<Netns>,
     mark: u32,
+    /// Rules installed in config/API pods when the agent owns redirection (standalone).
+    rules: Option<rules::RedirectRules>,
     drain: Drain,
     running: tokio::sync::Mutex<HashMap<String, RunningPod>>,
     status: Mutex<BTreeMap<String, PodStatus>>,
+    /// Set once the config's pod list has been reconciled for the first time: until then the
+    /// agent is not ready, even though no pod has failed yet.
+    config_synced: std::sync::atomic::AtomicBool,
 }
 
 impl PodManager {
     /// A manager whose pods' drain scopes are children of `drain`. `home` is the agent's own
     /// namespace; `mark` goes on every socket made in a pod.
-    pub fn new(inputs: ProxyInputs, home: Arc<Netns>, mark: u32, drain: Drain) -> Self {
+    /// With `rules` set, the agent installs redirection rules in the pods it captures from the
+    /// config or the admin API (never in CNI pods, whose rules istio-cni owns).
+    pub fn new(
+        inputs: ProxyInputs,
+        home: Arc<Netns>,
+        mark: u32,
+        rules: Option<rules::RedirectRules>,
+        drain: Drain,
+    ) -> Self {
         PodManager {
             inputs,
             home,
             mark,
+            rules,
             drain,
             running: tokio::sync::Mutex::new(HashMap::new()),
             status: Mutex::new(BTreeMap::new()),
+            config_synced: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -123,49 +167,59 @@ impl PodManager {
     pub async fn reconcile(&self, desired: &[DesiredPod]) -> usize {
         let wanted: std::collections::HashSet<&str> =
             desired.iter().map(|pod| pod.uid.as_str()).collect();
-        self.retain(|uid| wanted.contains(uid)).await;
+        self.retain_source(PodSource::Config, |uid| wanted.contains(uid))
+            .await;
         let mut failures = 0;
         for pod in desired {
             let opened = Netns::open(&pod.netns).map_err(|source| CaptureError::OpenNetns {
                 path: pod.netns.clone(),
                 source,
             });
-            if self.add_opened(&pod.uid, &pod.netns, opened).await.is_err() {
+            if opened.is_err() {
+                // The namespace is gone (pod deleted): release our fd and listeners now.
+                self.remove(&pod.uid).await;
+            }
+            let added = match opened {
+                Ok(netns) => self.add_from(PodSource::Config, &pod.uid, netns).await,
+                Err(error) => {
+                    self.set_status(&pod.uid, PodSource::Config, &pod.netns, Some(&error));
+                    Err(error)
+                }
+            };
+            if added.is_err() {
                 failures += 1;
             }
         }
+        self.config_synced
+            .store(true, std::sync::atomic::Ordering::Release);
         failures
     }
 
     /// Starts the proxy of `uid` in `netns`. Idempotent for the same namespace (dev + inode);
     /// a different namespace for a running uid means the pod was recreated: the old proxy is
     /// terminated and a new one started.
+    /// Used by istio-cni (ZDS), which owns the pod's redirection rules.
     pub async fn add(&self, uid: &str, netns: Netns) -> Result<AddOutcome, CaptureError> {
+        self.add_from(PodSource::Cni, uid, netns).await
+    }
+
+    /// [`PodManager::add`] for a given source; config and API pods get redirection rules when
+    /// the agent owns them.
+    pub async fn add_from(
+        &self,
+        source: PodSource,
+        uid: &str,
+        netns: Netns,
+    ) -> Result<AddOutcome, CaptureError> {
         let path = netns.path().to_path_buf();
         let mut running = self.running.lock().await;
-        let result = self.start(&mut running, uid, netns).await;
+        let result = self.start(&mut running, source, uid, netns).await;
         drop(running);
-        self.set_status(uid, &path, result.as_ref().err());
+        self.set_status(uid, source, &path, result.as_ref().err());
         if let Err(error) = &result {
             tracing::error!(workload = %uid, %error, "cannot capture pod");
         }
         result
-    }
-
-    async fn add_opened(
-        &self,
-        uid: &str,
-        path: &std::path::Path,
-        netns: Result<Netns, CaptureError>,
-    ) -> Result<AddOutcome, CaptureError> {
-        match netns {
-            Ok(netns) => self.add(uid, netns).await,
-            Err(error) => {
-                tracing::error!(workload = %uid, %error, "cannot capture pod; will retry");
-                self.set_status(uid, path, Some(&error));
-                Err(error)
-            }
-        }
     }
 
     /// Stops the proxy of `uid`: its listeners close and its connections are cut at once.
@@ -180,8 +234,47 @@ impl PodManager {
             return false;
         };
         tracing::info!(workload = %uid, netns = %pod.netns_path.display(), "pod removed; draining its proxy");
-        pod.drain.terminate().await;
+        stop(pod).await;
         true
+    }
+
+    /// Removes every pod (clean shutdown: our rules must not outlive us).
+    pub async fn remove_all(&self) {
+        let pods: Vec<RunningPod> = self
+            .running
+            .lock()
+            .await
+            .drain()
+            .map(|(_, pod)| pod)
+            .collect();
+        for pod in pods {
+            stop(pod).await;
+        }
+    }
+
+    /// Like [`PodManager::retain`], limited to the pods of one source.
+    pub async fn retain_source(
+        &self,
+        source: PodSource,
+        keep: impl Fn(&str) -> bool,
+    ) -> Vec<String> {
+        let of_source: std::collections::HashSet<String> = {
+            let running = self.running.lock().await;
+            let status = self.status.lock().unwrap_or_else(|p| p.into_inner());
+            running
+                .iter()
+                .filter(|(_, pod)| pod.source == source)
+                .map(|(uid, _)| uid.clone())
+                .chain(
+                    status
+                        .iter()
+                        .filter(|(_, state)| state.source() == source)
+                        .map(|(uid, _)| uid.clone()),
+                )
+                .collect()
+        };
+        self.retain(|uid| !of_source.contains(uid) || keep(uid))
+            .await
     }
 
     /// Removes every pod for which `keep` is false (snapshot reconciliation). Returns the uids
@@ -205,6 +298,7 @@ impl PodManager {
     async fn start(
         &self,
         running: &mut HashMap<String, RunningPod>,
+        source: PodSource,
         uid: &str,
         netns: Netns,
     ) -> Result<AddOutcome, CaptureError> {
@@ -215,7 +309,7 @@ impl PodManager {
             }
             tracing::info!(workload = %uid, "pod network namespace changed; replacing its proxy");
             if let Some(old) = running.remove(uid) {
-                old.drain.terminate().await;
+                stop(old).await;
             }
             outcome = AddOutcome::Replaced;
         }
@@ -241,25 +335,45 @@ impl PodManager {
         let proxy =
             WorkloadProxy::new(self.inputs.clone(), uid.to_string(), sockets, drain.clone());
         proxy.spawn(listeners);
-        running.insert(
-            uid.to_string(),
-            RunningPod {
-                netns_id: netns.id(),
-                netns_path: path,
-                proxy,
-                drain,
-            },
-        );
+        let rules = self.rules.clone().filter(|_| source != PodSource::Cni);
+        let pod = RunningPod {
+            source,
+            netns: netns.clone(),
+            netns_id: netns.id(),
+            netns_path: path.clone(),
+            proxy,
+            drain,
+            rules_installed: rules.is_some(),
+        };
+        if let Some(rules) = rules {
+            let target = netns.clone();
+            let installed = tokio::task::spawn_blocking(move || rules.install(&target))
+                .await
+                .unwrap_or_else(|join| Err(rules::RulesError::Netns(std::io::Error::other(join))));
+            if let Err(source) = installed {
+                stop(pod).await;
+                return Err(CaptureError::Rules { path, source });
+            }
+        }
+        running.insert(uid.to_string(), pod);
         Ok(outcome)
     }
 
-    fn set_status(&self, uid: &str, netns: &std::path::Path, error: Option<&CaptureError>) {
+    fn set_status(
+        &self,
+        uid: &str,
+        source: PodSource,
+        netns: &std::path::Path,
+        error: Option<&CaptureError>,
+    ) {
         let status = match error {
             None => PodStatus::Running {
                 netns: netns.to_path_buf(),
+                source,
             },
             Some(error) => PodStatus::Failed {
                 netns: netns.to_path_buf(),
+                source,
                 reason: error.to_string(),
             },
         };
@@ -277,13 +391,22 @@ impl PodManager {
             .clone()
     }
 
-    /// Pods not yet running (failed or not attempted), for readiness.
+    /// What readiness still waits for: the initial config pod set, and pods that failed.
     pub fn pending(&self) -> Vec<String> {
-        self.status()
-            .into_iter()
-            .filter(|(_, status)| matches!(status, PodStatus::Failed { .. }))
-            .map(|(uid, _)| uid)
-            .collect()
+        let mut pending = Vec::new();
+        if !self
+            .config_synced
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            pending.push("initial pod set".to_string());
+        }
+        pending.extend(
+            self.status()
+                .into_iter()
+                .filter(|(_, status)| matches!(status, PodStatus::Failed { .. }))
+                .map(|(uid, _)| uid),
+        );
+        pending
     }
 
     /// Pooled HBONE connections per running pod.
@@ -293,5 +416,27 @@ impl PodManager {
             .iter()
             .map(|(uid, pod)| (uid.clone(), pod.proxy.pooled_connections()))
             .collect()
+    }
+}
+
+impl PodStatus {
+    /// Who added the pod.
+    pub fn source(&self) -> PodSource {
+        match self {
+            PodStatus::Running { source, .. } | PodStatus::Failed { source, .. } => *source,
+        }
+    }
+}
+
+/// Cuts a pod's connections, closes its listeners and removes the rules we installed.
+async fn stop(pod: RunningPod) {
+    pod.drain.terminate().await;
+    if pod.rules_installed {
+        let netns = pod.netns.clone();
+        let removed =
+            tokio::task::spawn_blocking(move || rules::RedirectRules::remove(&netns)).await;
+        if let Ok(Err(error)) = removed {
+            tracing::warn!(netns = %pod.netns_path.display(), %error, "could not remove redirection rules");
+        }
     }
 }

@@ -48,6 +48,9 @@ pub struct AgentConfig {
     /// Node-level listeners (admin, metrics, readiness).
     #[serde(default)]
     pub listen: ListenConfig,
+    /// How pods are captured.
+    #[serde(default)]
+    pub capture: CaptureConfig,
     /// Authorization: zero-trust switch and Istio policy sources.
     #[serde(default)]
     pub authorization: AuthorizationConfig,
@@ -71,6 +74,7 @@ impl Default for AgentConfig {
             proxy: ProxyConfig::default(),
             pool: PoolConfig::default(),
             listen: ListenConfig::default(),
+            capture: CaptureConfig::default(),
             authorization: AuthorizationConfig::default(),
             drain_timeout: defaults::drain_timeout(),
             reload_interval: defaults::reload_interval(),
@@ -218,9 +222,9 @@ pub struct ProxyConfig {
     #[serde(default = "defaults::handshake_timeout", with = "humantime_serde")]
     pub handshake_timeout: Duration,
     /// Connect to local apps from the client's own IP (transparent + freebind), so apps see
-    /// the real client address. Needs the connmark return-path rules in the pod, which the
-    /// agent installs itself when it manages redirection.
-    #[serde(default)]
+    /// the real client address. Needs the connmark return-path rules in the pod (installed by
+    /// the agent with `capture.installRules`, or by istio-cni).
+    #[serde(default = "defaults::original_source")]
     pub original_source: bool,
 }
 
@@ -238,7 +242,7 @@ impl Default for ProxyConfig {
             keepalive_interval: defaults::keepalive_interval(),
             keepalive_timeout: defaults::keepalive_timeout(),
             handshake_timeout: defaults::handshake_timeout(),
-            original_source: false,
+            original_source: defaults::original_source(),
         }
     }
 }
@@ -260,6 +264,24 @@ impl Default for PoolConfig {
         PoolConfig {
             max_streams_per_connection: defaults::max_streams_per_connection(),
             idle_timeout: defaults::pool_idle_timeout(),
+        }
+    }
+}
+
+/// Pod capture settings.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CaptureConfig {
+    /// Install the redirection rules (nftables) in the pods the agent captures from the config
+    /// or the admin API. Turn off when something else (istio-cni) installs them.
+    #[serde(default = "defaults::install_rules")]
+    pub install_rules: bool,
+}
+
+impl Default for CaptureConfig {
+    fn default() -> Self {
+        CaptureConfig {
+            install_rules: defaults::install_rules(),
         }
     }
 }
@@ -381,6 +403,12 @@ pub mod defaults {
     }
     pub(crate) fn keepalive_timeout() -> Duration {
         Duration::from_secs(20)
+    }
+    pub(crate) fn original_source() -> bool {
+        true
+    }
+    pub(crate) fn install_rules() -> bool {
+        true
     }
     pub(crate) fn handshake_timeout() -> Duration {
         Duration::from_secs(10)

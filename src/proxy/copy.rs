@@ -69,21 +69,28 @@ mod tests {
         let sent = AtomicU64::new(0);
         let received = AtomicU64::new(0);
         let proxy = bidirectional(proxy_down, proxy_up, &sent, &received);
-        let peers = async {
+        let answer = vec![7u8; 300_000];
+        let expected = answer.clone();
+        let peers = async move {
             let (mut client_read, mut client_write) = tokio::io::split(client);
             let (mut server_read, mut server_write) = tokio::io::split(server);
-            client_write.write_all(b"request").await.unwrap();
-            client_write.shutdown().await.unwrap();
-            let mut request = Vec::new();
-            server_read.read_to_end(&mut request).await.unwrap();
-            assert_eq!(request, b"request", "server sees the client's FIN");
-            // After the client's FIN the server can still answer at length.
-            let answer = vec![7u8; 300_000];
-            server_write.write_all(&answer).await.unwrap();
-            server_write.shutdown().await.unwrap();
-            let mut response = Vec::new();
-            client_read.read_to_end(&mut response).await.unwrap();
-            assert_eq!(response, answer);
+            let server = async move {
+                let mut request = Vec::new();
+                server_read.read_to_end(&mut request).await.unwrap();
+                assert_eq!(request, b"request", "server sees the client's FIN");
+                // After the client's FIN the server can still answer at length.
+                server_write.write_all(&answer).await.unwrap();
+                server_write.shutdown().await.unwrap();
+            };
+            let client = async move {
+                client_write.write_all(b"request").await.unwrap();
+                client_write.shutdown().await.unwrap();
+                let mut response = Vec::new();
+                client_read.read_to_end(&mut response).await.unwrap();
+                response
+            };
+            let ((), response) = tokio::join!(server, client);
+            assert_eq!(response, expected);
         };
         let (result, ()) = tokio::join!(proxy, peers);
         result.unwrap();

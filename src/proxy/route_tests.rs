@@ -1,1 +1,246 @@
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
 use super::*;
+use crate::state::{HealthStatus, Service, Snapshot, TunnelProtocol, Workload};
+
+fn workload(
+    name: &str,
+    ip: &str,
+    protocol: TunnelProtocol,
+    services: &[(&str, u16, u16)],
+) -> Workload {
+    let mut service_ports: BTreeMap<String, BTreeMap<u16, u16>> = BTreeMap::new();
+    for (key, service_port, target_port) in services {
+        service_ports
+            .entry(key.to_string())
+            .or_default()
+            .insert(*service_port, *target_port);
+    }
+    Workload {
+        uid: format!("c//Pod/default/{name}"),
+        name: name.into(),
+        namespace: "default".into(),
+        service_account: name.into(),
+        trust_domain: "cluster.local".into(),
+        identity: format!("spiffe://cluster.local/ns/default/sa/{name}")
+            .parse()
+            .unwrap(),
+        workload_ips: vec![ip.parse().unwrap()],
+        protocol,
+        node: "n".into(),
+        network: String::new(),
+        hostname: String::new(),
+        waypoint: None,
+        application_tunnel: None,
+        services: service_ports,
+        labels: BTreeMap::new(),
+        canonical_name: name.into(),
+        canonical_revision: String::new(),
+        workload_name: name.into(),
+        workload_type: "deployment".into(),
+        cluster_id: "Kubernetes".into(),
+        authorization_policies: vec![],
+        status: HealthStatus::Healthy,
+    }
+}
+
+fn service(hostname: &str, vip: &str, ports: &[(u16, u16)], sans: &[&str]) -> Service {
+    Service {
+        name: hostname.split('.').next().unwrap().into(),
+        namespace: "default".into(),
+        hostname: hostname.into(),
+        vips: vec![format!("/{vip}").parse().unwrap()],
+        ports: ports.iter().copied().collect(),
+        subject_alt_names: sans.iter().map(|s| s.parse().unwrap()).collect(),
+        waypoint: None,
+    }
+}
+
+const ECHO: &str = "default/echo.default.svc.cluster.local";
+
+fn snapshot() -> (Snapshot, Workload) {
+    let client = workload("client", "10.0.1.2", TunnelProtocol::Hbone, &[]);
+    let mut unhealthy = workload(
+        "sick",
+        "10.0.2.9",
+        TunnelProtocol::Hbone,
+        &[(ECHO, 80, 8080)],
+    );
+    unhealthy.status = HealthStatus::Unhealthy;
+    let mut remote = workload("remote", "10.9.0.1", TunnelProtocol::Hbone, &[]);
+    remote.network = "other".into();
+    let workloads = vec![
+        client.clone(),
+        workload(
+            "echo-a",
+            "10.0.2.2",
+            TunnelProtocol::Hbone,
+            &[(ECHO, 80, 8080)],
+        ),
+        workload(
+            "echo-b",
+            "10.0.3.2",
+            TunnelProtocol::Hbone,
+            &[(ECHO, 80, 9090)],
+        ),
+        workload("legacy", "10.0.2.3", TunnelProtocol::Tcp, &[]),
+        unhealthy,
+        remote,
+    ];
+    let services = vec![
+        service(
+            "echo.default.svc.cluster.local",
+            "10.96.0.10",
+            &[(80, 8080)],
+            &["spiffe://cluster.local/ns/default/sa/echo-svc"],
+        ),
+        service(
+            "empty.default.svc.cluster.local",
+            "10.96.0.11",
+            &[(80, 8080)],
+            &[],
+        ),
+    ];
+    (
+        Snapshot::new(workloads, services, Default::default()),
+        client,
+    )
+}
+
+/// What a route decision should be, in a form a table can state.
+#[derive(Debug, PartialEq)]
+enum Want {
+    Hbone {
+        peer: &'static str,
+        authority: &'static str,
+        identities: &'static [&'static str],
+    },
+    Passthrough(&'static str),
+    Error(&'static str),
+}
+
+fn summarize(result: Result<Route, RouteError>) -> (String, String, Vec<String>) {
+    match result {
+        Ok(Route::Hbone(route)) => (
+            route.peer.to_string(),
+            route.authority.to_string(),
+            route
+                .expected_identities
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+        ),
+        Ok(Route::Passthrough(route)) => ("passthrough".into(), route.target.to_string(), vec![]),
+        Err(error) => ("error".into(), error.to_string(), vec![]),
+    }
+}
+
+#[test]
+fn decide_table() {
+    let (snapshot, client) = snapshot();
+    let cases: &[(&str, u64, Want)] = &[
+        (
+            "10.0.2.2:8080",
+            0,
+            Want::Hbone { peer: "10.0.2.2:15008", authority: "10.0.2.2:8080", identities: &["spiffe://cluster.local/ns/default/sa/echo-a"] },
+        ),
+        (
+            "10.96.0.10:80",
+            0,
+            Want::Hbone {
+                peer: "10.0.2.2:15008",
+                authority: "10.0.2.2:8080",
+                identities: &["spiffe://cluster.local/ns/default/sa/echo-a", "spiffe://cluster.local/ns/default/sa/echo-svc"],
+            },
+        ),
+        (
+            // The endpoint's own port map wins over the service's target port.
+            "10.96.0.10:80",
+            1,
+            Want::Hbone {
+                peer: "10.0.3.2:15008",
+                authority: "10.0.3.2:9090",
+                identities: &["spiffe://cluster.local/ns/default/sa/echo-b", "spiffe://cluster.local/ns/default/sa/echo-svc"],
+            },
+        ),
+        ("10.96.0.10:80", 2, Want::Hbone { peer: "10.0.2.2:15008", authority: "10.0.2.2:8080", identities: &["spiffe://cluster.local/ns/default/sa/echo-a", "spiffe://cluster.local/ns/default/sa/echo-svc"] }),
+        ("10.96.0.10:81", 0, Want::Error("service default/echo.default.svc.cluster.local has no healthy endpoint for port 81")),
+        ("10.96.0.11:80", 0, Want::Error("service default/empty.default.svc.cluster.local has no healthy endpoint for port 80")),
+        ("10.0.2.3:5432", 0, Want::Passthrough("10.0.2.3:5432")),
+        ("192.0.2.1:443", 0, Want::Passthrough("192.0.2.1:443")),
+        ("127.0.0.1:15001", 0, Want::Error("refusing to proxy to the agent's own port 15001 (would loop)")),
+        ("10.0.1.2:15006", 0, Want::Error("refusing to proxy to the agent's own port 15006 (would loop)")),
+        ("10.9.0.1:80", 0, Want::Passthrough("10.9.0.1:80")),
+    ];
+    for (dst, pick, want) in cases {
+        let destination = OriginalDst(dst.parse().unwrap());
+        let got = summarize(decide(&snapshot, &client, destination, 15008, *pick));
+        let expected = match want {
+            Want::Hbone {
+                peer,
+                authority,
+                identities,
+            } => (
+                peer.to_string(),
+                authority.to_string(),
+                identities.iter().map(ToString::to_string).collect(),
+            ),
+            Want::Passthrough(target) => ("passthrough".into(), target.to_string(), vec![]),
+            Want::Error(message) => ("error".into(), message.to_string(), vec![]),
+        };
+        assert_eq!(got, expected, "dst {dst} pick {pick}");
+    }
+}
+
+#[test]
+fn unhealthy_endpoints_are_never_picked() {
+    let (snapshot, client) = snapshot();
+    let destination = OriginalDst("10.96.0.10:80".parse().unwrap());
+    let picked: std::collections::BTreeSet<IpAddr> = (0..16)
+        .filter_map(
+            |pick| match decide(&snapshot, &client, destination, 15008, pick) {
+                Ok(Route::Hbone(route)) => Some(route.authority.ip()),
+                _ => None,
+            },
+        )
+        .collect();
+    let want: std::collections::BTreeSet<IpAddr> = ["10.0.2.2", "10.0.3.2"]
+        .iter()
+        .map(|ip| ip.parse().unwrap())
+        .collect();
+    assert_eq!(picked, want);
+}
+
+#[test]
+fn other_network_workload_by_service_is_refused() {
+    let (_, client) = snapshot();
+    let mut remote = workload(
+        "remote",
+        "10.9.0.1",
+        TunnelProtocol::Hbone,
+        &[(ECHO, 80, 8080)],
+    );
+    remote.network = "other".into();
+    let snapshot = Snapshot::new(
+        vec![client.clone(), remote],
+        vec![service(
+            "echo.default.svc.cluster.local",
+            "10.96.0.10",
+            &[(80, 8080)],
+            &[],
+        )],
+        Default::default(),
+    );
+    let result = decide(
+        &snapshot,
+        &client,
+        OriginalDst("10.96.0.10:80".parse().unwrap()),
+        15008,
+        0,
+    );
+    assert!(
+        matches!(result, Err(RouteError::OtherNetwork { .. })),
+        "{result:?}"
+    );
+}

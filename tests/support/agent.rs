@@ -397,6 +397,11 @@ impl Agent {
         status
     }
 
+    /// The agent's process id (`ip netns exec` execs it, so this is nodetunnel itself).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// The node namespace it runs in.
     pub fn netns(&self) -> &str {
         &self.netns

@@ -1,0 +1,284 @@
+//! Redirection rules inside a pod's network namespace (layer L4), for standalone mode where no
+//! CNI installs them.
+//!
+//! One nftables table per pod does what istio-cni's in-pod rules do: outbound TCP → 15001 except
+//! loopback and the agent's own marked sockets; inbound TCP → 15006 except HBONE on 15008; and
+//! the connmark + policy-route return path that lets the agent connect to the app from the
+//! client's IP (the app's replies are routed back to the agent's transparent socket).
+//!
+//! Installing is one atomic `nft -f` transaction that first deletes our table, so re-adding a
+//! pod never duplicates rules. We drive the `nft` and `ip` tools rather than netlink by hand:
+//! they are the reference implementations of these encodings, and running them from a thread
+//! inside the pod's namespace keeps the whole change in that namespace.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use crate::sys::Netns;
+
+/// Name of our nftables table in each pod.
+pub const TABLE: &str = "nodetunnel";
+/// Connmark/fwmark value for replies of original-source connections (as Istio uses).
+pub const RETURN_MARK: u32 = 0x111;
+/// Bits of the mark we own.
+pub const MARK_MASK: u32 = 0xfff;
+/// Routing table for the return path.
+pub const ROUTE_TABLE: u32 = 100;
+/// Priority of our `ip rule`.
+pub const RULE_PRIORITY: u32 = 32764;
+
+/// Why rules could not be changed.
+#[derive(Debug, thiserror::Error)]
+pub enum RulesError {
+    /// A tool could not be run at all (not installed?).
+    #[error("run {tool}: {source} (is it installed?)")]
+    Spawn {
+        /// `nft` or `ip`.
+        tool: &'static str,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A tool ran and failed.
+    #[error("{command} failed: {stderr}")]
+    Failed {
+        /// The command line.
+        command: String,
+        /// What it printed.
+        stderr: String,
+    },
+    /// Entering the namespace failed.
+    #[error("enter the pod network namespace: {0}")]
+    Netns(#[source] std::io::Error),
+}
+
+/// The redirection rules for pods, parameterised by the agent's packet mark and ports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedirectRules {
+    /// `SO_MARK` of the agent's sockets in the pod.
+    pub mark: u32,
+    /// Outbound listener port.
+    pub outbound_port: u16,
+    /// Plaintext inbound listener port.
+    pub inbound_plaintext_port: u16,
+    /// HBONE port (not redirected).
+    pub hbone_port: u16,
+}
+
+impl RedirectRules {
+    /// The nft script that (re)creates our table atomically.
+    pub fn nft_script(&self) -> String {
+        let mark = self.mark & MARK_MASK;
+        let keep = !MARK_MASK;
+        format!(
+            "table inet {TABLE}\n\
+             delete table inet {TABLE}\n\
+             table inet {TABLE} {{\n\
+             \x20 chain prerouting_mangle {{\n\
+             \x20   type filter hook prerouting priority mangle; policy accept;\n\
+             \x20   meta mark & {MARK_MASK:#x} == {mark:#x} ct mark set ct mark & {keep:#x} | {RETURN_MARK:#x}\n\
+             \x20 }}\n\
+             \x20 chain output_mangle {{\n\
+             \x20   type route hook output priority mangle; policy accept;\n\
+             \x20   ct mark & {MARK_MASK:#x} == {RETURN_MARK:#x} meta mark set meta mark & {keep:#x} | {RETURN_MARK:#x}\n\
+             \x20 }}\n\
+             \x20 chain output_nat {{\n\
+             \x20   type nat hook output priority -100; policy accept;\n\
+             \x20   meta l4proto != tcp accept\n\
+             \x20   meta mark & {MARK_MASK:#x} == {RETURN_MARK:#x} accept\n\
+             \x20   meta mark & {MARK_MASK:#x} == {mark:#x} accept\n\
+             \x20   oifname \"lo\" ip daddr != 127.0.0.1 accept\n\
+             \x20   oifname \"lo\" ip6 daddr != ::1 accept\n\
+             \x20   ip daddr 127.0.0.0/8 accept\n\
+             \x20   ip6 daddr ::1 accept\n\
+             \x20   meta l4proto tcp redirect to :{outbound}\n\
+             \x20 }}\n\
+             \x20 chain prerouting_nat {{\n\
+             \x20   type nat hook prerouting priority -100; policy accept;\n\
+             \x20   meta l4proto != tcp accept\n\
+             \x20   meta mark & {MARK_MASK:#x} == {mark:#x} accept\n\
+             \x20   tcp dport {hbone} accept\n\
+             \x20   ip daddr 127.0.0.0/8 accept\n\
+             \x20   ip6 daddr ::1 accept\n\
+             \x20   meta l4proto tcp redirect to :{inbound}\n\
+             \x20 }}\n\
+             }}\n",
+            outbound = self.outbound_port,
+            inbound = self.inbound_plaintext_port,
+            hbone = self.hbone_port,
+        )
+    }
+
+    /// Installs (or refreshes) the rules and the return-path routing in `netns`.
+    pub fn install(&self, netns: &Netns) -> Result<(), RulesError> {
+        let script = self.nft_script();
+        netns
+            .run_on_thread(|| {
+                run("nft", &["-f", "-"], Some(&script))?;
+                let fwmark = format!("{RETURN_MARK:#x}/{MARK_MASK:#x}");
+                for family in ["-4", "-6"] {
+                    delete_rules(family);
+                    let added = run(
+                        "ip",
+                        &[
+                            family,
+                            "rule",
+                            "add",
+                            "fwmark",
+                            &fwmark,
+                            "pref",
+                            &RULE_PRIORITY.to_string(),
+                            "lookup",
+                            &ROUTE_TABLE.to_string(),
+                        ],
+                        None,
+                    );
+                    let local = if family == "-4" { "0.0.0.0/0" } else { "::/0" };
+                    let routed = added.and_then(|()| {
+                        run(
+                            "ip",
+                            &[
+                                family,
+                                "route",
+                                "replace",
+                                "local",
+                                local,
+                                "dev",
+                                "lo",
+                                "table",
+                                &ROUTE_TABLE.to_string(),
+                            ],
+                            None,
+                        )
+                    });
+                    // A pod without IPv6 cannot take the v6 return path; v4 must work.
+                    match routed {
+                        Err(error) if family == "-6" => {
+                            tracing::debug!(%error, "no IPv6 return path in pod");
+                        }
+                        other => other?,
+                    }
+                }
+                Ok(())
+            })
+            .map_err(RulesError::Netns)?
+    }
+
+    /// Removes everything [`RedirectRules::install`] added. Missing pieces are not an error.
+    pub fn remove(netns: &Netns) -> Result<(), RulesError> {
+        netns
+            .run_on_thread(|| {
+                let deleted = run("nft", &["delete", "table", "inet", TABLE], None);
+                for family in ["-4", "-6"] {
+                    delete_rules(family);
+                    let _ = run(
+                        "ip",
+                        &[family, "route", "flush", "table", &ROUTE_TABLE.to_string()],
+                        None,
+                    );
+                }
+                match deleted {
+                    Err(RulesError::Failed { stderr, .. })
+                        if stderr.contains("No such file") || stderr.contains("does not exist") =>
+                    {
+                        Ok(())
+                    }
+                    other => other,
+                }
+            })
+            .map_err(RulesError::Netns)?
+    }
+}
+
+/// Deletes every `ip rule` at our priority (there should be at most one; loop to clean up after
+/// an agent that crashed mid-install).
+fn delete_rules(family: &str) {
+    for _ in 0..8 {
+        let deleted = run(
+            "ip",
+            &[family, "rule", "del", "pref", &RULE_PRIORITY.to_string()],
+            None,
+        );
+        if deleted.is_err() {
+            break;
+        }
+    }
+}
+
+/// Runs a tool on the calling thread (so in that thread's network namespace: a child process
+/// inherits the namespaces of the thread that forks it).
+fn run(tool: &'static str, args: &[&str], stdin: Option<&str>) -> Result<(), RulesError> {
+    let mut child = Command::new(tool)
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|source| RulesError::Spawn { tool, source })?;
+    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(input.as_bytes())
+            .map_err(|source| RulesError::Spawn { tool, source })?;
+    }
+    let output = child
+        .wait_with_output()
+        .map_err(|source| RulesError::Spawn { tool, source })?;
+    if output.status.success() {
+        return Ok(());
+    }
+    Err(RulesError::Failed {
+        command: format!("{tool} {}", args.join(" ")),
+        stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules() -> RedirectRules {
+        RedirectRules {
+            mark: 0x539,
+            outbound_port: 15001,
+            inbound_plaintext_port: 15006,
+            hbone_port: 15008,
+        }
+    }
+
+    #[test]
+    fn script_replaces_the_table_atomically() {
+        let script = rules().nft_script();
+        let lines: Vec<&str> = script.lines().collect();
+        assert_eq!(lines[0], "table inet nodetunnel");
+        assert_eq!(lines[1], "delete table inet nodetunnel");
+        assert_eq!(lines[2], "table inet nodetunnel {");
+    }
+
+    #[test]
+    fn script_exempts_marked_loopback_and_hbone() {
+        let script = rules().nft_script();
+        for needle in [
+            "meta mark & 0xfff == 0x539 accept",
+            "ip daddr 127.0.0.0/8 accept",
+            "tcp dport 15008 accept",
+            "meta l4proto tcp redirect to :15001",
+            "meta l4proto tcp redirect to :15006",
+            "ct mark set ct mark & 0xfffff000 | 0x111",
+            "meta mark set meta mark & 0xfffff000 | 0x111",
+        ] {
+            assert!(script.contains(needle), "missing {needle:?} in\n{script}");
+        }
+    }
+
+    #[test]
+    fn mark_outside_our_bits_is_masked() {
+        let script = RedirectRules {
+            mark: 0x7539,
+            ..rules()
+        }
+        .nft_script();
+        assert!(script.contains("== 0x539 accept"), "{script}");
+    }
+}
