@@ -22,8 +22,9 @@ use crate::drain::Drain;
 use crate::state::{Snapshot, StateStore, Workload};
 
 /// Why a connection is refused or was closed: the deciding policy, or the reason none decided.
+/// Boxed: the decision with its trace is large, and it travels in `Err`s.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) struct Denied(Decision);
+pub(super) struct Denied(Box<Decision>);
 
 impl Denied {
     /// The full decision, for logs.
@@ -164,7 +165,7 @@ impl Connections {
             if decision.is_allowed() {
                 continue;
             }
-            let denied = Denied(decision);
+            let denied = Denied(Box::new(decision));
             tracing::info!(
                 src.addr = %facts.source_ip,
                 src.identity = %identity_text(&facts),
@@ -205,7 +206,7 @@ pub(super) fn admit(
     if decision.is_allowed() {
         Ok(registration)
     } else {
-        Err(Denied(decision))
+        Err(Denied(Box::new(decision)))
     }
 }
 
