@@ -43,6 +43,15 @@ struct Cluster {
 impl Cluster {
     /// Nodes `a` and `b`, HBONE workloads for every pod, agents capturing `captured`.
     fn start(pods: &[(&str, &str)], captured: &[&str]) -> Cluster {
+        Cluster::start_with(pods, captured, |config| config)
+    }
+
+    /// Like [`Cluster::start`], with each agent's rendered config passed through `edit`.
+    fn start_with(
+        pods: &[(&str, &str)],
+        captured: &[&str],
+        edit: impl Fn(String) -> String,
+    ) -> Cluster {
         let mut topology = Topology::new();
         topology.add_node("a").expect("node a");
         topology.add_node("b").expect("node b");
@@ -62,7 +71,7 @@ impl Cluster {
         let ca = Ca::init().expect("ca");
         let mut agents = Vec::new();
         for node in ["a", "b"] {
-            let config = mesh.render(&topology, node, &local(&topology, node, captured));
+            let config = edit(mesh.render(&topology, node, &local(&topology, node, captured)));
             agents.push(Agent::start(&topology, node, &ca, &config).expect("agent ready"));
         }
         Cluster {
@@ -425,4 +434,64 @@ fn agent_process(pid: u32) -> u32 {
         .next()
         .and_then(|child| child.parse().ok())
         .unwrap_or(pid)
+}
+
+/// SIGTERM stops new connections at once while an open one keeps flowing; the agent exits as
+/// soon as that connection closes (well before the drain deadline) and leaves no rules behind.
+/// With a short deadline, a connection that stays open is cut when the deadline passes.
+#[test]
+fn graceful_shutdown_drains_then_forces() {
+    require_netns!("graceful_shutdown_drains_then_forces");
+    for (deadline, client_closes) in [("60s", true), ("1s", false)] {
+        let mut cluster = Cluster::start_with(
+            &[("a", "client"), ("b", "server")],
+            &["client", "server"],
+            |config| config.replace("drainTimeout: 2s", &format!("drainTimeout: {deadline}")),
+        );
+        let _server =
+            EchoServer::start(&cluster.topology, "server", APP_PORT, Reply::Echo).expect("app");
+        let target = addr(cluster.ip("server"), APP_PORT);
+        let mut open = open_connection(&cluster.topology, "client", target);
+        assert_eq!(echo_once(&mut open, b"before").expect("before"), b"before");
+
+        cluster.agent("a").terminate();
+        let wait_refused = || {
+            apps::exchange(
+                &cluster.topology,
+                "client",
+                target,
+                b"new".to_vec(),
+                IO_TIMEOUT,
+            )
+            .map_or(true, |bytes| bytes.is_empty())
+        };
+        wait("new connections to be refused while draining", wait_refused);
+        if client_closes {
+            assert_eq!(
+                echo_once(&mut open, b"during").expect("open connection keeps flowing"),
+                b"during"
+            );
+            drop(open);
+            let status = cluster.agent("a").stop(Duration::from_secs(30));
+            assert!(
+                status.is_some_and(|s| s.success()),
+                "exits once the last connection closed: {status:?}"
+            );
+        } else {
+            let status = cluster.agent("a").stop(Duration::from_secs(30));
+            assert!(
+                status.is_some_and(|s| s.success()),
+                "exits after the deadline: {status:?}"
+            );
+            let cut = echo_once(&mut open, b"after");
+            assert!(
+                cut.as_ref().map_or(true, |bytes| bytes.is_empty()),
+                "connection cut after the deadline: {cut:?}"
+            );
+        }
+        assert!(
+            !cluster.ruleset("client").contains("nodetunnel"),
+            "rules removed on clean shutdown"
+        );
+    }
 }

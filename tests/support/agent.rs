@@ -383,6 +383,14 @@ impl Agent {
         Ok(())
     }
 
+    /// Sends SIGTERM without waiting (graceful drain starts).
+    pub fn terminate(&self) {
+        if let Some(child) = self.child.as_ref() {
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        }
+    }
+
     /// Sends SIGTERM and waits up to `timeout` for the exit; kills it after that.
     pub fn stop(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
         let child = self.child.as_mut()?;

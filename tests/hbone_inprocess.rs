@@ -1,0 +1,210 @@
+//! In-process HBONE tests on loopback: the client pool and the server connection handling,
+//! with real TLS from the built-in CA, but no namespaces (so no root needed).
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use nodetunnel::config::agent::{PoolConfig, ProxyConfig};
+use nodetunnel::drain::Drain;
+use nodetunnel::hbone::{self, Authority, ConnectRequest, H2Settings, TraceParent};
+use nodetunnel::identity::ca::BuiltinCa;
+use nodetunnel::identity::CertificateManager;
+use nodetunnel::net::{ClientAddr, UpstreamAddr};
+use nodetunnel::proxy::pool::{Pool, PoolError, PoolKey, PoolSettings};
+use nodetunnel::socket::SocketFactory;
+use nodetunnel::spiffe::Identity;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+const REJECTED_PORT: u16 = 9;
+
+fn identity(sa: &str) -> Identity {
+    format!("spiffe://cluster.local/ns/default/sa/{sa}")
+        .parse()
+        .expect("identity")
+}
+
+fn certificates() -> Arc<CertificateManager> {
+    let (cert, key) = BuiltinCa::generate_root("test root").expect("root");
+    let ca = BuiltinCa::from_pem(&cert, &key, Duration::from_secs(3600)).expect("ca");
+    Arc::new(CertificateManager::new(Arc::new(ca)))
+}
+
+/// An HBONE server for `server` on loopback: answers 400 for port 9, otherwise 200 and echoes.
+/// Returns its address and the number of TCP connections it accepted.
+async fn server(certificates: Arc<CertificateManager>) -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let address = listener.local_addr().expect("addr");
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    let certificate = certificates.fetch(&identity("server")).await.expect("cert");
+    let acceptor = TlsAcceptor::from(certificate.server_config());
+    let settings = H2Settings::from(&ProxyConfig::default());
+    tokio::spawn(async move {
+        let drain = Drain::new();
+        while let Ok((tcp, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            let (acceptor, settings, drain) = (acceptor.clone(), settings.clone(), drain.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let _ = hbone::server::serve(
+                    tls,
+                    &settings,
+                    &drain,
+                    |request, mut respond| async move {
+                        let parsed = hbone::parse_connect(&request);
+                        match parsed {
+                            Ok(parsed) if parsed.authority.port() != REJECTED_PORT => {
+                                let send = respond
+                                    .send_response(http::Response::new(()), false)
+                                    .expect("respond");
+                                let stream =
+                                    hbone::stream::H2Stream::new(send, request.into_body());
+                                let (mut read, mut write) = tokio::io::split(stream);
+                                let _ = tokio::io::copy(&mut read, &mut write).await;
+                                let _ = write.shutdown().await;
+                            }
+                            _ => hbone::server::reject(respond, http::StatusCode::BAD_REQUEST),
+                        }
+                    },
+                )
+                .await;
+            });
+        }
+    });
+    (address, accepted)
+}
+
+fn pool(certificates: Arc<CertificateManager>, max_streams: u32) -> Pool {
+    Pool::new(
+        SocketFactory::node(),
+        certificates,
+        PoolSettings {
+            pool: PoolConfig {
+                max_streams_per_connection: max_streams,
+                ..PoolConfig::default()
+            },
+            h2: H2Settings::from(&ProxyConfig::default()),
+            connect_timeout: Duration::from_secs(5),
+            handshake_timeout: Duration::from_secs(5),
+        },
+    )
+}
+
+fn key(peer: SocketAddr, expected: &str) -> PoolKey {
+    PoolKey {
+        source_identity: identity("client"),
+        expected_identities: vec![identity(expected)],
+        peer: UpstreamAddr(peer),
+        source_ip: "127.0.0.1".parse().expect("ip"),
+    }
+}
+
+fn request(port: u16) -> ConnectRequest {
+    ConnectRequest {
+        authority: Authority::Address(SocketAddr::from(([127, 0, 0, 1], port))),
+        client: ClientAddr("127.0.0.1:40000".parse().expect("addr")),
+        service_host: None,
+        baggage: String::new(),
+        traceparent: TraceParent::random(),
+    }
+}
+
+async fn echo(stream: &mut hbone::stream::H2Stream, message: &[u8]) -> Vec<u8> {
+    stream.write_all(message).await.expect("write");
+    let mut buffer = vec![0u8; message.len()];
+    stream.read_exact(&mut buffer).await.expect("read");
+    buffer
+}
+
+#[tokio::test]
+async fn concurrent_first_requests_share_one_handshake() {
+    let certificates = certificates();
+    let (address, accepted) = server(certificates.clone()).await;
+    let pool = pool(certificates, 100);
+    let key = key(address, "server");
+    let tasks: Vec<_> = (0..20)
+        .map(|i| {
+            let (pool, key) = (pool.clone(), key.clone());
+            tokio::spawn(async move {
+                let mut stream = pool.connect(&key, &request(8080)).await.expect("tunnel");
+                let message = format!("hello {i}");
+                assert_eq!(
+                    echo(&mut stream, message.as_bytes()).await,
+                    message.as_bytes()
+                );
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("task");
+    }
+    assert_eq!(pool.connection_count(), 1);
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "one TCP+TLS connection for all 20 tunnels"
+    );
+}
+
+#[tokio::test]
+async fn streams_beyond_the_limit_open_a_second_connection() {
+    let certificates = certificates();
+    let (address, accepted) = server(certificates.clone()).await;
+    let pool = pool(certificates, 2);
+    let key = key(address, "server");
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(pool.connect(&key, &request(8080)).await.expect("tunnel"));
+    }
+    assert_eq!(pool.connection_count(), 2);
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    for stream in &mut held {
+        assert_eq!(echo(stream, b"still fine").await, b"still fine");
+    }
+}
+
+#[tokio::test]
+async fn a_refused_stream_leaves_its_siblings_flowing() {
+    let certificates = certificates();
+    let (address, accepted) = server(certificates.clone()).await;
+    let pool = pool(certificates, 100);
+    let key = key(address, "server");
+    let mut good = pool.connect(&key, &request(8080)).await.expect("tunnel");
+    for _ in 0..3 {
+        let refused = pool.connect(&key, &request(REJECTED_PORT)).await;
+        let error = refused.err().expect("port 9 is refused");
+        assert!(
+            matches!(&error, PoolError::Hbone(hbone::client::ClientError::Status(status)) if *status == 400),
+            "{error}"
+        );
+        assert_eq!(
+            echo(&mut good, b"ping").await,
+            b"ping",
+            "sibling stream unharmed"
+        );
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "still the same connection"
+    );
+}
+
+#[tokio::test]
+async fn a_peer_with_an_unexpected_identity_is_refused_and_not_pooled() {
+    let certificates = certificates();
+    let (address, _) = server(certificates.clone()).await;
+    let pool = pool(certificates, 100);
+    let result = pool
+        .connect(&key(address, "someone-else"), &request(8080))
+        .await;
+    let error = result.err().expect("must be refused").to_string();
+    assert!(error.contains("TLS handshake"), "{error}");
+    assert_eq!(pool.connection_count(), 0);
+}
