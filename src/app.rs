@@ -28,6 +28,7 @@ use crate::identity::CertificateManager;
 use crate::proxy::{ProxyInputs, ProxySettings};
 use crate::state::StateStore;
 use crate::sys::Netns;
+use crate::telemetry::Metrics;
 
 /// How often config pods are re-checked: failed ones retried, vanished namespaces released.
 const POD_RETRY_INTERVAL: Duration = Duration::from_secs(2);
@@ -39,6 +40,8 @@ pub struct RunOptions {
     pub state_dir: PathBuf,
     /// Command-line overrides, re-applied on every reload.
     pub overrides: Overrides,
+    /// Run-time control of the log filter, for the admin API (`None`: not ours to change).
+    pub logging: Option<crate::telemetry::LogControl>,
 }
 
 /// Runs the agent until SIGTERM/SIGINT (graceful drain) or a second SIGINT (immediate exit).
@@ -50,6 +53,7 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
     let certificates = Arc::new(CertificateManager::new(Arc::new(ca)));
     let state = Arc::new(StateStore::new(config.snapshot()));
     let drain = Drain::new();
+    let metrics = Arc::new(Metrics::new());
     let inputs = ProxyInputs {
         state: state.clone(),
         certificates: certificates.clone(),
@@ -57,6 +61,7 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
             proxy: agent.proxy.clone(),
             pool: agent.pool.clone(),
         }),
+        metrics: metrics.clone(),
     };
     let pods = Arc::new(PodManager::new(
         inputs,
@@ -81,13 +86,37 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
     let admin = TcpListener::bind(agent.listen.admin)
         .await
         .with_context(|| format!("bind admin {}", agent.listen.admin))?;
+    let metrics_listener = TcpListener::bind(agent.listen.metrics)
+        .await
+        .with_context(|| format!("bind metrics {}", agent.listen.metrics))?;
+    let shutdown_requested = Arc::new(tokio::sync::Notify::new());
     control.spawn(crate::admin::serve(
         admin,
         crate::admin::AdminState {
             pods: pods.clone(),
             state: state.clone(),
             node: agent.node.clone(),
+            certificates: certificates.clone(),
+            metrics: metrics.clone(),
+            logging: options.logging.clone(),
+            config: effective_config(&config),
+            shutdown: shutdown_requested.clone(),
         },
+        control.clone(),
+    ));
+    control.spawn(crate::admin::metrics::serve(
+        metrics_listener,
+        crate::admin::metrics::MetricsSources {
+            metrics: metrics.clone(),
+            pods: pods.clone(),
+            certificates: certificates.clone(),
+            logging: options.logging.clone(),
+        },
+        control.clone(),
+    ));
+    control.spawn(crate::admin::metrics::evict_stale_series(
+        state.clone(),
+        metrics.clone(),
         control.clone(),
     ));
     let zds_synced = agent.zds.enabled.then(|| {
@@ -123,7 +152,10 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
     control.spawn(apply_updates(updates, state, pods.clone(), control.clone()));
     tracing::info!(node = %agent.node, config = %config.path.display(), "nodetunnel started");
 
-    wait_for_shutdown_signal().await;
+    tokio::select! {
+        _ = wait_for_shutdown_signal() => {}
+        _ = shutdown_requested.notified() => {}
+    }
     tracing::info!(deadline = ?agent.drain_timeout, "shutting down: draining connections");
     let shutdown = drain.shutdown(agent.drain_timeout);
     tokio::select! {
@@ -139,6 +171,22 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
     pods.remove_all().await;
     tracing::info!("nodetunnel stopped");
     Ok(())
+}
+
+/// The configuration as `/config_dump` shows it.
+fn effective_config(config: &Config) -> crate::admin::EffectiveConfig {
+    let agent = &config.agent;
+    crate::admin::EffectiveConfig {
+        node: agent.node.clone(),
+        config_path: config.path.clone(),
+        admin_addr: agent.listen.admin,
+        metrics_addr: agent.listen.metrics,
+        readiness_addr: agent.listen.readiness,
+        drain_timeout: agent.drain_timeout,
+        reload_interval: agent.reload_interval,
+        zds_enabled: agent.zds.enabled,
+        install_rules: agent.capture.install_rules,
+    }
 }
 
 /// The pods of this node listed in the config, with their uids resolved.

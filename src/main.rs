@@ -138,7 +138,8 @@ impl From<OverrideArgs> for Overrides {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    telemetry::init_logging(cli.log_format);
+    // Held to the end of main: dropping it flushes buffered log lines.
+    let logging = telemetry::init_logging(cli.log_format);
     match cli.command {
         Command::CheckConfig { file, overrides } => match config::load(&file, &overrides.into()) {
             Ok(config) => {
@@ -199,6 +200,7 @@ fn main() -> ExitCode {
             let options = nodetunnel::app::RunOptions {
                 state_dir,
                 overrides,
+                logging: Some(logging.control.clone()),
             };
             match runtime.block_on(nodetunnel::app::run(config, options)) {
                 Ok(()) => ExitCode::SUCCESS,

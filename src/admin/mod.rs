@@ -1,24 +1,37 @@
 //! The admin API (layer L5): HTTP/1.1 on the loopback address of the agent's own namespace.
 //!
-//! `GET /pods` lists captured pods; `POST /pods?workload=W&netns=PATH` captures a pod at run
-//! time (for scripts and `nodetunnel pod add`); `DELETE /pods?workload=W` releases it. Pods
-//! added here survive config reloads: each pod source reconciles only its own pods. The client
-//! half, used by the CLI, is here too so both ends of the API live in one file.
+//! Operators' view into the agent (Istio's ztunnel admin names where they overlap):
+//! `/config_dump` (model, certificates, pods, effective config), `/connections` (open
+//! connections with bytes and age), `/logging` (read or change the log filter at run time),
+//! `/explain?from=..&to=..` (the policy decision for a source and destination),
+//! `/quitquitquit` (graceful drain) and `/pods` (`GET` lists captured pods; `POST
+//! /pods?workload=W&netns=PATH` captures one at run time; `DELETE /pods?workload=W` releases it;
+//! pods added here survive config reloads). The metrics server (15020) lives in [`metrics`] and
+//! the CLI's client in [`client`].
+
+mod client;
+mod dump;
+pub mod metrics;
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode};
 use tokio::net::TcpListener;
+use tokio::sync::Notify;
 
 use crate::capture::{AddOutcome, PodManager, PodSource};
 use crate::drain::Drain;
+use crate::identity::CertificateManager;
 use crate::state::StateStore;
 use crate::sys::Netns;
+use crate::telemetry::{LogControl, Metrics};
+
+pub use client::{call, query, ClientError};
+pub use dump::EffectiveConfig;
 
 /// What the admin handlers can reach.
 #[derive(Clone)]
@@ -29,6 +42,16 @@ pub struct AdminState {
     pub state: Arc<StateStore>,
     /// This agent's node, to refuse capturing another node's workload.
     pub node: String,
+    /// Workload certificates, for the dump.
+    pub certificates: Arc<CertificateManager>,
+    /// Open connections.
+    pub metrics: Arc<Metrics>,
+    /// The log filter; `None` when this process did not install logging (embedded use).
+    pub logging: Option<LogControl>,
+    /// The effective configuration, for the dump.
+    pub config: EffectiveConfig,
+    /// Notified by `/quitquitquit`; the app drains as on SIGTERM.
+    pub shutdown: Arc<Notify>,
 }
 
 /// Serves the admin API until drain.
@@ -50,12 +73,90 @@ async fn handle(
         .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
         .unwrap_or_default();
     match (request.method(), request.uri().path()) {
+        (_, "/") => index(),
+        (_, "/config_dump") => json(StatusCode::OK, &dump::config_dump(&admin)),
+        (_, "/connections") => json(StatusCode::OK, &admin.metrics.connections()),
+        (&Method::POST, "/logging") => logging(&admin, &query),
+        (_, "/logging") => message(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "use POST /logging (current level), ?level=<directives> (e.g. info or access=debug,info), or ?reset",
+        ),
+        (_, "/explain") => explain(&admin, &query),
+        (&Method::POST, "/quitquitquit") => {
+            tracing::info!("shutdown requested through the admin API");
+            admin.shutdown.notify_one();
+            text(StatusCode::OK, "shutdown now\n")
+        }
+        (_, "/quitquitquit") => message(StatusCode::METHOD_NOT_ALLOWED, "use POST"),
         (&Method::GET, "/pods") => json(StatusCode::OK, &admin.pods.status()),
         (&Method::POST, "/pods") => add_pod(&admin, &query).await,
         (&Method::DELETE, "/pods") => remove_pod(&admin, &query).await,
         (_, "/pods") => message(StatusCode::METHOD_NOT_ALLOWED, "use GET, POST or DELETE"),
         _ => message(StatusCode::NOT_FOUND, "not found"),
     }
+}
+
+fn index() -> Response<Full<Bytes>> {
+    text(
+        StatusCode::OK,
+        "nodetunnel admin\n\
+         /config_dump      workloads, services, policies, certificates, pods, config\n\
+         /connections      open connections\n\
+         /logging          POST: read or change the log filter (?level=..., ?reset)\n\
+         /explain          ?from=<source>&to=<destination>: the policy decision\n\
+         /pods             GET list, POST ?workload=&netns= capture, DELETE ?workload= release\n\
+         /quitquitquit     POST: drain and exit\n",
+    )
+}
+
+/// `POST /logging`: no parameter reads the filter, `?level=` replaces it, `?reset` restores it.
+fn logging(admin: &AdminState, query: &BTreeMap<String, String>) -> Response<Full<Bytes>> {
+    let Some(logging) = &admin.logging else {
+        return message(
+            StatusCode::NOT_IMPLEMENTED,
+            "logging is not controllable here",
+        );
+    };
+    let result = if query.contains_key("reset") {
+        logging.reset()
+    } else if let Some(level) = query.get("level") {
+        logging.set(level)
+    } else {
+        logging.current()
+    };
+    match result {
+        Ok(level) => {
+            if query.contains_key("reset") || query.contains_key("level") {
+                tracing::info!(%level, "log level changed through the admin API");
+            }
+            text(StatusCode::OK, &format!("current log level is {level}\n"))
+        }
+        Err(crate::telemetry::LogLevelError::Invalid { directives, reason }) => message(
+            StatusCode::BAD_REQUEST,
+            &format!("invalid level {directives:?}: {reason}"),
+        ),
+        Err(error) => message(StatusCode::INTERNAL_SERVER_ERROR, &error.to_string()),
+    }
+}
+
+/// `/explain?from=<source>&to=<destination>`: the decision the current model would make.
+fn explain(admin: &AdminState, query: &BTreeMap<String, String>) -> Response<Full<Bytes>> {
+    let (Some(from), Some(to)) = (query.get("from"), query.get("to")) else {
+        return message(
+            StatusCode::BAD_REQUEST,
+            "need ?from=<workload|ip|spiffe id>&to=<ip:port|workload:port>",
+        );
+    };
+    match crate::authz::explain(&admin.state.snapshot(), from, to) {
+        Ok(explained) => json(StatusCode::OK, &explained),
+        Err(error) => message(StatusCode::BAD_REQUEST, &error.to_string()),
+    }
+}
+
+fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+    *response.status_mut() = status;
+    response
 }
 
 /// Resolves `workload` (uid or `namespace/name`) to a uid of a workload on this node.
@@ -146,57 +247,4 @@ fn json(status: StatusCode, value: &impl serde::Serialize) -> Response<Full<Byte
 
 fn message(status: StatusCode, text: &str) -> Response<Full<Bytes>> {
     json(status, &serde_json::json!({ "error": text }))
-}
-
-/// Errors of the admin client.
-#[derive(Debug, thiserror::Error)]
-pub enum ClientError {
-    /// The agent could not be reached.
-    #[error(
-        "cannot reach the agent's admin API at {addr}: {source} (is it running? is --admin right?)"
-    )]
-    Connect {
-        /// The admin address.
-        addr: SocketAddr,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// HTTP failed.
-    #[error("admin API request failed: {0}")]
-    Http(#[from] hyper::Error),
-    /// The request could not be built.
-    #[error("admin API request: {0}")]
-    Request(#[from] hyper::http::Error),
-}
-
-/// Sends one request to the admin API and returns the status and body.
-pub async fn call(
-    addr: SocketAddr,
-    method: Method,
-    path_and_query: &str,
-) -> Result<(StatusCode, String), ClientError> {
-    let stream = tokio::net::TcpStream::connect(addr)
-        .await
-        .map_err(|source| ClientError::Connect { addr, source })?;
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-    tokio::spawn(connection);
-    let request = Request::builder()
-        .method(method)
-        .uri(path_and_query)
-        .header(hyper::header::HOST, addr.to_string())
-        .body(Full::new(Bytes::new()))?;
-    let response = sender.send_request(request).await?;
-    let status = response.status();
-    let body = response.into_body().collect().await?.to_bytes();
-    Ok((status, String::from_utf8_lossy(&body).into_owned()))
-}
-
-/// `?key=value&...` with each value percent-encoded.
-pub fn query(pairs: &[(&str, &str)]) -> String {
-    let mut serializer = form_urlencoded::Serializer::new(String::new());
-    for (key, value) in pairs {
-        serializer.append_pair(key, value);
-    }
-    serializer.finish()
 }

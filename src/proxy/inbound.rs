@@ -24,7 +24,7 @@ use crate::hbone::{self, Authority, ParsedConnect, TraceParent};
 use crate::net::{ports, ClientAddr};
 use crate::spiffe::Identity;
 use crate::state::Workload;
-use crate::telemetry::{ConnectionRecord, Direction};
+use crate::telemetry::{ConnectionRecord, Direction, ResponseFlag};
 
 pub(super) async fn serve(proxy: Arc<WorkloadProxy>, listener: TcpListener) {
     accept_loop(&proxy, listener, "inbound", handle).await
@@ -124,6 +124,14 @@ enum StreamError {
 }
 
 impl StreamError {
+    /// Istio's response flag for this failure.
+    fn flag(&self) -> ResponseFlag {
+        match self {
+            StreamError::Denied(_) | StreamError::Revoked(_) => ResponseFlag::Deny,
+            _ => ResponseFlag::Connect,
+        }
+    }
+
     fn status(&self) -> StatusCode {
         match self {
             StreamError::BadRequest(error) => error.status(),
@@ -155,7 +163,8 @@ async fn handle_stream(
         .unwrap_or_else(TraceParent::random);
     let authority = request.uri().to_string();
     let span = tracing::info_span!("inbound", id = %trace, peer = %peer);
-    let mut record = ConnectionRecord::new(Direction::Inbound, peer, &authority);
+    let mut record =
+        ConnectionRecord::new(&proxy.inputs.metrics, Direction::Inbound, peer, &authority);
     record.trace = trace.to_string();
     record.src_identity = peer_identity.clone();
     record.dst_hbone_addr = Some(authority);
@@ -173,7 +182,7 @@ async fn handle_stream(
             if let Some(respond) = respond.take() {
                 hbone::server::reject(respond, error.status());
             }
-            record.fail(error);
+            record.fail(error.flag(), error);
         }
     }
     .instrument(span)
@@ -231,6 +240,7 @@ async fn tunnel(
         .send_response(Response::new(()), false)
         .map_err(StreamError::Respond)?;
     let tunnel = H2Stream::new(send, body);
+    record.connected();
     let copy = copy::bidirectional(tunnel, upstream, &record.bytes.sent, &record.bytes.received);
     // Dropping the copy on revocation resets the stream (h2 CANCEL) and closes the app socket.
     tokio::select! {

@@ -15,7 +15,7 @@ use super::{accept_loop, copy, WorkloadProxy};
 use crate::authz::ConnectionFacts;
 use crate::hbone::TraceParent;
 use crate::net::{ports, ClientAddr, NetworkAddress, OriginalDst};
-use crate::telemetry::{ConnectionRecord, Direction};
+use crate::telemetry::{ConnectionRecord, Direction, ResponseFlag};
 
 pub(super) async fn serve(proxy: Arc<WorkloadProxy>, listener: TcpListener) {
     accept_loop(&proxy, listener, "inbound_plaintext", handle).await
@@ -40,6 +40,16 @@ enum PlaintextError {
     Copy(#[source] std::io::Error),
 }
 
+impl PlaintextError {
+    /// Istio's response flag for this failure.
+    fn flag(&self) -> ResponseFlag {
+        match self {
+            PlaintextError::Denied(_) | PlaintextError::Revoked(_) => ResponseFlag::Deny,
+            _ => ResponseFlag::Connect,
+        }
+    }
+}
+
 async fn handle(proxy: Arc<WorkloadProxy>, stream: TcpStream, peer: SocketAddr) {
     let local = stream.local_addr().unwrap_or(peer);
     let destination = OriginalDst(crate::sys::original_destination(&stream, local));
@@ -47,12 +57,17 @@ async fn handle(proxy: Arc<WorkloadProxy>, stream: TcpStream, peer: SocketAddr) 
     let trace = TraceParent::random();
     let span =
         tracing::info_span!("inbound_plaintext", id = %trace, src = %client, dst = %destination);
-    let mut record = ConnectionRecord::new(Direction::Inbound, client, destination);
+    let mut record = ConnectionRecord::new(
+        &proxy.inputs.metrics,
+        Direction::Inbound,
+        client,
+        destination,
+    );
     record.trace = trace.to_string();
     async move {
         if let Err(error) = proxy_connection(&proxy, stream, client, destination, &mut record).await
         {
-            record.fail(error);
+            record.fail(error.flag(), error);
         }
     }
     .instrument(span)
@@ -100,6 +115,7 @@ async fn proxy_connection(
         .sockets
         .connect(destination.0, source_ip, timeout)
         .await?;
+    record.connected();
     let copy = copy::bidirectional(stream, upstream, &record.bytes.sent, &record.bytes.received);
     tokio::select! {
         copied = copy => copied.map_err(PlaintextError::Copy),

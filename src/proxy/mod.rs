@@ -45,6 +45,8 @@ pub struct ProxyInputs {
     pub certificates: Arc<CertificateManager>,
     /// Shared settings.
     pub settings: Arc<ProxySettings>,
+    /// Where connection records report their metrics.
+    pub metrics: Arc<crate::telemetry::Metrics>,
 }
 
 /// The three listeners of a workload, bound inside its namespace.

@@ -11,7 +11,7 @@ use super::route::{self, HboneRoute, PassthroughRoute, Route};
 use super::{accept_loop, copy, WorkloadProxy};
 use crate::hbone::{self, Authority, ConnectRequest, TraceParent};
 use crate::net::{ClientAddr, OriginalDst};
-use crate::telemetry::{ConnectionRecord, Direction};
+use crate::telemetry::{ConnectionRecord, Direction, ResponseFlag};
 
 pub(super) async fn serve(proxy: Arc<WorkloadProxy>, listener: TcpListener) {
     accept_loop(&proxy, listener, "outbound", handle).await
@@ -23,13 +23,18 @@ async fn handle(proxy: Arc<WorkloadProxy>, stream: TcpStream, peer: SocketAddr) 
     let client = ClientAddr(peer);
     let trace = TraceParent::random();
     let span = tracing::info_span!("outbound", id = %trace, src = %client, dst = %destination);
-    let mut record = ConnectionRecord::new(Direction::Outbound, client, destination);
+    let mut record = ConnectionRecord::new(
+        &proxy.inputs.metrics,
+        Direction::Outbound,
+        client,
+        destination,
+    );
     record.trace = trace.to_string();
     async move {
         if let Err(error) =
             proxy_connection(&proxy, stream, client, destination, trace, &mut record).await
         {
-            record.fail(error);
+            record.fail(error.flag(), error);
         }
     }
     .instrument(span)
@@ -49,6 +54,16 @@ enum OutboundError {
     Socket(#[from] crate::socket::SocketError),
     #[error("copy: {0}")]
     Copy(#[source] std::io::Error),
+}
+
+impl OutboundError {
+    /// Istio's response flag for this failure.
+    fn flag(&self) -> ResponseFlag {
+        match self {
+            OutboundError::Pool(error) => error.flag(),
+            _ => ResponseFlag::Connect,
+        }
+    }
 }
 
 async fn proxy_connection(
@@ -97,6 +112,7 @@ async fn proxy_connection(
                 source_ip: client.0.ip(),
             };
             let tunnel = proxy.pool.connect(&key, &request).await?;
+            record.connected();
             copy::bidirectional(stream, tunnel, &record.bytes.sent, &record.bytes.received)
                 .await
                 .map_err(OutboundError::Copy)
@@ -110,6 +126,7 @@ async fn proxy_connection(
             record.dst_service = service;
             let timeout = proxy.inputs.settings.proxy.connect_timeout;
             let upstream = proxy.sockets.connect(target.0, None, timeout).await?;
+            record.connected();
             copy::bidirectional(stream, upstream, &record.bytes.sent, &record.bytes.received)
                 .await
                 .map_err(OutboundError::Copy)

@@ -6,6 +6,7 @@
 //! async lock), a connection carries at most `maxStreamsPerConnection` streams before another is
 //! opened, and connections idle past `idleTimeout` are released.
 
+use crate::telemetry::ResponseFlag;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -67,6 +68,24 @@ pub enum PoolError {
     /// HTTP/2 or the CONNECT exchange failed.
     #[error(transparent)]
     Hbone(#[from] ClientError),
+}
+
+impl PoolError {
+    /// Istio's response flag for this failure (a 401 from the peer is its policy's denial).
+    pub fn flag(&self) -> ResponseFlag {
+        match self {
+            PoolError::Connect(_) | PoolError::Request(_) => ResponseFlag::Connect,
+            PoolError::Certificate { .. } => ResponseFlag::IdentityError,
+            PoolError::Tls { .. } | PoolError::HandshakeTimeout(_) => ResponseFlag::TlsFailure,
+            PoolError::Hbone(ClientError::Handshake(_)) => ResponseFlag::H2HandshakeFailure,
+            PoolError::Hbone(ClientError::Status(status))
+                if *status == http::StatusCode::UNAUTHORIZED =>
+            {
+                ResponseFlag::Deny
+            }
+            PoolError::Hbone(_) => ResponseFlag::Connect,
+        }
+    }
 }
 
 /// Settings the pool needs.

@@ -1,52 +1,48 @@
-//! Logging and the per-connection access record (layer L1).
+//! The per-connection access record (layer L1).
 //!
 //! Every proxied connection owns one [`ConnectionRecord`]. It is filled in as the connection
-//! learns who is talking to whom and emits exactly one access-log event when dropped — on
-//! success, failure, drain or panic alike — so no connection goes unreported.
+//! learns who is talking to whom, logs a debug `connection opened` event and counts the
+//! connection opened when [`ConnectionRecord::connected`] is called, and emits exactly one
+//! `connection complete` access-log event and the closing metrics when dropped — on success,
+//! failure, drain or panic alike — so no connection goes unreported.
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use tracing_subscriber::layer::SubscriberExt;
-use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::{fmt as tracing_fmt, EnvFilter};
-
+use super::metrics::{
+    ConnectionInfo, LiveHandle, Metrics, Peer, Reporter, ResponseFlag, TrafficLabels,
+};
 use crate::spiffe::Identity;
 use crate::state::{Service, Workload};
 
-/// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    #[default]
-    Plain,
-    /// One JSON object per line.
-    Json,
-}
-
-/// Installs the global subscriber: level from `RUST_LOG` (default `info`), output to stderr.
-pub fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let registry = tracing_subscriber::registry().with(filter);
-    let result = match format {
-        LogFormat::Plain => registry
-            .with(tracing_fmt::layer().with_writer(std::io::stderr))
-            .try_init(),
-        LogFormat::Json => registry
-            .with(
-                tracing_fmt::layer()
-                    .json()
-                    .flatten_event(false)
-                    .with_current_span(false)
-                    .with_writer(std::io::stderr),
-            )
-            .try_init(),
+/// One access-log event with every field of the record (target `access`).
+macro_rules! access_event {
+    ($level:expr, $record:expr, $fields:expr, $error:expr, $message:literal) => {
+        tracing::event!(
+            target: "access",
+            $level,
+            trace = %$record.trace,
+            src.addr = %$record.src_addr,
+            src.workload = %$fields.src_workload,
+            src.namespace = %$fields.src_namespace,
+            src.identity = %or_empty(&$record.src_identity),
+            dst.addr = %$record.dst_addr,
+            dst.hbone_addr = %or_empty(&$record.dst_hbone_addr),
+            dst.service = %$fields.dst_service,
+            dst.workload = %$fields.dst_workload,
+            dst.namespace = %$fields.dst_namespace,
+            dst.identity = %or_empty(&$record.dst_identity),
+            direction = %$record.direction,
+            bytes_sent = $record.bytes.sent.load(Ordering::Relaxed),
+            bytes_recv = $record.bytes.received.load(Ordering::Relaxed),
+            duration = %format!("{}ms", $record.started.elapsed().as_millis()),
+            response_flags = $record.flag.as_str(),
+            error = $error,
+            $message
+        )
     };
-    if let Err(error) = result {
-        eprintln!("logging already initialised: {error}");
-    }
 }
 
 /// Which way a connection goes relative to the workload this agent serves.
@@ -56,6 +52,16 @@ pub enum Direction {
     Outbound,
     /// To a local workload.
     Inbound,
+}
+
+impl Direction {
+    /// Outbound connections are reported by the source, inbound ones by the destination.
+    pub fn reporter(self) -> Reporter {
+        match self {
+            Direction::Outbound => Reporter::Source,
+            Direction::Inbound => Reporter::Destination,
+        }
+    }
 }
 
 impl fmt::Display for Direction {
@@ -103,11 +109,21 @@ pub struct ConnectionRecord {
     pub bytes: Arc<ByteCounters>,
     /// The failure, if the connection failed.
     pub error: Option<String>,
+    /// Why it failed, as Istio's response flag.
+    flag: ResponseFlag,
+    metrics: Arc<Metrics>,
+    live: Option<LiveHandle>,
 }
 
 impl ConnectionRecord {
-    /// A record for a connection that just arrived.
-    pub fn new(direction: Direction, src_addr: impl ToString, dst_addr: impl ToString) -> Self {
+    /// A record for a connection that just arrived, reporting to `metrics`.
+    pub fn new(
+        metrics: &Arc<Metrics>,
+        direction: Direction,
+        src_addr: impl ToString,
+        dst_addr: impl ToString,
+    ) -> Self {
+        metrics.socket_opened(direction.reporter());
         ConnectionRecord {
             direction,
             started: Instant::now(),
@@ -122,13 +138,105 @@ impl ConnectionRecord {
             dst_identity: None,
             bytes: Arc::new(ByteCounters::default()),
             error: None,
+            flag: ResponseFlag::None,
+            metrics: metrics.clone(),
+            live: None,
         }
     }
 
     /// Records a failure (the first one wins: later errors are consequences).
-    pub fn fail(&mut self, error: impl fmt::Display) {
+    pub fn fail(&mut self, flag: ResponseFlag, error: impl fmt::Display) {
         if self.error.is_none() {
             self.error = Some(error.to_string());
+            self.flag = flag;
+        }
+    }
+
+    /// The connection is established (both ends known, bytes about to flow): logs `connection
+    /// opened` at debug, counts it opened and reports its bytes while it stays open. Call once,
+    /// after the labels are filled in; later calls do nothing.
+    pub fn connected(&mut self) {
+        if self.live.is_some() {
+            return;
+        }
+        let fields = AccessFields::of(self);
+        access_event!(
+            tracing::Level::DEBUG,
+            self,
+            fields,
+            tracing::field::Empty,
+            "connection opened"
+        );
+        self.live = Some(
+            self.metrics
+                .open(self.labels(), self.info(), self.bytes.clone()),
+        );
+    }
+
+    /// The Istio labels of this connection as known now.
+    pub fn labels(&self) -> TrafficLabels {
+        TrafficLabels::build(
+            self.direction.reporter(),
+            Peer {
+                workload: self.src_workload.as_deref(),
+                identity: self.src_identity.as_ref(),
+            },
+            Peer {
+                workload: self.dst_workload.as_deref(),
+                identity: self.dst_identity.as_ref(),
+            },
+            self.dst_service.as_deref(),
+            self.flag,
+        )
+    }
+
+    fn info(&self) -> ConnectionInfo {
+        let uid = |workload: &Option<Arc<Workload>>| {
+            workload
+                .as_deref()
+                .map(|w| w.uid.clone())
+                .unwrap_or_default()
+        };
+        ConnectionInfo {
+            direction: self.direction.to_string(),
+            src_addr: self.src_addr.clone(),
+            dst_addr: self.dst_addr.clone(),
+            src_workload: uid(&self.src_workload),
+            dst_workload: uid(&self.dst_workload),
+            src_identity: or_empty(&self.src_identity),
+            dst_identity: or_empty(&self.dst_identity),
+            started: Some(self.started),
+        }
+    }
+}
+
+/// Access-log fields derived from the record's workloads.
+struct AccessFields {
+    src_workload: String,
+    src_namespace: String,
+    dst_workload: String,
+    dst_namespace: String,
+    dst_service: String,
+}
+
+impl AccessFields {
+    fn of(record: &ConnectionRecord) -> Self {
+        let workload_field = |workload: &Option<Arc<Workload>>, pick: fn(&Workload) -> &str| {
+            workload
+                .as_deref()
+                .map(|w| pick(w).to_string())
+                .unwrap_or_default()
+        };
+        AccessFields {
+            src_workload: workload_field(&record.src_workload, |w| &w.name),
+            src_namespace: workload_field(&record.src_workload, |w| &w.namespace),
+            dst_workload: workload_field(&record.dst_workload, |w| &w.name),
+            dst_namespace: workload_field(&record.dst_workload, |w| &w.namespace),
+            dst_service: record
+                .dst_service
+                .as_deref()
+                .map(|s| s.hostname.clone())
+                .unwrap_or_default(),
         }
     }
 }
@@ -139,52 +247,31 @@ fn or_empty<T: fmt::Display>(value: &Option<T>) -> String {
 
 impl Drop for ConnectionRecord {
     fn drop(&mut self) {
-        let workload_field = |workload: &Option<Arc<Workload>>, pick: fn(&Workload) -> &str| {
-            workload
-                .as_deref()
-                .map(|w| pick(w).to_string())
-                .unwrap_or_default()
-        };
-        let src_workload = workload_field(&self.src_workload, |w| &w.name);
-        let src_namespace = workload_field(&self.src_workload, |w| &w.namespace);
-        let dst_workload = workload_field(&self.dst_workload, |w| &w.name);
-        let dst_namespace = workload_field(&self.dst_workload, |w| &w.namespace);
-        let dst_service = self
-            .dst_service
-            .as_deref()
-            .map(|s| s.hostname.clone())
-            .unwrap_or_default();
-        let duration = format!("{}ms", self.started.elapsed().as_millis());
-        let bytes_sent = self.bytes.sent.load(Ordering::Relaxed);
-        let bytes_recv = self.bytes.received.load(Ordering::Relaxed);
-        macro_rules! access_event {
-            ($level:expr, $error:expr) => {
-                tracing::event!(
-                    target: "access",
-                    $level,
-                    trace = %self.trace,
-                    src.addr = %self.src_addr,
-                    src.workload = %src_workload,
-                    src.namespace = %src_namespace,
-                    src.identity = %or_empty(&self.src_identity),
-                    dst.addr = %self.dst_addr,
-                    dst.hbone_addr = %or_empty(&self.dst_hbone_addr),
-                    dst.service = %dst_service,
-                    dst.workload = %dst_workload,
-                    dst.namespace = %dst_namespace,
-                    dst.identity = %or_empty(&self.dst_identity),
-                    direction = %self.direction,
-                    bytes_sent,
-                    bytes_recv,
-                    duration = %duration,
-                    error = $error,
-                    "connection complete"
-                )
-            };
+        if self.live.is_none() {
+            // Failed before it was established: still counted opened, then closed.
+            self.connected();
         }
+        if let Some(live) = self.live.take() {
+            self.metrics
+                .close(live, self.labels(), self.flag != ResponseFlag::None);
+        }
+        self.metrics.socket_closed(self.direction.reporter());
+        let fields = AccessFields::of(self);
         match self.error.as_deref() {
-            None => access_event!(tracing::Level::INFO, tracing::field::Empty),
-            Some(error) => access_event!(tracing::Level::ERROR, tracing::field::display(error)),
+            None => access_event!(
+                tracing::Level::INFO,
+                self,
+                fields,
+                tracing::field::Empty,
+                "connection complete"
+            ),
+            Some(error) => access_event!(
+                tracing::Level::ERROR,
+                self,
+                fields,
+                tracing::field::display(error),
+                "connection complete"
+            ),
         }
     }
 }

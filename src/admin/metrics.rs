@@ -1,0 +1,114 @@
+//! The metrics server (layer L5): `/metrics` and `/stats/prometheus` on 15020, Prometheus text
+//! by default and OpenMetrics when the scraper asks for `application/openmetrics-text`. Each
+//! scrape first samples the pods, certificates and log writer into the registry. Also the task
+//! that evicts series of workloads that left the model.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode};
+use tokio::net::TcpListener;
+
+use crate::capture::{PodManager, PodStatus};
+use crate::drain::Drain;
+use crate::identity::CertificateManager;
+use crate::state::StateStore;
+use crate::telemetry::metrics::AgentSample;
+use crate::telemetry::{LogControl, Metrics};
+
+const OPENMETRICS: &str = "application/openmetrics-text";
+const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// What a scrape reads besides the registry.
+#[derive(Clone)]
+pub struct MetricsSources {
+    /// The registry.
+    pub metrics: Arc<Metrics>,
+    /// Pods, for the in-pod proxy gauges.
+    pub pods: Arc<PodManager>,
+    /// Certificates, for expiry per identity.
+    pub certificates: Arc<CertificateManager>,
+    /// The log writer, for dropped lines.
+    pub logging: Option<LogControl>,
+}
+
+/// Serves the metrics endpoints until drain.
+pub async fn serve(listener: TcpListener, sources: MetricsSources, drain: Drain) {
+    crate::app::serve_http(listener, drain, move |request| {
+        let sources = sources.clone();
+        async move { handle(&sources, &request) }
+    })
+    .await
+}
+
+fn handle(
+    sources: &MetricsSources,
+    request: &Request<hyper::body::Incoming>,
+) -> Response<Full<Bytes>> {
+    if !matches!(request.uri().path(), "/metrics" | "/stats/prometheus") {
+        let mut response = Response::new(Full::new(Bytes::from_static(b"not found\n")));
+        *response.status_mut() = StatusCode::NOT_FOUND;
+        return response;
+    }
+    let openmetrics = request
+        .headers()
+        .get_all(hyper::header::ACCEPT)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .any(|value| value.contains(OPENMETRICS));
+    let body = sources.metrics.encode(&sample(sources), openmetrics);
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(if openmetrics {
+            OPENMETRICS_CONTENT_TYPE
+        } else {
+            PROMETHEUS_CONTENT_TYPE
+        }),
+    );
+    response
+}
+
+fn sample(sources: &MetricsSources) -> AgentSample {
+    let status = sources.pods.status();
+    let active = status
+        .values()
+        .filter(|status| matches!(status, PodStatus::Running { .. }))
+        .count();
+    AgentSample {
+        active_proxies: i64::try_from(active).unwrap_or(i64::MAX),
+        pending_proxies: i64::try_from(status.len() - active).unwrap_or(i64::MAX),
+        certificates: sources
+            .certificates
+            .certificates()
+            .into_iter()
+            .map(|(identity, _, not_after)| (identity, not_after))
+            .collect(),
+        dropped_log_lines: sources
+            .logging
+            .as_ref()
+            .map_or(0, LogControl::dropped_lines),
+    }
+}
+
+/// Until drain: after every model change, removes the traffic series of workloads that are gone.
+pub async fn evict_stale_series(state: Arc<StateStore>, metrics: Arc<Metrics>, drain: Drain) {
+    let mut changes = state.subscribe();
+    loop {
+        tokio::select! {
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+            _ = drain.draining() => return,
+        }
+        let snapshot = state.snapshot();
+        let removed = metrics.retain_workloads(|uid| snapshot.workload(uid).is_some());
+        if removed > 0 {
+            tracing::debug!(removed, "removed metric series of departed workloads");
+        }
+    }
+}

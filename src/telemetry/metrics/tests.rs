@@ -1,0 +1,307 @@
+//! Label building, live byte flushing, opened/closed/failed accounting and stale-series eviction.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use super::*;
+use crate::state::{HealthStatus, TunnelProtocol};
+
+fn workload(namespace: &str, name: &str, owner: &str) -> Workload {
+    Workload {
+        uid: format!("cluster//Pod/{namespace}/{name}"),
+        name: name.to_string(),
+        namespace: namespace.to_string(),
+        service_account: name.to_string(),
+        trust_domain: "cluster.local".to_string(),
+        identity: Identity::new("cluster.local", namespace, name).expect("valid identity"),
+        workload_ips: vec![IpAddr::from([10, 0, 0, 1])],
+        protocol: TunnelProtocol::Hbone,
+        node: "node-a".to_string(),
+        network: String::new(),
+        hostname: String::new(),
+        waypoint: None,
+        application_tunnel: None,
+        services: BTreeMap::new(),
+        labels: BTreeMap::new(),
+        canonical_name: format!("{name}-app"),
+        canonical_revision: "v1".to_string(),
+        workload_name: owner.to_string(),
+        workload_type: "deployment".to_string(),
+        cluster_id: "Kubernetes".to_string(),
+        authorization_policies: Vec::new(),
+        status: HealthStatus::Healthy,
+    }
+}
+
+fn service() -> Service {
+    Service {
+        name: "echo".to_string(),
+        namespace: "default".to_string(),
+        hostname: "echo.default.svc.cluster.local".to_string(),
+        vips: Vec::new(),
+        ports: BTreeMap::new(),
+        subject_alt_names: Vec::new(),
+        waypoint: None,
+    }
+}
+
+#[test]
+fn labels_follow_istio_naming_and_render_unknowns() {
+    let client = workload("team", "client-7f9", "client");
+    let server = workload("default", "server-abc", "");
+    let echo = service();
+    struct Case {
+        name: &'static str,
+        labels: TrafficLabels,
+        expect: &'static [(&'static str, &'static str)],
+    }
+    let cases = [
+        Case {
+            name: "mTLS outbound with service",
+            labels: TrafficLabels::build(
+                Reporter::Source,
+                Peer {
+                    workload: Some(&client),
+                    identity: Some(&client.identity),
+                },
+                Peer {
+                    workload: Some(&server),
+                    identity: Some(&server.identity),
+                },
+                Some(&echo),
+                ResponseFlag::None,
+            ),
+            expect: &[
+                ("reporter", "source"),
+                ("source_workload", "client"),
+                ("source_canonical_service", "client-7f9-app"),
+                ("source_app", "client-7f9-app"),
+                ("source_version", "v1"),
+                ("source_workload_namespace", "team"),
+                (
+                    "source_principal",
+                    "spiffe://cluster.local/ns/team/sa/client-7f9",
+                ),
+                ("source_cluster", "Kubernetes"),
+                // No owner name: the pod name stands in.
+                ("destination_workload", "server-abc"),
+                ("destination_service", "echo.default.svc.cluster.local"),
+                ("destination_service_name", "echo"),
+                ("destination_service_namespace", "default"),
+                ("request_protocol", "tcp"),
+                ("response_flags", "-"),
+                ("connection_security_policy", "mutual_tls"),
+            ],
+        },
+        Case {
+            name: "plaintext inbound from an unknown client, denied",
+            labels: TrafficLabels::build(
+                Reporter::Destination,
+                Peer::default(),
+                Peer {
+                    workload: Some(&server),
+                    identity: None,
+                },
+                None,
+                ResponseFlag::Deny,
+            ),
+            expect: &[
+                ("reporter", "destination"),
+                ("source_workload", "unknown"),
+                ("source_workload_namespace", "unknown"),
+                ("source_principal", "unknown"),
+                ("source_cluster", "unknown"),
+                ("destination_principal", "unknown"),
+                ("destination_service", "unknown"),
+                ("destination_workload_namespace", "default"),
+                ("response_flags", "DENY"),
+                ("connection_security_policy", "unknown"),
+            ],
+        },
+    ];
+    for case in cases {
+        let mut text = String::new();
+        let family = Family::<TrafficLabels, Counter>::default();
+        family.get_or_create(&case.labels).inc();
+        let mut registry = Registry::default();
+        registry.register("probe", "probe", family);
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+        for (key, value) in case.expect {
+            assert!(
+                text.contains(&format!("{key}=\"{value}\"")),
+                "{}: want {key}={value:?} in {text}",
+                case.name
+            );
+        }
+    }
+}
+
+fn sample_value(text: &str, metric: &str, must_contain: &str) -> Option<u64> {
+    text.lines()
+        .find(|line| line.starts_with(metric) && line.contains(must_contain))
+        .and_then(|line| line.rsplit(' ').next()?.parse().ok())
+}
+
+fn info(source: &Workload) -> ConnectionInfo {
+    ConnectionInfo {
+        direction: "outbound".to_string(),
+        src_addr: "10.0.0.1:40000".to_string(),
+        dst_addr: "10.0.0.2:8080".to_string(),
+        src_workload: source.uid.clone(),
+        dst_workload: String::new(),
+        src_identity: String::new(),
+        dst_identity: String::new(),
+        started: None,
+    }
+}
+
+#[test]
+fn bytes_are_reported_while_open_and_exactly_once_after_close() {
+    let metrics = Metrics::new();
+    let client = workload("team", "client", "client");
+    let labels = TrafficLabels::build(
+        Reporter::Source,
+        Peer {
+            workload: Some(&client),
+            identity: None,
+        },
+        Peer::default(),
+        None,
+        ResponseFlag::None,
+    );
+    let bytes = Arc::new(ByteCounters::default());
+    let live = metrics.open(labels.clone(), info(&client), bytes.clone());
+    bytes.sent.fetch_add(100, Ordering::Relaxed);
+    bytes.received.fetch_add(7, Ordering::Relaxed);
+    let open = metrics.connections();
+    assert_eq!((open.len(), open[0].bytes_sent), (1, 100));
+    let text = metrics.encode(&AgentSample::default(), false);
+    assert_eq!(
+        sample_value(
+            &text,
+            "istio_tcp_received_bytes_total",
+            "source_workload=\"client\""
+        ),
+        Some(100)
+    );
+    assert_eq!(
+        sample_value(
+            &text,
+            "istio_tcp_sent_bytes_total",
+            "source_workload=\"client\""
+        ),
+        Some(7)
+    );
+    assert_eq!(
+        sample_value(&text, "istio_tcp_connections_opened_total", "client"),
+        Some(1)
+    );
+    assert_eq!(
+        sample_value(&text, "istio_tcp_connections_closed_total", "client"),
+        None
+    );
+    assert!(
+        !text.contains("# EOF"),
+        "Prometheus text has no EOF trailer"
+    );
+
+    bytes.sent.fetch_add(50, Ordering::Relaxed);
+    let mut failed = labels.clone();
+    failed.response_flags = ResponseFlag::Connect.as_str().to_string();
+    metrics.close(live, failed, true);
+    let text = metrics.encode(&AgentSample::default(), true);
+    assert_eq!(
+        sample_value(&text, "istio_tcp_received_bytes_total", "client"),
+        Some(150)
+    );
+    assert_eq!(
+        sample_value(
+            &text,
+            "istio_tcp_connections_closed_total",
+            "response_flags=\"CONNECT\""
+        ),
+        Some(1)
+    );
+    assert_eq!(
+        sample_value(
+            &text,
+            "istio_tcp_connections_failed_total",
+            "response_flags=\"CONNECT\""
+        ),
+        Some(1)
+    );
+    assert!(text.ends_with("# EOF\n"), "OpenMetrics ends with EOF");
+}
+
+#[test]
+fn series_of_removed_workloads_are_evicted_and_others_stay() {
+    let metrics = Metrics::new();
+    let gone = workload("team", "gone", "gone");
+    let stays = workload("team", "stays", "stays");
+    for source in [&gone, &stays] {
+        let labels = TrafficLabels::build(
+            Reporter::Source,
+            Peer {
+                workload: Some(source),
+                identity: None,
+            },
+            Peer::default(),
+            None,
+            ResponseFlag::None,
+        );
+        let live = metrics.open(
+            labels.clone(),
+            info(source),
+            Arc::new(ByteCounters::default()),
+        );
+        metrics.close(live, labels, false);
+    }
+    let removed = metrics.retain_workloads(|uid| uid == stays.uid);
+    assert_eq!(removed, 1);
+    let text = metrics.encode(&AgentSample::default(), false);
+    assert!(!text.contains("source_workload=\"gone\""), "{text}");
+    assert!(text.contains("source_workload=\"stays\""), "{text}");
+    assert_eq!(metrics.retain_workloads(|uid| uid == stays.uid), 0);
+}
+
+#[test]
+fn agent_sample_sets_gauges_and_replaces_certificates() {
+    let metrics = Metrics::new();
+    let identity = Identity::new("cluster.local", "team", "client").expect("identity");
+    let sample = AgentSample {
+        active_proxies: 2,
+        pending_proxies: 1,
+        certificates: vec![(identity, UNIX_EPOCH + std::time::Duration::from_secs(1_000))],
+        dropped_log_lines: 3,
+    };
+    let text = metrics.encode(&sample, false);
+    assert!(
+        text.contains("workload_manager_active_proxy_count 2"),
+        "{text}"
+    );
+    assert!(
+        text.contains("workload_manager_pending_proxy_count 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("nodetunnel_log_dropped_lines_total 3"),
+        "{text}"
+    );
+    assert!(text.contains("istio_build{component=\"ztunnel\""), "{text}");
+    assert_eq!(
+        sample_value(
+            &text,
+            "nodetunnel_certificate_expiration_timestamp_seconds",
+            "sa/client"
+        ),
+        Some(1_000)
+    );
+    assert!(sample_value(&text, "process_open_fds", "").is_some_and(|fds| fds > 0));
+    let text = metrics.encode(&AgentSample::default(), false);
+    assert!(
+        !text.contains("sa/client"),
+        "expired identities leave: {text}"
+    );
+}
