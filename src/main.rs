@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use nodetunnel::admin::tables::View;
 use nodetunnel::config::{self, Overrides};
 use nodetunnel::identity::ca::BuiltinCa;
 use nodetunnel::telemetry::{self, LogFormat};
@@ -68,6 +69,18 @@ enum Command {
         #[command(subcommand)]
         command: PodCommand,
     },
+    /// Summary of a running agent: node, pods, model and certificate counts.
+    Status(InspectArgs),
+    /// Workloads a running agent knows.
+    Workloads(InspectArgs),
+    /// Services a running agent knows.
+    Services(InspectArgs),
+    /// Authorization policies a running agent enforces.
+    Policies(InspectArgs),
+    /// Workload certificates a running agent holds, with their validity.
+    Certificates(InspectArgs),
+    /// Connections open on a running agent.
+    Connections(InspectArgs),
     /// Certificate authority utilities.
     Ca {
         #[command(subcommand)]
@@ -111,6 +124,17 @@ enum PodCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// Options of the commands that look inside a running agent.
+#[derive(Debug, clap::Args)]
+struct InspectArgs {
+    /// The agent's admin address.
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin: std::net::SocketAddr,
+    /// Print the admin API's JSON instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -159,6 +183,12 @@ fn main() -> ExitCode {
             json,
         } => explain(&config, &from, &to, json),
         Command::Pod { admin, command } => pod_command(admin, command),
+        Command::Status(args) => inspect(View::Status, &args),
+        Command::Workloads(args) => inspect(View::Workloads, &args),
+        Command::Services(args) => inspect(View::Services, &args),
+        Command::Policies(args) => inspect(View::Policies, &args),
+        Command::Certificates(args) => inspect(View::Certificates, &args),
+        Command::Connections(args) => inspect(View::Connections, &args),
         Command::Ca {
             command:
                 CaCommand::Init {
@@ -328,6 +358,45 @@ fn pod_command(admin: std::net::SocketAddr, command: PodCommand) -> ExitCode {
     match command {
         PodCommand::List { .. } if !json => print_pods(&body),
         _ => println!("{}", body.trim()),
+    }
+    ExitCode::SUCCESS
+}
+
+/// Runs `nodetunnel status|workloads|...`: one admin API read, printed as a table or JSON.
+fn inspect(view: View, args: &InspectArgs) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let call = nodetunnel::admin::call(args.admin, hyper::Method::GET, view.path());
+    let (status, body) = match runtime.block_on(call) {
+        Ok(answer) => answer,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let answer: serde_json::Value = match serde_json::from_str(&body) {
+        Ok(answer) if status.is_success() => answer,
+        _ => {
+            eprintln!("error: the agent answered {status}: {}", body.trim());
+            return ExitCode::FAILURE;
+        }
+    };
+    if args.json {
+        let selected = view.select(&answer);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&selected).unwrap_or_default()
+        );
+    } else {
+        print!("{}", view.render(&answer));
     }
     ExitCode::SUCCESS
 }

@@ -12,6 +12,7 @@
 mod client;
 mod dump;
 pub mod metrics;
+pub mod tables;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
