@@ -263,7 +263,12 @@ fn serde_error(path: &Path, error: &serde_yaml::Error) -> ConfigError {
     if let Some((unknown, rewritten)) = unknown_field(&message) {
         // serde names the mapping; the unknown key itself is the more useful field.
         field = if field == "." {
-            unknown
+            // An empty key would print as an empty field; keep `.` (the document) then.
+            if unknown.is_empty() {
+                field
+            } else {
+                unknown
+            }
         } else {
             format!("{field}.{unknown}")
         };

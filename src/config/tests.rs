@@ -636,3 +636,12 @@ fn policy_errors_keep_their_position() {
         ["nodetunnel.yaml:5:23: policies[0].rules[0][0][0].namespaces[0]: unknown variant `Regex`, expected one of `Exact`, `Prefix`, `Suffix`, `Presence`"]
     );
 }
+
+/// Found by the `config_parse` fuzz target: an empty top-level key must still name a field.
+#[test]
+fn empty_unknown_key_names_the_document() {
+    let errors = parse(Path::new("x.yaml"), "\"\": 1\n", &Overrides::default())
+        .expect_err("an empty key is an unknown field");
+    assert_eq!(errors.0[0].field, ".");
+    assert!(errors.0[0].message.contains("unknown field"), "{}", errors.0[0].message);
+}
