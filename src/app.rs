@@ -67,7 +67,7 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
         inputs,
         home,
         agent.proxy.packet_mark,
-        agent.capture.install_rules.then(|| RedirectRules {
+        agent.capture.install_rules.then_some(RedirectRules {
             mark: agent.proxy.packet_mark,
             outbound_port: crate::net::ports::OUTBOUND,
             inbound_plaintext_port: crate::net::ports::INBOUND_PLAINTEXT,
