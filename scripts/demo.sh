@@ -74,27 +74,6 @@ pod a 1 client 2
 pod b 2 web 2
 pod b 2 legacy 3
 
-# Redirection in the captured pods (the agent will install these itself in a later version).
-for pod in client web; do
-  nsx "$pod" nft -f - <<'NFT'
-table inet nodetunnel_demo {
-  chain output {
-    type nat hook output priority -100; policy accept;
-    meta mark & 0xfff == 0x539 return
-    oifname "lo" return
-    ip daddr 127.0.0.0/8 return
-    meta l4proto tcp redirect to :15001
-  }
-  chain prerouting {
-    type nat hook prerouting priority -100; policy accept;
-    iifname "lo" return
-    tcp dport 15008 return
-    meta l4proto tcp redirect to :15006
-  }
-}
-NFT
-done
-
 echo "== shared root CA and agent configs"
 "$BIN" ca init --out-dir "$WORK/ca" >/dev/null
 model() {
@@ -152,7 +131,7 @@ for pod in web legacy; do
   # Background processes are started with `ip netns exec` itself (not the nsx function), so
   # that $! is the process, which `ip netns exec` becomes, and our signals reach it.
   ip netns exec "$P-$pod" python3 -m http.server 8080 --bind 0.0.0.0 \
-    --directory "$WORK/www-$pod" >/dev/null 2>&1 &
+    --directory "$WORK/www-$pod" >/dev/null 2>"$WORK/www-$pod.log" &
   PIDS+=($!)
 done
 for pod in web legacy; do
@@ -164,6 +143,10 @@ ip netns exec "$P-a" tcpdump -n -U --immediate-mode -Z root -s 0 -i l-b -w "$WOR
 TCPDUMP=$!
 PIDS+=("$TCPDUMP")
 for _ in $(seq 100); do grep -q "listening on" "$WORK/tcpdump.err" && break; sleep 0.1; done
+
+echo
+echo "== capture: rules the agent installed in pod client (nothing was configured in the pod)"
+nsx client nft list table inet nodetunnel | grep -E 'chain |redirect' | sed 's/^[[:space:]]*/  /'
 
 echo
 echo "== traffic (plain curl in pod client; it knows nothing about the mesh)"
@@ -191,6 +174,10 @@ for n in a b; do
       + (if (.error // "") != "" then "  error=\(.error)" else "" end)' \
     "$WORK/$n/agent.log" 2>/dev/null || true
 done
+
+echo
+echo "== what the server app saw (original source preserved: the client pod's IP, not the agent's)"
+awk '{print "  web got a request from " $1}' "$WORK/www-web.log" | sort | uniq -c
 
 echo
 echo "== the node-to-node link (capture on node-a)"

@@ -643,5 +643,9 @@ fn empty_unknown_key_names_the_document() {
     let errors = parse(Path::new("x.yaml"), "\"\": 1\n", &Overrides::default())
         .expect_err("an empty key is an unknown field");
     assert_eq!(errors.0[0].field, ".");
-    assert!(errors.0[0].message.contains("unknown field"), "{}", errors.0[0].message);
+    assert!(
+        errors.0[0].message.contains("unknown field"),
+        "{}",
+        errors.0[0].message
+    );
 }
