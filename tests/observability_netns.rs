@@ -433,3 +433,106 @@ fn admin_api_dump_logging_loopback_and_cli() {
     let (ok, _) = cluster.cli("b", &["status", "--admin", "127.0.0.1:1"]);
     assert!(!ok, "an unreachable agent is an error");
 }
+
+/// A failed connection (no app on the port) and a denied one (default deny on the server's
+/// node) are counted failed with `CONNECT` and `DENY` by both reporters; the series of a
+/// workload removed from the model disappear; `/explain` answers from the live model; and
+/// `/quitquitquit` drains the agent, which then exits cleanly.
+#[test]
+fn failures_denials_stale_series_explain_and_quit() {
+    require_netns!("failures_denials_stale_series_explain_and_quit");
+    let mut cluster = Cluster::start();
+    let _server =
+        EchoServer::start(&cluster.topology, "server", APP_PORT, Reply::Echo).expect("server app");
+    let server_ip = cluster.topology.pod("server").ip;
+    let failed = |node: &str, reporter: &str, flag: &str| {
+        let labels = [
+            ("reporter", reporter),
+            ("source_workload", "client"),
+            ("destination_workload", "server"),
+            ("response_flags", flag),
+        ];
+        support::wait_for("a failed connection", WAIT, || {
+            sample(
+                &cluster.metrics(node),
+                "istio_tcp_connections_failed_total",
+                &labels,
+            )
+        })
+        .unwrap_or_else(|_| panic!("{reporter} {flag}:\n{}", cluster.metrics(node)))
+    };
+
+    let closed_port = SocketAddr::from((server_ip, 9));
+    let mut refused = cluster.connect("client", closed_port);
+    let mut rest = Vec::new();
+    let _ = refused.read_to_end(&mut rest);
+    assert!(rest.is_empty(), "nothing listens on the port");
+    assert_eq!(failed("a", "source", "CONNECT"), 1);
+    assert_eq!(failed("b", "destination", "CONNECT"), 1);
+
+    let target = SocketAddr::from((server_ip, APP_PORT));
+    let mut plain = cluster.connect("legacy", target);
+    assert_eq!(echo(&mut plain, b"hello"), b"hello");
+    close(plain);
+    let legacy = [("source_workload", "legacy"), ("reporter", "destination")];
+    support::wait_for("legacy series", WAIT, || {
+        sample(
+            &cluster.metrics("b"),
+            "istio_tcp_connections_closed_total",
+            &legacy,
+        )
+    })
+    .expect("legacy connection counted");
+
+    let mut mesh = cluster.mesh.clone();
+    mesh.workloads.retain(|workload| workload.name != "legacy");
+    let config = mesh.render(&cluster.topology, "b", &["server"]).replacen(
+        "agent:\n",
+        "agent:\n  authorization: {defaultDeny: true}\n",
+        1,
+    );
+    cluster
+        .agent("b")
+        .write_config(&config)
+        .expect("config edit");
+    support::wait_for("legacy series evicted", WAIT, || {
+        (!cluster.metrics("b").contains("source_workload=\"legacy\"")).then_some(())
+    })
+    .unwrap_or_else(|_| panic!("stale series stayed:\n{}", cluster.metrics("b")));
+
+    let mut denied = cluster.connect("client", target);
+    let _ = denied.write_all(b"let me in");
+    let mut rest = Vec::new();
+    let _ = denied.read_to_end(&mut rest);
+    assert!(rest.is_empty(), "a denied connection gets nothing back");
+    assert_eq!(failed("a", "source", "DENY"), 1);
+    assert_eq!(failed("b", "destination", "DENY"), 1);
+    let denial = cluster
+        .agent("b")
+        .wait_for_event("denied access event", WAIT, |event| {
+            event.is_access() && event.field("response_flags").as_deref() == Some("DENY")
+        })
+        .expect("denial logged");
+    assert!(
+        denial.field("error").is_some_and(|e| !e.is_empty()),
+        "{}",
+        denial.raw
+    );
+
+    let client_ip = cluster.topology.pod("client").ip;
+    let path = format!("/explain?from={client_ip}&to={server_ip}:{APP_PORT}");
+    let (status, explained) = cluster.http("b", "GET", "127.0.0.1:15000", &path);
+    assert_eq!(status, 200, "{explained}");
+    let explained: serde_json::Value = serde_json::from_str(&explained).expect("json");
+    assert!(explained.get("decision").is_some(), "{explained}");
+    let (status, _) = cluster.http("b", "GET", "127.0.0.1:15000", "/explain?from=x");
+    assert_eq!(status, 400);
+
+    let (status, body) = cluster.http("a", "GET", "127.0.0.1:15000", "/quitquitquit");
+    assert_eq!(status, 405, "{body}");
+    let (status, body) = cluster.http("a", "POST", "127.0.0.1:15000", "/quitquitquit");
+    assert_eq!((status, body.as_str()), (200, "shutdown now\n"));
+    let exited = support::wait_for("agent a to exit", WAIT, || cluster.agents[0].exit_status())
+        .expect("agent a exits after /quitquitquit");
+    assert!(exited.success(), "{exited}");
+}

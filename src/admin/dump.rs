@@ -87,7 +87,7 @@ pub(super) fn config_dump(admin: &AdminState) -> serde_json::Value {
     let mut workloads: Vec<&Workload> = snapshot.workloads().map(|w| w.as_ref()).collect();
     workloads.sort_by(|a, b| a.uid.cmp(&b.uid));
     let mut services: Vec<&Service> = snapshot.services().map(|s| s.as_ref()).collect();
-    services.sort_by(|a, b| a.key().cmp(&b.key()));
+    services.sort_by_key(|service| service.key());
     let authorization = snapshot.authorization();
     let certificates: Vec<CertificateDump> = admin
         .certificates
