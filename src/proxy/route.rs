@@ -1,15 +1,22 @@
 //! The outbound route decision (layer L3): pure, over one state snapshot.
 //!
 //! Given the source workload and the destination the application dialled, decide where the
-//! bytes go: an HBONE tunnel to a mesh workload, or plain TCP passthrough. Randomness for load
-//! balancing comes in as an argument so the decision stays a pure function.
+//! bytes go: an HBONE tunnel to a mesh workload or to the waypoint in front of it, or plain TCP
+//! passthrough. Randomness for load balancing comes in as an argument so the decision stays a
+//! pure function.
+//!
+//! Waypoints (Istio's order): a service VIP whose service has a waypoint goes to that waypoint
+//! with the original `VIP:port` as authority; otherwise a service goes straight to an endpoint,
+//! even one with a workload waypoint. A pod address whose workload has a waypoint goes to that
+//! waypoint with the original `IP:port` as authority. Traffic from the waypoint itself goes
+//! direct, so a waypoint never loops back to itself.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use crate::net::{ports, NetworkAddress, OriginalDst, UpstreamAddr};
 use crate::spiffe::Identity;
-use crate::state::{Service, Snapshot, TunnelProtocol, Workload};
+use crate::state::{GatewayAddress, Service, Snapshot, TunnelProtocol, Workload};
 
 /// Where an outbound connection goes.
 #[derive(Debug, Clone)]
@@ -25,14 +32,15 @@ pub enum Route {
 pub struct HboneRoute {
     /// The peer's HBONE listener.
     pub peer: UpstreamAddr,
-    /// The CONNECT `:authority`: destination pod IP and *target* port.
+    /// The CONNECT `:authority`: destination pod IP and *target* port; through a waypoint, the
+    /// address the application dialled (service VIP or pod IP, port untranslated).
     pub authority: SocketAddr,
-    /// The workload the tunnel reaches.
+    /// The workload the tunnel reaches (the waypoint, when going through one).
     pub destination: Arc<Workload>,
     /// The service the application addressed, if it dialled a VIP.
     pub service: Option<Arc<Service>>,
     /// Identities the peer may present (sorted, deduplicated): the workload's and the service's
-    /// `subjectAltNames`.
+    /// `subjectAltNames`; through a waypoint, the waypoint's and its service's.
     pub expected_identities: Vec<Identity>,
 }
 
@@ -72,6 +80,10 @@ pub enum RouteError {
     /// The workload has no address of the family needed.
     #[error("workload {0} has no IP address")]
     NoAddress(String),
+    /// The destination names a waypoint that resolves to no workload in the source's network;
+    /// refused rather than sent around the waypoint.
+    #[error("waypoint {0} of the destination resolves to no reachable workload")]
+    NoWaypoint(String),
 }
 
 /// Decides the route for `destination` dialled by `source`. `pick` chooses among endpoints.
@@ -92,6 +104,13 @@ pub fn decide(
         ip: dst.ip(),
     };
     if let Some(service) = snapshot.service_by_vip(&address) {
+        if let Some(gateway) = waypoint_to_use(snapshot, service.waypoint.as_ref(), source) {
+            let via = Via {
+                service: Some(service.clone()),
+                pick,
+            };
+            return to_waypoint(snapshot, gateway, source, dst, via);
+        }
         let endpoints = snapshot.endpoints(service, dst.port());
         if endpoints.is_empty() {
             return Err(RouteError::NoHealthyUpstream {
@@ -110,6 +129,13 @@ pub fn decide(
         );
     }
     if let Some(workload) = snapshot.workload_by_address(&address) {
+        if let Some(gateway) = waypoint_to_use(snapshot, workload.waypoint.as_ref(), source) {
+            let via = Via {
+                service: None,
+                pick,
+            };
+            return to_waypoint(snapshot, gateway, source, dst, via);
+        }
         return to_workload(workload, dst.port(), None, source, dst, hbone_port);
     }
     Ok(Route::Passthrough(PassthroughRoute {
@@ -117,6 +143,52 @@ pub fn decide(
         destination: None,
         service: None,
     }))
+}
+
+/// The waypoint to go through, unless there is none or `source` is that waypoint.
+fn waypoint_to_use<'a>(
+    snapshot: &Snapshot,
+    waypoint: Option<&'a GatewayAddress>,
+    source: &Workload,
+) -> Option<&'a GatewayAddress> {
+    waypoint.filter(|gateway| !snapshot.is_waypoint(gateway, source))
+}
+
+/// What the application addressed, for a tunnel through a waypoint.
+struct Via {
+    service: Option<Arc<Service>>,
+    pick: u64,
+}
+
+fn to_waypoint(
+    snapshot: &Snapshot,
+    gateway: &GatewayAddress,
+    source: &Workload,
+    dialled: SocketAddr,
+    via: Via,
+) -> Result<Route, RouteError> {
+    let waypoint = snapshot
+        .resolve_waypoint(gateway, &source.network, dialled.is_ipv4(), via.pick)
+        .ok_or_else(|| RouteError::NoWaypoint(describe(gateway)))?;
+    Ok(Route::Hbone(HboneRoute {
+        peer: UpstreamAddr(waypoint.address),
+        authority: dialled,
+        destination: waypoint.workload,
+        service: via.service,
+        expected_identities: waypoint.identities,
+    }))
+}
+
+fn describe(gateway: &GatewayAddress) -> String {
+    match &gateway.destination {
+        crate::state::GatewayDestination::Address(address) => {
+            format!("{}/{}", address.network, address.ip)
+        }
+        crate::state::GatewayDestination::Hostname {
+            namespace,
+            hostname,
+        } => format!("{namespace}/{hostname}"),
+    }
 }
 
 fn to_workload(

@@ -244,3 +244,206 @@ fn other_network_workload_by_service_is_refused() {
         "{result:?}"
     );
 }
+
+const WAYPOINT_SVC: &str = "default/waypoint.default.svc.cluster.local";
+
+fn gateway_at(ip: &str, port: u16) -> crate::state::GatewayAddress {
+    crate::state::GatewayAddress {
+        destination: crate::state::GatewayDestination::Address(format!("/{ip}").parse().unwrap()),
+        hbone_mtls_port: port,
+    }
+}
+
+fn gateway_named(hostname: &str) -> crate::state::GatewayAddress {
+    crate::state::GatewayAddress {
+        destination: crate::state::GatewayDestination::Hostname {
+            namespace: "default".into(),
+            hostname: hostname.into(),
+        },
+        hbone_mtls_port: 15008,
+    }
+}
+
+/// A mesh with waypoints: `protected` (VIP 10.96.1.1) has a waypoint referenced by its service
+/// hostname; pod `guarded` has a workload waypoint by address; `open` (VIP 10.96.1.2) has no
+/// service waypoint but its endpoint `guarded` has one; `by-host` names a waypoint workload by
+/// hostname; `lost` names a waypoint that does not exist.
+fn waypoint_snapshot() -> (Snapshot, Workload, Workload, Workload) {
+    let client = workload("client", "10.0.1.2", TunnelProtocol::Hbone, &[]);
+    let waypoint = workload(
+        "waypoint",
+        "10.0.5.5",
+        TunnelProtocol::Hbone,
+        &[(WAYPOINT_SVC, 15008, 15008)],
+    );
+    let mut host_waypoint = workload("host-waypoint", "10.0.5.6", TunnelProtocol::Hbone, &[]);
+    host_waypoint.hostname = "wp.example".into();
+    let server = workload(
+        "server",
+        "10.0.2.2",
+        TunnelProtocol::Hbone,
+        &[("default/protected.default.svc.cluster.local", 80, 8080)],
+    );
+    let mut guarded = workload(
+        "guarded",
+        "10.0.2.3",
+        TunnelProtocol::Hbone,
+        &[("default/open.default.svc.cluster.local", 80, 8080)],
+    );
+    guarded.waypoint = Some(gateway_at("10.0.5.5", 15008));
+    let mut by_host = workload("by-host", "10.0.2.4", TunnelProtocol::Hbone, &[]);
+    by_host.waypoint = Some(gateway_named("wp.example"));
+    let mut lost = workload("lost", "10.0.2.5", TunnelProtocol::Hbone, &[]);
+    lost.waypoint = Some(gateway_at("10.0.9.9", 15008));
+    let mut protected = service(
+        "protected.default.svc.cluster.local",
+        "10.96.1.1",
+        &[(80, 8080)],
+        &[],
+    );
+    protected.waypoint = Some(gateway_named("waypoint.default.svc.cluster.local"));
+    let open = service(
+        "open.default.svc.cluster.local",
+        "10.96.1.2",
+        &[(80, 8080)],
+        &[],
+    );
+    let waypoint_service = service(
+        "waypoint.default.svc.cluster.local",
+        "10.96.5.5",
+        &[(15008, 15008)],
+        &["spiffe://cluster.local/ns/default/sa/waypoint-svc"],
+    );
+    let snapshot = Snapshot::new(
+        vec![
+            client.clone(),
+            waypoint.clone(),
+            host_waypoint,
+            server,
+            guarded.clone(),
+            by_host,
+            lost,
+        ],
+        vec![protected, open, waypoint_service],
+        Default::default(),
+    );
+    (snapshot, client, waypoint, guarded)
+}
+
+#[test]
+fn waypoint_table() {
+    let (snapshot, client, waypoint, guarded) = waypoint_snapshot();
+    let mut impostor = waypoint.clone();
+    impostor.uid = "c//Pod/default/impostor".into();
+    impostor.workload_ips = vec!["10.0.7.7".parse().unwrap()];
+    const WAYPOINT_IDS: &[&str] = &[
+        "spiffe://cluster.local/ns/default/sa/waypoint",
+        "spiffe://cluster.local/ns/default/sa/waypoint-svc",
+    ];
+    let cases: &[(&str, &Workload, &str, Want)] = &[
+        (
+            "service with a waypoint: to the waypoint, authority untranslated",
+            &client,
+            "10.96.1.1:80",
+            Want::Hbone {
+                peer: "10.0.5.5:15008",
+                authority: "10.96.1.1:80",
+                identities: WAYPOINT_IDS,
+            },
+        ),
+        (
+            "the waypoint itself dialling the service goes to the endpoint",
+            &waypoint,
+            "10.96.1.1:80",
+            Want::Hbone {
+                peer: "10.0.2.2:15008",
+                authority: "10.0.2.2:8080",
+                identities: &["spiffe://cluster.local/ns/default/sa/server"],
+            },
+        ),
+        (
+            "pod with a workload waypoint: to the waypoint, authority = pod IP:port",
+            &client,
+            "10.0.2.3:8080",
+            Want::Hbone {
+                peer: "10.0.5.5:15008",
+                authority: "10.0.2.3:8080",
+                identities: &["spiffe://cluster.local/ns/default/sa/waypoint"],
+            },
+        ),
+        (
+            "the waypoint's own outbound to the pod goes direct",
+            &waypoint,
+            "10.0.2.3:8080",
+            Want::Hbone {
+                peer: "10.0.2.3:15008",
+                authority: "10.0.2.3:8080",
+                identities: &["spiffe://cluster.local/ns/default/sa/guarded"],
+            },
+        ),
+        (
+            "a workload with the waypoint's identity but not its address is not the waypoint",
+            &impostor,
+            "10.0.2.3:8080",
+            Want::Hbone {
+                peer: "10.0.5.5:15008",
+                authority: "10.0.2.3:8080",
+                identities: &["spiffe://cluster.local/ns/default/sa/waypoint"],
+            },
+        ),
+        (
+            "the protected workload calling itself by pod IP still goes via its waypoint",
+            &guarded,
+            "10.0.2.3:8080",
+            Want::Hbone {
+                peer: "10.0.5.5:15008",
+                authority: "10.0.2.3:8080",
+                identities: &["spiffe://cluster.local/ns/default/sa/waypoint"],
+            },
+        ),
+        (
+            "service without a waypoint skips the endpoint's workload waypoint",
+            &client,
+            "10.96.1.2:80",
+            Want::Hbone {
+                peer: "10.0.2.3:15008",
+                authority: "10.0.2.3:8080",
+                identities: &["spiffe://cluster.local/ns/default/sa/guarded"],
+            },
+        ),
+        (
+            "waypoint named by a workload hostname",
+            &client,
+            "10.0.2.4:9000",
+            Want::Hbone {
+                peer: "10.0.5.6:15008",
+                authority: "10.0.2.4:9000",
+                identities: &["spiffe://cluster.local/ns/default/sa/host-waypoint"],
+            },
+        ),
+        (
+            "an unresolvable waypoint fails closed",
+            &client,
+            "10.0.2.5:80",
+            Want::Error("waypoint /10.0.9.9 of the destination resolves to no reachable workload"),
+        ),
+    ];
+    for (name, source, dst, want) in cases {
+        let destination = OriginalDst(dst.parse().unwrap());
+        let got = summarize(decide(&snapshot, source, destination, 15008, 0));
+        let expected = match want {
+            Want::Hbone {
+                peer,
+                authority,
+                identities,
+            } => (
+                peer.to_string(),
+                authority.to_string(),
+                identities.iter().map(ToString::to_string).collect(),
+            ),
+            Want::Passthrough(target) => ("passthrough".into(), target.to_string(), vec![]),
+            Want::Error(message) => ("error".into(), message.to_string(), vec![]),
+        };
+        assert_eq!(got, expected, "{name}");
+    }
+}

@@ -6,6 +6,7 @@
 //! view even while a reload swaps in the next snapshot.
 
 pub mod policy;
+pub mod waypoint;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
@@ -17,6 +18,7 @@ use crate::net::NetworkAddress;
 use crate::spiffe::Identity;
 
 pub use policy::{Authorization, Policy};
+pub use waypoint::ResolvedWaypoint;
 
 /// How a workload accepts mesh traffic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
