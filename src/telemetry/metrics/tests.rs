@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::*;
-use crate::state::{HealthStatus, TunnelProtocol};
+use crate::state::{HealthStatus, Service, TunnelProtocol, Workload};
 
 fn workload(namespace: &str, name: &str, owner: &str) -> Workload {
     Workload {
