@@ -1,0 +1,252 @@
+//! Load generators for `scripts/bench`: the small TCP programs Debian has no package for.
+//!
+//! It sits outside the agent entirely: the bench script runs it inside the client and server pod
+//! namespaces, once with no agent (the direct baseline) and once with the pods captured, so the
+//! same client produces both figures. Each client mode prints one JSON object on stdout.
+//!
+//! - `serve`: an echo server (every byte read is written back) on one port.
+//! - `conn-rate`: new connections per second, each echoing one byte, from a few workers.
+//! - `latency`: 1 KiB request/response at a fixed rate over one connection; p50/p90/p99.
+//! - `idle`: opens N connections (each echoes one byte, so the proxied path is set up end to
+//!   end), writes a ready file, holds until a release file exists, then closes them all.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+#[derive(Parser)]
+#[command(about = "Load generators for scripts/bench")]
+struct Cli {
+    #[command(subcommand)]
+    mode: Mode,
+}
+
+#[derive(Subcommand)]
+enum Mode {
+    /// Echo server.
+    Serve {
+        /// Address to listen on.
+        #[arg(long, default_value = "0.0.0.0:7000")]
+        listen: SocketAddr,
+    },
+    /// Connections per second, one byte echoed on each.
+    ConnRate {
+        /// Echo server address.
+        #[arg(long)]
+        target: SocketAddr,
+        /// How long to run.
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        /// Connections in flight at once.
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
+    },
+    /// Request/response latency at a fixed rate over one connection.
+    Latency {
+        /// Echo server address.
+        #[arg(long)]
+        target: SocketAddr,
+        /// Requests per second.
+        #[arg(long, default_value_t = 1000)]
+        rate: u64,
+        /// How long to run.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        /// Request (and response) size in bytes.
+        #[arg(long, default_value_t = 1024)]
+        size: usize,
+    },
+    /// Opens and holds idle connections.
+    Idle {
+        /// Echo server address.
+        #[arg(long)]
+        target: SocketAddr,
+        /// How many connections.
+        #[arg(long)]
+        count: usize,
+        /// Written once every connection is open.
+        #[arg(long)]
+        ready_file: PathBuf,
+        /// Connections are closed once this file exists.
+        #[arg(long)]
+        release_file: PathBuf,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        match cli.mode {
+            Mode::Serve { listen } => serve(listen).await,
+            Mode::ConnRate {
+                target,
+                duration,
+                concurrency,
+            } => conn_rate(target, duration, concurrency).await,
+            Mode::Latency {
+                target,
+                rate,
+                duration,
+                size,
+            } => latency(target, rate, duration, size).await,
+            Mode::Idle {
+                target,
+                count,
+                ready_file,
+                release_file,
+            } => idle(target, count, &ready_file, &release_file).await,
+        }
+    })
+}
+
+async fn serve(listen: SocketAddr) -> Result<()> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(listen),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&listen.into())?;
+    socket.listen(4096)?;
+    let listener = TcpListener::from_std(socket.into())?;
+    loop {
+        let (stream, _) = listener.accept().await?;
+        tokio::spawn(echo(stream));
+    }
+}
+
+async fn echo(mut stream: TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let mut buffer = vec![0u8; 16 * 1024];
+    loop {
+        let read = match stream.read(&mut buffer).await {
+            Ok(0) | Err(_) => return,
+            Ok(read) => read,
+        };
+        if stream.write_all(&buffer[..read]).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn one_echo(target: SocketAddr) -> Result<()> {
+    let mut stream = TcpStream::connect(target).await?;
+    stream.set_nodelay(true)?;
+    stream.write_all(b"x").await?;
+    let mut byte = [0u8; 1];
+    stream.read_exact(&mut byte).await?;
+    Ok(())
+}
+
+async fn conn_rate(target: SocketAddr, duration: Duration, concurrency: usize) -> Result<()> {
+    let done = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let start = Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..concurrency {
+        let (done, errors, stop) = (done.clone(), errors.clone(), stop.clone());
+        workers.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                match tokio::time::timeout(Duration::from_secs(5), one_echo(target)).await {
+                    Ok(Ok(())) => done.fetch_add(1, Ordering::Relaxed),
+                    _ => errors.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        }));
+    }
+    tokio::time::sleep(duration).await;
+    stop.store(true, Ordering::Relaxed);
+    let elapsed = start.elapsed().as_secs_f64();
+    let connections = done.load(Ordering::Relaxed);
+    for worker in workers {
+        worker.await?;
+    }
+    let report = serde_json::json!({
+        "connections": connections,
+        "errors": errors.load(Ordering::Relaxed),
+        "seconds": elapsed,
+        "per_second": connections as f64 / elapsed,
+    });
+    println!("{report}");
+    Ok(())
+}
+
+async fn latency(target: SocketAddr, rate: u64, duration: Duration, size: usize) -> Result<()> {
+    let mut stream = TcpStream::connect(target).await?;
+    stream.set_nodelay(true)?;
+    let request = vec![0x5au8; size];
+    let mut response = vec![0u8; size];
+    // Warm up the path (pool, windows) before measuring.
+    for _ in 0..100 {
+        stream.write_all(&request).await?;
+        stream.read_exact(&mut response).await?;
+    }
+    let interval = Duration::from_nanos(1_000_000_000 / rate.max(1));
+    let total = (duration.as_secs_f64() * rate as f64) as usize;
+    let mut samples = Vec::with_capacity(total);
+    let start = tokio::time::Instant::now();
+    for index in 0..total {
+        // Paced on a fixed schedule, but measured from the actual send: tokio's timer has 1 ms
+        // granularity, so measuring from the scheduled instant would add timer lateness.
+        let scheduled = start + interval * index as u32;
+        tokio::time::sleep_until(scheduled).await;
+        let sent = Instant::now();
+        stream.write_all(&request).await?;
+        stream.read_exact(&mut response).await?;
+        samples.push(sent.elapsed().as_secs_f64() * 1e6);
+    }
+    if samples.is_empty() {
+        bail!("no samples");
+    }
+    samples.sort_by(f64::total_cmp);
+    let percentile = |p: f64| samples[((samples.len() - 1) as f64 * p).round() as usize];
+    let report = serde_json::json!({
+        "requests": samples.len(),
+        "p50_us": percentile(0.50),
+        "p90_us": percentile(0.90),
+        "p99_us": percentile(0.99),
+        "max_us": samples[samples.len() - 1],
+    });
+    println!("{report}");
+    Ok(())
+}
+
+async fn idle(
+    target: SocketAddr,
+    count: usize,
+    ready_file: &std::path::Path,
+    release_file: &std::path::Path,
+) -> Result<()> {
+    let mut streams = Vec::with_capacity(count);
+    let start = Instant::now();
+    for _ in 0..count {
+        let mut stream = TcpStream::connect(target).await.context("connect")?;
+        stream.write_all(b"x").await?;
+        let mut byte = [0u8; 1];
+        stream.read_exact(&mut byte).await?;
+        streams.push(stream);
+    }
+    let report = serde_json::json!({
+        "open": streams.len(),
+        "seconds": start.elapsed().as_secs_f64(),
+    });
+    std::fs::write(ready_file, report.to_string())?;
+    while !release_file.exists() {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(streams);
+    println!("{report}");
+    Ok(())
+}
