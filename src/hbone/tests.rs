@@ -1,5 +1,4 @@
 use super::*;
-use std::collections::BTreeMap;
 
 fn request(method: Method, authority: &str, headers: &[(&str, &str)]) -> Request<()> {
     let mut builder = Request::builder().method(method).uri(authority);
@@ -201,30 +200,11 @@ fn forwarded_and_traceparent_variants() {
 #[test]
 fn baggage_follows_istio_order_and_skips_empty() {
     let workload = Workload {
-        uid: "c//Pod/default/client".into(),
         name: "client-abc".into(),
-        namespace: "default".into(),
-        service_account: "client".into(),
-        trust_domain: "cluster.local".into(),
-        identity: "spiffe://cluster.local/ns/default/sa/client"
-            .parse()
-            .unwrap(),
-        workload_ips: vec![],
-        protocol: Default::default(),
-        node: String::new(),
-        network: String::new(),
-        hostname: String::new(),
-        waypoint: None,
-        application_tunnel: None,
-        services: BTreeMap::new(),
-        labels: BTreeMap::new(),
         canonical_name: "client".into(),
-        canonical_revision: String::new(),
         workload_name: "client".into(),
         workload_type: "Deployment".into(),
-        cluster_id: "Kubernetes".into(),
-        authorization_policies: vec![],
-        status: Default::default(),
+        ..crate::state::tests::workload("default", "client", [10, 0, 1, 2])
     };
     assert_eq!(
         baggage(&workload),
