@@ -44,6 +44,13 @@ pub enum DecisionReason {
     NoAllowMatched,
     /// No enforced ALLOW policy applies and the zero-trust switch is on.
     DefaultDeny,
+    /// Policies allowed it, but the destination has a waypoint, bypass protection is on for it,
+    /// and the peer is not that waypoint (or the connection is plaintext).
+    WaypointBypass {
+        /// The identities that may connect (the waypoint's); empty when the waypoint resolves
+        /// to nothing, which refuses everyone.
+        allowed: Vec<String>,
+    },
 }
 
 impl DecisionReason {
@@ -67,6 +74,9 @@ impl DecisionReason {
             DecisionReason::NoAllowPolicies => "no allow policies",
             DecisionReason::NoAllowMatched => "allow policies exist, but none allowed",
             DecisionReason::DefaultDeny => "default deny (zero-trust)",
+            DecisionReason::WaypointBypass { .. } => {
+                "waypoint bypass: the destination only accepts traffic from its waypoint"
+            }
         }
     }
 }
@@ -79,6 +89,9 @@ impl fmt::Display for DecisionReason {
             }
             DecisionReason::AllowedBy { policy, rule } => {
                 write!(f, "allowed by: {policy} (rules[{rule}])")
+            }
+            DecisionReason::WaypointBypass { allowed } => {
+                write!(f, "{} (allowed: [{}])", self.summary(), allowed.join(", "))
             }
             other => f.write_str(other.summary()),
         }

@@ -149,20 +149,50 @@ where
     decision
 }
 
-/// [`authorize`] with the policies, PeerAuthentications and options of one `snapshot`: what
-/// enforcement (first check and re-evaluation) and explain call, so they cannot disagree.
+/// [`authorize`] with the policies, PeerAuthentications and options of one `snapshot`, then
+/// waypoint bypass protection ([`crate::state::policy::WaypointEnforcement`]): what enforcement
+/// (first check and re-evaluation) and explain call, so they cannot disagree.
 pub fn decide(snapshot: &Snapshot, destination: &Workload, facts: &ConnectionFacts) -> Decision {
     let authorization = snapshot.authorization();
-    authorize(
+    let mut decision = authorize(
         &authorization.policies,
         &authorization.peer_authentications,
         destination,
         facts,
         &authorization.options,
-    )
+    );
+    if decision.is_allowed() && authorization.waypoint.applies_to(destination) {
+        if let Some(reason) = waypoint_bypass(snapshot, destination, facts) {
+            decision.verdict = Verdict::Deny;
+            decision.reason = reason;
+        }
+    }
+    decision
+}
+
+/// The denial reason when `destination` has a waypoint and the peer is not it; `None` when the
+/// destination has no waypoint or the peer is its waypoint.
+fn waypoint_bypass(
+    snapshot: &Snapshot,
+    destination: &Workload,
+    facts: &ConnectionFacts,
+) -> Option<DecisionReason> {
+    if snapshot.waypoints_of(destination).is_empty() {
+        return None;
+    }
+    let allowed = snapshot.waypoint_identities(destination);
+    let from_waypoint = facts
+        .source_identity
+        .as_ref()
+        .is_some_and(|identity| allowed.contains(identity));
+    (!from_waypoint).then(|| DecisionReason::WaypointBypass {
+        allowed: allowed.iter().map(ToString::to_string).collect(),
+    })
 }
 
 #[cfg(test)]
 mod conformance;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod waypoint_tests;

@@ -301,6 +301,10 @@ pub struct AuthorizationConfig {
     /// `*.yml`), relative to the config file's directory; re-read with the config file.
     #[serde(default)]
     pub policy_dirs: Vec<PathBuf>,
+    /// Waypoint bypass protection (`enforce`, default true, with per-namespace and
+    /// per-workload overrides).
+    #[serde(default)]
+    pub waypoint: crate::state::policy::WaypointEnforcement,
 }
 
 impl Default for AuthorizationConfig {
@@ -309,6 +313,7 @@ impl Default for AuthorizationConfig {
             default_deny: false,
             root_namespace: defaults::root_namespace(),
             policy_dirs: Vec::new(),
+            waypoint: crate::state::policy::WaypointEnforcement::default(),
         }
     }
 }

@@ -70,6 +70,7 @@ impl Config {
             policies: local.chain(self.istio.policies.iter().cloned()).collect(),
             peer_authentications: self.istio.peer_authentications.clone(),
             options: self.agent.authorization.options(),
+            waypoint: self.agent.authorization.waypoint.clone(),
         }
     }
 

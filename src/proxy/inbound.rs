@@ -4,6 +4,12 @@
 //! authorization denies it (decided after the target is resolved, before connecting to the app);
 //! 503 when the target is an agent port or the app cannot be reached. Errors stay inside their
 //! stream. A stream that a policy change denies later is reset ("policy changed").
+//!
+//! Waypoints: a local workload that is the waypoint of a service or workload also accepts
+//! authorities naming them ("sandwich"), and so does a workload with an `applicationTunnel`.
+//! Delivery always stays inside the pod: to the tunnel port (or the target port) on the pod's
+//! own IP, prefixed with a PROXY v2 header when the tunnel protocol is PROXY. A workload behind
+//! a waypoint refuses peers other than its waypoint (authorization, `WaypointBypass`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,6 +18,7 @@ use bytes::Bytes;
 use h2::server::SendResponse;
 use h2::RecvStream;
 use http::{Request, Response, StatusCode};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
@@ -23,7 +30,7 @@ use crate::hbone::stream::H2Stream;
 use crate::hbone::{self, Authority, ParsedConnect, TraceParent};
 use crate::net::{ports, ClientAddr};
 use crate::spiffe::Identity;
-use crate::state::Workload;
+use crate::state::{ApplicationTunnelProtocol, Workload};
 use crate::telemetry::{ConnectionRecord, Direction, ResponseFlag};
 
 pub(super) async fn serve(proxy: Arc<WorkloadProxy>, listener: TcpListener) {
@@ -210,13 +217,14 @@ async fn tunnel(
         record.src_workload = Some(source.clone());
     }
     drop(snapshot);
-    let target = resolve_target(proxy, &local, &request.authority)?;
+    let requested = resolve_target(proxy, &local, &request.authority)?;
+    let target = delivery_address(&local, requested)?;
     record.dst_addr = target.to_string();
     if ports::is_agent_port(target.port()) {
         return Err(StreamError::AgentPort(target.port()));
     }
     let facts = ConnectionFacts {
-        source_identity: peer_identity,
+        source_identity: peer_identity.clone(),
         source_ip: peer.0.ip(),
         destination_ip: target.ip(),
         destination_port: target.port(),
@@ -228,11 +236,21 @@ async fn tunnel(
     let source_ip = (proxy.inputs.settings.proxy.original_source && peer.0.ip() != target.ip())
         .then_some(peer.0.ip());
     let timeout = proxy.inputs.settings.proxy.connect_timeout;
-    let upstream = proxy
+    let mut upstream = proxy
         .sockets
         .connect(target, source_ip, timeout)
         .await
         .map_err(StreamError::Upstream)?;
+    if let Some(tunnel) = &local.application_tunnel {
+        if tunnel.protocol == ApplicationTunnelProtocol::Proxy {
+            let header =
+                super::proxy_protocol::encode_v2(peer.0, requested, peer_identity.as_ref());
+            upstream
+                .write_all(&header)
+                .await
+                .map_err(StreamError::Copy)?;
+        }
+    }
     let Some(mut respond) = respond.take() else {
         return Ok(());
     };
@@ -249,7 +267,26 @@ async fn tunnel(
     }
 }
 
-/// Maps the CONNECT authority to an address of the local workload.
+/// Where the bytes go inside the pod: the requested address when it is the pod's own; for a
+/// workload with an application tunnel (or a waypoint addressed for what it fronts), the pod's
+/// own IP at the tunnel port, else at the requested port. Never an address outside the pod.
+fn delivery_address(local: &Workload, requested: SocketAddr) -> Result<SocketAddr, StreamError> {
+    let tunnel_port = local.application_tunnel.as_ref().and_then(|t| t.port);
+    if tunnel_port.is_none() && local.workload_ips.contains(&requested.ip()) {
+        return Ok(requested);
+    }
+    let ip = local
+        .workload_ips
+        .iter()
+        .find(|ip| ip.is_ipv4() == requested.is_ipv4())
+        .or_else(|| local.workload_ips.first())
+        .copied()
+        .ok_or(StreamError::UnknownWorkload)?;
+    Ok(SocketAddr::new(ip, tunnel_port.unwrap_or(requested.port())))
+}
+
+/// Maps the CONNECT authority to the address the client asked for: one of the local workload's
+/// own, or (for a waypoint) an address of what it fronts.
 fn resolve_target(
     proxy: &WorkloadProxy,
     local: &Workload,
@@ -257,7 +294,18 @@ fn resolve_target(
 ) -> Result<SocketAddr, StreamError> {
     match authority {
         Authority::Address(address) => {
-            if local.workload_ips.contains(&address.ip()) {
+            let fronted = || {
+                let network_address = crate::net::NetworkAddress {
+                    network: local.network.clone(),
+                    ip: address.ip(),
+                };
+                let snapshot = proxy.inputs.state.snapshot();
+                snapshot.is_waypoint_for_address(&network_address, local)
+            };
+            if local.workload_ips.contains(&address.ip())
+                || local.application_tunnel.is_some()
+                || fronted()
+            {
                 Ok(*address)
             } else {
                 Err(StreamError::IpMismatch {

@@ -12,6 +12,7 @@ mod inbound;
 mod inbound_plaintext;
 mod outbound;
 pub mod pool;
+pub mod proxy_protocol;
 pub mod route;
 
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};

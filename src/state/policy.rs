@@ -258,6 +258,45 @@ impl PeerAuthentication {
     }
 }
 
+/// Bypass protection for waypoint-protected workloads (the agent config's
+/// `authorization.waypoint`): when it applies to a workload that has a waypoint (its own or one
+/// of a service it backs), only that waypoint's identity may connect to it; plaintext and every
+/// other peer are refused like a policy denial. Istio's ztunnel leaves this to hand-written
+/// ALLOW policies, which are easy to forget; here it is on unless switched off.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct WaypointEnforcement {
+    /// The default for every workload (true).
+    pub enforce: bool,
+    /// Per-namespace overrides of `enforce`: namespace → on/off.
+    pub namespaces: BTreeMap<String, bool>,
+    /// Per-workload overrides, keyed `namespace/name`; win over the namespace's.
+    pub workloads: BTreeMap<String, bool>,
+}
+
+impl Default for WaypointEnforcement {
+    fn default() -> Self {
+        WaypointEnforcement {
+            enforce: true,
+            namespaces: BTreeMap::new(),
+            workloads: BTreeMap::new(),
+        }
+    }
+}
+
+impl WaypointEnforcement {
+    /// Whether the protection is on for `workload`: its own override, else its namespace's,
+    /// else the default.
+    pub fn applies_to(&self, workload: &Workload) -> bool {
+        let key = format!("{}/{}", workload.namespace, workload.name);
+        self.workloads
+            .get(&key)
+            .or_else(|| self.namespaces.get(&workload.namespace))
+            .copied()
+            .unwrap_or(self.enforce)
+    }
+}
+
 /// Everything authorization reads from a snapshot, from every source, in configuration order
 /// (the local config's `policies` first, then Istio resources).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -268,4 +307,6 @@ pub struct Authorization {
     pub peer_authentications: Vec<PeerAuthentication>,
     /// The zero-trust switch.
     pub options: AuthzOptions,
+    /// Waypoint bypass protection.
+    pub waypoint: WaypointEnforcement,
 }
