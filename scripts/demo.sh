@@ -3,9 +3,10 @@
 #   bash scripts/demo.sh
 # Builds the agent, makes two "nodes" and three "pods" as network namespaces, starts one agent
 # per node with a shared root CA, sends traffic with curl between unmodified apps
-# (python3 -m http.server), prints who talked to whom with which identities and how many bytes
-# (from the agents' JSON access logs), shows that the node-to-node link carried only TLS for
-# mesh traffic, and removes everything it made (also on Ctrl-C or error).
+# (python3 -m http.server), shows the rules the agent installed, a call that policy refuses (with
+# `nodetunnel explain`), who talked to whom with which identities and how many bytes (from the
+# agents' JSON access logs), the client IP the server saw, and that the node-to-node link
+# carried only TLS for mesh traffic; then removes everything it made (also on Ctrl-C or error).
 #
 #   node a: pod client  10.200.1.2  HBONE, captured
 #   node b: pod web     10.200.2.2  HBONE, captured, http.server on :8080, VIP 10.96.0.10:80
@@ -82,7 +83,7 @@ workloads:
   - {uid: cluster1//Pod/default/client, name: client, namespace: default, serviceAccount: client,
      workloadIps: [10.200.1.2], protocol: HBONE, node: node-a}
   - {uid: cluster1//Pod/default/web, name: web, namespace: default, serviceAccount: web,
-     workloadIps: [10.200.2.2], protocol: HBONE, node: node-b,
+     workloadIps: [10.200.2.2], protocol: HBONE, node: node-b, labels: {app: web},
      services: {default/web.default.svc.cluster.local: {80: 8080}}}
   - {uid: cluster1//Pod/default/legacy, name: legacy, namespace: default, serviceAccount: legacy,
      workloadIps: [10.200.2.3], protocol: TCP, node: node-b}
@@ -90,6 +91,18 @@ services:
   - {name: web, namespace: default, hostname: web.default.svc.cluster.local,
      vips: [/10.96.0.10], ports: {80: 8080}}
 policies: []
+istioResources:   # Istio's own YAML: only 'client' may call web, and only over mTLS
+  - apiVersion: security.istio.io/v1
+    kind: AuthorizationPolicy
+    metadata: {name: web-allow-client, namespace: default}
+    spec:
+      selector: {matchLabels: {app: web}}
+      action: ALLOW
+      rules: [{from: [{source: {principals: [cluster.local/ns/default/sa/client]}}]}]
+  - apiVersion: security.istio.io/v1
+    kind: PeerAuthentication
+    metadata: {name: default, namespace: istio-system}
+    spec: {mtls: {mode: STRICT}}
 YAML
 }
 for n in a b; do
@@ -155,9 +168,16 @@ for url in http://10.200.2.2:8080/ http://10.96.0.10/ http://10.200.2.3:8080/; d
   nsx client curl -s --max-time 10 "$url" || echo "(failed)"
 done
 
-# Let the access logs (written when connections end) and the capture settle (bounded).
+echo
+echo "== authorization (web allows only spiffe://.../sa/client, mTLS STRICT)"
+printf '%-40s -> ' "legacy (plain TCP, no identity) -> web"
+nsx legacy curl -s --max-time 5 http://10.200.2.2:8080/ || echo "refused"
+"$BIN" explain --config "$WORK/b/config.yaml" --from default/legacy --to web:8080 2>/dev/null |
+  sed -n '1,4p' | sed 's/^/  /' || true
+
+
 for _ in $(seq 50); do
-  [[ $(grep -c '"connection complete"' "$WORK/b/agent.log" || true) -ge 2 ]] && break
+  [[ $(grep -c '"connection complete"' "$WORK/b/agent.log" || true) -ge 3 ]] && break
   sleep 0.1
 done
 kill -INT "$TCPDUMP"; wait "$TCPDUMP" 2>/dev/null || true
