@@ -1,0 +1,273 @@
+//! Network-namespace tests of waypoints (issue 7): real agents on two "nodes", real TCP apps in
+//! pod namespaces.
+//!
+//! Topology: node `a` with `client` (captured), `waypoint` (captured; the waypoint of `server`,
+//! with `applicationTunnel: {protocol: PROXY, port: 15088}`) and `intruder` (not captured: it
+//! speaks HBONE itself with a mesh certificate); node `b` with `server` (captured, its workload
+//! waypoint is `waypoint`). What reached an app is read from the echo servers' counters.
+//!
+//! Needs root. Without it these tests fail loudly unless `NODETUNNEL_SKIP_NETNS_TESTS=1`.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use support::agent::{Agent, Ca, Mesh, Protocol, WorkloadSpec};
+use support::apps::{self, EchoServer, Reply};
+use support::netns::Topology;
+use support::tls_probe::{self, Outcome};
+
+const APP_PORT: u16 = 8080;
+const TUNNEL_PORT: u16 = 15088;
+const IO_TIMEOUT: Duration = Duration::from_secs(5);
+const RELOAD_TIMEOUT: Duration = Duration::from_secs(15);
+const PROXY_V2_SIGNATURE: &[u8] = b"\r\n\r\n\0\r\nQUIT\n";
+
+macro_rules! require_netns {
+    ($name:literal) => {
+        if !support::netns_tests_enabled($name) {
+            return;
+        }
+    };
+}
+
+/// Two agents sharing one root; fields in drop order (agents before namespaces).
+struct Cluster {
+    agents: Vec<Agent>,
+    ca: Ca,
+    mesh: Mesh,
+    topology: Topology,
+}
+
+impl Cluster {
+    fn start() -> Cluster {
+        let mut topology = Topology::new();
+        topology.add_node("a").expect("node a");
+        topology.add_node("b").expect("node b");
+        topology.link("a", "b").expect("link a-b");
+        for (node, pod) in [
+            ("a", "client"),
+            ("a", "waypoint"),
+            ("a", "intruder"),
+            ("b", "server"),
+        ] {
+            topology.add_pod(node, pod).expect("pod");
+        }
+        let ip = |pod: &str| topology.pod(pod).ip;
+        let mesh = Mesh {
+            workloads: vec![
+                WorkloadSpec::new("client", ip("client"), "a", Protocol::Hbone),
+                WorkloadSpec::new("waypoint", ip("waypoint"), "a", Protocol::Hbone),
+                WorkloadSpec::new("server", ip("server"), "b", Protocol::Hbone),
+            ],
+            services: Vec::new(),
+        };
+        for pod in ["client", "waypoint", "server"] {
+            topology.install_redirect(pod).expect("redirection rules");
+        }
+        let ca = Ca::init().expect("nodetunnel ca init");
+        let mut cluster = Cluster {
+            agents: Vec::new(),
+            ca,
+            mesh,
+            topology,
+        };
+        for node in ["a", "b"] {
+            let config = cluster.config(node, true);
+            let agent = Agent::start(&cluster.topology, node, &cluster.ca, &config);
+            cluster.agents.push(agent.expect("agent ready"));
+        }
+        cluster
+    }
+
+    /// The config of `node`: the mesh plus `server`'s waypoint and the waypoint's application
+    /// tunnel; `enforce` is `agent.authorization.waypoint.enforce`.
+    fn config(&self, node: &str, enforce: bool) -> String {
+        let captured: &[&str] = if node == "a" {
+            &["client", "waypoint"]
+        } else {
+            &["server"]
+        };
+        let mut yaml = self.mesh.render(&self.topology, node, captured);
+        let server = "    name: server\n    namespace: default\n";
+        let waypoint_ip = self.ip("waypoint");
+        yaml = yaml.replacen(
+            server,
+            &format!("{server}    waypoint: {{destination: /{waypoint_ip}}}\n"),
+            1,
+        );
+        let waypoint = "    name: waypoint\n    namespace: default\n";
+        yaml = yaml.replacen(
+            waypoint,
+            &format!("{waypoint}    applicationTunnel: {{protocol: PROXY, port: {TUNNEL_PORT}}}\n"),
+            1,
+        );
+        yaml.replacen(
+            "agent:\n",
+            &format!("agent:\n  authorization: {{waypoint: {{enforce: {enforce}}}}}\n"),
+            1,
+        )
+    }
+
+    fn ip(&self, pod: &str) -> std::net::Ipv4Addr {
+        self.topology.pod(pod).ip
+    }
+
+    fn server_target(&self) -> SocketAddr {
+        SocketAddr::from((self.ip("server"), APP_PORT))
+    }
+
+    /// A CONNECT to `server`'s 15008 from the uncaptured intruder pod, with a mesh certificate
+    /// for `identity`, asking for `authority`.
+    fn probe(&self, identity: &str, authority: String, marker: &[u8]) -> Outcome {
+        let cert = tls_probe::leaf_from_root(&self.ca, identity).expect("cert");
+        let hbone = SocketAddr::from((self.ip("server"), 15008));
+        let marker = marker.to_vec();
+        self.topology
+            .run_in("intruder", move || {
+                tls_probe::probe(hbone, Some(cert), &authority, &marker)
+            })
+            .expect("probe thread")
+    }
+}
+
+const ACCEPTED: Outcome = Outcome::Http2 {
+    response: true,
+    ok: true,
+};
+
+/// Traffic to a pod with a workload waypoint is delivered to the waypoint (PROXY v2 header with
+/// the client's address and identity), the waypoint's own traffic goes direct and is admitted,
+/// a client that CONNECTs straight to the protected pod is refused with nothing reaching the
+/// app, and with `enforce: false` the same direct call succeeds.
+#[test]
+fn waypoint_routes_delivers_and_cannot_be_bypassed() {
+    require_netns!("waypoint_routes_delivers_and_cannot_be_bypassed");
+    let cluster = Cluster::start();
+    let server =
+        EchoServer::start(&cluster.topology, "server", APP_PORT, Reply::Echo).expect("server app");
+    let waypoint_app = EchoServer::start(&cluster.topology, "waypoint", TUNNEL_PORT, Reply::Echo)
+        .expect("waypoint app");
+
+    // client → agent a → waypoint pod (sandwich delivery to the application tunnel port).
+    let payload = b"VIA-WAYPOINT".to_vec();
+    let echoed = apps::exchange(
+        &cluster.topology,
+        "client",
+        cluster.server_target(),
+        payload.clone(),
+        IO_TIMEOUT,
+    )
+    .expect("client exchange via the waypoint");
+    assert!(echoed.starts_with(PROXY_V2_SIGNATURE), "{echoed:?}");
+    assert!(echoed.ends_with(&payload), "{echoed:?}");
+    let client_ip = cluster.ip("client").octets();
+    let mut addresses = client_ip.to_vec();
+    addresses.extend_from_slice(&cluster.ip("server").octets());
+    assert_eq!(
+        &echoed[16..24],
+        &addresses[..],
+        "PROXY v2 src/dst addresses"
+    );
+    assert_eq!(
+        &echoed[26..28],
+        &APP_PORT.to_be_bytes(),
+        "PROXY v2 dst port"
+    );
+    let identity = cluster.mesh.workload("client").identity();
+    assert!(
+        apps::contains(
+            &echoed,
+            &[&[0xD0, 0x00, identity.len() as u8], identity.as_bytes()].concat()
+        ),
+        "TLV 0xD0 with the client identity in {echoed:?}"
+    );
+    assert!(waypoint_app.received_contains(&payload));
+    assert!(
+        !server.received_contains(&payload),
+        "the server got bytes around the waypoint"
+    );
+
+    // The waypoint's own outbound to the server goes direct (no loop) and is admitted.
+    let payload = b"FROM-WAYPOINT".to_vec();
+    let echoed = apps::exchange(
+        &cluster.topology,
+        "waypoint",
+        cluster.server_target(),
+        payload.clone(),
+        IO_TIMEOUT,
+    )
+    .expect("waypoint exchange");
+    assert_eq!(echoed, payload);
+    assert!(server.received_contains(&payload));
+
+    // A client with a valid mesh identity that CONNECTs straight to the server is refused.
+    let client_id = cluster.mesh.workload("client").identity();
+    let authority = cluster.server_target().to_string();
+    let outcome = cluster.probe(&client_id, authority.clone(), b"BYPASS-ATTEMPT");
+    assert_eq!(
+        outcome,
+        Outcome::Http2 {
+            response: true,
+            ok: false
+        }
+    );
+    cluster.agents[1]
+        .wait_for_event("the bypass denial in the access log", IO_TIMEOUT, |event| {
+            event
+                .field("error")
+                .is_some_and(|error| error.contains("waypoint bypass"))
+        })
+        .expect("access log names the reason");
+    assert!(!server.received_contains(b"BYPASS-ATTEMPT"));
+
+    // With enforcement off the same direct call succeeds.
+    cluster.agents[1]
+        .write_config(&cluster.config("b", false))
+        .expect("config edit");
+    support::wait_for("the direct call to be admitted", RELOAD_TIMEOUT, || {
+        (cluster.probe(&client_id, authority.clone(), b"DIRECT-OK") == ACCEPTED).then_some(())
+    })
+    .expect("direct call with enforcement off");
+    support::wait_for("the app to get the direct bytes", IO_TIMEOUT, || {
+        server.received_contains(b"DIRECT-OK").then_some(())
+    })
+    .expect("bytes reach the app");
+}
+
+/// An authority that is neither the pod nor something it is the waypoint of gets 400 and
+/// nothing is forwarded; the pod's own address is accepted (control).
+#[test]
+fn authority_mismatch_is_refused() {
+    require_netns!("authority_mismatch_is_refused");
+    let cluster = Cluster::start();
+    let client_app =
+        EchoServer::start(&cluster.topology, "client", APP_PORT, Reply::Echo).expect("client app");
+    let server =
+        EchoServer::start(&cluster.topology, "server", APP_PORT, Reply::Echo).expect("server app");
+    let identity = cluster.mesh.workload("waypoint").identity();
+    let elsewhere = SocketAddr::from((cluster.ip("client"), APP_PORT)).to_string();
+    let outcome = cluster.probe(&identity, elsewhere, b"MISMATCH");
+    assert_eq!(
+        outcome,
+        Outcome::Http2 {
+            response: true,
+            ok: false
+        }
+    );
+    cluster.agents[1]
+        .wait_for_event("the ip mismatch in the access log", IO_TIMEOUT, |event| {
+            event
+                .field("error")
+                .is_some_and(|error| error.contains("ip mismatch"))
+        })
+        .expect("access log names the mismatch");
+    assert!(!client_app.received_contains(b"MISMATCH"));
+    assert!(!server.received_contains(b"MISMATCH"));
+    let outcome = cluster.probe(&identity, cluster.server_target().to_string(), b"CONTROL");
+    assert_eq!(
+        outcome, ACCEPTED,
+        "the waypoint's identity to the pod's own address"
+    );
+}
