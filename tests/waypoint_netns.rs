@@ -13,13 +13,16 @@ mod support;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use support::agent::{Agent, Ca, Mesh, Protocol, WorkloadSpec};
+use support::agent::{Agent, Ca, Mesh, Protocol, ServiceSpec, WorkloadSpec};
 use support::apps::{self, EchoServer, Reply};
 use support::netns::Topology;
 use support::tls_probe::{self, Outcome};
+use support::waypoint::TestWaypoint;
 
 const APP_PORT: u16 = 8080;
 const TUNNEL_PORT: u16 = 15088;
+const SERVICE_VIP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 96, 7, 7);
+const SERVICE_PORT: u16 = 80;
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
 const RELOAD_TIMEOUT: Duration = Duration::from_secs(15);
 const PROXY_V2_SIGNATURE: &[u8] = b"\r\n\r\n\0\r\nQUIT\n";
@@ -55,13 +58,16 @@ impl Cluster {
             topology.add_pod(node, pod).expect("pod");
         }
         let ip = |pod: &str| topology.pod(pod).ip;
+        let service = ServiceSpec::new("echo", SERVICE_VIP, SERVICE_PORT, APP_PORT);
+        let mut server = WorkloadSpec::new("server", ip("server"), "b", Protocol::Hbone);
+        server.services = vec![(service.key(), SERVICE_PORT, APP_PORT)];
         let mesh = Mesh {
             workloads: vec![
                 WorkloadSpec::new("client", ip("client"), "a", Protocol::Hbone),
                 WorkloadSpec::new("waypoint", ip("waypoint"), "a", Protocol::Hbone),
-                WorkloadSpec::new("server", ip("server"), "b", Protocol::Hbone),
+                server,
             ],
-            services: Vec::new(),
+            services: vec![service],
         };
         for pod in ["client", "waypoint", "server"] {
             topology.install_redirect(pod).expect("redirection rules");
@@ -95,6 +101,12 @@ impl Cluster {
         yaml = yaml.replacen(
             server,
             &format!("{server}    waypoint: {{destination: /{waypoint_ip}}}\n"),
+            1,
+        );
+        let service = "    hostname: echo.default.svc.cluster.local\n";
+        yaml = yaml.replacen(
+            service,
+            &format!("{service}    waypoint: {{destination: /{waypoint_ip}}}\n"),
             1,
         );
         let waypoint = "    name: waypoint\n    namespace: default\n";
@@ -270,4 +282,69 @@ fn authority_mismatch_is_refused() {
         outcome, ACCEPTED,
         "the waypoint's identity to the pod's own address"
     );
+}
+
+/// With the test waypoint in the waypoint pod, service- and pod-addressed HTTP flows client →
+/// agent → waypoint → agent → server: the allowed path passes, the denied path gets the
+/// waypoint's own 403 and never reaches the server.
+#[test]
+fn l7_rule_is_applied_by_the_waypoint() {
+    require_netns!("l7_rule_is_applied_by_the_waypoint");
+    let cluster = Cluster::start();
+    let server =
+        EchoServer::start(&cluster.topology, "server", APP_PORT, Reply::Echo).expect("server app");
+    let waypoint =
+        TestWaypoint::start(&cluster.topology, "waypoint", TUNNEL_PORT).expect("test waypoint");
+    let service = SocketAddr::from((SERVICE_VIP, SERVICE_PORT));
+    let pod = cluster.server_target();
+    let cases = [
+        (
+            "service, allowed path",
+            service,
+            "GET /public HTTP/1.1\r\nx-case: 1\r\n\r\n",
+            true,
+        ),
+        (
+            "service, denied path",
+            service,
+            "GET /secret HTTP/1.1\r\nx-case: 2\r\n\r\n",
+            false,
+        ),
+        (
+            "pod, allowed path",
+            pod,
+            "GET /public HTTP/1.1\r\nx-case: 3\r\n\r\n",
+            true,
+        ),
+        (
+            "pod, denied method",
+            pod,
+            "POST /public HTTP/1.1\r\nx-case: 4\r\n\r\n",
+            false,
+        ),
+    ];
+    for (index, (case, target, request, allowed)) in cases.into_iter().enumerate() {
+        let (allowed_before, denied_before) = (waypoint.allowed(), waypoint.denied());
+        let response = apps::exchange(
+            &cluster.topology,
+            "client",
+            target,
+            request.as_bytes().to_vec(),
+            IO_TIMEOUT,
+        )
+        .unwrap_or_else(|error| panic!("{case}: {error:#}"));
+        let marker = format!("x-case: {}", index + 1);
+        if allowed {
+            assert_eq!(response, request.as_bytes(), "{case}: echoed by the server");
+            assert_eq!(waypoint.allowed(), allowed_before + 1, "{case}");
+            assert!(server.received_contains(marker.as_bytes()), "{case}");
+        } else {
+            assert!(
+                response.starts_with(b"HTTP/1.1 403 "),
+                "{case}: {response:?}"
+            );
+            assert_eq!(waypoint.denied(), denied_before + 1, "{case}");
+            assert!(!server.received_contains(marker.as_bytes()), "{case}");
+        }
+    }
 }

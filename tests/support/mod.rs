@@ -15,6 +15,7 @@ pub mod fake_cni;
 pub mod logs;
 pub mod netns;
 pub mod tls_probe;
+pub mod waypoint;
 
 use std::time::{Duration, Instant};
 
