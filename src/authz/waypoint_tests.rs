@@ -1,39 +1,14 @@
 //! Waypoint bypass protection in [`super::decide`]: who may reach a protected workload.
 
-use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use super::{ConnectionFacts, DecisionReason, Verdict};
-use crate::state::{HealthStatus, TunnelProtocol, Workload};
+use crate::state::Workload;
 
 const CLIENT: &str = "spiffe://cluster.local/ns/client/sa/client";
 
 fn workload(namespace: &str, name: &str, ip: [u8; 4]) -> Workload {
-    Workload {
-        uid: format!("cluster//Pod/{namespace}/{name}"),
-        name: name.to_string(),
-        namespace: namespace.to_string(),
-        service_account: name.to_string(),
-        trust_domain: "cluster.local".to_string(),
-        identity: crate::spiffe::Identity::new("cluster.local", namespace, name)
-            .expect("valid identity"),
-        workload_ips: vec![IpAddr::from(ip)],
-        protocol: TunnelProtocol::Hbone,
-        node: "node-a".to_string(),
-        network: String::new(),
-        hostname: String::new(),
-        waypoint: None,
-        application_tunnel: None,
-        services: BTreeMap::new(),
-        labels: BTreeMap::new(),
-        canonical_name: name.to_string(),
-        canonical_revision: String::new(),
-        workload_name: name.to_string(),
-        workload_type: "deployment".to_string(),
-        cluster_id: "Kubernetes".to_string(),
-        authorization_policies: vec![],
-        status: HealthStatus::Healthy,
-    }
+    crate::state::tests::workload(namespace, name, ip)
 }
 
 fn facts(identity: Option<&str>, port: u16) -> ConnectionFacts {

@@ -18,30 +18,9 @@ fn workload(
             .insert(*service_port, *target_port);
     }
     Workload {
-        uid: format!("c//Pod/default/{name}"),
-        name: name.into(),
-        namespace: "default".into(),
-        service_account: name.into(),
-        trust_domain: "cluster.local".into(),
-        identity: format!("spiffe://cluster.local/ns/default/sa/{name}")
-            .parse()
-            .unwrap(),
-        workload_ips: vec![ip.parse().unwrap()],
         protocol,
-        node: "n".into(),
-        network: String::new(),
-        hostname: String::new(),
-        waypoint: None,
-        application_tunnel: None,
         services: service_ports,
-        labels: BTreeMap::new(),
-        canonical_name: name.into(),
-        canonical_revision: String::new(),
-        workload_name: name.into(),
-        workload_type: "deployment".into(),
-        cluster_id: "Kubernetes".into(),
-        authorization_policies: vec![],
-        status: HealthStatus::Healthy,
+        ..crate::state::tests::workload("default", name, ip.parse::<IpAddr>().unwrap())
     }
 }
 
@@ -120,6 +99,25 @@ enum Want {
     Error(&'static str),
 }
 
+impl Want {
+    /// The same summary [`summarize`] makes of a decision.
+    fn expected(&self) -> (String, String, Vec<String>) {
+        match self {
+            Want::Hbone {
+                peer,
+                authority,
+                identities,
+            } => (
+                peer.to_string(),
+                authority.to_string(),
+                identities.iter().map(ToString::to_string).collect(),
+            ),
+            Want::Passthrough(target) => ("passthrough".into(), target.to_string(), vec![]),
+            Want::Error(message) => ("error".into(), message.to_string(), vec![]),
+        }
+    }
+}
+
 fn summarize(result: Result<Route, RouteError>) -> (String, String, Vec<String>) {
     match result {
         Ok(Route::Hbone(route)) => (
@@ -176,19 +174,7 @@ fn decide_table() {
     for (dst, pick, want) in cases {
         let destination = OriginalDst(dst.parse().unwrap());
         let got = summarize(decide(&snapshot, &client, destination, 15008, *pick));
-        let expected = match want {
-            Want::Hbone {
-                peer,
-                authority,
-                identities,
-            } => (
-                peer.to_string(),
-                authority.to_string(),
-                identities.iter().map(ToString::to_string).collect(),
-            ),
-            Want::Passthrough(target) => ("passthrough".into(), target.to_string(), vec![]),
-            Want::Error(message) => ("error".into(), message.to_string(), vec![]),
-        };
+        let expected = want.expected();
         assert_eq!(got, expected, "dst {dst} pick {pick}");
     }
 }
@@ -431,19 +417,7 @@ fn waypoint_table() {
     for (name, source, dst, want) in cases {
         let destination = OriginalDst(dst.parse().unwrap());
         let got = summarize(decide(&snapshot, source, destination, 15008, 0));
-        let expected = match want {
-            Want::Hbone {
-                peer,
-                authority,
-                identities,
-            } => (
-                peer.to_string(),
-                authority.to_string(),
-                identities.iter().map(ToString::to_string).collect(),
-            ),
-            Want::Passthrough(target) => ("passthrough".into(), target.to_string(), vec![]),
-            Want::Error(message) => ("error".into(), message.to_string(), vec![]),
-        };
+        let expected = want.expected();
         assert_eq!(got, expected, "{name}");
     }
 }
