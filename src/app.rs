@@ -7,6 +7,7 @@
 //! first connection can get a certificate; readiness reports pending pods until every pod is
 //! captured.
 
+use std::collections::HashSet;
 use std::convert::Infallible;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -22,20 +23,29 @@ use crate::capture::rules::RedirectRules;
 use crate::capture::zds::ZdsClient;
 use crate::capture::{DesiredPod, PodManager};
 use crate::config::{self, Config, Overrides};
+use crate::control_plane::{ControlPlane, ControlPlaneSettings, RootSource, TokenSource};
 use crate::drain::Drain;
 use crate::identity::ca::BuiltinCa;
-use crate::identity::CertificateManager;
+use crate::identity::istio_ca::IstioCa;
+use crate::identity::{CertificateManager, CertificateSource};
 use crate::proxy::{ProxyInputs, ProxySettings};
+use crate::state::policy::SelectorPolicy;
 use crate::state::StateStore;
 use crate::sys::Netns;
 use crate::telemetry::Metrics;
+use crate::xds::{XdsClient, XdsModel, XdsSettings};
 
 /// How often config pods are re-checked: failed ones retried, vanished namespaces released.
 const POD_RETRY_INTERVAL: Duration = Duration::from_secs(2);
 
+/// Where Istio's node agent finds its projected service-account token.
+const DEFAULT_TOKEN_PATH: &str = "/var/run/secrets/tokens/istio-token";
+
 /// Everything `run` needs besides the config.
 #[derive(Debug, Clone)]
 pub struct RunOptions {
+    /// Re-read the config file on change (false when there is no file: Istio mode).
+    pub watch_config: bool,
     /// Where the built-in CA keeps its root.
     pub state_dir: PathBuf,
     /// Command-line overrides, re-applied on every reload.
@@ -48,12 +58,34 @@ pub struct RunOptions {
 pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
     let agent = config.agent.clone();
     let home = Arc::new(Netns::current().context("open the agent's own network namespace")?);
-    let ca = BuiltinCa::load_or_create(&options.state_dir, &agent.ca)
-        .context("start the built-in CA")?;
-    let certificates = Arc::new(CertificateManager::new(Arc::new(ca)));
+    let certificates = Arc::new(CertificateManager::new(certificate_source(
+        &agent, &options,
+    )?));
     let state = Arc::new(StateStore::new(config.snapshot()));
     let drain = Drain::new();
     let metrics = Arc::new(Metrics::new());
+    let xds = match &agent.xds.address {
+        Some(address) => {
+            let control_plane = control_plane(
+                &agent,
+                address,
+                &agent.xds.root_ca,
+                &agent.xds.alt_hostname,
+                &agent.xds.headers,
+            )
+            .context("xDS settings")?;
+            Some(Arc::new(XdsClient::new(
+                XdsSettings {
+                    control_plane,
+                    node: crate::xds::node(&agent),
+                    max_message_size: agent.xds.max_message_size,
+                    reconnect_max: agent.xds.reconnect_max,
+                },
+                metrics.xds().clone(),
+            )))
+        }
+        None => None,
+    };
     let inputs = ProxyInputs {
         state: state.clone(),
         certificates: certificates.clone(),
@@ -119,6 +151,12 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
         metrics.clone(),
         control.clone(),
     ));
+    let xds_synced = xds.as_ref().map(|client| {
+        let synced = client.subscribe_synced();
+        let stop = control.clone();
+        control.spawn(client.clone().run(async move { stop.draining().await }));
+        synced
+    });
     let zds_synced = agent.zds.enabled.then(|| {
         let client = Arc::new(ZdsClient::new(
             agent.zds.clone(),
@@ -128,28 +166,60 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
         ));
         let synced = client.subscribe_synced();
         let stop = control.clone();
-        control.spawn(client.run(async move { stop.draining().await }));
+        let mut model_ready = xds_synced.clone();
+        control.spawn(async move {
+            // istio-cni names pods by Kubernetes uid and name; the workload (identity,
+            // addresses) comes from istiod. Taking pods before the first workload push would
+            // start proxies that know nothing about themselves.
+            if let Some(model_ready) = model_ready.as_mut() {
+                tokio::select! {
+                    _ = model_ready.wait_for(|synced| synced.addresses) => {}
+                    _ = stop.draining() => return,
+                }
+            }
+            client.run(async move { stop.draining().await }).await;
+        });
         synced
     });
     control.spawn(serve_readiness(
         readiness,
         pods.clone(),
-        zds_synced,
+        Pending {
+            zds: zds_synced,
+            xds: xds_synced,
+        },
         control.clone(),
     ));
 
     let config = Arc::new(config);
     let (publish, updates) = tokio::sync::watch::channel(config.clone());
-    let watch_stop = control.clone();
-    control.spawn(config::watch::run(
-        config.path.clone(),
-        options.overrides.clone(),
-        agent.reload_interval,
-        config.clone(),
-        publish,
-        async move { watch_stop.draining().await },
+    if options.watch_config {
+        let watch_stop = control.clone();
+        control.spawn(config::watch::run(
+            config.path.clone(),
+            options.overrides.clone(),
+            agent.reload_interval,
+            config.clone(),
+            publish,
+            async move { watch_stop.draining().await },
+        ));
+    } else {
+        // Nothing will publish; keeping the sender open keeps `apply_updates` running.
+        control.spawn(async move {
+            publish.closed().await;
+        });
+    }
+    control.spawn(apply_updates(
+        updates,
+        xds.as_ref().map(|client| client.subscribe_model()),
+        Model {
+            state,
+            certificates: certificates.clone(),
+            node: agent.node.clone(),
+        },
+        pods.clone(),
+        control.clone(),
     ));
-    control.spawn(apply_updates(updates, state, pods.clone(), control.clone()));
     tracing::info!(node = %agent.node, config = %config.path.display(), "nodetunnel started");
 
     tokio::select! {
@@ -171,6 +241,55 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
     pods.remove_all().await;
     tracing::info!("nodetunnel stopped");
     Ok(())
+}
+
+/// The Istio CA when `ca.address` is set, else the built-in CA.
+fn certificate_source(
+    agent: &config::agent::AgentConfig,
+    options: &RunOptions,
+) -> anyhow::Result<Arc<dyn CertificateSource>> {
+    match &agent.ca.address {
+        Some(address) => {
+            let control_plane = control_plane(
+                agent,
+                address,
+                &agent.ca.root_ca,
+                &agent.ca.alt_hostname,
+                &agent.ca.headers,
+            )
+            .context("Istio CA settings")?;
+            Ok(Arc::new(IstioCa::new(
+                control_plane,
+                agent.istio.certificate_ttl,
+            )))
+        }
+        None => Ok(Arc::new(
+            BuiltinCa::load_or_create(&options.state_dir, &agent.ca)
+                .context("start the built-in CA")?,
+        )),
+    }
+}
+
+/// The channel settings for one istiod service, with the node's token and cluster id.
+fn control_plane(
+    agent: &config::agent::AgentConfig,
+    address: &str,
+    root: &str,
+    alt_hostname: &Option<String>,
+    headers: &std::collections::BTreeMap<String, String>,
+) -> Result<ControlPlane, crate::control_plane::ControlPlaneError> {
+    ControlPlane::new(ControlPlaneSettings {
+        address: address.to_string(),
+        root: RootSource::from_setting(root),
+        alt_hostname: alt_hostname.clone(),
+        token: TokenSource::from_setting(
+            agent.istio.token.as_deref(),
+            std::path::Path::new(DEFAULT_TOKEN_PATH),
+        ),
+        cluster_id: agent.istio.cluster_id.clone(),
+        headers: headers.clone(),
+        connect_timeout: agent.xds.connect_timeout,
+    })
 }
 
 /// The configuration as `/config_dump` shows it.
@@ -208,26 +327,105 @@ fn desired_pods(config: &Config) -> Vec<DesiredPod> {
         .collect()
 }
 
-/// Applies each published config: model first (new connections see it), then pods. Retries
-/// failed pods periodically.
+/// Where the model goes, and what follows from it.
+struct Model {
+    state: Arc<StateStore>,
+    certificates: Arc<CertificateManager>,
+    node: String,
+}
+
+impl Model {
+    /// Replaces the state with the file's model merged with istiod's, and starts fetching the
+    /// certificates of this node's mesh workloads so their first connection does not wait.
+    fn publish(&self, config: &Config, xds: Option<&XdsModel>) {
+        let snapshot = merged_snapshot(config, xds);
+        if xds.is_some() && !self.node.is_empty() {
+            for workload in snapshot.workloads() {
+                if workload.node == self.node
+                    && workload.protocol == crate::state::TunnelProtocol::Hbone
+                {
+                    self.certificates.prefetch(&workload.identity);
+                }
+            }
+        }
+        self.state.replace(snapshot);
+    }
+}
+
+/// The file's model with istiod's added. The file wins where both name the same workload uid,
+/// service or policy: a local entry is an operator's deliberate override.
+fn merged_snapshot(config: &Config, xds: Option<&XdsModel>) -> crate::state::Snapshot {
+    let Some(xds) = xds else {
+        return config.snapshot();
+    };
+    let local_uids: HashSet<&str> = config.workloads.iter().map(|w| w.uid.as_str()).collect();
+    let local_services: HashSet<String> = config.services.iter().map(|s| s.key()).collect();
+    let mut authorization = config.authorization();
+    let local_policies: HashSet<String> = authorization
+        .policies
+        .iter()
+        .map(|selector| selector.policy.key())
+        .collect();
+    let mut workloads = config.workloads.clone();
+    workloads.extend(
+        xds.workloads
+            .values()
+            .filter(|workload| !local_uids.contains(workload.uid.as_str()))
+            .cloned(),
+    );
+    let mut services = config.services.clone();
+    services.extend(
+        xds.services
+            .values()
+            .filter(|service| !local_services.contains(&service.key()))
+            .cloned(),
+    );
+    authorization.policies.extend(
+        xds.policies
+            .values()
+            .filter(|policy| !local_policies.contains(&policy.key()))
+            .cloned()
+            .map(SelectorPolicy::new),
+    );
+    crate::state::Snapshot::with_authorization(workloads, services, authorization)
+}
+
+/// Applies each published config and istiod push: model first (new connections see it), then
+/// pods. Retries failed pods periodically.
 async fn apply_updates(
     mut updates: tokio::sync::watch::Receiver<Arc<Config>>,
-    state: Arc<StateStore>,
+    mut xds: Option<tokio::sync::watch::Receiver<Arc<XdsModel>>>,
+    model: Model,
     pods: Arc<PodManager>,
     drain: Drain,
 ) {
     let mut current = updates.borrow_and_update().clone();
+    let mut pushed = xds.as_mut().map(|xds| xds.borrow_and_update().clone());
+    model.publish(&current, pushed.as_deref());
     let mut failures = pods.reconcile(&desired_pods(&current)).await;
     let mut retry = tokio::time::interval(POD_RETRY_INTERVAL);
     loop {
+        let xds_changed = async {
+            match xds.as_mut() {
+                Some(xds) => xds.changed().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             changed = updates.changed() => {
                 if changed.is_err() {
                     return;
                 }
                 current = updates.borrow_and_update().clone();
-                state.replace(current.snapshot());
+                model.publish(&current, pushed.as_deref());
                 failures = pods.reconcile(&desired_pods(&current)).await;
+            }
+            changed = xds_changed => {
+                if changed.is_err() {
+                    return;
+                }
+                pushed = xds.as_mut().map(|xds| xds.borrow_and_update().clone());
+                model.publish(&current, pushed.as_deref());
             }
             // Periodic even without failures: a pod's namespace can vanish under us (pod
             // deleted), and re-opening each path is how we notice and release it.
@@ -243,25 +441,39 @@ async fn apply_updates(
     }
 }
 
+/// The sources readiness waits for besides the pods themselves.
+#[derive(Clone)]
+struct Pending {
+    /// istio-cni's snapshot applied.
+    zds: Option<tokio::sync::watch::Receiver<bool>>,
+    /// istiod's first push of each type received.
+    xds: Option<tokio::sync::watch::Receiver<crate::xds::Synced>>,
+}
+
 /// `GET /healthz/ready`: 200 when every pod is captured; 500 listing what is pending (as
 /// Istio's agent answers, so existing probes and dashboards read it the same way). With
-/// istio-cni, not ready until the current connection's snapshot is applied.
+/// istiod, not ready until the first push of each type; with istio-cni, until the current
+/// connection's snapshot is applied.
 async fn serve_readiness(
     listener: TcpListener,
     pods: Arc<PodManager>,
-    zds_synced: Option<tokio::sync::watch::Receiver<bool>>,
+    sources: Pending,
     drain: Drain,
 ) {
     serve_http(listener, drain, move |request| {
         let pods = pods.clone();
-        let zds_synced = zds_synced.clone();
+        let sources = sources.clone();
         async move {
             if request.uri().path() != "/healthz/ready" {
                 return text(StatusCode::NOT_FOUND, "not found\n".to_string());
             }
             let mut pending = pods.pending();
-            if zds_synced.is_some_and(|synced| !*synced.borrow()) {
+            if sources.zds.is_some_and(|synced| !*synced.borrow()) {
                 pending.insert(0, "workload proxy manager".to_string());
+            }
+            if let Some(xds) = &sources.xds {
+                let missing = xds.borrow().pending();
+                pending.splice(0..0, missing);
             }
             if pending.is_empty() {
                 text(StatusCode::OK, "ready\n".to_string())

@@ -24,7 +24,7 @@ const EXIT_CONFIG: u8 = 64;
 #[command(name = "nodetunnel", version, about)]
 struct Cli {
     /// Log format (level from RUST_LOG).
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Plain)]
+    #[arg(long, global = true, value_enum, env = "LOG_FORMAT", default_value_t = LogFormat::Plain)]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
@@ -32,11 +32,13 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the agent.
+    /// Run the agent. With `--config`, standalone (or mixed, if the file or the environment
+    /// names istiod); without it, in Istio mode: discovery and certificates from istiod, pods
+    /// from istio-cni, everything else from Istio's environment variables.
     Run {
         /// The config file (agent section + Istio local config).
         #[arg(long)]
-        config: PathBuf,
+        config: Option<PathBuf>,
         /// Where state (the built-in CA root) is kept.
         #[arg(long, default_value = "/var/lib/nodetunnel")]
         state_dir: PathBuf,
@@ -157,11 +159,14 @@ struct OverrideArgs {
 }
 
 impl From<OverrideArgs> for Overrides {
+    /// Flags, over Istio's environment variables as this process sees them.
     fn from(args: OverrideArgs) -> Self {
         Overrides {
+            env: config::env::Environment::capture(),
             node: args.node,
             ca_cert: args.ca_cert,
             ca_key: args.ca_key,
+            ..Overrides::default()
         }
     }
 }
@@ -215,7 +220,11 @@ fn main() -> ExitCode {
         } => {
             let overrides: Overrides = overrides.into();
             // Validate before anything binds.
-            let config = match config::load(&path, &overrides) {
+            let loaded = match &path {
+                Some(path) => config::load(path, &overrides),
+                None => config::from_environment(&overrides),
+            };
+            let config = match loaded {
                 Ok(config) => config,
                 Err(errors) => {
                     eprintln!("{errors}");
@@ -234,6 +243,7 @@ fn main() -> ExitCode {
                 }
             };
             let options = nodetunnel::app::RunOptions {
+                watch_config: path.is_some(),
                 state_dir,
                 overrides,
                 logging: Some(logging.control.clone()),

@@ -3,7 +3,8 @@
 //! Each component receives only its section. Everything here is plain data with defaults that a
 //! production node can run with; durations are written the humantime way (`5s`, `24h`).
 
-use std::net::SocketAddr;
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -54,6 +55,12 @@ pub struct AgentConfig {
     /// Authorization: zero-trust switch and Istio policy sources.
     #[serde(default)]
     pub authorization: AuthorizationConfig,
+    /// Workload discovery from istiod (delta xDS); off unless `xds.address` is set.
+    #[serde(default)]
+    pub xds: XdsConfig,
+    /// Who this agent is toward istiod (node id, token, cluster), for xDS and the Istio CA.
+    #[serde(default)]
+    pub istio: IstioConfig,
     /// How long open connections may finish after a shutdown signal before they are cut.
     #[serde(default = "defaults::drain_timeout", with = "humantime_serde")]
     pub drain_timeout: Duration,
@@ -76,6 +83,8 @@ impl Default for AgentConfig {
             listen: ListenConfig::default(),
             capture: CaptureConfig::default(),
             authorization: AuthorizationConfig::default(),
+            xds: XdsConfig::default(),
+            istio: IstioConfig::default(),
             drain_timeout: defaults::drain_timeout(),
             reload_interval: defaults::reload_interval(),
         }
@@ -110,6 +119,22 @@ impl AgentConfig {
             ),
             _ => {}
         }
+        for (section, address) in [("xds", &self.xds.address), ("ca", &self.ca.address)] {
+            if let Some(address) = address {
+                if let Err(reason) = crate::control_plane::parse_address(address) {
+                    problems.push(
+                        path.key(section).key("address"),
+                        Invalid::ControlPlaneAddress {
+                            address: address.clone(),
+                            reason,
+                        },
+                    );
+                }
+            }
+        }
+        if self.xds.max_message_size == 0 {
+            problems.push(path.key("xds").key("maxMessageSize"), Invalid::ZeroSize);
+        }
         if !self.listen.admin.ip().is_loopback() {
             problems.push(
                 path.key("listen").key("admin"),
@@ -122,10 +147,23 @@ impl AgentConfig {
     }
 }
 
-/// The built-in CA.
+/// Where workload certificates come from: the Istio CA when `address` is set, otherwise the
+/// built-in CA (root from `certFile`/`keyFile` or the state directory).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CaConfig {
+    /// The Istio CA (`https://istiod.istio-system.svc:15012`); unset = built-in CA.
+    #[serde(default)]
+    pub address: Option<String>,
+    /// Root that the Istio CA's serving certificate chains to: a PEM file, or PEM text.
+    #[serde(default = "defaults::istio_root_ca")]
+    pub root_ca: String,
+    /// Name to verify the CA's certificate against instead of the address's host.
+    #[serde(default)]
+    pub alt_hostname: Option<String>,
+    /// Extra gRPC headers on CA calls.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
     /// PEM root certificate to sign with (with `keyFile`); when unset a root is created in (and
     /// reloaded from) the state directory.
     #[serde(default)]
@@ -141,9 +179,100 @@ pub struct CaConfig {
 impl Default for CaConfig {
     fn default() -> Self {
         CaConfig {
+            address: None,
+            root_ca: defaults::istio_root_ca(),
+            alt_hostname: None,
+            headers: BTreeMap::new(),
             cert_file: None,
             key_file: None,
             workload_cert_ttl: defaults::workload_cert_ttl(),
+        }
+    }
+}
+
+/// Delta xDS from istiod.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct XdsConfig {
+    /// istiod's address (`https://istiod.istio-system.svc:15012`); unset = no xDS.
+    #[serde(default)]
+    pub address: Option<String>,
+    /// Root that istiod's serving certificate chains to: a PEM file, or PEM text.
+    #[serde(default = "defaults::istio_root_ca")]
+    pub root_ca: String,
+    /// Name to verify istiod's certificate against instead of the address's host.
+    #[serde(default)]
+    pub alt_hostname: Option<String>,
+    /// Extra gRPC headers on the xDS stream.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Largest xDS message accepted, in bytes; a bigger one ends the stream (and is logged).
+    #[serde(default = "defaults::xds_max_message_size")]
+    pub max_message_size: usize,
+    /// Cap of the reconnect backoff (10 ms doubling, with jitter).
+    #[serde(default = "defaults::xds_reconnect_max", with = "humantime_serde")]
+    pub reconnect_max: Duration,
+    /// TCP connect timeout to istiod.
+    #[serde(default = "defaults::xds_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+}
+
+impl Default for XdsConfig {
+    fn default() -> Self {
+        XdsConfig {
+            address: None,
+            root_ca: defaults::istio_root_ca(),
+            alt_hostname: None,
+            headers: BTreeMap::new(),
+            max_message_size: defaults::xds_max_message_size(),
+            reconnect_max: defaults::xds_reconnect_max(),
+            connect_timeout: defaults::xds_connect_timeout(),
+        }
+    }
+}
+
+/// This agent's identity toward istiod, as Istio's ztunnel sends it (node id, metadata, token).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IstioConfig {
+    /// Bearer token: a file (re-read per call) or the token itself; unset = the projected
+    /// token at `/var/run/secrets/tokens/istio-token` if it exists.
+    #[serde(default)]
+    pub token: Option<String>,
+    /// Cluster id, sent as the `clusterid` header.
+    #[serde(default = "defaults::cluster_id")]
+    pub cluster_id: String,
+    /// The agent's own pod name (node id and metadata).
+    #[serde(default)]
+    pub pod_name: String,
+    /// The agent's own namespace.
+    #[serde(default)]
+    pub pod_namespace: String,
+    /// The agent pod's IP (node id; `1.1.1.1` when unknown, as Istio does).
+    #[serde(default)]
+    pub instance_ip: Option<IpAddr>,
+    /// The agent's service account.
+    #[serde(default)]
+    pub service_account: String,
+    /// Requested lifetime of certificates from the Istio CA.
+    #[serde(default = "defaults::workload_cert_ttl", with = "humantime_serde")]
+    pub certificate_ttl: Duration,
+    /// Extra node metadata (Istio's `ISTIO_META_*` / `ISTIO_METAJSON_*`).
+    #[serde(default)]
+    pub metadata: BTreeMap<String, serde_json::Value>,
+}
+
+impl Default for IstioConfig {
+    fn default() -> Self {
+        IstioConfig {
+            token: None,
+            cluster_id: defaults::cluster_id(),
+            pod_name: String::new(),
+            pod_namespace: String::new(),
+            instance_ip: None,
+            service_account: String::new(),
+            certificate_ttl: defaults::workload_cert_ttl(),
+            metadata: BTreeMap::new(),
         }
     }
 }
@@ -372,6 +501,22 @@ pub mod defaults {
     }
     pub(crate) fn workload_cert_ttl() -> Duration {
         Duration::from_secs(24 * 3600)
+    }
+    pub(crate) fn istio_root_ca() -> String {
+        "/var/run/secrets/istio/root-cert.pem".to_string()
+    }
+    pub(crate) fn xds_max_message_size() -> usize {
+        // Istio's limit: a full push of a large cluster fits.
+        200 * 1024 * 1024
+    }
+    pub(crate) fn xds_reconnect_max() -> Duration {
+        Duration::from_secs(15)
+    }
+    pub(crate) fn xds_connect_timeout() -> Duration {
+        Duration::from_secs(5)
+    }
+    pub(crate) fn cluster_id() -> String {
+        "Kubernetes".to_string()
     }
     pub(crate) fn zds_socket() -> PathBuf {
         PathBuf::from("/var/run/ztunnel/ztunnel.sock")

@@ -131,6 +131,17 @@ pub enum Invalid {
     /// The admin API is unauthenticated, so it must not be reachable from the network.
     #[error("admin address {0} is not a loopback address")]
     AdminNotLoopback(std::net::SocketAddr),
+    /// An istiod (xDS or CA) address that cannot be used.
+    #[error("control plane address {address:?}: {reason}")]
+    ControlPlaneAddress {
+        /// The address as written.
+        address: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A size limit of zero would refuse everything.
+    #[error("must be greater than 0")]
+    ZeroSize,
 }
 
 /// A problem and the field it is about.

@@ -13,6 +13,7 @@
 
 pub mod agent;
 mod convert;
+pub mod env;
 pub mod istio;
 mod local;
 pub mod locate;
@@ -82,9 +83,14 @@ impl Config {
     }
 }
 
-/// Command-line flags that win over the file.
+/// What wins over the file: Istio's environment variables, then command-line flags.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Overrides {
+    /// The environment (Istio's variables; see [`env`]). Empty in tools that must ignore it.
+    pub env: env::Environment,
+    /// No config file: start from Istio-mode defaults (istiod for discovery and certificates,
+    /// istio-cni for pods) before the environment applies.
+    pub istio_defaults: bool,
     /// `--node`: replaces `agent.node`.
     pub node: Option<String>,
     /// `--ca-cert`: replaces `agent.ca.certFile`.
@@ -94,7 +100,11 @@ pub struct Overrides {
 }
 
 impl Overrides {
-    fn apply(&self, agent: &mut agent::AgentConfig) {
+    fn apply(&self, agent: &mut agent::AgentConfig) -> Vec<env::EnvProblem> {
+        if self.istio_defaults {
+            self.env.apply_istio_defaults(agent);
+        }
+        let problems = self.env.apply(agent);
         if let Some(node) = &self.node {
             agent.node = node.clone();
         }
@@ -104,6 +114,7 @@ impl Overrides {
         if let Some(key) = &self.ca_key {
             agent.ca.key_file = Some(key.clone());
         }
+        problems
     }
 }
 
@@ -159,6 +170,16 @@ impl fmt::Display for ConfigErrors {
     }
 }
 
+/// The configuration of an agent started without a config file (Istio mode): Istio-mode
+/// defaults, then the environment and flags in `overrides`.
+pub fn from_environment(overrides: &Overrides) -> Result<Config, ConfigErrors> {
+    let overrides = Overrides {
+        istio_defaults: true,
+        ..overrides.clone()
+    };
+    parse(Path::new("environment"), "", &overrides)
+}
+
 /// Reads and parses the config file at `path`, then the policy directories it names.
 pub fn load(path: &Path, overrides: &Overrides) -> Result<Config, ConfigErrors> {
     let mut config = read(path, overrides)?;
@@ -190,7 +211,22 @@ pub fn parse(path: &Path, text: &str, overrides: &Overrides) -> Result<Config, C
         Err(error) => return Err(ConfigErrors(vec![serde_error(path, &error)])),
     };
     let mut file = file;
-    overrides.apply(&mut file.agent);
+    let env_problems = overrides.apply(&mut file.agent);
+    if !env_problems.is_empty() {
+        // About the environment, not the file: no line to point at.
+        return Err(ConfigErrors(
+            env_problems
+                .into_iter()
+                .map(|problem| ConfigError {
+                    file: PathBuf::from("environment"),
+                    line: 0,
+                    column: 0,
+                    field: problem.variable.clone(),
+                    message: format!("{}: {}", problem.variable, problem.message),
+                })
+                .collect(),
+        ));
+    }
     let mut problems = convert::Problems::default();
     file.agent
         .check(&FieldPath::default().key("agent"), &mut problems);

@@ -247,7 +247,7 @@ fn error_cases() -> Vec<(&'static str, String, Vec<&'static str>)> {
             "unknown agent field",
             "agent:\n  node: n1\n  nodes: [n2]\n".into(),
             vec![
-                "nodetunnel.yaml:3:3: agent.nodes: unknown field `nodes`, expected one of `node`, `trustDomain`, `network`, `ca`, `pods`, `zds`, `proxy`, `pool`, `listen`, `capture`, `authorization`, `drainTimeout`, `reloadInterval`",
+                "nodetunnel.yaml:3:3: agent.nodes: unknown field `nodes`, expected one of `node`, `trustDomain`, `network`, `ca`, `pods`, `zds`, `proxy`, `pool`, `listen`, `capture`, `authorization`, `xds`, `istio`, `drainTimeout`, `reloadInterval`",
             ],
         ),
         (
@@ -457,6 +457,7 @@ workloads:
         node: Some("n1".into()),
         ca_cert: Some("/flag/ca.pem".into()),
         ca_key: Some("/flag/ca.key".into()),
+        ..Overrides::default()
     };
     let config = parse(path(), text, &overrides).unwrap();
     assert_eq!(config.agent.node, "n1");
@@ -478,6 +479,69 @@ workloads:
         error_lines("workloads: []\n", &only_cert),
         ["nodetunnel.yaml:1:1: agent.ca.certFile: certFile is set but keyFile is not; both are needed"]
     );
+}
+
+#[test]
+fn precedence_is_file_then_environment_then_flags() {
+    let text = "agent:\n  node: from-file\n  trustDomain: file.example\n  drainTimeout: 3s\n";
+    let env = crate::config::env::Environment::from_pairs([
+        ("NODE_NAME", "from-env"),
+        ("TRUST_DOMAIN", "env.example"),
+    ]);
+    let with_env = Overrides {
+        env: env.clone(),
+        ..Overrides::default()
+    };
+    let config = parse(path(), text, &with_env).unwrap();
+    assert_eq!(config.agent.node, "from-env");
+    assert_eq!(config.agent.trust_domain, "env.example");
+    // Untouched by the environment: the file's value stays.
+    assert_eq!(
+        config.agent.drain_timeout,
+        std::time::Duration::from_secs(3)
+    );
+    let with_flag = Overrides {
+        env,
+        node: Some("from-flag".into()),
+        ..Overrides::default()
+    };
+    assert_eq!(
+        parse(path(), text, &with_flag).unwrap().agent.node,
+        "from-flag"
+    );
+    // A bad variable is reported by name, not as a file position.
+    let bad = Overrides {
+        env: crate::config::env::Environment::from_pairs([("INSTANCE_IP", "nope")]),
+        ..Overrides::default()
+    };
+    assert_eq!(
+        error_lines(text, &bad),
+        ["environment: INSTANCE_IP: \"nope\" is not an IP address"]
+    );
+}
+
+#[test]
+fn without_a_file_the_agent_is_in_istio_mode() {
+    let overrides = Overrides {
+        env: crate::config::env::Environment::from_pairs([
+            ("NODE_NAME", "node-a"),
+            ("XDS_ADDRESS", "https://10.0.0.2:15012"),
+        ]),
+        ..Overrides::default()
+    };
+    let config = crate::config::from_environment(&overrides).unwrap();
+    assert_eq!(config.agent.node, "node-a");
+    assert_eq!(
+        config.agent.xds.address.as_deref(),
+        Some("https://10.0.0.2:15012")
+    );
+    assert_eq!(
+        config.agent.ca.address.as_deref(),
+        Some("https://localhost:15012")
+    );
+    assert!(config.agent.zds.enabled);
+    assert!(!config.agent.capture.install_rules);
+    assert!(config.workloads.is_empty());
 }
 
 #[test]

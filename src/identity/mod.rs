@@ -4,11 +4,13 @@
 //! Where it sits: before a connection is proxied, the proxy asks the [`CertificateManager`] for
 //! the certificate of the local workload's identity, then takes a TLS config from the returned
 //! [`WorkloadCertificate`] (`tls` builds them). Certificates come from a [`CertificateSource`]:
-//! the built-in CA ([`ca::BuiltinCa`], standalone mode) or, later, the Istio CA client. The
+//! the built-in CA ([`ca::BuiltinCa`], standalone mode) or the Istio CA
+//! ([`istio_ca::IstioCa`]). The
 //! manager deduplicates concurrent issues, rotates at half-life in the background and never
 //! hands out an expired certificate.
 
 pub mod ca;
+pub mod istio_ca;
 mod manager;
 
 use std::fmt;
@@ -74,6 +76,17 @@ pub enum CaError {
     /// Generating a key or signing a certificate failed.
     #[error("signing failed: {0}")]
     Sign(#[source] rcgen::Error),
+    /// A call to the Istio CA failed (unreachable, refused, timed out).
+    #[error("Istio CA {address}: {message}")]
+    Call {
+        /// The CA's address.
+        address: String,
+        /// What happened.
+        message: String,
+    },
+    /// The Istio CA answered with a certificate we must not use.
+    #[error("Istio CA response refused: {0}")]
+    BadResponse(String),
     /// The issued certificate material is not usable (see [`InvalidCertificate`]).
     #[error(transparent)]
     Certificate(#[from] InvalidCertificate),
@@ -250,3 +263,16 @@ fn validity(leaf: &CertificateDer<'_>) -> Result<(SystemTime, SystemTime), Inval
 
 #[cfg(test)]
 mod tests;
+
+/// Every `CERTIFICATE` block of `pem`, in order, as DER. Used for roots and CA responses, where
+/// one string may hold a bundle.
+pub fn pem_certificates(pem: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+    use rustls::pki_types::pem::PemObject;
+    let certificates = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|error| format!("not PEM certificates: {error}"))?;
+    if certificates.is_empty() {
+        return Err("no PEM certificate found".to_string());
+    }
+    Ok(certificates)
+}

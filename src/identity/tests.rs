@@ -115,6 +115,7 @@ async fn agents_sharing_root_files_trust_each_other() {
         cert_file: Some(cert_file),
         key_file: Some(key_file),
         workload_cert_ttl: HOUR,
+        ..CaConfig::default()
     };
     let node_a = BuiltinCa::load_or_create(&dir.path().join("a"), &config).expect("node a");
     let node_b = BuiltinCa::load_or_create(&dir.path().join("b"), &config).expect("node b");
@@ -165,6 +166,7 @@ fn bad_root_material_is_refused() {
         cert_file: cert.cloned(),
         key_file: key.cloned(),
         workload_cert_ttl: ttl,
+        ..CaConfig::default()
     };
     let cases: Vec<(&str, PathBuf, CaConfig, &str)> = vec![
         (

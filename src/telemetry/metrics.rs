@@ -162,6 +162,7 @@ pub struct Metrics {
     live: Mutex<HashMap<u64, LiveConnection>>,
     /// Every traffic series and the workload uids it names, for stale-series eviction.
     series: Mutex<HashMap<TrafficLabels, [String; 2]>>,
+    xds: super::xds::XdsMetrics,
 }
 
 /// A connection registered for live byte reporting; give it back to [`Metrics::close`].
@@ -189,6 +190,7 @@ impl Metrics {
         let sockets_open = Family::<ReporterLabels, Gauge>::default();
         let agent = AgentGauges::default();
         let build = Family::<BuildLabels, Gauge>::default();
+        let xds = super::xds::XdsMetrics::default();
         build
             .get_or_create(&BuildLabels {
                 component: "ztunnel".to_string(),
@@ -228,6 +230,7 @@ impl Metrics {
                 sockets_open.clone(),
             );
             istio.register("build", "Istio component build info", build);
+            xds.register(istio);
         }
         register_agent_gauges(&mut registry, &agent);
         Metrics {
@@ -238,7 +241,13 @@ impl Metrics {
             next_id: AtomicU64::new(1),
             live: Mutex::new(HashMap::new()),
             series: Mutex::new(HashMap::new()),
+            xds,
         }
+    }
+
+    /// The xDS client's counters.
+    pub fn xds(&self) -> &super::xds::XdsMetrics {
+        &self.xds
     }
 
     /// A socket was accepted (or opened) for `reporter`.

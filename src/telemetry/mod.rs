@@ -9,6 +9,7 @@
 mod labels;
 pub mod metrics;
 mod record;
+pub mod xds;
 
 use tracing_appender::non_blocking::{ErrorCounter, NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::layer::SubscriberExt;

@@ -1,0 +1,336 @@
+//! Istio's environment variables (layer L1), so the agent runs in an Istio ambient install with
+//! ztunnel's environment unchanged. Precedence: config file < environment < command-line flags.
+//!
+//! The environment is captured once ([`Environment::capture`]) and then treated as data, so
+//! parsing stays pure and tests pass their own variables.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use super::agent::AgentConfig;
+
+/// Where Istio's node agent finds istiod when nothing is configured.
+const ISTIOD_IN_CLUSTER: &str = "https://istiod.istio-system.svc:15012";
+const ISTIOD_LOCAL: &str = "https://localhost:15012";
+
+/// The process environment, captured at start-up.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Environment(BTreeMap<String, String>);
+
+/// A variable whose value cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnvProblem {
+    /// The variable.
+    pub variable: String,
+    /// What is wrong with its value.
+    pub message: String,
+}
+
+impl Environment {
+    /// The current process environment (only variables with UTF-8 names and values).
+    pub fn capture() -> Self {
+        Environment(std::env::vars().collect())
+    }
+
+    /// An environment with exactly these variables (tests, and tools that must ignore the
+    /// process environment).
+    pub fn from_pairs<K: Into<String>, V: Into<String>>(
+        pairs: impl IntoIterator<Item = (K, V)>,
+    ) -> Self {
+        Environment(
+            pairs
+                .into_iter()
+                .map(|(key, value)| (key.into(), value.into()))
+                .collect(),
+        )
+    }
+
+    fn get(&self, name: &str) -> Option<&str> {
+        self.0.get(name).map(String::as_str)
+    }
+
+    fn with_prefix<'a>(&'a self, prefix: &'a str) -> impl Iterator<Item = (&'a str, &'a str)> {
+        self.0.iter().filter_map(move |(key, value)| {
+            key.strip_prefix(prefix)
+                .filter(|rest| !rest.is_empty())
+                .map(|rest| (rest, value.as_str()))
+        })
+    }
+
+    /// Istio-mode defaults, for an agent started without a config file: istiod for discovery
+    /// and certificates, istio-cni for pods (which also installs the rules).
+    pub(crate) fn apply_istio_defaults(&self, agent: &mut AgentConfig) {
+        let istiod = if self.get("KUBERNETES_SERVICE_HOST").is_some() {
+            ISTIOD_IN_CLUSTER
+        } else {
+            ISTIOD_LOCAL
+        };
+        agent.xds.address = Some(istiod.to_string());
+        agent.ca.address = Some(istiod.to_string());
+        agent.zds.enabled = true;
+        agent.capture.install_rules = false;
+    }
+
+    /// Applies every variable it knows to `agent`, returning the ones whose values are bad.
+    pub(crate) fn apply(&self, agent: &mut AgentConfig) -> Vec<EnvProblem> {
+        let mut problems = Vec::new();
+        let mut problem = |variable: &str, message: String| {
+            problems.push(EnvProblem {
+                variable: variable.to_string(),
+                message,
+            })
+        };
+        let text = |name: &str| self.get(name).map(str::to_string);
+        if let Some(node) = text("NODE_NAME") {
+            agent.node = node;
+        }
+        if let Some(domain) = text("TRUST_DOMAIN") {
+            agent.trust_domain = domain;
+        }
+        // An empty address switches the service off, as in Istio.
+        if let Some(address) = text("XDS_ADDRESS") {
+            agent.xds.address = Some(address).filter(|address| !address.is_empty());
+        }
+        if let Some(address) = text("CA_ADDRESS") {
+            agent.ca.address = Some(address).filter(|address| !address.is_empty());
+        }
+        if let Some(root) = text("XDS_ROOT_CA") {
+            agent.xds.root_ca = root;
+        }
+        if let Some(root) = text("CA_ROOT_CA") {
+            agent.ca.root_ca = root;
+        }
+        if let Some(name) = text("ALT_XDS_HOSTNAME") {
+            agent.xds.alt_hostname = Some(name);
+        }
+        if let Some(name) = text("ALT_CA_HOSTNAME") {
+            agent.ca.alt_hostname = Some(name);
+        }
+        if let Some(token) = text("AUTH_TOKEN") {
+            agent.istio.token = Some(token);
+        }
+        // The metadata form wins, as in Istio.
+        if let Some(cluster) = text("ISTIO_META_CLUSTER_ID").or_else(|| text("CLUSTER_ID")) {
+            agent.istio.cluster_id = cluster;
+        }
+        if let Some(name) = text("POD_NAME") {
+            agent.istio.pod_name = name;
+        }
+        if let Some(namespace) = text("POD_NAMESPACE") {
+            agent.istio.pod_namespace = namespace;
+        }
+        if let Some(account) = text("SERVICE_ACCOUNT") {
+            agent.istio.service_account = account;
+        }
+        if let Some(ip) = self.get("INSTANCE_IP").filter(|ip| !ip.is_empty()) {
+            match ip.parse() {
+                Ok(ip) => agent.istio.instance_ip = Some(ip),
+                Err(_) => problem("INSTANCE_IP", format!("{ip:?} is not an IP address")),
+            }
+        }
+        if let Some(ttl) = self.get("SECRET_TTL") {
+            match humantime::parse_duration(ttl) {
+                Ok(ttl) if !ttl.is_zero() => agent.istio.certificate_ttl = ttl,
+                _ => problem("SECRET_TTL", format!("{ttl:?} is not a duration like 24h")),
+            }
+        }
+        if let Some(socket) = self.get("INPOD_UDS").filter(|socket| !socket.is_empty()) {
+            agent.zds.socket = socket.into();
+            agent.zds.enabled = true;
+        }
+        for (name, value) in self.with_prefix("XDS_HEADER_") {
+            agent
+                .xds
+                .headers
+                .insert(name.to_ascii_lowercase(), value.to_string());
+        }
+        for (name, value) in self.with_prefix("CA_HEADER_") {
+            agent
+                .ca
+                .headers
+                .insert(name.to_ascii_lowercase(), value.to_string());
+        }
+        for (name, value) in self.with_prefix("ISTIO_META_") {
+            agent.istio.metadata.insert(
+                name.to_string(),
+                serde_json::Value::String(value.to_string()),
+            );
+        }
+        for (name, value) in self.with_prefix("ISTIO_METAJSON_") {
+            match serde_json::from_str(value) {
+                Ok(json) => {
+                    agent.istio.metadata.insert(name.to_string(), json);
+                }
+                Err(error) => problem(
+                    &format!("ISTIO_METAJSON_{name}"),
+                    format!("not JSON: {error}"),
+                ),
+            }
+        }
+        match drain_deadline(self) {
+            Ok(Some(deadline)) => agent.drain_timeout = deadline,
+            Ok(None) => {}
+            Err((variable, message)) => problem(variable, message),
+        }
+        problems
+    }
+}
+
+/// Istio's drain deadline rule: `CONNECTION_TERMINATION_DEADLINE` if set; else from
+/// `TERMINATION_GRACE_PERIOD_SECONDS` (secs − 5 above 10 s, else secs − 1, at least 1 s), so
+/// that the agent finishes draining before the kubelet kills it.
+fn drain_deadline(env: &Environment) -> Result<Option<Duration>, (&'static str, String)> {
+    if let Some(deadline) = env.get("CONNECTION_TERMINATION_DEADLINE") {
+        return humantime::parse_duration(deadline).map(Some).map_err(|_| {
+            (
+                "CONNECTION_TERMINATION_DEADLINE",
+                format!("{deadline:?} is not a duration like 5s"),
+            )
+        });
+    }
+    let Some(grace) = env.get("TERMINATION_GRACE_PERIOD_SECONDS") else {
+        return Ok(None);
+    };
+    let seconds: u64 = grace.parse().map_err(|_| {
+        (
+            "TERMINATION_GRACE_PERIOD_SECONDS",
+            format!("{grace:?} is not a whole number of seconds"),
+        )
+    })?;
+    let deadline = if seconds > 10 {
+        seconds - 5
+    } else {
+        seconds.saturating_sub(1)
+    };
+    Ok(Some(Duration::from_secs(deadline.max(1))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn applied(pairs: &[(&str, &str)]) -> (AgentConfig, Vec<EnvProblem>) {
+        let mut agent = AgentConfig::default();
+        let problems = Environment::from_pairs(pairs.iter().copied()).apply(&mut agent);
+        (agent, problems)
+    }
+
+    #[test]
+    fn istio_variables_map_to_agent_settings() {
+        let (agent, problems) = applied(&[
+            ("NODE_NAME", "node-1"),
+            ("TRUST_DOMAIN", "example.org"),
+            ("XDS_ADDRESS", "https://istiod:15012"),
+            ("CA_ADDRESS", "istiod-ca:15012"),
+            ("XDS_ROOT_CA", "/etc/root.pem"),
+            ("CA_ROOT_CA", "/etc/ca-root.pem"),
+            ("AUTH_TOKEN", "/tmp/token"),
+            ("CLUSTER_ID", "c1"),
+            ("ISTIO_META_CLUSTER_ID", "c2"),
+            ("POD_NAME", "ztunnel-abc"),
+            ("POD_NAMESPACE", "istio-system"),
+            ("SERVICE_ACCOUNT", "ztunnel"),
+            ("INSTANCE_IP", "10.0.0.9"),
+            ("SECRET_TTL", "12h"),
+            ("INPOD_UDS", "/run/zt.sock"),
+            ("XDS_HEADER_X_TENANT", "a"),
+            ("CA_HEADER_X_TENANT", "b"),
+            ("ISTIO_METAJSON_LABELS", r#"{"app":"ztunnel"}"#),
+            ("TERMINATION_GRACE_PERIOD_SECONDS", "30"),
+        ]);
+        assert_eq!(problems, Vec::new());
+        assert_eq!(agent.node, "node-1");
+        assert_eq!(agent.trust_domain, "example.org");
+        assert_eq!(agent.xds.address.as_deref(), Some("https://istiod:15012"));
+        assert_eq!(agent.ca.address.as_deref(), Some("istiod-ca:15012"));
+        assert_eq!(agent.xds.root_ca, "/etc/root.pem");
+        assert_eq!(agent.ca.root_ca, "/etc/ca-root.pem");
+        assert_eq!(agent.istio.token.as_deref(), Some("/tmp/token"));
+        assert_eq!(agent.istio.cluster_id, "c2");
+        assert_eq!(agent.istio.pod_name, "ztunnel-abc");
+        assert_eq!(agent.istio.pod_namespace, "istio-system");
+        assert_eq!(agent.istio.service_account, "ztunnel");
+        assert_eq!(agent.istio.instance_ip, Some("10.0.0.9".parse().unwrap()));
+        assert_eq!(agent.istio.certificate_ttl, Duration::from_secs(12 * 3600));
+        assert!(agent.zds.enabled);
+        assert_eq!(agent.zds.socket, std::path::PathBuf::from("/run/zt.sock"));
+        assert_eq!(
+            agent.xds.headers.get("x_tenant").map(String::as_str),
+            Some("a")
+        );
+        assert_eq!(
+            agent.ca.headers.get("x_tenant").map(String::as_str),
+            Some("b")
+        );
+        assert_eq!(
+            agent.istio.metadata.get("CLUSTER_ID"),
+            Some(&serde_json::json!("c2"))
+        );
+        assert_eq!(
+            agent.istio.metadata.get("LABELS"),
+            Some(&serde_json::json!({"app": "ztunnel"}))
+        );
+        assert_eq!(agent.drain_timeout, Duration::from_secs(25));
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let (_, problems) = applied(&[
+            ("INSTANCE_IP", "ten"),
+            ("SECRET_TTL", "forever"),
+            ("ISTIO_METAJSON_X", "{"),
+            ("TERMINATION_GRACE_PERIOD_SECONDS", "soon"),
+        ]);
+        let named: Vec<&str> = problems.iter().map(|p| p.variable.as_str()).collect();
+        assert_eq!(
+            named,
+            [
+                "INSTANCE_IP",
+                "SECRET_TTL",
+                "ISTIO_METAJSON_X",
+                "TERMINATION_GRACE_PERIOD_SECONDS"
+            ]
+        );
+    }
+
+    #[test]
+    fn drain_deadline_follows_istio() {
+        type Vars = &'static [(&'static str, &'static str)];
+        let cases: &[(Vars, Option<u64>)] = &[
+            (&[], None),
+            (&[("TERMINATION_GRACE_PERIOD_SECONDS", "30")], Some(25)),
+            (&[("TERMINATION_GRACE_PERIOD_SECONDS", "10")], Some(9)),
+            (&[("TERMINATION_GRACE_PERIOD_SECONDS", "1")], Some(1)),
+            (&[("TERMINATION_GRACE_PERIOD_SECONDS", "0")], Some(1)),
+            (
+                &[
+                    ("TERMINATION_GRACE_PERIOD_SECONDS", "30"),
+                    ("CONNECTION_TERMINATION_DEADLINE", "7s"),
+                ],
+                Some(7),
+            ),
+        ];
+        for (pairs, want) in cases {
+            let env = Environment::from_pairs(pairs.iter().copied());
+            assert_eq!(
+                drain_deadline(&env).expect("valid"),
+                want.map(Duration::from_secs),
+                "{pairs:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn empty_address_disables_and_istio_defaults_pick_istiod() {
+        let mut agent = AgentConfig::default();
+        let env = Environment::from_pairs([("KUBERNETES_SERVICE_HOST", "10.96.0.1")]);
+        env.apply_istio_defaults(&mut agent);
+        assert_eq!(agent.xds.address.as_deref(), Some(ISTIOD_IN_CLUSTER));
+        assert!(agent.zds.enabled && !agent.capture.install_rules);
+        Environment::from_pairs([("XDS_ADDRESS", "")]).apply(&mut agent);
+        assert_eq!(agent.xds.address, None);
+        let mut local = AgentConfig::default();
+        Environment::default().apply_istio_defaults(&mut local);
+        assert_eq!(local.ca.address.as_deref(), Some(ISTIOD_LOCAL));
+    }
+}
