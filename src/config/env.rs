@@ -138,6 +138,16 @@ impl Environment {
             agent.zds.socket = socket.into();
             agent.zds.enabled = true;
         }
+        if let Some(value) = self
+            .get("ENABLE_ORIG_SRC")
+            .filter(|value| !value.is_empty())
+        {
+            match value.to_ascii_lowercase().as_str() {
+                "true" | "1" => agent.proxy.original_source = true,
+                "false" | "0" => agent.proxy.original_source = false,
+                _ => problem("ENABLE_ORIG_SRC", format!("{value:?} is not true or false")),
+            }
+        }
         for (name, value) in self.with_prefix("XDS_HEADER_") {
             agent
                 .xds
@@ -237,8 +247,10 @@ mod tests {
             ("CA_HEADER_X_TENANT", "b"),
             ("ISTIO_METAJSON_LABELS", r#"{"app":"ztunnel"}"#),
             ("TERMINATION_GRACE_PERIOD_SECONDS", "30"),
+            ("ENABLE_ORIG_SRC", "false"),
         ]);
         assert_eq!(problems, Vec::new());
+        assert!(!agent.proxy.original_source);
         assert_eq!(agent.node, "node-1");
         assert_eq!(agent.trust_domain, "example.org");
         assert_eq!(agent.xds.address.as_deref(), Some("https://istiod:15012"));

@@ -237,7 +237,9 @@ impl fmt::Debug for WorkloadCertificate {
 }
 
 /// The leaf's validity period as `SystemTime`s.
-fn validity(leaf: &CertificateDer<'_>) -> Result<(SystemTime, SystemTime), InvalidCertificate> {
+pub(crate) fn validity(
+    leaf: &CertificateDer<'_>,
+) -> Result<(SystemTime, SystemTime), InvalidCertificate> {
     let (_, parsed) = x509_parser::parse_x509_certificate(leaf.as_ref()).map_err(|e| match e {
         x509_parser::nom::Err::Error(e) | x509_parser::nom::Err::Failure(e) => {
             InvalidCertificate::Parse(e)

@@ -106,6 +106,10 @@ struct Pooled {
     connection: ClientConnection,
     streams: Arc<AtomicUsize>,
     last_used: Mutex<Instant>,
+    /// The earlier expiry of our certificate and the peer's: after it the connection takes no
+    /// new streams, so an expired certificate (a CA outage) fails closed instead of living on
+    /// in the pool.
+    valid_until: std::time::SystemTime,
 }
 
 #[derive(Debug, Default)]
@@ -195,7 +199,8 @@ impl Pool {
     fn checkout(&self, entry: &KeyEntry) -> Option<Arc<Pooled>> {
         let max = self.inner.settings.pool.max_streams_per_connection as usize;
         let mut connections = entry.connections.lock().unwrap_or_else(|p| p.into_inner());
-        connections.retain(|pooled| !pooled.connection.is_closed());
+        let now = std::time::SystemTime::now();
+        connections.retain(|pooled| !pooled.connection.is_closed() && now < pooled.valid_until);
         let pooled = connections
             .iter()
             .filter(|pooled| pooled.streams.load(Ordering::Acquire) < max)
@@ -215,11 +220,12 @@ impl Pool {
         if let Some(pooled) = self.checkout(entry) {
             return Ok(pooled);
         }
-        let connection = self.handshake(key).await?;
+        let (connection, valid_until) = self.handshake(key).await?;
         let pooled = Arc::new(Pooled {
             connection,
             streams: Arc::new(AtomicUsize::new(0)),
             last_used: Mutex::new(Instant::now()),
+            valid_until,
         });
         entry
             .connections
@@ -229,7 +235,10 @@ impl Pool {
         Ok(pooled)
     }
 
-    async fn handshake(&self, key: &PoolKey) -> Result<ClientConnection, PoolError> {
+    async fn handshake(
+        &self,
+        key: &PoolKey,
+    ) -> Result<(ClientConnection, std::time::SystemTime), PoolError> {
         let settings = &self.inner.settings;
         let certificate = self
             .inner
@@ -254,7 +263,18 @@ impl Pool {
                     peer: key.peer,
                     source,
                 })?;
-            Ok::<_, PoolError>(ClientConnection::handshake(tls, &settings.h2).await?)
+            let peer_expiry = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .and_then(|leaf| crate::identity::validity(leaf).ok())
+                .map(|(_, not_after)| not_after);
+            let valid_until = peer_expiry.map_or(certificate.expires_at(), |peer| {
+                peer.min(certificate.expires_at())
+            });
+            let connection = ClientConnection::handshake(tls, &settings.h2).await?;
+            Ok::<_, PoolError>((connection, valid_until))
         };
         tokio::time::timeout(settings.handshake_timeout, handshake)
             .await

@@ -279,30 +279,56 @@ impl Agent {
 
     /// Writes `config` and starts the agent, without waiting for readiness.
     pub fn spawn(topology: &Topology, node: &str, ca: &Ca, config: &str) -> Result<Agent> {
+        let path_text = |path: &Path| path.to_string_lossy().to_string();
+        let args = [
+            "--ca-cert".to_string(),
+            path_text(&ca.cert),
+            "--ca-key".to_string(),
+            path_text(&ca.key),
+        ];
+        Agent::launch(topology, node, Some(config), &args, &[])
+    }
+
+    /// Starts an agent the Istio way: Istio's environment variables in `env`, and a config file
+    /// only if `config` is given (without one the agent runs in Istio mode). Does not wait.
+    pub fn spawn_istio(
+        topology: &Topology,
+        node: &str,
+        config: Option<&str>,
+        env: &[(String, String)],
+    ) -> Result<Agent> {
+        Agent::launch(topology, node, config, &[], env)
+    }
+
+    fn launch(
+        topology: &Topology,
+        node: &str,
+        config: Option<&str>,
+        args: &[String],
+        env: &[(String, String)],
+    ) -> Result<Agent> {
         let dir = tempfile::tempdir()?;
         let config_path = dir.path().join("config.yaml");
-        std::fs::write(&config_path, config)?;
         let log_path = dir.path().join("agent.log");
         let state = dir.path().join("state");
         std::fs::create_dir_all(&state)?;
         let netns = topology.netns(node);
-        let path_text = |path: &Path| path.to_string_lossy().to_string();
-        let child = Command::new("ip")
-            .args(["netns", "exec", &netns, binary(), "run", "--config"])
-            .arg(&config_path)
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", &netns, binary(), "run"]);
+        if let Some(config) = config {
+            std::fs::write(&config_path, config)?;
+            command.arg("--config").arg(&config_path);
+        }
+        let child = command
             .arg("--state-dir")
             .arg(&state)
-            .args([
-                "--ca-cert",
-                &path_text(&ca.cert),
-                "--ca-key",
-                &path_text(&ca.key),
-            ])
+            .args(args)
             .args(["--log-format", "json"])
             .env(
                 "RUST_LOG",
                 std::env::var("NODETUNNEL_TEST_LOG").unwrap_or("info".into()),
             )
+            .envs(env.iter().map(|(key, value)| (key, value)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log_path)?)

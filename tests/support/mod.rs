@@ -12,6 +12,7 @@ pub mod agent;
 pub mod apps;
 pub mod capture;
 pub mod fake_cni;
+pub mod fake_istiod;
 pub mod logs;
 pub mod netns;
 pub mod tls_probe;

@@ -41,6 +41,9 @@ const RECONNECT_INITIAL: Duration = Duration::from_millis(10);
 
 /// How often pods whose start failed are retried (as istio's ztunnel).
 const PENDING_RETRY_INTERVAL: Duration = Duration::from_secs(5);
+/// How long an `Add` for a pod the model does not know yet waits for it (istio-cni can be
+/// quicker than istiod's push), as Istio's ztunnel does.
+const MODEL_WAIT: Duration = Duration::from_secs(5);
 
 /// Why one request was NACKed.
 #[derive(Debug, thiserror::Error)]
@@ -275,6 +278,24 @@ impl ZdsClient {
         }
     }
 
+    /// The model's uid of istio-cni pod `uid`, waiting up to [`MODEL_WAIT`] for the model to
+    /// learn it.
+    async fn wait_for_workload(&self, uid: &str, workload: &WorkloadInfo) -> Option<String> {
+        let mut changes = self.state.subscribe();
+        let deadline = tokio::time::Instant::now() + MODEL_WAIT;
+        loop {
+            if let Some(found) =
+                resolve_workload_uid(&self.state.snapshot(), &self.node, uid, workload)
+            {
+                return Some(found);
+            }
+            match tokio::time::timeout_at(deadline, changes.changed()).await {
+                Ok(Ok(())) => continue,
+                Ok(Err(_)) | Err(_) => return None,
+            }
+        }
+    }
+
     /// Starts (or keeps, or replaces) the proxy of istio-cni pod `uid`.
     async fn add(
         &self,
@@ -284,10 +305,12 @@ impl ZdsClient {
         known: &mut HashMap<String, KnownPod>,
     ) -> Result<(), RequestError> {
         let (netns, spare) = netns_from_fd(&uid, fd)?;
-        let workload_uid = resolve_workload_uid(&self.state.snapshot(), &self.node, &uid, workload)
+        let workload_uid = self
+            .wait_for_workload(&uid, workload)
+            .await
             .unwrap_or_else(|| {
                 tracing::warn!(%uid, name = %workload.name, namespace = %workload.namespace,
-                    "no workload in the model for this pod yet; serving it under its istio-cni uid");
+                "no workload in the model for this pod; serving it under its istio-cni uid");
                 uid.clone()
             });
         if let Some(previous) = known.get(&uid) {
