@@ -74,14 +74,20 @@ install_tools() {
     [[ $kubectl == kubectl ]] || missing_tool "$kubectl (from KUBECTL)"
     apt_install kubernetes-client
   fi
+  # A virtualenv made for an older pin is replaced, so the pin is what validates.
+  local pinned=${validator_requirements[0]#kubernetes-validate==}
+  if [[ -x $venv/bin/kubernetes-validate && $("$venv/bin/kubernetes-validate" --version) != "$pinned" ]]; then
+    rm -rf "$venv"
+  fi
   if [[ -z $(find_validator) ]]; then
-    # Debian's python3 makes virtualenvs only with python3-venv (ensurepip).
-    if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
-      apt_install python3 python3-venv
-    fi
     echo "validate-daemonset.sh: installing ${validator_requirements[0]} into $venv"
     mkdir -p "$tools_dir"
-    python3 -m venv "$venv"
+    # Debian's python3 makes virtualenvs only with python3-venv installed.
+    if ! python3 -m venv "$venv" >/dev/null 2>&1; then
+      rm -rf "$venv"
+      apt_install python3 python3-venv
+      python3 -m venv "$venv"
+    fi
     "$venv/bin/pip" install --quiet --disable-pip-version-check "${validator_requirements[@]}"
   fi
 }
