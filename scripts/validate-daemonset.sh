@@ -43,7 +43,7 @@ while (($#)); do
 done
 
 kubectl=${KUBECTL:-kubectl}
-tools_dir=${NODETUNNEL_K8S_TOOLS:-${XDG_CACHE_HOME:-$HOME/.cache}/nodetunnel/k8s-tools}
+tools_dir=${NODETUNNEL_K8S_TOOLS:-${XDG_CACHE_HOME:-${HOME:-/root}/.cache}/nodetunnel/k8s-tools}
 venv=$tools_dir/venv
 
 missing_tool() {
