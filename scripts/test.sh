@@ -25,6 +25,9 @@ if ((${#missing[@]})); then
     echo "test.sh: missing ${missing[*]} and not root; the network-namespace tests will fail" >&2
   fi
 fi
+# kubectl (kustomize) and kubernetes-validate for tests/daemonset_manifests.rs.
+bash scripts/validate-daemonset.sh --install-only ||
+  echo "test.sh: could not install the manifest tools; tests/daemonset_manifests.rs will fail" >&2
 
 # Namespaces the tests name nt<pid-hex>n<counter-hex>-<role>; their Drop guards remove them,
 # but a test process killed outright (timeout, SIGKILL) cannot. Remove those whose pid is gone.
