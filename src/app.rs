@@ -549,3 +549,73 @@ async fn second_interrupt() {
         Err(_) => std::future::pending().await,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::tests::workload;
+
+    fn local_config(text: &str) -> Config {
+        config::parse(
+            std::path::Path::new("local.yaml"),
+            text,
+            &Overrides::default(),
+        )
+        .expect("valid config")
+    }
+
+    #[test]
+    fn istiod_model_is_merged_and_the_file_wins_on_conflicts() {
+        let config = local_config(
+            "workloads:\n  - uid: local-a\n    name: a\n    namespace: default\n    \
+             workloadIps: [10.0.0.1]\npolicies:\n  - name: p\n    namespace: default\n    \
+             action: Deny\n",
+        );
+        let mut xds = XdsModel::default();
+        let mut shadowed = workload("default", "a-from-istiod", [10, 0, 0, 9]);
+        shadowed.uid = "local-a".to_string();
+        xds.workloads.insert("local-a".to_string(), shadowed);
+        xds.workloads.insert(
+            "istiod-b".to_string(),
+            crate::state::Workload {
+                uid: "istiod-b".to_string(),
+                ..workload("default", "b", [10, 0, 0, 2])
+            },
+        );
+        let mut policy = config.policies[0].clone();
+        policy.action = crate::state::policy::PolicyAction::Allow;
+        xds.policies.insert(policy.key(), policy.clone());
+        policy.name = "q".to_string();
+        xds.policies.insert(policy.key(), policy);
+
+        let merged = merged_snapshot(&config, Some(&xds));
+        assert_eq!(
+            merged.workload("local-a").map(|w| w.name.as_str()),
+            Some("a")
+        );
+        assert!(merged.workload("istiod-b").is_some());
+        let policies: Vec<(String, crate::state::policy::PolicyAction)> = merged
+            .authorization()
+            .policies
+            .iter()
+            .map(|selector| (selector.policy.key(), selector.policy.action))
+            .collect();
+        assert_eq!(
+            policies,
+            [
+                (
+                    "default/p".to_string(),
+                    crate::state::policy::PolicyAction::Deny
+                ),
+                (
+                    "default/q".to_string(),
+                    crate::state::policy::PolicyAction::Allow
+                ),
+            ]
+        );
+        // Without istiod the file alone is the model.
+        assert!(merged_snapshot(&config, None)
+            .workload("istiod-b")
+            .is_none());
+    }
+}

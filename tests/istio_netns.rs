@@ -91,11 +91,19 @@ impl Cluster {
     /// by the agent) and Istio's environment for everything else; the CA answers in `ca_mode`
     /// from the start (agents fetch certificates for their pods as soon as they learn them).
     fn start(ca_mode: CaMode) -> Cluster {
+        Cluster::start_with(ca_mode, "")
+    }
+
+    /// [`Cluster::start`] with extra lines for the `agent.xds` section of the config file.
+    fn start_with(ca_mode: CaMode, xds_settings: &str) -> Cluster {
         let (topology, istiod, server) = Cluster::prepare();
         istiod.set_ca_mode(ca_mode);
         let mut agents = Vec::new();
         for role in ["a", "b"] {
-            let config = "agent:\n  drainTimeout: 2s\n  xds:\n    reconnectMax: 500ms\n";
+            let config = format!(
+                "agent:\n  drainTimeout: 2s\n  xds:\n    reconnectMax: 500ms\n{xds_settings}"
+            );
+            let config = config.as_str();
             let agent = Agent::spawn_istio(
                 &topology,
                 role,
@@ -325,6 +333,45 @@ fn xds_server_restart_keeps_the_last_state_and_resyncs() {
         resubscribed,
         "a reconnecting agent sends the versions it holds"
     );
+}
+
+/// A push bigger than the agent's message limit is refused: the stream is dropped (and retried
+/// with backoff), nothing of that push is applied, and the last state keeps serving.
+#[test]
+fn xds_messages_over_the_size_limit_are_refused() {
+    require_netns!("xds_messages_over_the_size_limit_are_refused");
+    let cluster = Cluster::start_with(CaMode::Normal, "    maxMessageSize: 65536\n");
+    cluster.wait_allowed("client", b"under-the-limit");
+    let mut big = istiod::workload("big", "big", "10.200.2.9".parse().unwrap(), "node-b");
+    big.extensions = vec![nodetunnel::proto::workload::Extension {
+        name: "padding".to_string(),
+        config: Some(prost_types::Any {
+            type_url: "type.googleapis.com/google.protobuf.BytesValue".to_string(),
+            value: vec![0; 128 * 1024],
+        }),
+    }];
+    cluster.istiod.set(ADDRESS_TYPE, vec![istiod::address(big)]);
+    // The same push also carries a DENY that must not apply: it never got through.
+    cluster.istiod.set(
+        AUTHORIZATION_TYPE,
+        vec![deny(
+            "deny-in-oversized-push",
+            "cluster.local/ns/default/sa/nobody",
+        )],
+    );
+    cluster
+        .agent("a")
+        .wait_for_event("the oversized message refused", WAIT, |event| {
+            event.field("message").as_deref()
+                == Some("xDS stream failed; serving the last known state")
+                && event
+                    .field("error")
+                    .is_some_and(|error| error.contains("too large"))
+        })
+        .expect("the agent refuses the message and says why");
+    cluster
+        .exchange("client", b"after-oversized-push")
+        .expect("the last known state keeps serving");
 }
 
 /// The CA's answers are checked and its outages survived: a certificate for the wrong identity
