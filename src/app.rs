@@ -50,10 +50,14 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
     let home = Arc::new(Netns::current().context("open the agent's own network namespace")?);
     let ca = BuiltinCa::load_or_create(&options.state_dir, &agent.ca)
         .context("start the built-in CA")?;
-    let certificates = Arc::new(CertificateManager::new(Arc::new(ca)));
+    let metrics = Arc::new(Metrics::new());
+    let failures = metrics.clone();
+    let certificates = Arc::new(
+        CertificateManager::new(Arc::new(ca))
+            .on_failure(move |error| failures.certificate_fetch_failed(error.reason())),
+    );
     let state = Arc::new(StateStore::new(config.snapshot()));
     let drain = Drain::new();
-    let metrics = Arc::new(Metrics::new());
     let inputs = ProxyInputs {
         state: state.clone(),
         certificates: certificates.clone(),
@@ -111,6 +115,7 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
             pods: pods.clone(),
             certificates: certificates.clone(),
             logging: options.logging.clone(),
+            runtime: tokio::runtime::Handle::current(),
         },
         control.clone(),
     ));
