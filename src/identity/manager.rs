@@ -264,6 +264,18 @@ impl CertificateManager {
         certificates
     }
 
+    /// Every cached certificate (expired ones included until they are dropped), sorted by
+    /// identity: the admin dump shows their chains and roots.
+    pub fn held(&self) -> Vec<Arc<WorkloadCertificate>> {
+        let mut held: Vec<Arc<WorkloadCertificate>> = self
+            .lock()
+            .values()
+            .filter_map(|entry| Some(entry.current.as_ref()?.certificate.clone()))
+            .collect();
+        held.sort_by(|a, b| a.identity().cmp(b.identity()));
+        held
+    }
+
     /// Runs rotation until `shutdown` completes: re-issues each cached identity at half-life,
     /// and after a failure retries with capped exponential backoff and jitter, the old
     /// certificate staying in service while it is valid.

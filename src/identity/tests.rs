@@ -570,3 +570,24 @@ async fn failed_fetches_are_reported_by_reason_whatever_the_source() {
     assert_eq!(value("identity_mismatch").as_deref(), Some("1"), "{text}");
     assert_eq!(value("already_expired"), None, "{text}");
 }
+
+#[tokio::test]
+async fn held_certificates_carry_their_chain_and_roots() {
+    let source = Arc::new(TestSource::new(HOUR));
+    let manager = CertificateManager::new(source.clone());
+    let b = identity("spiffe://cluster.local/ns/b/sa/b");
+    let a = identity("spiffe://cluster.local/ns/a/sa/a");
+    manager.fetch(&b).await.expect("fetch");
+    manager.fetch(&a).await.expect("fetch");
+    let held = manager.held();
+    let identities: Vec<&Identity> = held.iter().map(|c| c.identity()).collect();
+    assert_eq!(identities, vec![&a, &b], "sorted by identity");
+    assert_eq!(
+        held[0].root_certificates(),
+        std::slice::from_ref(source.ca.root())
+    );
+    assert!(
+        !held[0].chain().contains(source.ca.root()),
+        "roots are not in the chain"
+    );
+}
