@@ -114,7 +114,10 @@ pub async fn evict_stale_series(state: Arc<StateStore>, metrics: Arc<Metrics>, d
         let removed = metrics.retain_workloads(|uid| snapshot.workload(uid).is_some())
             + metrics.retain_policies(|policy| policies.contains(policy));
         if removed > 0 {
-            tracing::debug!(removed, "removed metric series of departed workloads");
+            tracing::debug!(
+                removed,
+                "removed metric series of departed workloads and policies"
+            );
         }
     }
 }
