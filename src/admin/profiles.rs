@@ -119,7 +119,7 @@ pub(super) async fn heap() -> Response<Full<Bytes>> {
     let Some(control) = jemalloc_pprof::PROF_CTL.as_ref() else {
         return message(StatusCode::NOT_IMPLEMENTED, NO_HEAP_PROFILING);
     };
-    let mut control = control.lock().await;
+    let mut control = control.clone().lock_owned().await;
     if !control.activated() {
         return message(
             StatusCode::CONFLICT,
@@ -127,11 +127,17 @@ pub(super) async fn heap() -> Response<Full<Bytes>> {
              let the agent work, then ask again",
         );
     }
-    match control.dump_pprof() {
-        Ok(profile) => binary(profile),
-        Err(error) => message(
+    // jemalloc writes the profile to a file that is then parsed and gzipped: off the workers.
+    let dumped = tokio::task::spawn_blocking(move || control.dump_pprof()).await;
+    match dumped {
+        Ok(Ok(profile)) => binary(profile),
+        Ok(Err(error)) => message(
             StatusCode::INTERNAL_SERVER_ERROR,
             &format!("heap profile: {error:#}"),
+        ),
+        Err(join) => message(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("heap profile thread failed: {join}"),
         ),
     }
 }
