@@ -58,12 +58,14 @@ pub struct RunOptions {
 pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
     let agent = config.agent.clone();
     let home = Arc::new(Netns::current().context("open the agent's own network namespace")?);
-    let certificates = Arc::new(CertificateManager::new(certificate_source(
-        &agent, &options,
-    )?));
+    let metrics = Arc::new(Metrics::new());
+    let failures = metrics.clone();
+    let certificates = Arc::new(
+        CertificateManager::new(certificate_source(&agent, &options)?)
+            .on_failure(move |error| failures.certificate_fetch_failed(error.reason())),
+    );
     let state = Arc::new(StateStore::new(config.snapshot()));
     let drain = Drain::new();
-    let metrics = Arc::new(Metrics::new());
     let xds = match &agent.xds.address {
         Some(address) => {
             let control_plane = control_plane(
@@ -143,6 +145,7 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
             pods: pods.clone(),
             certificates: certificates.clone(),
             logging: options.logging.clone(),
+            runtime: tokio::runtime::Handle::current(),
         },
         control.clone(),
     ));

@@ -1,7 +1,8 @@
 //! Network-namespace tests of observability (issue 8): Istio TCP metrics scraped from real
-//! agents during and after real traffic (both reporters, mTLS and plaintext), the admin API's
-//! `/config_dump` shape, `/logging` changing the level live, the admin port unreachable from a
-//! pod, and the inspection CLI.
+//! agents during and after real traffic (both reporters, mTLS and plaintext), authorization
+//! decision counters, in-pod proxy counters and tokio runtime gauges, the admin API's
+//! `/config_dump` shape (certificate chains), `/logging` changing the level live, CPU and heap
+//! profiles, the admin port unreachable from a pod, and the inspection CLI.
 //!
 //! Needs root. Without it these tests fail loudly unless `NODETUNNEL_SKIP_NETNS_TESTS=1`.
 
@@ -76,11 +77,22 @@ impl Cluster {
 
     /// One HTTP/1.0 request to `address` from inside `role`'s namespace.
     fn http(&self, role: &str, method: &str, address: &str, path: &str) -> (u16, String) {
+        let (status, body) = self.http_bytes(role, method, address, path);
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    /// [`Cluster::http`] with the body as bytes (profiles are binary).
+    fn http_bytes(&self, role: &str, method: &str, address: &str, path: &str) -> (u16, Vec<u8>) {
         let (method, address, path) = (method.to_string(), address.to_string(), path.to_string());
         self.topology
             .run_in(role, move || http(&method, &address, &path))
             .expect("run in namespace")
             .expect("http request")
+    }
+
+    /// An admin API request to `node`'s agent.
+    fn admin(&self, node: &str, method: &str, path: &str) -> (u16, String) {
+        self.http(node, method, "127.0.0.1:15000", path)
     }
 
     fn metrics(&self, node: &str) -> String {
@@ -115,25 +127,28 @@ impl Cluster {
     }
 }
 
-fn http(method: &str, address: &str, path: &str) -> Result<(u16, String)> {
+fn http(method: &str, address: &str, path: &str) -> Result<(u16, Vec<u8>)> {
     let address: SocketAddr = address.parse()?;
     let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(2))?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    // A CPU profile takes its `seconds` before answering.
+    stream.set_read_timeout(Some(Duration::from_secs(15)))?;
     write!(
         stream,
         "{method} {path} HTTP/1.0\r\nHost: {address}\r\nContent-Length: 0\r\n\r\n"
     )?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let status = response
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response)?;
+    let head_end = response
+        .windows(4)
+        .position(|window| window == b"\r\n\r\n")
+        .map_or(response.len(), |at| at + 4);
+    let head = String::from_utf8_lossy(&response[..head_end]);
+    let status = head
         .split_whitespace()
         .nth(1)
         .and_then(|code| code.parse().ok())
         .unwrap_or(0);
-    let body = response
-        .split_once("\r\n\r\n")
-        .map_or(String::new(), |(_, body)| body.to_string());
-    Ok((status, body))
+    Ok((status, response[head_end..].to_vec()))
 }
 
 /// The value of the one sample of `metric` whose labels include every `labels` pair.
@@ -535,4 +550,330 @@ fn failures_denials_stale_series_explain_and_quit() {
     let exited = support::wait_for("agent a to exit", WAIT, || cluster.agents[0].exit_status())
         .expect("agent a exits after /quitquitquit");
     assert!(exited.success(), "{exited}");
+}
+
+/// An AuthorizationPolicy in `default` (all its workloads) with one `from.source` clause.
+fn policy(name: &str, action: &str, source: &str) -> String {
+    format!(
+        "  - apiVersion: security.istio.io/v1\n    kind: AuthorizationPolicy\n    \
+         metadata: {{name: {name}, namespace: default}}\n    spec:\n      action: {action}\n      \
+         rules: [{{from: [{{source: {source}}}]}}]\n"
+    )
+}
+
+/// Decisions on the server's agent: an allowed mTLS connection and a denied plaintext one are
+/// counted under the policies that decided them; a policy change closes the open connection
+/// (counted as a re-evaluation denial) and the series of the removed policies disappear. In-pod
+/// proxies capture and release are counted, and the tokio gauges describe the agent's runtime.
+#[test]
+fn decision_counters_follow_policies_and_proxy_lifecycle_is_counted() {
+    require_netns!("decision_counters_follow_policies_and_proxy_lifecycle_is_counted");
+    let cluster = Cluster::start();
+    let _server =
+        EchoServer::start(&cluster.topology, "server", APP_PORT, Reply::Echo).expect("server app");
+    let client = format!(
+        "[\"{}\"]",
+        &cluster.mesh.workload("client").identity()["spiffe://".len()..]
+    );
+    let server_config = |resources: &[String]| {
+        let mut yaml = cluster.mesh.render(&cluster.topology, "b", &["server"]);
+        yaml.push_str("istioResources:\n");
+        yaml.push_str(&resources.concat());
+        yaml
+    };
+    let set_policies = |resources: &[String], present: &str, absent: &str| {
+        cluster
+            .agent("b")
+            .write_config(&server_config(resources))
+            .expect("config edit");
+        support::wait_for("the new policies", WAIT, || {
+            let (_, dump) = cluster.admin("b", "GET", "/config_dump");
+            (dump.contains(present) && !dump.contains(absent)).then_some(())
+        })
+        .expect("policies applied");
+    };
+    set_policies(
+        &[
+            policy(
+                "allow-client",
+                "ALLOW",
+                &format!("{{principals: {client}}}"),
+            ),
+            policy(
+                "deny-others",
+                "DENY",
+                &format!("{{notPrincipals: {client}}}"),
+            ),
+        ],
+        "deny-others",
+        "deny-client",
+    );
+    let target = SocketAddr::from((cluster.topology.pod("server").ip, APP_PORT));
+    let mut open = cluster.connect("client", target);
+    assert_eq!(echo(&mut open, b"allowed"), b"allowed");
+    let mut refused = cluster.connect("legacy", target);
+    let _ = refused.write_all(b"let me in");
+    let mut rest = Vec::new();
+    let _ = refused.read_to_end(&mut rest);
+    assert!(rest.is_empty(), "the plaintext connection is refused");
+
+    let decisions = "nodetunnel_authorization_decisions_total";
+    let server = [
+        ("destination_workload", "server"),
+        ("destination_workload_namespace", "default"),
+    ];
+    let series = |pairs: &[(&'static str, &'static str)]| -> Vec<(&'static str, &'static str)> {
+        pairs.iter().chain(&server).copied().collect()
+    };
+    let allowed = series(&[
+        ("action", "allow"),
+        ("policy", "default/allow-client"),
+        ("reason", "allowed_by"),
+        ("phase", "connect"),
+    ]);
+    let denied = series(&[
+        ("action", "deny"),
+        ("policy", "default/deny-others"),
+        ("reason", "denied_by"),
+        ("phase", "connect"),
+    ]);
+    let text = support::wait_for("both decisions", WAIT, || {
+        let text = cluster.metrics("b");
+        sample(&text, decisions, &denied).map(|_| text)
+    })
+    .unwrap_or_else(|_| panic!("no denial counted:\n{}", cluster.metrics("b")));
+    assert_eq!(sample(&text, decisions, &allowed), Some(1), "{text}");
+    assert_eq!(sample(&text, decisions, &denied), Some(1), "{text}");
+
+    // Replacing both policies by one that denies the client closes the open connection.
+    set_policies(
+        &[policy(
+            "deny-client",
+            "DENY",
+            &format!("{{principals: {client}}}"),
+        )],
+        "deny-client",
+        "allow-client",
+    );
+    let revoked = series(&[
+        ("action", "deny"),
+        ("policy", "default/deny-client"),
+        ("reason", "denied_by"),
+        ("phase", "reevaluation"),
+    ]);
+    let text = support::wait_for("the revocation counted", WAIT, || {
+        let text = cluster.metrics("b");
+        sample(&text, decisions, &revoked).map(|_| text)
+    })
+    .unwrap_or_else(|_| panic!("no revocation counted:\n{}", cluster.metrics("b")));
+    assert_eq!(sample(&text, decisions, &revoked), Some(1), "{text}");
+    let _ = open.read_to_end(&mut rest);
+    let text = support::wait_for("removed policies' series evicted", WAIT, || {
+        let text = cluster.metrics("b");
+        (!text.contains("default/allow-client") && !text.contains("default/deny-others"))
+            .then_some(text)
+    })
+    .unwrap_or_else(|_| panic!("stale decision series:\n{}", cluster.metrics("b")));
+    assert!(text.contains(decisions), "{text}");
+
+    // In-pod proxies on node a: client from the config, then legacy captured and released
+    // through the admin API.
+    let metrics_a = cluster.metrics("a");
+    assert!(
+        metrics_a.contains("\nworkload_manager_proxies_started_total 1\n"),
+        "{metrics_a}"
+    );
+    let netns = cluster.topology.netns_path("legacy");
+    let add = format!("/pods?workload=default/legacy&netns={}", netns.display());
+    let (status, body) = cluster.admin("a", "POST", &add);
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = cluster.admin("a", "DELETE", "/pods?workload=default/legacy");
+    assert_eq!(status, 200, "{body}");
+    let metrics_a = cluster.metrics("a");
+    for line in [
+        "workload_manager_proxies_started_total 2",
+        "workload_manager_proxies_stopped_total 1",
+        "workload_manager_active_proxy_count 1",
+    ] {
+        assert!(
+            metrics_a.lines().any(|l| l == line),
+            "want {line}:\n{metrics_a}"
+        );
+    }
+
+    // The agent's runtime has as many workers as CPUs it may use (tokio's default).
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    let workers = format!("tokio_num_workers {cpus}");
+    assert!(
+        metrics_a.lines().any(|l| l == workers),
+        "want {workers}:\n{metrics_a}"
+    );
+    assert!(
+        metrics_a.contains("tokio_worker_park_count_total{worker=\"0\"}"),
+        "{metrics_a}"
+    );
+}
+
+/// Decodes a pprof protobuf and returns it with its sample types as (type, unit) strings.
+fn pprof_profile(bytes: &[u8]) -> (pprof::protos::Profile, Vec<(String, String)>) {
+    use pprof::protos::Message as _;
+    let profile = pprof::protos::Profile::decode(bytes).expect("a pprof protobuf");
+    let string = |index: i64| {
+        usize::try_from(index)
+            .ok()
+            .and_then(|index| profile.string_table.get(index))
+            .cloned()
+            .unwrap_or_default()
+    };
+    let types = profile
+        .sample_type
+        .iter()
+        .map(|value| (string(value.ty), string(value.unit)))
+        .collect();
+    (profile, types)
+}
+
+/// `/debug/pprof/profile` answers a CPU profile of the requested rate while traffic flows;
+/// `/debug/pprof/heap` refuses until heap profiling is switched on, then answers a gzipped
+/// heap profile; `/config_dump` carries each certificate's chain and roots as ztunnel does
+/// (base64 PEM that parses, serial number, validity).
+#[test]
+fn profiles_and_certificate_chains() {
+    require_netns!("profiles_and_certificate_chains");
+    let cluster = Cluster::start();
+    let _server =
+        EchoServer::start(&cluster.topology, "server", APP_PORT, Reply::Echo).expect("server app");
+    let target = SocketAddr::from((cluster.topology.pod("server").ip, APP_PORT));
+    // Traffic through agent a for as long as the profile runs (bounded: at most 10 s).
+    let mut stream = cluster.connect("client", target);
+    let profiling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let running = profiling.clone();
+    let traffic = std::thread::spawn(move || {
+        let payload = vec![b'p'; 16 * 1024];
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while running.load(std::sync::atomic::Ordering::Relaxed)
+            && std::time::Instant::now() < deadline
+        {
+            assert_eq!(echo(&mut stream, &payload), payload);
+        }
+        close(stream);
+    });
+    let (status, body) = cluster.http_bytes(
+        "a",
+        "GET",
+        "127.0.0.1:15000",
+        "/debug/pprof/profile?seconds=1&frequency=99",
+    );
+    profiling.store(false, std::sync::atomic::Ordering::Relaxed);
+    traffic.join().expect("traffic");
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let (profile, types) = pprof_profile(&body);
+    let expected = [("samples", "count"), ("cpu", "nanoseconds")];
+    let expected: Vec<(String, String)> = expected
+        .iter()
+        .map(|(kind, unit)| (kind.to_string(), unit.to_string()))
+        .collect();
+    assert_eq!(types, expected);
+    assert!(!profile.sample.is_empty(), "the copy loop was sampled");
+    assert!(
+        profile
+            .string_table
+            .iter()
+            .any(|name| name.contains("tokio::runtime::scheduler::multi_thread")),
+        "stacks of the runtime's worker threads, symbolized: {:?}",
+        profile.string_table
+    );
+    assert_eq!(
+        profile.period,
+        1_000_000_000 / 99,
+        "sampled at the asked rate"
+    );
+    for bad in ["seconds=0", "seconds=301", "frequency=5000", "seconds=x"] {
+        let (status, _) = cluster.admin("a", "GET", &format!("/debug/pprof/profile?{bad}"));
+        assert_eq!(status, 400, "{bad}");
+    }
+
+    let (status, body) = cluster.admin("a", "GET", "/debug/pprof/heap");
+    assert_eq!(status, 409, "inactive until switched on: {body}");
+    let (status, _) = cluster.admin("a", "GET", "/debug/pprof/heap/profiling?activate=true");
+    assert_eq!(status, 405, "switching needs POST");
+    let (status, state) = cluster.admin("a", "POST", "/debug/pprof/heap/profiling?activate=true");
+    assert_eq!(
+        (status, state.contains("\"active\": true")),
+        (200, true),
+        "{state}"
+    );
+    let mut stream = cluster.connect("client", target);
+    assert_eq!(echo(&mut stream, &[b'h'; 4096]), [b'h'; 4096]);
+    close(stream);
+    let (status, body) = cluster.http_bytes("a", "GET", "127.0.0.1:15000", "/debug/pprof/heap");
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let mut unzipped = Vec::new();
+    flate2::read::GzDecoder::new(&body[..])
+        .read_to_end(&mut unzipped)
+        .expect("gzip");
+    let (heap, types) = pprof_profile(&unzipped);
+    assert_eq!(types, [("inuse_space".to_string(), "bytes".to_string())]);
+    // Samples are statistical (one per 512 KiB allocated, on average); the mappings are not:
+    // the profile is of this agent's process, so pprof can symbolize it with the binary.
+    let binary = agent::binary().rsplit('/').next().unwrap_or_default();
+    assert!(
+        heap.mapping.iter().any(|mapping| {
+            usize::try_from(mapping.filename)
+                .ok()
+                .and_then(|index| heap.string_table.get(index))
+                .is_some_and(|path| path.ends_with(&format!("/{binary}")))
+        }),
+        "mappings name the agent binary: {:?}",
+        heap.string_table
+    );
+    let (status, state) = cluster.admin("a", "POST", "/debug/pprof/heap/profiling?activate=false");
+    assert_eq!(
+        (status, state.contains("\"active\": false")),
+        (200, true),
+        "{state}"
+    );
+
+    let (status, dump) = cluster.admin("a", "GET", "/config_dump");
+    assert_eq!(status, 200, "{dump}");
+    let dump: serde_json::Value = serde_json::from_str(&dump).expect("json");
+    let certificates = dump["certificates"].as_array().expect("certificates");
+    let client_id = cluster.mesh.workload("client").identity();
+    let entry = certificates
+        .iter()
+        .find(|entry| entry["identity"] == client_id.as_str())
+        .unwrap_or_else(|| panic!("no certificate for {client_id}: {certificates:#?}"));
+    assert_eq!(entry["state"], "Available");
+    let parse = |certificate: &serde_json::Value| {
+        use base64::Engine as _;
+        let pem = base64::engine::general_purpose::STANDARD
+            .decode(certificate["pem"].as_str().expect("pem"))
+            .expect("base64");
+        let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).expect("PEM");
+        let parsed = pem.parse_x509().expect("X.509").tbs_certificate;
+        assert_eq!(
+            certificate["serialNumber"].as_str(),
+            Some(parsed.serial.to_string().as_str())
+        );
+        assert!(certificate["validFrom"].is_string() && certificate["expirationTime"].is_string());
+        (
+            parsed.is_ca(),
+            parsed
+                .subject_alternative_name()
+                .ok()
+                .flatten()
+                .map(|san| format!("{:?}", san.value)),
+        )
+    };
+    let chain = entry["certChain"].as_array().expect("certChain");
+    assert_eq!(chain.len(), 1, "the built-in CA signs leaves directly");
+    let (leaf_is_ca, san) = parse(&chain[0]);
+    assert!(!leaf_is_ca);
+    assert!(
+        san.is_some_and(|san| san.contains(&client_id)),
+        "leaf names the identity"
+    );
+    let roots = entry["rootCerts"].as_array().expect("rootCerts");
+    assert_eq!(roots.len(), 1);
+    assert!(parse(&roots[0]).0, "the root is a CA");
 }

@@ -122,6 +122,22 @@ impl Cluster {
         )
     }
 
+    /// A scrape of `node`'s metrics endpoint.
+    fn metrics(&self, node: &str) -> String {
+        self.topology
+            .run_in(node, || {
+                use std::io::{Read, Write};
+                let mut stream = std::net::TcpStream::connect("127.0.0.1:15020")?;
+                stream.set_read_timeout(Some(IO_TIMEOUT))?;
+                stream.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
+                let mut text = String::new();
+                stream.read_to_string(&mut text)?;
+                Ok::<_, std::io::Error>(text)
+            })
+            .expect("run in node")
+            .expect("scrape")
+    }
+
     fn ip(&self, pod: &str) -> std::net::Ipv4Addr {
         self.topology.pod(pod).ip
     }
@@ -233,6 +249,15 @@ fn waypoint_routes_delivers_and_cannot_be_bypassed() {
         })
         .expect("access log names the reason");
     assert!(!server.received_contains(b"BYPASS-ATTEMPT"));
+    // Counted once as a decision of no policy, under its own reason.
+    let bypass = "nodetunnel_authorization_decisions_total{action=\"deny\",policy=\"none\",\
+                  reason=\"waypoint_bypass\",phase=\"connect\",destination_workload=\"server\",\
+                  destination_workload_namespace=\"default\"} 1";
+    let metrics = cluster.metrics("b");
+    assert!(
+        metrics.lines().any(|line| line == bypass),
+        "want {bypass}:\n{metrics}"
+    );
 
     // With enforcement off the same direct call succeeds.
     cluster.agents[1]

@@ -1,12 +1,20 @@
 //! `/config_dump` (layer L5): everything the agent acts on, in one JSON document whose top-level
 //! names follow Istio's ztunnel dump where they overlap (`workloads`, `services`, `policies`,
-//! `certificates` with `validFrom`/`expirationTime`, `workloadState`, `config`, `version`).
+//! `certificates`, `workloadState`, `config`, `version`).
+//!
+//! Certificates are dumped as ztunnel dumps them, so `istioctl ztunnel-config certificates`-style
+//! tools read ours: per identity `certChain` (leaf first, then intermediates) and `rootCerts`,
+//! each certificate with `pem` (the PEM text, base64-encoded as ztunnel does), `serialNumber`
+//! (decimal), `validFrom` and `expirationTime` (RFC 3339).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
+use rustls::pki_types::CertificateDer;
 use serde::Serialize;
 
 use super::AdminState;
@@ -46,14 +54,54 @@ pub struct EffectiveConfig {
 struct CertificateDump {
     identity: Identity,
     state: &'static str,
-    cert_chain: Vec<CertificateValidity>,
+    cert_chain: Vec<CertificateInfo>,
+    root_certs: Vec<CertificateInfo>,
 }
 
+/// One certificate; the fields other than `pem` are empty if it does not parse as X.509.
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
-struct CertificateValidity {
+struct CertificateInfo {
+    pem: String,
+    serial_number: String,
     valid_from: String,
     expiration_time: String,
+}
+
+impl CertificateInfo {
+    fn of(der: &CertificateDer<'_>) -> Self {
+        let mut info = CertificateInfo {
+            pem: BASE64.encode(pem(der)),
+            serial_number: String::new(),
+            valid_from: String::new(),
+            expiration_time: String::new(),
+        };
+        if let Ok((_, parsed)) = x509_parser::parse_x509_certificate(der.as_ref()) {
+            let time = |t: x509_parser::time::ASN1Time| {
+                let seconds = u64::try_from(t.timestamp()).unwrap_or(0);
+                rfc3339(SystemTime::UNIX_EPOCH + Duration::from_secs(seconds))
+            };
+            info.serial_number = parsed.tbs_certificate.serial.to_string();
+            info.valid_from = time(parsed.validity().not_before);
+            info.expiration_time = time(parsed.validity().not_after);
+        }
+        info
+    }
+}
+
+/// The PEM text of a DER certificate (RFC 7468: 64-character lines).
+fn pem(der: &CertificateDer<'_>) -> String {
+    let body = BASE64.encode(der.as_ref());
+    let mut text = String::from("-----BEGIN CERTIFICATE-----\n");
+    let mut rest = body.as_str();
+    while !rest.is_empty() {
+        let (line, tail) = rest.split_at(rest.len().min(64));
+        text.push_str(line);
+        text.push('\n');
+        rest = tail;
+    }
+    text.push_str("-----END CERTIFICATE-----\n");
+    text
 }
 
 #[derive(Serialize)]
@@ -91,19 +139,25 @@ pub(super) fn config_dump(admin: &AdminState) -> serde_json::Value {
     let authorization = snapshot.authorization();
     let certificates: Vec<CertificateDump> = admin
         .certificates
-        .certificates()
-        .into_iter()
-        .map(|(identity, not_before, not_after)| CertificateDump {
-            state: if not_after > SystemTime::now() {
+        .held()
+        .iter()
+        .map(|certificate| CertificateDump {
+            state: if certificate.expires_at() > SystemTime::now() {
                 "Available"
             } else {
                 "Expired"
             },
-            identity,
-            cert_chain: vec![CertificateValidity {
-                valid_from: rfc3339(not_before),
-                expiration_time: rfc3339(not_after),
-            }],
+            identity: certificate.identity().clone(),
+            cert_chain: certificate
+                .chain()
+                .iter()
+                .map(CertificateInfo::of)
+                .collect(),
+            root_certs: certificate
+                .root_certificates()
+                .iter()
+                .map(CertificateInfo::of)
+                .collect(),
         })
         .collect();
     serde_json::json!({
@@ -157,4 +211,40 @@ fn workload_state(admin: &AdminState) -> BTreeMap<String, WorkloadState> {
         }
     }
     by_workload
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::ca::BuiltinCa;
+
+    #[test]
+    fn certificates_are_dumped_as_base64_pem_with_serial_and_validity() {
+        let (cert, key) = BuiltinCa::generate_root("dump test").expect("root");
+        let ca = BuiltinCa::from_pem(&cert, &key, Duration::from_secs(3600)).expect("ca");
+        let identity: Identity = "spiffe://cluster.local/ns/a/sa/b"
+            .parse()
+            .expect("identity");
+        let leaf = ca.issue(&identity).expect("leaf");
+        let der = &leaf.chain()[0];
+        let info = CertificateInfo::of(der);
+
+        let text = String::from_utf8(BASE64.decode(&info.pem).expect("base64")).expect("utf-8");
+        assert!(text.starts_with("-----BEGIN CERTIFICATE-----\n"), "{text}");
+        assert!(text.ends_with("\n-----END CERTIFICATE-----\n"), "{text}");
+        assert!(text.lines().all(|line| line.len() <= 64), "{text}");
+        let (_, pem) = x509_parser::pem::parse_x509_pem(text.as_bytes()).expect("PEM");
+        assert_eq!(pem.contents, der.as_ref(), "the PEM holds the same DER");
+        let parsed = pem.parse_x509().expect("X.509");
+        assert_eq!(
+            info.serial_number,
+            parsed.tbs_certificate.serial.to_string()
+        );
+        assert_eq!(info.valid_from, rfc3339(leaf.not_before()));
+        assert_eq!(info.expiration_time, rfc3339(leaf.expires_at()));
+
+        let garbage = CertificateInfo::of(&CertificateDer::from(vec![1, 2, 3]));
+        assert!(garbage.serial_number.is_empty() && garbage.valid_from.is_empty());
+        assert!(!garbage.pem.is_empty(), "still shown, as it was given");
+    }
 }

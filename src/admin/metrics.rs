@@ -1,7 +1,7 @@
 //! The metrics server (layer L5): `/metrics` and `/stats/prometheus` on 15020, Prometheus text
 //! by default and OpenMetrics when the scraper asks for `application/openmetrics-text`. Each
-//! scrape first samples the pods, certificates and log writer into the registry. Also the task
-//! that evicts series of workloads that left the model.
+//! scrape first samples the pods, certificates, log writer and data-plane runtime into the
+//! registry. Also the task that evicts series of workloads and policies that left the model.
 
 use std::sync::Arc;
 
@@ -14,7 +14,7 @@ use crate::capture::{PodManager, PodStatus};
 use crate::drain::Drain;
 use crate::identity::CertificateManager;
 use crate::state::StateStore;
-use crate::telemetry::metrics::AgentSample;
+use crate::telemetry::metrics::{AgentSample, RuntimeSample};
 use crate::telemetry::{LogControl, Metrics};
 
 const OPENMETRICS: &str = "application/openmetrics-text";
@@ -32,6 +32,8 @@ pub struct MetricsSources {
     pub certificates: Arc<CertificateManager>,
     /// The log writer, for dropped lines.
     pub logging: Option<LogControl>,
+    /// The data-plane runtime, for the tokio metrics.
+    pub runtime: tokio::runtime::Handle,
 }
 
 /// Serves the metrics endpoints until drain.
@@ -90,10 +92,12 @@ fn sample(sources: &MetricsSources) -> AgentSample {
             .logging
             .as_ref()
             .map_or(0, LogControl::dropped_lines),
+        runtime: Some(RuntimeSample::of(&sources.runtime)),
     }
 }
 
-/// Until drain: after every model change, removes the traffic series of workloads that are gone.
+/// Until drain: after every model change, removes the traffic and decision series of workloads
+/// that are gone, and the decision series of policies that are gone.
 pub async fn evict_stale_series(state: Arc<StateStore>, metrics: Arc<Metrics>, drain: Drain) {
     let mut changes = state.subscribe();
     loop {
@@ -106,9 +110,14 @@ pub async fn evict_stale_series(state: Arc<StateStore>, metrics: Arc<Metrics>, d
             _ = drain.draining() => return,
         }
         let snapshot = state.snapshot();
-        let removed = metrics.retain_workloads(|uid| snapshot.workload(uid).is_some());
+        let policies = crate::authz::policy_keys(snapshot.authorization());
+        let removed = metrics.retain_workloads(|uid| snapshot.workload(uid).is_some())
+            + metrics.retain_policies(|policy| policies.contains(policy));
         if removed > 0 {
-            tracing::debug!(removed, "removed metric series of departed workloads");
+            tracing::debug!(
+                removed,
+                "removed metric series of departed workloads and policies"
+            );
         }
     }
 }

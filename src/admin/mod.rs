@@ -6,12 +6,14 @@
 //! `/explain?from=..&to=..` (the policy decision for a source and destination),
 //! `/quitquitquit` (graceful drain) and `/pods` (`GET` lists captured pods; `POST
 //! /pods?workload=W&netns=PATH` captures one at run time; `DELETE /pods?workload=W` releases it;
-//! pods added here survive config reloads). The metrics server (15020) lives in [`metrics`] and
-//! the CLI's client in [`client`].
+//! pods added here survive config reloads), and CPU and heap profiles under `/debug/pprof/`
+//! (`profiles.rs`). The metrics server (15020) lives in [`metrics`] and the CLI's client in
+//! [`client`].
 
 mod client;
 mod dump;
 pub mod metrics;
+mod profiles;
 pub mod tables;
 
 use std::collections::BTreeMap;
@@ -93,6 +95,9 @@ async fn handle(
         (&Method::POST, "/pods") => add_pod(&admin, &query).await,
         (&Method::DELETE, "/pods") => remove_pod(&admin, &query).await,
         (_, "/pods") => message(StatusCode::METHOD_NOT_ALLOWED, "use GET, POST or DELETE"),
+        (_, "/debug/pprof/profile") => profiles::cpu(&query).await,
+        (_, "/debug/pprof/heap") => profiles::heap().await,
+        (method, "/debug/pprof/heap/profiling") => profiles::heap_profiling(method, &query).await,
         _ => message(StatusCode::NOT_FOUND, "not found"),
     }
 }
@@ -106,7 +111,10 @@ fn index() -> Response<Full<Bytes>> {
          /logging          POST: read or change the log filter (?level=..., ?reset)\n\
          /explain          ?from=<source>&to=<destination>: the policy decision\n\
          /pods             GET list, POST ?workload=&netns= capture, DELETE ?workload= release\n\
-         /quitquitquit     POST: drain and exit\n",
+         /quitquitquit     POST: drain and exit\n\
+         /debug/pprof/profile         CPU profile (pprof): ?seconds=1-300 (10), ?frequency=1-1000 (100)\n\
+         /debug/pprof/heap            heap profile (gzipped pprof) while heap profiling is active\n\
+         /debug/pprof/heap/profiling  GET state, POST ?activate=true|false\n",
     )
 }
 

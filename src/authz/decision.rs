@@ -64,6 +64,19 @@ impl DecisionReason {
         }
     }
 
+    /// The reason's kind, as serialized (`denied_by`, `allowed_by`, `no_allow_policies`,
+    /// `no_allow_matched`, `default_deny`, `waypoint_bypass`): a fixed set, for metric labels.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            DecisionReason::DeniedBy { .. } => "denied_by",
+            DecisionReason::AllowedBy { .. } => "allowed_by",
+            DecisionReason::NoAllowPolicies => "no_allow_policies",
+            DecisionReason::NoAllowMatched => "no_allow_matched",
+            DecisionReason::DefaultDeny => "default_deny",
+            DecisionReason::WaypointBypass { .. } => "waypoint_bypass",
+        }
+    }
+
     /// The deciding policy key, or the fixed reason text when no policy decided; short enough
     /// for a log field.
     pub fn summary(&self) -> &str {

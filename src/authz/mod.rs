@@ -20,11 +20,12 @@ pub mod explain;
 pub mod istio;
 mod mtls;
 
+use std::collections::HashSet;
 use std::net::IpAddr;
 use std::sync::Arc;
 
 use crate::spiffe::Identity;
-use crate::state::policy::{Policy, PolicyScope};
+use crate::state::policy::{Authorization, Policy, PolicyScope};
 use crate::state::{Snapshot, Workload};
 
 pub use crate::state::policy::{
@@ -168,6 +169,21 @@ pub fn decide(snapshot: &Snapshot, destination: &Workload, facts: &ConnectionFac
         }
     }
     decision
+}
+
+/// Every policy key a [`Decision`] under `authorization` can name: the policies, and the STRICT
+/// policies istiod converts each PeerAuthentication into. Decision metrics keep series only for
+/// these, so a removed policy's series go.
+pub fn policy_keys(authorization: &Authorization) -> HashSet<String> {
+    let policies = authorization
+        .policies
+        .iter()
+        .map(|selector_policy| selector_policy.policy.key());
+    let strict = authorization
+        .peer_authentications
+        .iter()
+        .flat_map(mtls::strict_policy_keys);
+    policies.chain(strict).collect()
 }
 
 /// The denial reason when `destination` has a waypoint and the peer is not it; `None` when the

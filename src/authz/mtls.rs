@@ -138,6 +138,19 @@ pub fn mtls_mode(
     resolve_mtls(peer_authentications, workload, port).mode
 }
 
+/// The keys of the DENY policies that [`strict_policy`] can make from `peer_authentication`
+/// (mesh/namespace/workload level, and port level), whatever port is asked.
+pub(super) fn strict_policy_keys(peer_authentication: &PeerAuthentication) -> [String; 2] {
+    let namespace = &peer_authentication.namespace;
+    [
+        format!("{namespace}/istio_converted_static_strict"),
+        format!(
+            "{namespace}/converted_peer_authentication_{}",
+            peer_authentication.name
+        ),
+    ]
+}
+
 /// The DENY policy enforcing STRICT for this resolution, named as istiod names its converted
 /// policies (`istio_converted_static_strict`, or `converted_peer_authentication_<name>` for a
 /// port-level setting) in the deciding PeerAuthentication's namespace.

@@ -19,6 +19,7 @@ use crate::drain::Drain;
 use crate::proxy::{Listeners, ProxyInputs, WorkloadProxy};
 use crate::socket::{SocketError, SocketFactory};
 use crate::sys::{Netns, NetnsId};
+use crate::telemetry::Metrics;
 
 /// A pod the agent should capture.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -234,7 +235,7 @@ impl PodManager {
             return false;
         };
         tracing::info!(workload = %uid, netns = %pod.netns_path.display(), "pod removed; draining its proxy");
-        stop(pod).await;
+        stop(pod, &self.inputs.metrics).await;
         true
     }
 
@@ -248,7 +249,7 @@ impl PodManager {
             .map(|(_, pod)| pod)
             .collect();
         for pod in pods {
-            stop(pod).await;
+            stop(pod, &self.inputs.metrics).await;
         }
     }
 
@@ -309,7 +310,7 @@ impl PodManager {
             }
             tracing::info!(workload = %uid, "pod network namespace changed; replacing its proxy");
             if let Some(old) = running.remove(uid) {
-                stop(old).await;
+                stop(old, &self.inputs.metrics).await;
             }
             outcome = AddOutcome::Replaced;
         }
@@ -335,6 +336,7 @@ impl PodManager {
         let proxy =
             WorkloadProxy::new(self.inputs.clone(), uid.to_string(), sockets, drain.clone());
         proxy.spawn(listeners);
+        self.inputs.metrics.proxy_started();
         let rules = self.rules.clone().filter(|_| source != PodSource::Cni);
         let pod = RunningPod {
             source,
@@ -351,7 +353,7 @@ impl PodManager {
                 .await
                 .unwrap_or_else(|join| Err(rules::RulesError::Netns(std::io::Error::other(join))));
             if let Err(source) = installed {
-                stop(pod).await;
+                stop(pod, &self.inputs.metrics).await;
                 return Err(CaptureError::Rules { path, source });
             }
         }
@@ -429,8 +431,9 @@ impl PodStatus {
 }
 
 /// Cuts a pod's connections, closes its listeners and removes the rules we installed.
-async fn stop(pod: RunningPod) {
+async fn stop(pod: RunningPod, metrics: &Metrics) {
     pod.drain.terminate().await;
+    metrics.proxy_stopped();
     if pod.rules_installed {
         let netns = pod.netns.clone();
         let removed =

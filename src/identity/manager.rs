@@ -59,6 +59,23 @@ pub enum CertificateError {
     },
 }
 
+impl CertificateError {
+    /// The kind of failure, as a metric label: a fixed set of values, never the identity or
+    /// the source's message (those go to the log).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            CertificateError::Issue { .. } => "source_error",
+            CertificateError::IdentityMismatch { .. } => "identity_mismatch",
+            CertificateError::AlreadyExpired { .. } => "already_expired",
+            CertificateError::Cancelled { .. } => "cancelled",
+        }
+    }
+}
+
+/// Told about every failed issue, whichever [`CertificateSource`] failed (the app counts them
+/// in the metrics); a hook so that this layer needs no registry.
+type FailureHook = Arc<dyn Fn(&CertificateError) + Send + Sync>;
+
 type IssueResult = Result<Arc<WorkloadCertificate>, CertificateError>;
 type SharedIssue = Shared<BoxFuture<'static, IssueResult>>;
 
@@ -72,6 +89,7 @@ pub struct CertificateManager {
     /// Wakes the rotation task when an issue finishes or an identity is added.
     changed: Arc<Notify>,
     next_issue: AtomicU64,
+    on_failure: FailureHook,
 }
 
 struct Entry {
@@ -170,7 +188,15 @@ impl CertificateManager {
             entries: Arc::new(Mutex::new(HashMap::new())),
             changed: Arc::new(Notify::new()),
             next_issue: AtomicU64::new(0),
+            on_failure: Arc::new(|_| {}),
         }
+    }
+
+    /// Calls `hook` with the error of every issue that fails (a source error, a certificate for
+    /// another identity, an expired one); not for issues cancelled by [`Self::forget`].
+    pub fn on_failure(mut self, hook: impl Fn(&CertificateError) + Send + Sync + 'static) -> Self {
+        self.on_failure = Arc::new(hook);
+        self
     }
 
     /// The certificate of `identity`: the cached one if unexpired (starting a re-issue in the
@@ -238,6 +264,18 @@ impl CertificateManager {
         certificates
     }
 
+    /// Every cached certificate (expired ones included until they are dropped), sorted by
+    /// identity: the admin dump shows their chains and roots.
+    pub fn held(&self) -> Vec<Arc<WorkloadCertificate>> {
+        let mut held: Vec<Arc<WorkloadCertificate>> = self
+            .lock()
+            .values()
+            .filter_map(|entry| Some(entry.current.as_ref()?.certificate.clone()))
+            .collect();
+        held.sort_by(|a, b| a.identity().cmp(b.identity()));
+        held
+    }
+
     /// Runs rotation until `shutdown` completes: re-issues each cached identity at half-life,
     /// and after a failure retries with capped exponential backoff and jitter, the old
     /// certificate staying in service while it is valid.
@@ -294,11 +332,15 @@ impl CertificateManager {
         let source = self.source.clone();
         let entries = Arc::downgrade(&self.entries);
         let changed = self.changed.clone();
+        let on_failure = self.on_failure.clone();
         let owned = identity.clone();
         let span = tracing::info_span!("certificate_issue", identity = %identity);
         let task = self.runtime.spawn(
             async move {
                 let result = issue(source.as_ref(), &owned).await;
+                if let Err(error) = &result {
+                    on_failure(error);
+                }
                 record(&entries, &owned, id, &result);
                 changed.notify_one();
                 result

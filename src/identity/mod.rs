@@ -132,6 +132,8 @@ pub struct WorkloadCertificate {
     identity: Identity,
     chain: Vec<CertificateDer<'static>>,
     roots: Arc<RootCertStore>,
+    /// The roots as given (the store keeps only trust anchors), for the admin dump.
+    root_certificates: Vec<CertificateDer<'static>>,
     not_before: SystemTime,
     not_after: SystemTime,
     server_config: Arc<ServerConfig>,
@@ -157,6 +159,7 @@ impl WorkloadCertificate {
             .next()
             .ok_or(InvalidCertificate::NoIdentity)?;
         let mut store = RootCertStore::empty();
+        let root_certificates = roots.clone();
         let (added, _ignored) = store.add_parsable_certificates(roots);
         if added == 0 {
             return Err(InvalidCertificate::NoRoots);
@@ -170,6 +173,7 @@ impl WorkloadCertificate {
             identity,
             chain,
             roots,
+            root_certificates,
             not_before,
             not_after,
             server_config,
@@ -190,6 +194,11 @@ impl WorkloadCertificate {
     /// The roots peers' chains are verified against.
     pub fn roots(&self) -> &Arc<RootCertStore> {
         &self.roots
+    }
+
+    /// The trust roots as they were given, DER.
+    pub fn root_certificates(&self) -> &[CertificateDer<'static>] {
+        &self.root_certificates
     }
 
     /// Start of validity.

@@ -538,3 +538,58 @@ async fn prefetch_certificates_and_forget() {
     manager.fetch(&a).await.expect("fetch");
     assert_eq!(source.calls(), 3, "forgotten identity is issued again");
 }
+
+#[tokio::test]
+async fn failed_fetches_are_reported_by_reason_whatever_the_source() {
+    let metrics = Arc::new(crate::telemetry::Metrics::new());
+    let counted = |source: Arc<TestSource>| {
+        let metrics = metrics.clone();
+        CertificateManager::new(source)
+            .on_failure(move |error| metrics.certificate_fetch_failed(error.reason()))
+    };
+    let failing = Arc::new(TestSource::new(HOUR));
+    failing.failing.store(true, Ordering::SeqCst);
+    let manager = counted(failing.clone());
+    let id = identity("spiffe://cluster.local/ns/a/sa/x");
+    manager.fetch(&id).await.expect_err("source fails");
+    manager.fetch(&id).await.expect_err("source fails again");
+    let lying = Arc::new(TestSource {
+        answer_as: Some(identity("spiffe://cluster.local/ns/a/sa/admin")),
+        ..TestSource::new(HOUR)
+    });
+    counted(lying).fetch(&id).await.expect_err("mismatch");
+    failing.failing.store(false, Ordering::SeqCst);
+    manager.fetch(&id).await.expect("source recovered");
+
+    let text = metrics.encode(&Default::default(), false);
+    let value = |reason: &str| {
+        let prefix = format!("nodetunnel_certificate_fetch_failures_total{{reason=\"{reason}\"}} ");
+        text.lines()
+            .find_map(|line| line.strip_prefix(&prefix))
+            .map(str::to_string)
+    };
+    assert_eq!(value("source_error").as_deref(), Some("2"), "{text}");
+    assert_eq!(value("identity_mismatch").as_deref(), Some("1"), "{text}");
+    assert_eq!(value("already_expired"), None, "{text}");
+}
+
+#[tokio::test]
+async fn held_certificates_carry_their_chain_and_roots() {
+    let source = Arc::new(TestSource::new(HOUR));
+    let manager = CertificateManager::new(source.clone());
+    let b = identity("spiffe://cluster.local/ns/b/sa/b");
+    let a = identity("spiffe://cluster.local/ns/a/sa/a");
+    manager.fetch(&b).await.expect("fetch");
+    manager.fetch(&a).await.expect("fetch");
+    let held = manager.held();
+    let identities: Vec<&Identity> = held.iter().map(|c| c.identity()).collect();
+    assert_eq!(identities, vec![&a, &b], "sorted by identity");
+    assert_eq!(
+        held[0].root_certificates(),
+        std::slice::from_ref(source.ca.root())
+    );
+    assert!(
+        !held[0].chain().contains(source.ca.root()),
+        "roots are not in the chain"
+    );
+}

@@ -8,7 +8,9 @@
 //! denied; the connection's task sees [`Registration::revoked`] complete, stops copying, and
 //! logs "policy changed" in its access-log record. Allowed connections are not touched.
 //!
-//! Decisions are `authz::decide` (pure); this file only registers, logs and cancels.
+//! Decisions are `authz::decide` (pure); this file only registers, logs, counts
+//! (`nodetunnel_authorization_decisions_total`: every first decision, and re-evaluations that
+//! close a connection) and cancels.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -20,6 +22,8 @@ use tokio_util::sync::CancellationToken;
 use crate::authz::{self, ConnectionFacts, Decision, DecisionReason, DryRunEffect, MtlsMode};
 use crate::drain::Drain;
 use crate::state::{Snapshot, StateStore, Workload};
+use crate::telemetry::metrics::{DecisionAction, DecisionLabels, DecisionPhase};
+use crate::telemetry::Metrics;
 
 /// Why a connection is refused or was closed: the deciding policy, or the reason none decided.
 /// Boxed: the decision with its trace is large, and it travels in `Err`s.
@@ -81,6 +85,8 @@ struct Entry {
 pub(crate) struct Connections {
     entries: Mutex<HashMap<u64, Entry>>,
     next_id: AtomicU64,
+    /// Where decisions are counted.
+    metrics: Arc<Metrics>,
 }
 
 /// A connection's place in [`Connections`]; removed when dropped (with the connection's task).
@@ -111,6 +117,32 @@ impl Drop for Registration {
 }
 
 impl Connections {
+    /// No connections yet; decisions are counted in `metrics`.
+    pub(crate) fn new(metrics: Arc<Metrics>) -> Self {
+        Connections {
+            entries: Mutex::default(),
+            next_id: AtomicU64::new(0),
+            metrics,
+        }
+    }
+
+    /// Counts `decision` about a connection to `workload`.
+    fn count(&self, decision: &Decision, phase: DecisionPhase, workload: &Workload) {
+        let action = if decision.is_allowed() {
+            DecisionAction::Allow
+        } else {
+            DecisionAction::Deny
+        };
+        let labels = DecisionLabels::new(
+            action,
+            decision.deciding_policy(),
+            decision.reason.kind(),
+            phase,
+            workload,
+        );
+        self.metrics.authorization_decision(labels, &workload.uid);
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Entry>> {
         // A panic while holding the lock cannot leave the map inconsistent (single inserts and
         // removes), so a poisoned lock is still usable.
@@ -165,6 +197,7 @@ impl Connections {
             if decision.is_allowed() {
                 continue;
             }
+            self.count(&decision, DecisionPhase::Reevaluation, workload);
             let denied = Denied(Box::new(decision));
             tracing::info!(
                 src.addr = %facts.source_ip,
@@ -203,6 +236,7 @@ pub(super) fn admit(
     let workload = snapshot.workload(&local.uid).map_or(local, |w| w.as_ref());
     let decision = authz::decide(&snapshot, workload, &facts);
     log_decision(&decision, &facts);
+    connections.count(&decision, DecisionPhase::Connect, workload);
     if decision.is_allowed() {
         Ok(registration)
     } else {

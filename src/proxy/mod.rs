@@ -106,6 +106,7 @@ impl WorkloadProxy {
                 handshake_timeout: inputs.settings.proxy.handshake_timeout,
             },
         );
+        let connections = Arc::new(connections::Connections::new(inputs.metrics.clone()));
         Arc::new(WorkloadProxy {
             inputs,
             workload_uid,
@@ -113,7 +114,7 @@ impl WorkloadProxy {
             pool,
             h2,
             drain,
-            connections: Arc::default(),
+            connections,
         })
     }
 

@@ -1,17 +1,19 @@
 //! The metrics registry (layer L1): Istio's TCP traffic metrics with Istio's label set, plus the
-//! agent's own gauges (build, in-pod proxies, certificate expiry, process, dropped log lines).
+//! agent's own metrics (build, in-pod proxies, certificates, process, dropped log lines, tokio
+//! runtime: `agent.rs`) and authorization decision counters (`authorization.rs`).
 //!
 //! Traffic metrics are recorded by [`super::ConnectionRecord`]: opened when the connection is
 //! established (or, if it never was, when it ends), closed and failed when it ends. Bytes of
 //! open connections are flushed as deltas on every scrape ([`Metrics::encode`]), so a long
 //! connection shows its bytes while it is still open and the totals are exact after it closes.
-//! Series of workloads that left the model are removed by [`Metrics::retain_workloads`], which
-//! keeps cardinality bounded on a busy node.
+//! Series of workloads that left the model are removed by [`Metrics::retain_workloads`], and
+//! decision series of policies that left it by [`Metrics::retain_policies`], which keeps
+//! cardinality bounded on a busy node.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -21,7 +23,13 @@ use prometheus_client::registry::Registry;
 
 pub use super::labels::{Peer, Reporter, ResponseFlag, TrafficLabels};
 use super::record::ByteCounters;
-use crate::spiffe::Identity;
+use agent::{AgentMetrics, ReasonLabels};
+pub use agent::{AgentSample, RuntimeSample, WorkerSample};
+use authorization::DecisionCounters;
+pub use authorization::{DecisionAction, DecisionLabels, DecisionPhase, NO_POLICY};
+
+mod agent;
+mod authorization;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct ReporterLabels {
@@ -32,11 +40,6 @@ struct ReporterLabels {
 struct BuildLabels {
     component: String,
     tag: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
-struct IdentityLabels {
-    identity: String,
 }
 
 /// The five Istio TCP counters, one family each.
@@ -126,38 +129,14 @@ impl LiveConnection {
     }
 }
 
-/// Gauges filled in from the rest of the agent just before each scrape.
-#[derive(Debug, Default)]
-struct AgentGauges {
-    active_proxies: Gauge,
-    pending_proxies: Gauge,
-    certificate_expiry: Family<IdentityLabels, Gauge>,
-    open_fds: Gauge,
-    max_fds: Gauge,
-    resident_memory: Gauge,
-    dropped_log_lines: Counter,
-}
-
-/// What the agent reports about its pods and certificates at scrape time.
-#[derive(Debug, Clone, Default)]
-pub struct AgentSample {
-    /// Pods whose proxies are up.
-    pub active_proxies: i64,
-    /// Pods not yet (or no longer) serving.
-    pub pending_proxies: i64,
-    /// Each held certificate: identity and expiry.
-    pub certificates: Vec<(Identity, SystemTime)>,
-    /// Log lines dropped so far.
-    pub dropped_log_lines: u64,
-}
-
 /// The agent's metrics. One per process, shared by every connection record.
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
     traffic: TrafficCounters,
     sockets_open: Family<ReporterLabels, Gauge>,
-    agent: AgentGauges,
+    agent: AgentMetrics,
+    decisions: DecisionCounters,
     next_id: AtomicU64,
     live: Mutex<HashMap<u64, LiveConnection>>,
     /// Every traffic series and the workload uids it names, for stale-series eviction.
@@ -188,7 +167,8 @@ impl Metrics {
         let mut registry = Registry::default();
         let traffic = TrafficCounters::default();
         let sockets_open = Family::<ReporterLabels, Gauge>::default();
-        let agent = AgentGauges::default();
+        let agent = AgentMetrics::default();
+        let decisions = DecisionCounters::default();
         let build = Family::<BuildLabels, Gauge>::default();
         let xds = super::xds::XdsMetrics::default();
         build
@@ -232,12 +212,18 @@ impl Metrics {
             istio.register("build", "Istio component build info", build);
             xds.register(istio);
         }
-        register_agent_gauges(&mut registry, &agent);
+        agent.register(&mut registry);
+        registry.register(
+            "nodetunnel_authorization_decisions",
+            "Inbound authorization decisions, by action, deciding policy, reason and phase",
+            decisions.decisions.clone(),
+        );
         Metrics {
             registry,
             traffic,
             sockets_open,
             agent,
+            decisions,
             next_id: AtomicU64::new(1),
             live: Mutex::new(HashMap::new()),
             series: Mutex::new(HashMap::new()),
@@ -318,9 +304,9 @@ impl Metrics {
         open
     }
 
-    /// Removes every traffic series naming a workload for which `alive` is false; returns how
-    /// many series went. Series naming no known workload stay (they are bounded by the labels
-    /// that are `unknown`).
+    /// Removes every traffic and decision series naming a workload for which `alive` is false;
+    /// returns how many series went. Traffic series naming no known workload stay (they are
+    /// bounded by the labels that are `unknown`).
     pub fn retain_workloads(&self, alive: impl Fn(&str) -> bool) -> usize {
         let mut series = lock(&self.series);
         let stale: Vec<TrafficLabels> = series
@@ -332,7 +318,9 @@ impl Metrics {
             series.remove(labels);
             self.traffic.remove(labels);
         }
-        stale.len()
+        drop(series);
+        let decisions = self.decisions.remove_where(|_, uid| !alive(uid));
+        stale.len() + decisions
     }
 
     /// Flushes the bytes of open connections, then renders every metric: OpenMetrics text if
@@ -341,7 +329,7 @@ impl Metrics {
         for live in lock(&self.live).values_mut() {
             live.flush(&self.traffic);
         }
-        self.record_sample(sample);
+        self.agent.record(sample);
         let mut text = String::new();
         if prometheus_client::encoding::text::encode(&mut text, &self.registry).is_err() {
             return String::new();
@@ -354,101 +342,34 @@ impl Metrics {
         text
     }
 
-    fn record_sample(&self, sample: &AgentSample) {
-        let agent = &self.agent;
-        agent.active_proxies.set(sample.active_proxies);
-        agent.pending_proxies.set(sample.pending_proxies);
-        agent.certificate_expiry.clear();
-        for (identity, expires) in &sample.certificates {
-            let seconds = expires
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
-            agent
-                .certificate_expiry
-                .get_or_create(&IdentityLabels {
-                    identity: identity.to_string(),
-                })
-                .set(i64::try_from(seconds).unwrap_or(i64::MAX));
-        }
-        let dropped = sample
-            .dropped_log_lines
-            .saturating_sub(agent.dropped_log_lines.get());
-        agent.dropped_log_lines.inc_by(dropped);
-        let process = ProcessSample::read();
-        agent.open_fds.set(process.open_fds);
-        agent.max_fds.set(process.max_fds);
-        agent.resident_memory.set(process.resident_bytes);
+    /// Counts one authorization decision about a connection to the workload `destination_uid`.
+    pub fn authorization_decision(&self, labels: DecisionLabels, destination_uid: &str) {
+        self.decisions.record(labels, destination_uid);
     }
-}
 
-fn register_agent_gauges(registry: &mut Registry, agent: &AgentGauges) {
-    let manager = registry.sub_registry_with_prefix("workload_manager");
-    manager.register(
-        "active_proxy_count",
-        "The number of active workload proxies",
-        agent.active_proxies.clone(),
-    );
-    manager.register(
-        "pending_proxy_count",
-        "The number of pending workload proxies",
-        agent.pending_proxies.clone(),
-    );
-    registry.register(
-        "nodetunnel_certificate_expiration_timestamp_seconds",
-        "When each workload certificate expires (unix seconds)",
-        agent.certificate_expiry.clone(),
-    );
-    registry.register(
-        "nodetunnel_log_dropped_lines",
-        "Log lines dropped because the log writer was full",
-        agent.dropped_log_lines.clone(),
-    );
-    registry.register(
-        "process_open_fds",
-        "Number of open file descriptors",
-        agent.open_fds.clone(),
-    );
-    registry.register(
-        "process_max_fds",
-        "Maximum number of open file descriptors",
-        agent.max_fds.clone(),
-    );
-    registry.register(
-        "process_resident_memory_bytes",
-        "Resident memory size in bytes",
-        agent.resident_memory.clone(),
-    );
-}
+    /// Removes the decision series naming a policy for which `known` is false (the policy left
+    /// the model); series without a policy stay. Returns how many series went.
+    pub fn retain_policies(&self, known: impl Fn(&str) -> bool) -> usize {
+        self.decisions
+            .remove_where(|labels, _| labels.policy != NO_POLICY && !known(&labels.policy))
+    }
 
-/// Process figures from `/proc/self` (0 where unreadable).
-struct ProcessSample {
-    open_fds: i64,
-    max_fds: i64,
-    resident_bytes: i64,
-}
+    /// A workload proxy started serving (its listeners accept).
+    pub fn proxy_started(&self) {
+        self.agent.proxies_started.inc();
+    }
 
-impl ProcessSample {
-    fn read() -> Self {
-        let open_fds = std::fs::read_dir("/proc/self/fd").map_or(0, |dir| dir.count() as i64);
-        let max_fds = std::fs::read_to_string("/proc/self/limits")
-            .ok()
-            .and_then(|limits| {
-                limits
-                    .lines()
-                    .find(|line| line.starts_with("Max open files"))
-                    .and_then(|line| line.split_whitespace().nth(3)?.parse().ok())
-            })
-            .unwrap_or(0);
-        // statm's second field is resident pages; pages are 4 KiB on every target we build.
-        let resident_bytes = std::fs::read_to_string("/proc/self/statm")
-            .ok()
-            .and_then(|statm| statm.split_whitespace().nth(1)?.parse::<i64>().ok())
-            .map_or(0, |pages| pages * 4096);
-        ProcessSample {
-            open_fds,
-            max_fds,
-            resident_bytes,
-        }
+    /// A workload proxy stopped (its pod was removed or replaced, or it failed to start).
+    pub fn proxy_stopped(&self) {
+        self.agent.proxies_stopped.inc();
+    }
+
+    /// A certificate fetch failed; `reason` is one of a fixed few (the manager's error kinds).
+    pub fn certificate_fetch_failed(&self, reason: &'static str) {
+        self.agent
+            .certificate_fetch_failures
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
     }
 }
 

@@ -182,3 +182,103 @@ fn reevaluation_skips_connections_already_revoked() {
     assert_eq!(connections.reevaluate(&deny, &server), 1);
     assert_eq!(connections.reevaluate(&deny, &server), 0, "closed once");
 }
+
+/// The decision counter's value for the series whose labels contain every `labels` pair.
+fn decisions(metrics: &crate::telemetry::Metrics, labels: &[(&str, &str)]) -> Option<u64> {
+    let text = metrics.encode(&Default::default(), false);
+    let matching: Vec<&str> = text
+        .lines()
+        .filter(|line| line.starts_with("nodetunnel_authorization_decisions_total{"))
+        .filter(|line| {
+            labels
+                .iter()
+                .all(|(key, value)| line.contains(&format!("{key}=\"{value}\"")))
+        })
+        .collect();
+    assert!(matching.len() <= 1, "several series match: {matching:#?}");
+    matching.first()?.rsplit(' ').next()?.parse().ok()
+}
+
+#[test]
+fn first_decisions_and_revocations_are_counted_by_policy_and_phase() {
+    let strict = r#"
+istioResources:
+  - apiVersion: security.istio.io/v1
+    kind: PeerAuthentication
+    metadata: {name: default, namespace: istio-system}
+    spec: {mtls: {mode: STRICT}}
+"#;
+    let (state, server) = store(ALLOW_GOOD);
+    let metrics = Arc::new(crate::telemetry::Metrics::new());
+    let connections = Arc::new(Connections::new(metrics.clone()));
+    let good = admit(
+        &connections,
+        &state,
+        &server,
+        facts(Some("good"), [10, 0, 0, 3]),
+    );
+    let _second = admit(
+        &connections,
+        &state,
+        &server,
+        facts(Some("good"), [10, 0, 0, 3]),
+    );
+    let bad = admit(
+        &connections,
+        &state,
+        &server,
+        facts(Some("bad"), [10, 0, 0, 4]),
+    );
+    assert!(good.is_ok() && bad.is_err());
+    let server_labels = [
+        ("destination_workload", "server"),
+        ("destination_workload_namespace", "default"),
+    ];
+    let with = |pairs: &[(&'static str, &'static str)]| -> Vec<(&'static str, &'static str)> {
+        pairs.iter().chain(&server_labels).copied().collect()
+    };
+    let allowed = with(&[
+        ("action", "allow"),
+        ("policy", "default/allow-good"),
+        ("reason", "allowed_by"),
+        ("phase", "connect"),
+    ]);
+    let refused = with(&[
+        ("action", "deny"),
+        ("policy", "none"),
+        ("reason", "no_allow_matched"),
+        ("phase", "connect"),
+    ]);
+    assert_eq!(decisions(&metrics, &allowed), Some(2));
+    assert_eq!(decisions(&metrics, &refused), Some(1));
+
+    // STRICT lands: the open mTLS connections stay (not counted again); a plaintext one is
+    // refused by the converted policy, named as istiod names it.
+    assert_eq!(connections.reevaluate(&snapshot(strict), &server), 0);
+    assert_eq!(decisions(&metrics, &allowed), Some(2));
+    let (strict_state, _) = store(strict);
+    admit(
+        &connections,
+        &strict_state,
+        &server,
+        facts(None, [10, 0, 0, 9]),
+    )
+    .expect_err("STRICT");
+    let strict_denial = with(&[
+        ("action", "deny"),
+        ("policy", "istio-system/istio_converted_static_strict"),
+        ("reason", "denied_by"),
+        ("phase", "connect"),
+    ]);
+    assert_eq!(decisions(&metrics, &strict_denial), Some(1));
+
+    // A deny policy closes both open connections: two re-evaluation denials.
+    assert_eq!(connections.reevaluate(&snapshot(DENY_GOOD), &server), 2);
+    let revoked = with(&[
+        ("action", "deny"),
+        ("policy", "default/deny-good"),
+        ("reason", "denied_by"),
+        ("phase", "reevaluation"),
+    ]);
+    assert_eq!(decisions(&metrics, &revoked), Some(2));
+}

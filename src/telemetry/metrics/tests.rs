@@ -6,7 +6,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::*;
+use crate::spiffe::Identity;
 use crate::state::{HealthStatus, Service, TunnelProtocol, Workload};
+use std::time::UNIX_EPOCH;
 
 fn workload(namespace: &str, name: &str, owner: &str) -> Workload {
     Workload {
@@ -275,6 +277,7 @@ fn agent_sample_sets_gauges_and_replaces_certificates() {
         pending_proxies: 1,
         certificates: vec![(identity, UNIX_EPOCH + std::time::Duration::from_secs(1_000))],
         dropped_log_lines: 3,
+        runtime: None,
     };
     let text = metrics.encode(&sample, false);
     assert!(
@@ -304,4 +307,153 @@ fn agent_sample_sets_gauges_and_replaces_certificates() {
         !text.contains("sa/client"),
         "expired identities leave: {text}"
     );
+}
+
+/// The exact sample line `line` (name, labels in order, value) is in `text`.
+fn has_line(text: &str, line: &str) -> bool {
+    text.lines().any(|candidate| candidate == line)
+}
+
+#[test]
+fn decisions_are_counted_by_policy_and_evicted_with_their_policy_or_workload() {
+    let metrics = Metrics::new();
+    let server = workload("default", "server-abc", "server");
+    let other = workload("default", "other", "");
+    let decision = |action, policy, reason, phase, workload: &Workload| {
+        metrics.authorization_decision(
+            DecisionLabels::new(action, policy, reason, phase, workload),
+            &workload.uid,
+        );
+    };
+    use DecisionAction::{Allow, Deny};
+    use DecisionPhase::{Connect, Reevaluation};
+    decision(
+        Allow,
+        Some("default/allow-good"),
+        "allowed_by",
+        Connect,
+        &server,
+    );
+    decision(
+        Allow,
+        Some("default/allow-good"),
+        "allowed_by",
+        Connect,
+        &server,
+    );
+    decision(
+        Deny,
+        Some("default/deny-bad"),
+        "denied_by",
+        Reevaluation,
+        &server,
+    );
+    decision(Deny, None, "default_deny", Connect, &other);
+    let name = "nodetunnel_authorization_decisions_total";
+    let allowed = format!(
+        "{name}{{action=\"allow\",policy=\"default/allow-good\",reason=\"allowed_by\",phase=\"connect\",destination_workload=\"server\",destination_workload_namespace=\"default\"}} 2"
+    );
+    let revoked = format!(
+        "{name}{{action=\"deny\",policy=\"default/deny-bad\",reason=\"denied_by\",phase=\"reevaluation\",destination_workload=\"server\",destination_workload_namespace=\"default\"}} 1"
+    );
+    let default_deny = format!(
+        "{name}{{action=\"deny\",policy=\"none\",reason=\"default_deny\",phase=\"connect\",destination_workload=\"other\",destination_workload_namespace=\"default\"}} 1"
+    );
+    let text = metrics.encode(&AgentSample::default(), false);
+    for line in [&allowed, &revoked, &default_deny] {
+        assert!(has_line(&text, line), "want {line} in {text}");
+    }
+
+    // The deny policy left the model; decisions without a policy are never policy-stale.
+    assert_eq!(
+        metrics.retain_policies(|key| key == "default/allow-good"),
+        1
+    );
+    let text = metrics.encode(&AgentSample::default(), false);
+    assert!(!text.contains("default/deny-bad"), "{text}");
+    assert!(
+        has_line(&text, &allowed) && has_line(&text, &default_deny),
+        "{text}"
+    );
+
+    // The other workload left the model.
+    assert_eq!(metrics.retain_workloads(|uid| uid == server.uid), 1);
+    let text = metrics.encode(&AgentSample::default(), false);
+    assert!(!text.contains("destination_workload=\"other\""), "{text}");
+    assert!(has_line(&text, &allowed), "{text}");
+}
+
+#[test]
+fn proxy_lifecycle_and_certificate_failures_are_counted() {
+    let metrics = Metrics::new();
+    let text = metrics.encode(&AgentSample::default(), false);
+    assert!(
+        has_line(&text, "workload_manager_proxies_started_total 0"),
+        "{text}"
+    );
+    metrics.proxy_started();
+    metrics.proxy_started();
+    metrics.proxy_stopped();
+    metrics.certificate_fetch_failed("source_error");
+    metrics.certificate_fetch_failed("source_error");
+    metrics.certificate_fetch_failed("identity_mismatch");
+    let text = metrics.encode(&AgentSample::default(), false);
+    for line in [
+        "workload_manager_proxies_started_total 2",
+        "workload_manager_proxies_stopped_total 1",
+        "nodetunnel_certificate_fetch_failures_total{reason=\"source_error\"} 2",
+        "nodetunnel_certificate_fetch_failures_total{reason=\"identity_mismatch\"} 1",
+    ] {
+        assert!(has_line(&text, line), "want {line} in {text}");
+    }
+}
+
+#[test]
+fn runtime_worker_counters_follow_tokio_totals() {
+    let metrics = Metrics::new();
+    let runtime = |busy_ms: u64, parks: u64| RuntimeSample {
+        workers: 1,
+        alive_tasks: 5,
+        global_queue_depth: 2,
+        per_worker: vec![WorkerSample {
+            busy: std::time::Duration::from_millis(busy_ms),
+            parks,
+            park_unparks: parks * 2,
+        }],
+    };
+    let sample = |runtime| AgentSample {
+        runtime: Some(runtime),
+        ..AgentSample::default()
+    };
+    metrics.encode(&sample(runtime(1500, 4)), false);
+    let text = metrics.encode(&sample(runtime(2500, 6)), false);
+    for line in [
+        "tokio_num_workers 1",
+        "tokio_num_alive_tasks 5",
+        "tokio_global_queue_depth 2",
+        "tokio_worker_total_busy_duration_seconds_total{worker=\"0\"} 2.5",
+        "tokio_worker_park_count_total{worker=\"0\"} 6",
+        "tokio_worker_park_unpark_count_total{worker=\"0\"} 12",
+    ] {
+        assert!(has_line(&text, line), "want {line} in {text}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 3)]
+async fn runtime_sample_reads_the_live_runtime() {
+    let (release, wait) = tokio::sync::watch::channel(false);
+    let parked: Vec<_> = (0..2)
+        .map(|_| {
+            let mut wait = wait.clone();
+            tokio::spawn(async move { while wait.changed().await.is_ok() && !*wait.borrow() {} })
+        })
+        .collect();
+    let sample = RuntimeSample::of(&tokio::runtime::Handle::current());
+    assert_eq!(sample.workers, 3);
+    assert_eq!(sample.per_worker.len(), 3);
+    assert_eq!(sample.alive_tasks, 2, "the two waiting tasks");
+    release.send(true).expect("tasks waiting");
+    for task in parked {
+        task.await.expect("task");
+    }
 }
