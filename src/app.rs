@@ -308,6 +308,9 @@ fn effective_config(config: &Config) -> crate::admin::EffectiveConfig {
         reload_interval: agent.reload_interval,
         zds_enabled: agent.zds.enabled,
         install_rules: agent.capture.install_rules,
+        xds_address: agent.xds.address.clone(),
+        ca_address: agent.ca.address.clone(),
+        cluster_id: agent.istio.cluster_id.clone(),
     }
 }
 

@@ -473,6 +473,22 @@ fn istio_mode_without_config_takes_pods_from_cni_and_model_from_istiod() {
         );
     }
     assert!(server.received_contains(b"istio-mode"));
+    let dump = topology
+        .exec(
+            &topology.netns("a"),
+            &["curl", "-s", "http://127.0.0.1:15000/config_dump"],
+        )
+        .expect("curl the admin API");
+    let dump: serde_json::Value =
+        serde_json::from_slice(&dump.stdout).expect("config_dump is JSON");
+    let config = &dump["config"];
+    assert_eq!(config["xdsAddress"], FakeIstiod::address(), "{config}");
+    assert_eq!(config["caAddress"], FakeIstiod::address(), "{config}");
+    assert_eq!(config["zdsEnabled"], true, "{config}");
+    assert_eq!(
+        config["installRules"], false,
+        "istio-cni installs the rules"
+    );
     agents[1]
         .wait_for_event("inbound with the client's identity", WAIT, |event| {
             event.is_access()

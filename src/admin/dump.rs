@@ -47,6 +47,12 @@ pub struct EffectiveConfig {
     pub zds_enabled: bool,
     /// Whether the agent installs redirection rules itself.
     pub install_rules: bool,
+    /// istiod's xDS address, when workloads come from istiod.
+    pub xds_address: Option<String>,
+    /// The Istio CA's address; `None` means the built-in CA signs.
+    pub ca_address: Option<String>,
+    /// The cluster id sent to istiod.
+    pub cluster_id: String,
 }
 
 #[derive(Serialize)]
