@@ -215,11 +215,7 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
     control.spawn(apply_updates(
         updates,
         xds.as_ref().map(|client| client.subscribe_model()),
-        Model {
-            state,
-            certificates: certificates.clone(),
-            node: agent.node.clone(),
-        },
+        Model::new(state, certificates.clone(), agent.node.clone()),
         pods.clone(),
         control.clone(),
     ));
@@ -338,21 +334,45 @@ struct Model {
     state: Arc<StateStore>,
     certificates: Arc<CertificateManager>,
     node: String,
+    /// Identities prefetched because a workload of this node had them.
+    prefetched: std::sync::Mutex<HashSet<crate::spiffe::Identity>>,
 }
 
 impl Model {
-    /// Replaces the state with the file's model merged with istiod's, and starts fetching the
-    /// certificates of this node's mesh workloads so their first connection does not wait.
+    fn new(state: Arc<StateStore>, certificates: Arc<CertificateManager>, node: String) -> Self {
+        Model {
+            state,
+            certificates,
+            node,
+            prefetched: std::sync::Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// Replaces the state with the file's model merged with istiod's. With istiod, fetches the
+    /// certificates of this node's mesh workloads ahead of their first connection (as Istio's
+    /// node agent does), and stops rotating those whose last local workload left.
     fn publish(&self, config: &Config, xds: Option<&XdsModel>) {
         let snapshot = merged_snapshot(config, xds);
         if xds.is_some() && !self.node.is_empty() {
-            for workload in snapshot.workloads() {
-                if workload.node == self.node
-                    && workload.protocol == crate::state::TunnelProtocol::Hbone
-                {
-                    self.certificates.prefetch(&workload.identity);
-                }
+            let local: HashSet<crate::spiffe::Identity> = snapshot
+                .workloads()
+                .filter(|workload| {
+                    workload.node == self.node
+                        && workload.protocol == crate::state::TunnelProtocol::Hbone
+                })
+                .map(|workload| workload.identity.clone())
+                .collect();
+            let mut prefetched = self
+                .prefetched
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            for gone in prefetched.difference(&local) {
+                self.certificates.forget(gone);
             }
+            for identity in &local {
+                self.certificates.prefetch(identity);
+            }
+            *prefetched = local;
         }
         self.state.replace(snapshot);
     }

@@ -236,12 +236,16 @@ impl XdsClient {
                 delay = RECONNECT_BASE;
             }
             match ended {
-                // A clean end (istiod restarting, rebalancing) reconnects at once.
-                Ok(()) => {
+                // A clean end after a working stream (istiod restarting, rebalancing)
+                // reconnects at once; one that ended before any response backs off, so a
+                // server that keeps closing cannot make us spin.
+                Ok(()) if progressed => {
                     tracing::info!(address = %self.settings.control_plane.address(),
                         "xDS stream ended by the server; reconnecting");
                     continue;
                 }
+                Ok(()) => tracing::warn!(address = %self.settings.control_plane.address(),
+                    retry_in = ?delay, "xDS stream ended before any response; serving the last known state"),
                 Err(error) => tracing::warn!(address = %self.settings.control_plane.address(),
                     %error, retry_in = ?delay, "xDS stream failed; serving the last known state"),
             }
