@@ -68,7 +68,7 @@ pub fn address_resource(
     })?;
     match address.r#type {
         Some(wl::address::Type::Workload(raw)) => {
-            let workload = workload(raw)?;
+            let workload = Workload::try_from(raw)?;
             if workload.uid != name {
                 return Err(invalid(
                     "workload.uid",
@@ -78,7 +78,7 @@ pub fn address_resource(
             Ok(AddressResource::Workload(Box::new(workload)))
         }
         Some(wl::address::Type::Service(raw)) => {
-            let service = service(raw)?;
+            let service = Service::try_from(raw)?;
             if service.key() != name {
                 return Err(invalid(
                     "service",
@@ -106,7 +106,7 @@ pub fn authorization_resource(
             format!("not an istio.security.Authorization: {error}"),
         )
     })?;
-    let policy = authorization(raw)?;
+    let policy = Policy::try_from(raw)?;
     if policy.key() != name {
         return Err(invalid(
             "authorization",
@@ -481,6 +481,27 @@ fn cidr(field: &str, raw: security::Address) -> Result<IpNet, Invalid> {
                 format!("{} is not a prefix length for {address}", raw.length),
             )
         })
+}
+
+impl TryFrom<wl::Workload> for Workload {
+    type Error = Invalid;
+    fn try_from(raw: wl::Workload) -> Result<Self, Invalid> {
+        workload(raw)
+    }
+}
+
+impl TryFrom<wl::Service> for Service {
+    type Error = Invalid;
+    fn try_from(raw: wl::Service) -> Result<Self, Invalid> {
+        service(raw)
+    }
+}
+
+impl TryFrom<security::Authorization> for Policy {
+    type Error = Invalid;
+    fn try_from(raw: security::Authorization) -> Result<Self, Invalid> {
+        authorization(raw)
+    }
 }
 
 #[cfg(test)]
