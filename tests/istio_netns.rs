@@ -174,11 +174,7 @@ impl Cluster {
             self.exchange(client, marker).ok()
         });
         if let Err(error) = result {
-            panic!(
-                "{error:#}\nagent a:\n{}\nagent b:\n{}",
-                self.agent("a").log().tail(25),
-                self.agent("b").log().tail(25)
-            );
+            panic!("{error:#}\n{}", log_tails(&self.agents));
         }
     }
 
@@ -196,13 +192,18 @@ impl Cluster {
                 !self.server.received_contains(&refused),
                 "a refused connection must not reach the app"
             ),
-            Err(error) => panic!(
-                "{error:#}\nagent a:\n{}\nagent b:\n{}",
-                self.agent("a").log().tail(25),
-                self.agent("b").log().tail(25)
-            ),
+            Err(error) => panic!("{error:#}\n{}", log_tails(&self.agents)),
         }
     }
+}
+
+/// The end of every agent's log, for a failure message.
+fn log_tails(agents: &[Agent]) -> String {
+    agents
+        .iter()
+        .map(|agent| format!("agent {}:\n{}", agent.node, agent.log().tail(25)))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 fn exchange(topology: &Topology, client: &str, marker: &[u8]) -> anyhow::Result<Vec<u8>> {
@@ -466,11 +467,7 @@ fn istio_mode_without_config_takes_pods_from_cni_and_model_from_istiod() {
         exchange(&topology, "client", b"istio-mode").ok()
     });
     if let Err(error) = result {
-        panic!(
-            "{error:#}\nagent a:\n{}\nagent b:\n{}",
-            agents[0].log().tail(25),
-            agents[1].log().tail(25)
-        );
+        panic!("{error:#}\n{}", log_tails(&agents));
     }
     assert!(server.received_contains(b"istio-mode"));
     let dump = topology
