@@ -37,6 +37,36 @@ where
     H: Fn(Request<RecvStream>, SendResponse<Bytes>) -> F,
     F: Future<Output = ()> + Send + 'static,
 {
+    serve_until(io, settings, drain, None, handle).await
+}
+
+/// [`serve`], refusing new streams (GOAWAY; open streams finish) from `valid_until` on: the
+/// time either side's certificate expires, after which the connection's authentication no
+/// longer holds and the client must reconnect with a fresh certificate.
+pub async fn serve_until<IO, H, F>(
+    io: IO,
+    settings: &H2Settings,
+    drain: &Drain,
+    valid_until: Option<std::time::SystemTime>,
+    handle: H,
+) -> Result<(), ServerError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    H: Fn(Request<RecvStream>, SendResponse<Bytes>) -> F,
+    F: Future<Output = ()> + Send + 'static,
+{
+    let expiry = async {
+        match valid_until {
+            Some(at) => {
+                let left = at
+                    .duration_since(std::time::SystemTime::now())
+                    .unwrap_or_default();
+                tokio::time::sleep(left).await;
+            }
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(expiry);
     let mut connection = h2::server::Builder::new()
         .initial_window_size(settings.stream_window)
         .initial_connection_window_size(settings.connection_window)
@@ -63,6 +93,11 @@ where
                 None => break,
             },
             _ = drain.draining(), if !goaway_sent => {
+                connection.graceful_shutdown();
+                goaway_sent = true;
+            }
+            _ = &mut expiry, if !goaway_sent => {
+                tracing::info!("a certificate of this HBONE connection expired; no new streams");
                 connection.graceful_shutdown();
                 goaway_sent = true;
             }

@@ -246,9 +246,7 @@ impl fmt::Debug for WorkloadCertificate {
 }
 
 /// The leaf's validity period as `SystemTime`s.
-pub(crate) fn validity(
-    leaf: &CertificateDer<'_>,
-) -> Result<(SystemTime, SystemTime), InvalidCertificate> {
+fn validity(leaf: &CertificateDer<'_>) -> Result<(SystemTime, SystemTime), InvalidCertificate> {
     let (_, parsed) = x509_parser::parse_x509_certificate(leaf.as_ref()).map_err(|e| match e {
         x509_parser::nom::Err::Error(e) | x509_parser::nom::Err::Failure(e) => {
             InvalidCertificate::Parse(e)
@@ -274,6 +272,19 @@ pub(crate) fn validity(
 
 #[cfg(test)]
 mod tests;
+
+/// Until when a connection authenticated with `own` and a peer presenting `peer_chain` (leaf
+/// first) may carry new streams: the earlier of the two leaves' expiry.
+pub fn connection_valid_until(
+    own: &WorkloadCertificate,
+    peer_chain: Option<&[CertificateDer<'_>]>,
+) -> SystemTime {
+    let peer = peer_chain
+        .and_then(|chain| chain.first())
+        .and_then(|leaf| validity(leaf).ok())
+        .map(|(_, not_after)| not_after);
+    peer.map_or(own.expires_at(), |peer| peer.min(own.expires_at()))
+}
 
 /// Every `CERTIFICATE` block of `pem`, in order, as DER. Used for roots and CA responses, where
 /// one string may hold a bundle.

@@ -593,3 +593,25 @@ async fn held_certificates_carry_their_chain_and_roots() {
         "roots are not in the chain"
     );
 }
+
+#[test]
+fn a_connection_is_valid_until_the_earlier_certificate_expires() {
+    let (cert, key) = BuiltinCa::generate_root("root").expect("root");
+    let short = BuiltinCa::from_pem(&cert, &key, HOUR).expect("ca");
+    let long = BuiltinCa::from_pem(&cert, &key, 2 * HOUR).expect("ca");
+    let mine = short
+        .issue(&identity("spiffe://cluster.local/ns/default/sa/a"))
+        .expect("issue");
+    let theirs = long
+        .issue(&identity("spiffe://cluster.local/ns/default/sa/b"))
+        .expect("issue");
+    assert_eq!(
+        connection_valid_until(&mine, Some(theirs.chain())),
+        mine.expires_at()
+    );
+    assert_eq!(
+        connection_valid_until(&theirs, Some(mine.chain())),
+        mine.expires_at()
+    );
+    assert_eq!(connection_valid_until(&theirs, None), theirs.expires_at());
+}

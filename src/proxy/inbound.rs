@@ -90,17 +90,25 @@ async fn serve_connection(
         .map_err(|_| ConnectionError::HandshakeTimeout)?
         .map_err(ConnectionError::Tls)?;
     let peer_identity = crate::tls::peer_identity(tls.get_ref().1);
+    let valid_until =
+        crate::identity::connection_valid_until(&certificate, tls.get_ref().1.peer_certificates());
     tracing::debug!(peer_identity = ?peer_identity.as_ref().map(ToString::to_string), "HBONE connection established");
     let stream_proxy = proxy.clone();
-    hbone::server::serve(tls, &proxy.h2, &proxy.drain, move |request, respond| {
-        handle_stream(
-            stream_proxy.clone(),
-            peer,
-            peer_identity.clone(),
-            request,
-            respond,
-        )
-    })
+    hbone::server::serve_until(
+        tls,
+        &proxy.h2,
+        &proxy.drain,
+        Some(valid_until),
+        move |request, respond| {
+            handle_stream(
+                stream_proxy.clone(),
+                peer,
+                peer_identity.clone(),
+                request,
+                respond,
+            )
+        },
+    )
     .await?;
     Ok(())
 }

@@ -263,16 +263,10 @@ impl Pool {
                     peer: key.peer,
                     source,
                 })?;
-            let peer_expiry = tls
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|chain| chain.first())
-                .and_then(|leaf| crate::identity::validity(leaf).ok())
-                .map(|(_, not_after)| not_after);
-            let valid_until = peer_expiry.map_or(certificate.expires_at(), |peer| {
-                peer.min(certificate.expires_at())
-            });
+            let valid_until = crate::identity::connection_valid_until(
+                &certificate,
+                tls.get_ref().1.peer_certificates(),
+            );
             let connection = ClientConnection::handshake(tls, &settings.h2).await?;
             Ok::<_, PoolError>((connection, valid_until))
         };
