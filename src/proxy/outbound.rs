@@ -113,7 +113,7 @@ async fn proxy_connection(
             };
             let tunnel = proxy.pool.connect(&key, &request).await?;
             record.connected();
-            copy::bidirectional(stream, tunnel, &record.bytes.sent, &record.bytes.received)
+            copy::tunnel(stream, tunnel, &record.bytes.sent, &record.bytes.received)
                 .await
                 .map_err(OutboundError::Copy)
         }
