@@ -85,7 +85,8 @@ async fn serve_connection(
         })?;
     let acceptor = TlsAcceptor::from(certificate.server_config());
     let timeout = proxy.inputs.settings.proxy.handshake_timeout;
-    let tls = tokio::time::timeout(timeout, acceptor.accept(stream))
+    let transport = crate::tls::BatchedReads::new(stream);
+    let tls = tokio::time::timeout(timeout, acceptor.accept(transport))
         .await
         .map_err(|_| ConnectionError::HandshakeTimeout)?
         .map_err(ConnectionError::Tls)?;

@@ -248,7 +248,10 @@ impl Pool {
         let connector = TlsConnector::from(certificate.client_config(&key.expected_identities));
         let handshake = async {
             let tls = connector
-                .connect(crate::tls::dummy_server_name(), tcp)
+                .connect(
+                    crate::tls::dummy_server_name(),
+                    crate::tls::BatchedReads::new(tcp),
+                )
                 .await
                 .map_err(|source| PoolError::Tls {
                     peer: key.peer,
