@@ -10,6 +10,7 @@
 use std::future::Future;
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -64,11 +65,14 @@ impl Drain {
     {
         let tracked = self.tracker.track_future(task);
         // Nest the ancestors' trackers around it: each holds a token until the task ends.
-        let parents = self.parents.clone();
-        tokio::spawn(async move {
-            let _tokens: Vec<_> = parents.iter().map(TaskTracker::token).collect();
-            tracked.await
-        })
+        let tokens: Vec<_> = self.parents.iter().map(TaskTracker::token).collect();
+        // A combinator, not an `async move { tracked.await }` block: such a block keeps the
+        // moved future and the awaited one side by side, doubling every task (11.5 KiB instead
+        // of 2.7 KiB per outbound connection, heaptrack).
+        tokio::spawn(tracked.map(move |output| {
+            drop(tokens);
+            output
+        }))
     }
 
     /// Resolves when graceful drain has started (or force).

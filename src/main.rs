@@ -12,7 +12,9 @@ use nodetunnel::telemetry::{self, LogFormat};
 
 /// jemalloc instead of glibc malloc: the data path allocates and frees 16-64 KiB buffers per
 /// read, which glibc serves from fresh pages (page faults, memcg charging) after trimming;
-/// `scripts/bench` measured about a third less agent CPU per Gbit with jemalloc.
+/// `scripts/bench` measured about a third less agent CPU per Gbit with jemalloc. The
+/// `system-allocator` feature keeps glibc's, for heap profilers that hook malloc (heaptrack).
+#[cfg(not(feature = "system-allocator"))]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

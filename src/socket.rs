@@ -189,3 +189,30 @@ pub fn configure_accepted(stream: &TcpStream) {
     let _ = socket.set_nodelay(true);
     let _ = socket.set_tcp_keepalive(&TcpKeepalive::new().with_time(KEEPALIVE_TIME));
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    /// A restarted agent rebinds a pod's listener although connections it accepted (and closed
+    /// first) still sit in TIME_WAIT on that port.
+    #[tokio::test]
+    async fn a_listener_rebinds_while_its_closed_connections_are_in_time_wait() {
+        let sockets = SocketFactory::node();
+        let any_port = SocketAddr::from(([127, 0, 0, 1], 0));
+        let first = sockets.listen(any_port, false).expect("listen");
+        let address = first.local_addr().expect("address");
+        let mut client = TcpStream::connect(address).await.expect("connect");
+        let (accepted, _) = first.accept().await.expect("accept");
+        // Our side closes first, so our end of the connection goes to TIME_WAIT.
+        drop(accepted);
+        let mut byte = [0u8; 1];
+        assert_eq!(client.read(&mut byte).await.expect("end of stream"), 0);
+        drop(client);
+        drop(first);
+        sockets
+            .listen(address, false)
+            .expect("rebinding beside TIME_WAIT must work");
+    }
+}

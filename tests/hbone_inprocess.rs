@@ -81,13 +81,25 @@ async fn server(certificates: Arc<CertificateManager>) -> (SocketAddr, Arc<Atomi
 }
 
 fn pool(certificates: Arc<CertificateManager>, max_streams: u32) -> Pool {
+    pool_with(
+        certificates,
+        max_streams,
+        PoolConfig::default().idle_timeout,
+    )
+}
+
+fn pool_with(
+    certificates: Arc<CertificateManager>,
+    max_streams: u32,
+    idle_timeout: Duration,
+) -> Pool {
     Pool::new(
         SocketFactory::node(),
         certificates,
         PoolSettings {
             pool: PoolConfig {
                 max_streams_per_connection: max_streams,
-                ..PoolConfig::default()
+                idle_timeout,
             },
             h2: H2Settings::from(&ProxyConfig::default()),
             connect_timeout: Duration::from_secs(5),
@@ -207,4 +219,59 @@ async fn a_peer_with_an_unexpected_identity_is_refused_and_not_pooled() {
     let error = result.err().expect("must be refused").to_string();
     assert!(error.contains("TLS handshake"), "{error}");
     assert_eq!(pool.connection_count(), 0);
+}
+
+#[tokio::test]
+async fn idle_connections_are_kept_unless_the_idle_timeout_is_zero() {
+    // (idle timeout, streams per connection, handshakes for 3 tunnels one after the other,
+    //  pooled connections once they ended)
+    let cases = [
+        (Duration::from_secs(300), 100, 1, 1),
+        (Duration::from_secs(300), 1, 1, 1),
+        (Duration::ZERO, 100, 3, 0),
+        (Duration::ZERO, 1, 3, 0),
+    ];
+    for (idle_timeout, max_streams, handshakes, pooled) in cases {
+        let certificates = certificates();
+        let (address, accepted) = server(certificates.clone()).await;
+        let pool = pool_with(certificates, max_streams, idle_timeout);
+        let key = key(address, "server");
+        for _ in 0..3 {
+            let mut stream = pool.connect(&key, &request(8080)).await.expect("tunnel");
+            assert_eq!(echo(&mut stream, b"ping").await, b"ping");
+        }
+        let case = format!("idle {idle_timeout:?}, {max_streams} streams per connection");
+        assert_eq!(accepted.load(Ordering::SeqCst), handshakes, "{case}");
+        assert_eq!(pool.connection_count(), pooled, "{case}");
+    }
+}
+
+#[tokio::test]
+async fn one_stream_per_connection_opens_concurrent_tunnels_on_their_own_connections() {
+    let certificates = certificates();
+    let (address, accepted) = server(certificates.clone()).await;
+    let pool = pool_with(certificates, 1, Duration::ZERO);
+    let key = key(address, "server");
+    let tasks: Vec<_> = (0..4)
+        .map(|i| {
+            let (pool, key) = (pool.clone(), key.clone());
+            tokio::spawn(async move {
+                let mut stream = pool.connect(&key, &request(8080)).await.expect("tunnel");
+                let message = format!("hello {i}");
+                assert_eq!(
+                    echo(&mut stream, message.as_bytes()).await,
+                    message.as_bytes()
+                );
+                stream
+            })
+        })
+        .collect();
+    let mut held = Vec::new();
+    for task in tasks {
+        held.push(task.await.expect("task"));
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 4);
+    assert_eq!(pool.connection_count(), 4);
+    drop(held);
+    assert_eq!(pool.connection_count(), 0, "closed with their last tunnel");
 }

@@ -144,6 +144,47 @@ impl AgentConfig {
         if self.proxy.hbone_port == 0 {
             problems.push(path.key("proxy").key("hbonePort"), Invalid::PortZero);
         }
+        // HTTP/2 bounds (RFC 9113 §6.5.2); h2 would panic on a frame size outside them.
+        let ranges = [
+            (
+                "proxy",
+                "frameSize",
+                self.proxy.frame_size,
+                16_384,
+                16_777_215,
+            ),
+            (
+                "proxy",
+                "streamWindow",
+                self.proxy.stream_window,
+                1,
+                2_147_483_647,
+            ),
+            (
+                "proxy",
+                "connectionWindow",
+                self.proxy.connection_window,
+                1,
+                2_147_483_647,
+            ),
+            (
+                "pool",
+                "maxStreamsPerConnection",
+                self.pool.max_streams_per_connection,
+                1,
+                u32::MAX,
+            ),
+        ];
+        for (section, field, value, min, max) in ranges {
+            if !(min..=max).contains(&value) {
+                let invalid = Invalid::OutOfRange {
+                    value: value.into(),
+                    min: min.into(),
+                    max: max.into(),
+                };
+                problems.push(path.key(section).key(field), invalid);
+            }
+        }
     }
 }
 
@@ -383,7 +424,9 @@ pub struct PoolConfig {
     /// Streams per pooled connection before another connection is opened.
     #[serde(default = "defaults::max_streams_per_connection")]
     pub max_streams_per_connection: u32,
-    /// A pooled connection unused for this long is released.
+    /// A pooled connection unused for this long is released. `0s` keeps no idle connection:
+    /// a connection closes as soon as its last tunnel ends (with `maxStreamsPerConnection: 1`,
+    /// every tunnel gets a connection and a TLS handshake of its own).
     #[serde(default = "defaults::pool_idle_timeout", with = "humantime_serde")]
     pub idle_timeout: Duration,
 }

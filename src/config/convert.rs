@@ -69,6 +69,16 @@ pub enum Invalid {
     /// Port 0 where a real port is needed.
     #[error("port 0 is not a usable port here")]
     PortZero,
+    /// A number outside the range the setting allows.
+    #[error("{value} is out of range ({min}..={max})")]
+    OutOfRange {
+        /// The value given.
+        value: u64,
+        /// Smallest allowed.
+        min: u64,
+        /// Largest allowed.
+        max: u64,
+    },
     /// A required string is empty.
     #[error("must not be empty")]
     Empty,

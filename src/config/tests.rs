@@ -374,6 +374,14 @@ fn error_cases() -> Vec<(&'static str, String, Vec<&'static str>)> {
             ],
         ),
         (
+            "frame size below the HTTP/2 minimum, pool with zero streams per connection",
+            "agent:\n  proxy:\n    frameSize: 1024\n  pool:\n    maxStreamsPerConnection: 0\n".into(),
+            vec![
+                "nodetunnel.yaml:3:16: agent.proxy.frameSize: 1024 is out of range (16384..=16777215)",
+                "nodetunnel.yaml:5:30: agent.pool.maxStreamsPerConnection: 0 is out of range (1..=4294967295)",
+            ],
+        ),
+        (
             "policy without name, duplicate policy",
             "policies:\n- name: \"\"\n  namespace: ns\n- name: p\n  namespace: ns\n- name: p\n  namespace: ns\n".into(),
             vec![

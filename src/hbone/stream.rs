@@ -81,6 +81,10 @@ impl AsyncRead for H2Stream {
         let take = self.pending.len().min(buf.remaining());
         buf.put_slice(&self.pending[..take]);
         self.pending.advance(take);
+        if self.pending.is_empty() {
+            // An empty view still pins h2's whole read buffer; let it go.
+            self.pending = Bytes::new();
+        }
         // Give the window back only for what the caller consumed, so a slow reader slows the peer.
         let _ = self.recv.flow_control().release_capacity(take);
         Poll::Ready(Ok(()))
@@ -96,18 +100,7 @@ impl AsyncWrite for H2Stream {
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
         }
-        let want = buf.len().min(MAX_WRITE_CHUNK);
-        self.send.reserve_capacity(want);
-        let granted = match ready!(self.send.poll_capacity(cx)) {
-            None => return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
-            Some(Err(error)) => return Poll::Ready(Err(to_io(error))),
-            Some(Ok(granted)) => granted.min(want),
-        };
-        if granted == 0 {
-            // Capacity can be assigned as zero transiently; poll again later.
-            cx.waker().wake_by_ref();
-            return Poll::Pending;
-        }
+        let granted = ready!(poll_capacity(&mut self.send, cx, buf.len()))?;
         let chunk = Bytes::copy_from_slice(&buf[..granted]);
         self.send.send_data(chunk, false).map_err(to_io)?;
         Poll::Ready(Ok(granted))
@@ -124,5 +117,104 @@ impl AsyncWrite for H2Stream {
             self.send.send_data(Bytes::new(), true).map_err(to_io)?;
         }
         Poll::Ready(Ok(()))
+    }
+}
+
+impl H2Stream {
+    /// Borrows the receive and send sides separately, for a copy loop that moves `Bytes`
+    /// without an intermediate buffer ([`crate::proxy::copy::tunnel`]).
+    pub fn halves(&mut self) -> (TunnelReader<'_>, TunnelWriter<'_>) {
+        (
+            TunnelReader {
+                recv: &mut self.recv,
+                pending: &mut self.pending,
+            },
+            TunnelWriter {
+                send: &mut self.send,
+                write_closed: &mut self.write_closed,
+            },
+        )
+    }
+}
+
+/// The receive side of a tunnel, handing out the chunks h2 received as they are.
+pub struct TunnelReader<'a> {
+    recv: &'a mut RecvStream,
+    pending: &'a mut Bytes,
+}
+
+impl TunnelReader<'_> {
+    /// The next received chunk, or `None` at the end of the stream (END_STREAM, or a reset with
+    /// NO_ERROR/CANCEL). The chunk's flow-control window stays taken until [`Self::release`].
+    pub async fn chunk(&mut self) -> io::Result<Option<Bytes>> {
+        if !self.pending.is_empty() {
+            return Ok(Some(std::mem::take(self.pending)));
+        }
+        loop {
+            match self.recv.data().await {
+                None => return Ok(None),
+                Some(Err(error)) if is_clean_reset(&error) => return Ok(None),
+                Some(Err(error)) => return Err(to_io(error)),
+                Some(Ok(chunk)) if chunk.is_empty() => continue,
+                Some(Ok(chunk)) => return Ok(Some(chunk)),
+            }
+        }
+    }
+
+    /// Gives the peer back the window of `len` bytes the caller has delivered, so a slow
+    /// receiver slows the sender.
+    pub fn release(&mut self, len: usize) {
+        let _ = self.recv.flow_control().release_capacity(len);
+    }
+}
+
+/// The send side of a tunnel, taking owned `Bytes` (no copy).
+pub struct TunnelWriter<'a> {
+    send: &'a mut SendStream<Bytes>,
+    write_closed: &'a mut bool,
+}
+
+impl TunnelWriter<'_> {
+    /// Sends `data`, in as many DATA frames as flow control allows, waiting for window.
+    pub async fn send(&mut self, mut data: Bytes) -> io::Result<()> {
+        while !data.is_empty() {
+            let granted =
+                std::future::poll_fn(|cx| poll_capacity(self.send, cx, data.len())).await?;
+            self.send
+                .send_data(data.split_to(granted), false)
+                .map_err(to_io)?;
+        }
+        Ok(())
+    }
+
+    /// Ends the send side (END_STREAM): the FIN of the connection being tunnelled.
+    pub fn finish(&mut self) -> io::Result<()> {
+        if !*self.write_closed {
+            *self.write_closed = true;
+            self.send.send_data(Bytes::new(), true).map_err(to_io)?;
+        }
+        Ok(())
+    }
+}
+
+/// Waits for send window for up to `want` bytes (at most [`MAX_WRITE_CHUNK`]); returns how
+/// much may be sent now (at least 1).
+fn poll_capacity(
+    send: &mut SendStream<Bytes>,
+    cx: &mut Context<'_>,
+    want: usize,
+) -> Poll<io::Result<usize>> {
+    let want = want.min(MAX_WRITE_CHUNK);
+    send.reserve_capacity(want);
+    loop {
+        let available = send.capacity();
+        if available > 0 {
+            return Poll::Ready(Ok(available.min(want)));
+        }
+        match ready!(send.poll_capacity(cx)) {
+            None => return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
+            Some(Err(error)) => return Poll::Ready(Err(to_io(error))),
+            Some(Ok(_)) => {}
+        }
     }
 }

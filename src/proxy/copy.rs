@@ -7,7 +7,11 @@
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::hbone::stream::H2Stream;
 
 /// Start small: most proxied connections are short request/response exchanges.
 const INITIAL_BUFFER: usize = 1024;
@@ -56,6 +60,52 @@ where
             buffer.resize(BULK_BUFFER, 0);
         }
     }
+}
+
+/// First read size of a tunnel direction; doubled each time a read fills it.
+const TUNNEL_INITIAL_READ: usize = 16 * 1024;
+/// Largest read of a tunnel direction.
+const TUNNEL_MAX_READ: usize = 256 * 1024;
+
+/// Copies `tcp` ⇄ `tunnel` like [`bidirectional`], without copy buffers: bytes read from TCP
+/// go to h2 as owned `Bytes` (read into a fresh buffer only once the socket is readable), and
+/// chunks h2 received are written to TCP as they are. An idle tunnel holds no buffer at all.
+/// `from_tcp` counts bytes TCP → tunnel, `to_tcp` tunnel → TCP.
+pub async fn tunnel(
+    mut tcp: TcpStream,
+    mut tunnel: H2Stream,
+    from_tcp: &AtomicU64,
+    to_tcp: &AtomicU64,
+) -> io::Result<()> {
+    let (tcp_read, mut tcp_write) = tcp.split();
+    let (mut tunnel_read, mut tunnel_write) = tunnel.halves();
+    let forward = async {
+        let mut size = TUNNEL_INITIAL_READ;
+        loop {
+            tcp_read.readable().await?;
+            let mut buffer = BytesMut::with_capacity(size);
+            let read = match tcp_read.try_read_buf(&mut buffer) {
+                Ok(0) => return tunnel_write.finish(),
+                Ok(read) => read,
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(error) => return Err(error),
+            };
+            if read == size {
+                size = (size * 2).min(TUNNEL_MAX_READ);
+            }
+            tunnel_write.send(buffer.freeze()).await?;
+            from_tcp.fetch_add(read as u64, Ordering::Relaxed);
+        }
+    };
+    let backward = async {
+        while let Some(chunk) = tunnel_read.chunk().await? {
+            tcp_write.write_all(&chunk).await?;
+            tunnel_read.release(chunk.len());
+            to_tcp.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        }
+        tcp_write.shutdown().await
+    };
+    tokio::try_join!(forward, backward).map(|_| ())
 }
 
 #[cfg(test)]

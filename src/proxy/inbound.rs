@@ -85,7 +85,8 @@ async fn serve_connection(
         })?;
     let acceptor = TlsAcceptor::from(certificate.server_config());
     let timeout = proxy.inputs.settings.proxy.handshake_timeout;
-    let tls = tokio::time::timeout(timeout, acceptor.accept(stream))
+    let transport = crate::tls::BatchedReads::new(stream);
+    let tls = tokio::time::timeout(timeout, acceptor.accept(transport))
         .await
         .map_err(|_| ConnectionError::HandshakeTimeout)?
         .map_err(ConnectionError::Tls)?;
@@ -267,7 +268,8 @@ async fn tunnel(
         .map_err(StreamError::Respond)?;
     let tunnel = H2Stream::new(send, body);
     record.connected();
-    let copy = copy::bidirectional(tunnel, upstream, &record.bytes.sent, &record.bytes.received);
+    // Downstream is the tunnel here: bytes from the app's socket are the ones received.
+    let copy = copy::tunnel(upstream, tunnel, &record.bytes.received, &record.bytes.sent);
     // Dropping the copy on revocation resets the stream (h2 CANCEL) and closes the app socket.
     tokio::select! {
         copied = copy => copied.map_err(StreamError::Copy),

@@ -193,7 +193,8 @@ async fn accept_loop<F, Fut>(
             Ok((stream, peer)) => {
                 crate::socket::configure_accepted(&stream);
                 let peer = crate::sys::canonical(peer);
-                let connection = handle(proxy.clone(), stream, peer);
+                // Boxed, so that the select below holds a pointer rather than a second copy.
+                let connection = Box::pin(handle(proxy.clone(), stream, peer));
                 let forced = proxy.drain.clone();
                 proxy.drain.spawn(async move {
                     tokio::select! {

@@ -111,9 +111,11 @@ async fn proxy_connection(
                 peer,
                 source_ip: client.0.ip(),
             };
-            let tunnel = proxy.pool.connect(&key, &request).await?;
+            // Boxed: the CONNECT exchange's state would otherwise stay in this connection's
+            // task for its whole life.
+            let tunnel = Box::pin(proxy.pool.connect(&key, &request)).await?;
             record.connected();
-            copy::bidirectional(stream, tunnel, &record.bytes.sent, &record.bytes.received)
+            copy::tunnel(stream, tunnel, &record.bytes.sent, &record.bytes.received)
                 .await
                 .map_err(OutboundError::Copy)
         }

@@ -119,12 +119,26 @@ struct KeyEntry {
     connections: Mutex<Vec<Arc<Pooled>>>,
 }
 
-/// Decrements the connection's stream count when the tunnel ends.
-struct StreamGuard(Arc<AtomicUsize>);
+/// Holds one stream slot of a pooled connection for as long as the tunnel lives. When the last
+/// tunnel of a connection ends and the pool keeps no idle connections (`idleTimeout: 0s`), the
+/// connection leaves the pool at once, so it closes.
+struct StreamGuard {
+    entry: Arc<KeyEntry>,
+    pooled: Arc<Pooled>,
+    keep_idle: bool,
+}
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        let mut connections = self
+            .entry
+            .connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let left = self.pooled.streams.fetch_sub(1, Ordering::AcqRel) - 1;
+        if left == 0 && !self.keep_idle {
+            connections.retain(|pooled| !Arc::ptr_eq(pooled, &self.pooled));
+        }
     }
 }
 
@@ -170,20 +184,21 @@ impl Pool {
         let entry = self.entry(key);
         let mut fresh_attempted = false;
         loop {
-            let pooled = match self.checkout(&entry) {
-                Some(pooled) => pooled,
+            let guard = match self.checkout(&entry) {
+                Some(guard) => guard,
                 None => {
                     fresh_attempted = true;
-                    self.checkout_or_create(key, &entry).await?
+                    // Boxed: the handshake's state is large and would otherwise stay in the
+                    // future of every tunnel for its whole life, idle or not.
+                    Box::pin(self.checkout_or_create(key, &entry)).await?
                 }
             };
-            pooled.streams.fetch_add(1, Ordering::AcqRel);
-            let guard = StreamGuard(pooled.streams.clone());
-            match pooled.connection.connect(request.build()?).await {
+            let connection = guard.pooled.connection.clone();
+            match connection.connect(request.build()?).await {
                 Ok(stream) => return Ok(stream.with_guard(guard)),
                 Err(ClientError::Unusable(error)) if !fresh_attempted => {
                     tracing::debug!(%error, peer = %key.peer, "pooled HBONE connection unusable; retrying on a new one");
-                    self.remove(&entry, &pooled);
+                    self.remove(&entry, &guard.pooled);
                 }
                 Err(error) => return Err(error.into()),
             }
@@ -195,8 +210,9 @@ impl Pool {
         keys.entry(key.clone()).or_default().clone()
     }
 
-    /// A live connection for the key with a free stream slot.
-    fn checkout(&self, entry: &KeyEntry) -> Option<Arc<Pooled>> {
+    /// A stream slot on a live connection for the key, if one has a free slot. The slot is
+    /// taken under the key's lock, so it cannot race with an idle release.
+    fn checkout(&self, entry: &Arc<KeyEntry>) -> Option<StreamGuard> {
         let max = self.inner.settings.pool.max_streams_per_connection as usize;
         let mut connections = entry.connections.lock().unwrap_or_else(|p| p.into_inner());
         let now = std::time::SystemTime::now();
@@ -207,19 +223,37 @@ impl Pool {
             .min_by_key(|pooled| pooled.streams.load(Ordering::Acquire))?
             .clone();
         *pooled.last_used.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
-        Some(pooled)
+        Some(self.take_slot(entry, pooled))
     }
 
+    fn take_slot(&self, entry: &Arc<KeyEntry>, pooled: Arc<Pooled>) -> StreamGuard {
+        pooled.streams.fetch_add(1, Ordering::AcqRel);
+        StreamGuard {
+            entry: entry.clone(),
+            pooled,
+            keep_idle: !self.inner.settings.pool.idle_timeout.is_zero(),
+        }
+    }
+
+    /// Creates a connection for the key, unless one appeared meanwhile. Creation is serialised
+    /// per key so that concurrent first requests share one handshake — except when connections
+    /// carry one stream each, where nothing can be shared and waiting would only queue
+    /// handshakes behind each other.
     async fn checkout_or_create(
         &self,
         key: &PoolKey,
-        entry: &KeyEntry,
-    ) -> Result<Arc<Pooled>, PoolError> {
-        let _connecting = entry.connecting.lock().await;
-        // Someone may have created one while we waited for the lock.
-        if let Some(pooled) = self.checkout(entry) {
-            return Ok(pooled);
-        }
+        entry: &Arc<KeyEntry>,
+    ) -> Result<StreamGuard, PoolError> {
+        let _connecting = if self.inner.settings.pool.max_streams_per_connection > 1 {
+            let connecting = entry.connecting.lock().await;
+            // Someone may have created one while we waited for the lock.
+            if let Some(guard) = self.checkout(entry) {
+                return Ok(guard);
+            }
+            Some(connecting)
+        } else {
+            None
+        };
         let (connection, valid_until) = self.handshake(key).await?;
         let pooled = Arc::new(Pooled {
             connection,
@@ -227,12 +261,9 @@ impl Pool {
             last_used: Mutex::new(Instant::now()),
             valid_until,
         });
-        entry
-            .connections
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(pooled.clone());
-        Ok(pooled)
+        let mut connections = entry.connections.lock().unwrap_or_else(|p| p.into_inner());
+        connections.push(pooled.clone());
+        Ok(self.take_slot(entry, pooled))
     }
 
     async fn handshake(
@@ -257,7 +288,10 @@ impl Pool {
         let connector = TlsConnector::from(certificate.client_config(&key.expected_identities));
         let handshake = async {
             let tls = connector
-                .connect(crate::tls::dummy_server_name(), tcp)
+                .connect(
+                    crate::tls::dummy_server_name(),
+                    crate::tls::BatchedReads::new(tcp),
+                )
                 .await
                 .map_err(|source| PoolError::Tls {
                     peer: key.peer,

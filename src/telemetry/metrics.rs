@@ -103,7 +103,8 @@ pub struct OpenConnection {
 /// An established connection whose bytes are flushed on every scrape.
 #[derive(Debug)]
 struct LiveConnection {
-    labels: TrafficLabels,
+    /// Shared with every connection of the same series (interned in `Metrics::series`).
+    labels: Arc<TrafficLabels>,
     info: ConnectionInfo,
     bytes: Arc<ByteCounters>,
     reported_sent: u64,
@@ -138,9 +139,11 @@ pub struct Metrics {
     agent: AgentMetrics,
     decisions: DecisionCounters,
     next_id: AtomicU64,
-    live: Mutex<HashMap<u64, LiveConnection>>,
-    /// Every traffic series and the workload uids it names, for stale-series eviction.
-    series: Mutex<HashMap<TrafficLabels, [String; 2]>>,
+    /// Boxed: the table of a busy agent doubles in size, and holds only pointers then.
+    live: Mutex<HashMap<u64, Box<LiveConnection>>>,
+    /// Every traffic series and the workload uids it names, for stale-series eviction. Open
+    /// connections share these labels instead of holding ~20 strings each.
+    series: Mutex<HashMap<Arc<TrafficLabels>, [String; 2]>>,
     xds: super::xds::XdsMetrics,
 }
 
@@ -258,7 +261,17 @@ impl Metrics {
         bytes: Arc<ByteCounters>,
     ) -> LiveHandle {
         self.traffic.opened.get_or_create(&labels).inc();
-        lock(&self.series).insert(labels.clone(), info.workloads());
+        let labels = {
+            let mut series = lock(&self.series);
+            match series.get_key_value(&labels) {
+                Some((shared, _)) => shared.clone(),
+                None => {
+                    let shared = Arc::new(labels);
+                    series.insert(shared.clone(), info.workloads());
+                    shared
+                }
+            }
+        };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let live = LiveConnection {
             labels,
@@ -267,7 +280,7 @@ impl Metrics {
             reported_sent: 0,
             reported_received: 0,
         };
-        lock(&self.live).insert(id, live);
+        lock(&self.live).insert(id, Box::new(live));
         LiveHandle(id)
     }
 
@@ -283,7 +296,14 @@ impl Metrics {
         if failed {
             self.traffic.failed.get_or_create(&labels).inc();
         }
-        lock(&self.series).insert(labels, live.info.workloads());
+        let uids = live.info.workloads();
+        let mut series = lock(&self.series);
+        match series.get_mut(&labels) {
+            Some(known) => *known = uids,
+            None => {
+                series.insert(Arc::new(labels), uids);
+            }
+        }
     }
 
     /// The connections open now, oldest first.
@@ -309,7 +329,7 @@ impl Metrics {
     /// bounded by the labels that are `unknown`).
     pub fn retain_workloads(&self, alive: impl Fn(&str) -> bool) -> usize {
         let mut series = lock(&self.series);
-        let stale: Vec<TrafficLabels> = series
+        let stale: Vec<Arc<TrafficLabels>> = series
             .iter()
             .filter(|(_, uids)| uids.iter().any(|uid| !uid.is_empty() && !alive(uid)))
             .map(|(labels, _)| labels.clone())

@@ -12,7 +12,10 @@
 //! no session resumption, client certificate mandatory. Chains are verified to the roots that
 //! came with our own certificate; identities are compared byte for byte.
 
+mod batched;
 mod verify;
+
+pub use batched::BatchedReads;
 
 use std::sync::{Arc, LazyLock};
 
