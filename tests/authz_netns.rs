@@ -9,6 +9,7 @@
 //!
 //! Needs root. Without it these tests fail loudly unless `NODETUNNEL_SKIP_NETNS_TESTS=1`.
 
+#[macro_use]
 mod support;
 
 use std::io::{Read, Write};
@@ -24,14 +25,6 @@ const APP_PORT: u16 = 8080;
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
 const LOG_TIMEOUT: Duration = Duration::from_secs(10);
 const RELOAD_TIMEOUT: Duration = Duration::from_secs(15);
-
-macro_rules! require_netns {
-    ($name:literal) => {
-        if !support::netns_tests_enabled($name) {
-            return;
-        }
-    };
-}
 
 /// What the server node's config adds to the rendered mesh.
 #[derive(Debug, Clone, Default)]
@@ -54,18 +47,12 @@ impl Cluster {
     /// client, other (HBONE, captured) and legacy (plain TCP, not captured) on node a; server
     /// (HBONE, captured) on node b, whose agent gets `authz`.
     fn start(authz: &Authz) -> Cluster {
-        let mut topology = Topology::new();
-        topology.add_node("a").expect("node a");
-        topology.add_node("b").expect("node b");
-        topology.link("a", "b").expect("link a-b");
-        for (node, pod) in [
+        let topology = Topology::linked_pair(&[
             ("a", "client"),
             ("a", "other"),
             ("a", "legacy"),
             ("b", "server"),
-        ] {
-            topology.add_pod(node, pod).expect("pod");
-        }
+        ]);
         let ip = |pod: &str| topology.pod(pod).ip;
         let mesh = Mesh {
             workloads: vec![

@@ -5,6 +5,7 @@
 //!
 //! Needs root. Without it these tests fail loudly unless `NODETUNNEL_SKIP_NETNS_TESTS=1`.
 
+#[macro_use]
 mod support;
 
 use std::io::{Read, Write};
@@ -19,14 +20,6 @@ use support::netns::Topology;
 const APP_PORT: u16 = 8080;
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 const CHANGE_TIMEOUT: Duration = Duration::from_secs(15);
-
-macro_rules! require_netns {
-    ($name:literal) => {
-        if !support::netns_tests_enabled($name) {
-            return;
-        }
-    };
-}
 
 fn addr(ip: Ipv4Addr, port: u16) -> SocketAddr {
     SocketAddr::from((ip, port))
@@ -52,13 +45,7 @@ impl Cluster {
         captured: &[&str],
         edit: impl Fn(String) -> String,
     ) -> Cluster {
-        let mut topology = Topology::new();
-        topology.add_node("a").expect("node a");
-        topology.add_node("b").expect("node b");
-        topology.link("a", "b").expect("link");
-        for (node, pod) in pods {
-            topology.add_pod(node, pod).expect("pod");
-        }
+        let topology = Topology::linked_pair(pods);
         let mesh = Mesh {
             workloads: pods
                 .iter()

@@ -7,6 +7,7 @@
 //!
 //! Needs root. Without it these tests fail loudly unless `NODETUNNEL_SKIP_NETNS_TESTS=1`.
 
+#[macro_use]
 mod support;
 
 use std::net::{Ipv4Addr, SocketAddr};
@@ -23,28 +24,13 @@ const APP_PORT: u16 = 8080;
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 const LOG_TIMEOUT: Duration = Duration::from_secs(10);
 
-macro_rules! require_netns {
-    ($name:literal) => {
-        if !support::netns_tests_enabled($name) {
-            return;
-        }
-    };
-}
-
 fn addr(ip: Ipv4Addr, port: u16) -> SocketAddr {
     SocketAddr::from((ip, port))
 }
 
 /// Two linked nodes `a` and `b`, with pods given as (node, pod role).
 fn topology(pods: &[(&str, &str)]) -> Topology {
-    let mut topology = Topology::new();
-    topology.add_node("a").expect("node a");
-    topology.add_node("b").expect("node b");
-    topology.link("a", "b").expect("link a-b");
-    for (node, pod) in pods {
-        topology.add_pod(node, pod).expect("pod");
-    }
-    topology
+    Topology::linked_pair(pods)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@
 //!
 //! Needs root. Without it these tests fail loudly unless `NODETUNNEL_SKIP_NETNS_TESTS=1`.
 
+#[macro_use]
 mod support;
 
 use std::net::SocketAddr;
@@ -25,14 +26,6 @@ use support::netns::Topology;
 const APP_PORT: u16 = 8080;
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
 const WAIT: Duration = Duration::from_secs(20);
-
-macro_rules! require_netns {
-    ($name:literal) => {
-        if !support::netns_tests_enabled($name) {
-            return;
-        }
-    };
-}
 
 fn node_name(role: &str) -> String {
     format!("node-{role}")
@@ -51,13 +44,7 @@ impl Cluster {
     /// The topology, the fake istiod with the three pods' workloads pushed, and an echo server
     /// in `server`. Agents are started by the caller.
     fn prepare() -> (Topology, FakeIstiod, EchoServer) {
-        let mut topology = Topology::new();
-        topology.add_node("a").expect("node a");
-        topology.add_node("b").expect("node b");
-        topology.link("a", "b").expect("link");
-        topology.add_pod("a", "client").expect("client pod");
-        topology.add_pod("b", "server").expect("server pod");
-        topology.add_pod("b", "other").expect("other pod");
+        let topology = Topology::linked_pair(&[("a", "client"), ("b", "server"), ("b", "other")]);
         let istiod = FakeIstiod::start(&topology, &["a", "b"]).expect("fake istiod");
         istiod.set(
             ADDRESS_TYPE,

@@ -6,6 +6,7 @@
 //!
 //! Needs root. Without it these tests fail loudly unless `NODETUNNEL_SKIP_NETNS_TESTS=1`.
 
+#[macro_use]
 mod support;
 
 use std::io::{Read, Write};
@@ -21,14 +22,6 @@ const APP_PORT: u16 = 8080;
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 const WAIT: Duration = Duration::from_secs(10);
 
-macro_rules! require_netns {
-    ($name:literal) => {
-        if !support::netns_tests_enabled($name) {
-            return;
-        }
-    };
-}
-
 /// Field order is drop order: agents stop before the namespaces go.
 struct Cluster {
     agents: Vec<Agent>,
@@ -41,13 +34,7 @@ impl Cluster {
     /// client (HBONE, captured) and legacy (plain TCP, not captured) on node a; server (HBONE,
     /// captured) on node b.
     fn start() -> Cluster {
-        let mut topology = Topology::new();
-        topology.add_node("a").expect("node a");
-        topology.add_node("b").expect("node b");
-        topology.link("a", "b").expect("link");
-        for (node, pod) in [("a", "client"), ("a", "legacy"), ("b", "server")] {
-            topology.add_pod(node, pod).expect("pod");
-        }
+        let topology = Topology::linked_pair(&[("a", "client"), ("a", "legacy"), ("b", "server")]);
         let ip = |pod: &str| topology.pod(pod).ip;
         let mesh = Mesh {
             workloads: vec![

@@ -8,6 +8,7 @@
 //!
 //! Needs root. Without it these tests fail loudly unless `NODETUNNEL_SKIP_NETNS_TESTS=1`.
 
+#[macro_use]
 mod support;
 
 use std::net::SocketAddr;
@@ -27,14 +28,6 @@ const IO_TIMEOUT: Duration = Duration::from_secs(5);
 const RELOAD_TIMEOUT: Duration = Duration::from_secs(15);
 const PROXY_V2_SIGNATURE: &[u8] = b"\r\n\r\n\0\r\nQUIT\n";
 
-macro_rules! require_netns {
-    ($name:literal) => {
-        if !support::netns_tests_enabled($name) {
-            return;
-        }
-    };
-}
-
 /// Two agents sharing one root; fields in drop order (agents before namespaces).
 struct Cluster {
     agents: Vec<Agent>,
@@ -45,18 +38,12 @@ struct Cluster {
 
 impl Cluster {
     fn start() -> Cluster {
-        let mut topology = Topology::new();
-        topology.add_node("a").expect("node a");
-        topology.add_node("b").expect("node b");
-        topology.link("a", "b").expect("link a-b");
-        for (node, pod) in [
+        let topology = Topology::linked_pair(&[
             ("a", "client"),
             ("a", "waypoint"),
             ("a", "intruder"),
             ("b", "server"),
-        ] {
-            topology.add_pod(node, pod).expect("pod");
-        }
+        ]);
         let ip = |pod: &str| topology.pod(pod).ip;
         let service = ServiceSpec::new("echo", SERVICE_VIP, SERVICE_PORT, APP_PORT);
         let mut server = WorkloadSpec::new("server", ip("server"), "b", Protocol::Hbone);

@@ -10,6 +10,7 @@
 //!
 //! Needs root. Without it these tests fail loudly unless `NODETUNNEL_SKIP_NETNS_TESTS=1`.
 
+#[macro_use]
 mod support;
 
 use std::net::SocketAddr;
@@ -25,14 +26,6 @@ const APP_PORT: u16 = 8080;
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 const WAIT: Duration = Duration::from_secs(15);
 const PROXY_PORTS: [u16; 3] = [15001, 15006, 15008];
-
-macro_rules! require_netns {
-    ($name:literal) => {
-        if !support::netns_tests_enabled($name) {
-            return;
-        }
-    };
-}
 
 /// One node with an agent in ZDS mode and a fake istio-cni. Field order is drop order: the
 /// agent stops before the CNI socket and the namespaces go.

@@ -8,6 +8,18 @@
 //! Each integration test file compiles this module on its own and uses a different subset of it.
 #![allow(dead_code)]
 
+/// Starts a network-namespace test: returns early (skipped, said loudly) only when the user
+/// opted out outside CI; otherwise fails without root. See [`netns_tests_enabled`].
+/// (Files without namespace tests compile this module too.)
+#[allow(unused_macros)]
+macro_rules! require_netns {
+    ($name:literal) => {
+        if !support::netns_tests_enabled($name) {
+            return;
+        }
+    };
+}
+
 pub mod agent;
 pub mod apps;
 pub mod capture;

@@ -77,6 +77,19 @@ impl Topology {
         }
     }
 
+    /// Two linked nodes `a` and `b`, with pods given as (node, pod role): the layout most
+    /// namespace tests start from.
+    pub fn linked_pair(pods: &[(&str, &str)]) -> Topology {
+        let mut topology = Topology::new();
+        topology.add_node("a").expect("node a");
+        topology.add_node("b").expect("node b");
+        topology.link("a", "b").expect("link a-b");
+        for (node, pod) in pods {
+            topology.add_pod(node, pod).expect("pod");
+        }
+        topology
+    }
+
     /// The unique prefix of every namespace of this topology.
     pub fn prefix(&self) -> &str {
         &self.prefix
