@@ -44,6 +44,14 @@ remove_stale_namespaces() {
 [[ $(id -u) -eq 0 ]] && remove_stale_namespaces
 
 echo "test.sh: CI=${CI:-unset}"
+# A fresh clone gains nothing from incremental artifacts; they would add over a GB of disk.
+if [[ ${CI:-} == true ]]; then export CARGO_INCREMENTAL=0; fi
+# A full disk shows up as a linker crash (SIGBUS) far from its cause; say how much there is.
+free_kib=$(df -Pk . | awk 'NR == 2 {print $4}')
+echo "test.sh: $((free_kib / 1024)) MiB free on the build disk (a fresh build needs about 2 GiB)"
+if ((free_kib < 2 * 1024 * 1024)); then
+  echo "test.sh: WARNING: under 2 GiB free; the build may fail with linker crashes" >&2
+fi
 set -x
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
