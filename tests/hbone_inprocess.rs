@@ -36,6 +36,14 @@ fn certificates() -> Arc<CertificateManager> {
 /// An HBONE server for `server` on loopback: answers 400 for port 9, otherwise 200 and echoes.
 /// Returns its address and the number of TCP connections it accepted.
 async fn server(certificates: Arc<CertificateManager>) -> (SocketAddr, Arc<AtomicUsize>) {
+    server_accepting(certificates, usize::MAX).await
+}
+
+/// [`server`], but its listener closes after `limit` connections, so later connects are refused.
+async fn server_accepting(
+    certificates: Arc<CertificateManager>,
+    limit: usize,
+) -> (SocketAddr, Arc<AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let address = listener.local_addr().expect("addr");
     let accepted = Arc::new(AtomicUsize::new(0));
@@ -46,61 +54,59 @@ async fn server(certificates: Arc<CertificateManager>) -> (SocketAddr, Arc<Atomi
     tokio::spawn(async move {
         let drain = Drain::new();
         while let Ok((tcp, _)) = listener.accept().await {
-            count.fetch_add(1, Ordering::SeqCst);
-            let (acceptor, settings, drain) = (acceptor.clone(), settings.clone(), drain.clone());
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let _ = hbone::server::serve(
-                    tls,
-                    &settings,
-                    &drain,
-                    |request, mut respond| async move {
-                        let parsed = hbone::parse_connect(&request);
-                        match parsed {
-                            Ok(parsed) if parsed.authority.port() != REJECTED_PORT => {
-                                let send = respond
-                                    .send_response(http::Response::new(()), false)
-                                    .expect("respond");
-                                let stream =
-                                    hbone::stream::H2Stream::new(send, request.into_body());
-                                let (mut read, mut write) = tokio::io::split(stream);
-                                let _ = tokio::io::copy(&mut read, &mut write).await;
-                                let _ = write.shutdown().await;
-                            }
-                            _ => hbone::server::reject(respond, http::StatusCode::BAD_REQUEST),
-                        }
-                    },
-                )
-                .await;
-            });
+            serve_one(tcp, acceptor.clone(), settings.clone(), drain.clone());
+            if count.fetch_add(1, Ordering::SeqCst) + 1 >= limit {
+                return;
+            }
         }
     });
     (address, accepted)
 }
 
+fn serve_one(
+    tcp: tokio::net::TcpStream,
+    acceptor: TlsAcceptor,
+    settings: H2Settings,
+    drain: Drain,
+) {
+    tokio::spawn(async move {
+        let Ok(tls) = acceptor.accept(tcp).await else {
+            return;
+        };
+        let _ = hbone::server::serve(tls, &settings, &drain, |request, mut respond| async move {
+            match hbone::parse_connect(&request) {
+                Ok(parsed) if parsed.authority.port() != REJECTED_PORT => {
+                    let send = respond
+                        .send_response(http::Response::new(()), false)
+                        .expect("respond");
+                    let stream = hbone::stream::H2Stream::new(send, request.into_body());
+                    let (mut read, mut write) = tokio::io::split(stream);
+                    let _ = tokio::io::copy(&mut read, &mut write).await;
+                    let _ = write.shutdown().await;
+                }
+                _ => hbone::server::reject(respond, http::StatusCode::BAD_REQUEST),
+            }
+        })
+        .await;
+    });
+}
+
 fn pool(certificates: Arc<CertificateManager>, max_streams: u32) -> Pool {
     pool_with(
         certificates,
-        max_streams,
-        PoolConfig::default().idle_timeout,
+        PoolConfig {
+            max_streams_per_connection: max_streams,
+            ..PoolConfig::default()
+        },
     )
 }
 
-fn pool_with(
-    certificates: Arc<CertificateManager>,
-    max_streams: u32,
-    idle_timeout: Duration,
-) -> Pool {
+fn pool_with(certificates: Arc<CertificateManager>, pool: PoolConfig) -> Pool {
     Pool::new(
         SocketFactory::node(),
         certificates,
         PoolSettings {
-            pool: PoolConfig {
-                max_streams_per_connection: max_streams,
-                idle_timeout,
-            },
+            pool,
             h2: H2Settings::from(&ProxyConfig::default()),
             connect_timeout: Duration::from_secs(5),
             handshake_timeout: Duration::from_secs(5),
@@ -234,7 +240,14 @@ async fn idle_connections_are_kept_unless_the_idle_timeout_is_zero() {
     for (idle_timeout, max_streams, handshakes, pooled) in cases {
         let certificates = certificates();
         let (address, accepted) = server(certificates.clone()).await;
-        let pool = pool_with(certificates, max_streams, idle_timeout);
+        let pool = pool_with(
+            certificates,
+            PoolConfig {
+                max_streams_per_connection: max_streams,
+                idle_timeout,
+                ..PoolConfig::default()
+            },
+        );
         let key = key(address, "server");
         for _ in 0..3 {
             let mut stream = pool.connect(&key, &request(8080)).await.expect("tunnel");
@@ -250,7 +263,14 @@ async fn idle_connections_are_kept_unless_the_idle_timeout_is_zero() {
 async fn one_stream_per_connection_opens_concurrent_tunnels_on_their_own_connections() {
     let certificates = certificates();
     let (address, accepted) = server(certificates.clone()).await;
-    let pool = pool_with(certificates, 1, Duration::ZERO);
+    let pool = pool_with(
+        certificates,
+        PoolConfig {
+            max_streams_per_connection: 1,
+            idle_timeout: Duration::ZERO,
+            ..PoolConfig::default()
+        },
+    );
     let key = key(address, "server");
     let tasks: Vec<_> = (0..4)
         .map(|i| {
@@ -274,4 +294,70 @@ async fn one_stream_per_connection_opens_concurrent_tunnels_on_their_own_connect
     assert_eq!(pool.connection_count(), 4);
     drop(held);
     assert_eq!(pool.connection_count(), 0, "closed with their last tunnel");
+}
+
+fn spreading_pool(certificates: Arc<CertificateManager>, above: u32, connections: u32) -> Pool {
+    pool_with(
+        certificates,
+        PoolConfig {
+            spread_above: above,
+            spread_connections: Some(connections),
+            ..PoolConfig::default()
+        },
+    )
+}
+
+#[tokio::test]
+async fn busy_connections_spread_new_streams_up_to_the_cap() {
+    let certificates = certificates();
+    let (address, accepted) = server(certificates.clone()).await;
+    let pool = spreading_pool(certificates, 2, 3);
+    let key = key(address, "server");
+    let mut held = Vec::new();
+    // (tunnels held, connections expected): the 3rd and 5th tunnel find every connection at
+    // 2 streams and open another; the 2nd, 4th and 6th join the least loaded; past 3
+    // connections everything shares.
+    for (tunnels, connections) in [(1, 1), (2, 1), (3, 2), (4, 2), (5, 3), (6, 3), (12, 3)] {
+        while held.len() < tunnels {
+            held.push(pool.connect(&key, &request(8080)).await.expect("tunnel"));
+        }
+        assert_eq!(pool.connection_count(), connections, "{tunnels} tunnels");
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    for (i, stream) in held.iter_mut().enumerate() {
+        let message = format!("tunnel {i}");
+        assert_eq!(echo(stream, message.as_bytes()).await, message.as_bytes());
+    }
+}
+
+#[tokio::test]
+async fn one_spread_connection_keeps_every_stream_on_one_connection() {
+    let certificates = certificates();
+    let (address, accepted) = server(certificates.clone()).await;
+    let pool = spreading_pool(certificates, 1, 1);
+    let key = key(address, "server");
+    let mut held = Vec::new();
+    for _ in 0..5 {
+        held.push(pool.connect(&key, &request(8080)).await.expect("tunnel"));
+    }
+    assert_eq!(pool.connection_count(), 1);
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_failed_extra_connection_falls_back_to_sharing() {
+    let certificates = certificates();
+    // The peer takes one connection and then refuses: spreading must not cost the tunnel.
+    let (address, accepted) = server_accepting(certificates.clone(), 1).await;
+    let pool = spreading_pool(certificates, 1, 4);
+    let key = key(address, "server");
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(pool.connect(&key, &request(8080)).await.expect("tunnel"));
+    }
+    assert_eq!(pool.connection_count(), 1);
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    for stream in &mut held {
+        assert_eq!(echo(stream, b"shared").await, b"shared");
+    }
 }

@@ -174,6 +174,14 @@ impl AgentConfig {
                 1,
                 u32::MAX,
             ),
+            ("pool", "spreadAbove", self.pool.spread_above, 1, u32::MAX),
+            (
+                "pool",
+                "spreadConnections",
+                self.pool.spread_connections.unwrap_or(1),
+                1,
+                u32::MAX,
+            ),
         ];
         for (section, field, value, min, max) in ranges {
             if !(min..=max).contains(&value) {
@@ -429,6 +437,16 @@ pub struct PoolConfig {
     /// every tunnel gets a connection and a TLS handshake of its own).
     #[serde(default = "defaults::pool_idle_timeout", with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// When every connection to a peer already carries this many streams, the next tunnel opens
+    /// another connection (up to `spreadConnections`) instead of joining them: one HTTP/2
+    /// connection is driven by one task on one core, so many busy streams on it are limited
+    /// to that core.
+    #[serde(default = "defaults::spread_above")]
+    pub spread_above: u32,
+    /// How many connections per peer (and source identity) streams are spread over before
+    /// they share; unset means one per worker thread. `1` turns spreading off.
+    #[serde(default)]
+    pub spread_connections: Option<u32>,
 }
 
 impl Default for PoolConfig {
@@ -436,6 +454,8 @@ impl Default for PoolConfig {
         PoolConfig {
             max_streams_per_connection: defaults::max_streams_per_connection(),
             idle_timeout: defaults::pool_idle_timeout(),
+            spread_above: defaults::spread_above(),
+            spread_connections: None,
         }
     }
 }
@@ -611,6 +631,9 @@ pub mod defaults {
     }
     pub(crate) fn pool_idle_timeout() -> Duration {
         Duration::from_secs(300)
+    }
+    pub(crate) fn spread_above() -> u32 {
+        4
     }
     pub(crate) fn admin_addr() -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], ports::ADMIN))

@@ -375,10 +375,12 @@ fn error_cases() -> Vec<(&'static str, String, Vec<&'static str>)> {
         ),
         (
             "frame size below the HTTP/2 minimum, pool with zero streams per connection",
-            "agent:\n  proxy:\n    frameSize: 1024\n  pool:\n    maxStreamsPerConnection: 0\n".into(),
+            "agent:\n  proxy:\n    frameSize: 1024\n  pool:\n    maxStreamsPerConnection: 0\n    spreadAbove: 0\n    spreadConnections: 0\n".into(),
             vec![
                 "nodetunnel.yaml:3:16: agent.proxy.frameSize: 1024 is out of range (16384..=16777215)",
                 "nodetunnel.yaml:5:30: agent.pool.maxStreamsPerConnection: 0 is out of range (1..=4294967295)",
+                "nodetunnel.yaml:6:18: agent.pool.spreadAbove: 0 is out of range (1..=4294967295)",
+                "nodetunnel.yaml:7:24: agent.pool.spreadConnections: 0 is out of range (1..=4294967295)",
             ],
         ),
         (

@@ -5,6 +5,14 @@
 //! was authenticated with. Concurrent first requests for a key share one handshake (a per-key
 //! async lock), a connection carries at most `maxStreamsPerConnection` streams before another is
 //! opened, and connections idle past `idleTimeout` are released.
+//!
+//! Streams are spread: one HTTP/2 connection is driven by one task, so however many streams it
+//! carries, their bytes are framed, encrypted and decrypted on one core at a time. Once every
+//! connection for a key carries `spreadAbove` streams, the next tunnel opens another connection
+//! (up to `spreadConnections`, one per worker thread unless set) and new tunnels go to the least
+//! loaded. Only one such extra handshake runs per key at a time, and tunnels never wait for it
+//! while an existing connection has room: it is an optimisation, and a failed one falls back to
+//! sharing.
 
 use crate::telemetry::ResponseFlag;
 use std::collections::HashMap;
@@ -117,6 +125,29 @@ struct KeyEntry {
     /// Serialises connection creation for the key.
     connecting: tokio::sync::Mutex<()>,
     connections: Mutex<Vec<Arc<Pooled>>>,
+    /// After an extra connection failed, the key shares its connections until then instead of
+    /// paying a failing connect per tunnel.
+    spread_paused_until: Mutex<Option<Instant>>,
+}
+
+/// How long a key shares its connections after an extra connection for it failed.
+const SPREAD_PAUSE_AFTER_FAILURE: Duration = Duration::from_secs(10);
+
+impl KeyEntry {
+    fn spread_paused(&self) -> bool {
+        let paused = self
+            .spread_paused_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        paused.is_some_and(|until| Instant::now() < until)
+    }
+
+    fn pause_spreading(&self) {
+        *self
+            .spread_paused_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(Instant::now() + SPREAD_PAUSE_AFTER_FAILURE);
+    }
 }
 
 /// Holds one stream slot of a pooled connection for as long as the tunnel lives. When the last
@@ -148,9 +179,22 @@ pub struct Pool {
     inner: Arc<PoolInner>,
 }
 
+/// What a key's connections offer a new tunnel.
+enum Offer {
+    /// A slot on a connection, taken.
+    Slot(StreamGuard),
+    /// A connection has room, but the key's connections are busy enough that the tunnel should
+    /// go on a new one.
+    Spread,
+    /// No connection has room.
+    Full,
+}
+
 #[derive(Debug)]
 struct PoolInner {
     keys: Mutex<HashMap<PoolKey, Arc<KeyEntry>>>,
+    /// `pool.spreadConnections`, resolved.
+    spread_connections: usize,
     sockets: SocketFactory,
     certificates: Arc<CertificateManager>,
     settings: PoolSettings,
@@ -163,9 +207,17 @@ impl Pool {
         certificates: Arc<CertificateManager>,
         settings: PoolSettings,
     ) -> Self {
+        let worker_threads = tokio::runtime::Handle::try_current()
+            .map(|runtime| runtime.metrics().num_workers())
+            .unwrap_or(1);
+        let spread_connections = settings
+            .pool
+            .spread_connections
+            .map_or(worker_threads, |connections| connections as usize);
         Pool {
             inner: Arc::new(PoolInner {
                 keys: Mutex::new(HashMap::new()),
+                spread_connections,
                 sockets,
                 certificates,
                 settings,
@@ -184,12 +236,17 @@ impl Pool {
         let entry = self.entry(key);
         let mut fresh_attempted = false;
         loop {
-            let guard = match self.checkout(&entry) {
-                Some(guard) => guard,
-                None => {
+            // Boxed: the handshake's state is large and would otherwise stay in the future of
+            // every tunnel for its whole life, idle or not.
+            let guard = match self.checkout(&entry, true) {
+                Offer::Slot(guard) => guard,
+                Offer::Spread => {
+                    let (guard, fresh) = Box::pin(self.spread(key, &entry)).await?;
+                    fresh_attempted |= fresh;
+                    guard
+                }
+                Offer::Full => {
                     fresh_attempted = true;
-                    // Boxed: the handshake's state is large and would otherwise stay in the
-                    // future of every tunnel for its whole life, idle or not.
                     Box::pin(self.checkout_or_create(key, &entry)).await?
                 }
             };
@@ -210,23 +267,72 @@ impl Pool {
         keys.entry(key.clone()).or_default().clone()
     }
 
-    /// A stream slot on a live connection for the key, if one has a free slot. The slot is
-    /// taken under the key's lock, so it cannot race with an idle release.
-    fn checkout(&self, entry: &Arc<KeyEntry>) -> Option<StreamGuard> {
-        let max = self.inner.settings.pool.max_streams_per_connection as usize;
+    /// A stream slot on the least loaded live connection for the key, unless none has room or
+    /// (with `spread`) the key should get another connection first. The slot is taken under the
+    /// key's lock, so it cannot race with an idle release.
+    fn checkout(&self, entry: &Arc<KeyEntry>, spread: bool) -> Offer {
+        let settings = &self.inner.settings.pool;
+        let max = settings.max_streams_per_connection as usize;
         let mut connections = entry.connections.lock().unwrap_or_else(|p| p.into_inner());
         let now = std::time::SystemTime::now();
         connections.retain(|pooled| !pooled.connection.is_closed() && now < pooled.valid_until);
-        let pooled = connections
+        let Some((pooled, streams)) = connections
             .iter()
-            .filter(|pooled| pooled.streams.load(Ordering::Acquire) < max)
-            .min_by_key(|pooled| pooled.streams.load(Ordering::Acquire))?
-            .clone();
-        *pooled.last_used.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
-        Some(self.take_slot(entry, pooled))
+            .map(|pooled| (pooled, pooled.streams.load(Ordering::Acquire)))
+            .filter(|(_, streams)| *streams < max)
+            .min_by_key(|(_, streams)| *streams)
+        else {
+            return Offer::Full;
+        };
+        if spread
+            && streams >= settings.spread_above as usize
+            && connections.len() < self.inner.spread_connections
+            && !entry.spread_paused()
+        {
+            return Offer::Spread;
+        }
+        Offer::Slot(self.take_slot(entry, pooled.clone()))
+    }
+
+    /// A slot on a new connection for the key, or on an existing one when another connection
+    /// is already being made for the key or the handshake fails. Says whether the connection is
+    /// fresh.
+    async fn spread(
+        &self,
+        key: &PoolKey,
+        entry: &Arc<KeyEntry>,
+    ) -> Result<(StreamGuard, bool), PoolError> {
+        let Ok(_connecting) = entry.connecting.try_lock() else {
+            return match self.checkout(entry, false) {
+                Offer::Slot(guard) => Ok((guard, false)),
+                // The existing connections filled up or closed meanwhile.
+                Offer::Spread | Offer::Full => {
+                    Ok((self.checkout_or_create(key, entry).await?, true))
+                }
+            };
+        };
+        // Another spread may have finished while we were getting here.
+        if let Offer::Slot(guard) = self.checkout(entry, true) {
+            return Ok((guard, false));
+        }
+        let error = match self.handshake(key).await {
+            Ok((connection, valid_until)) => {
+                return Ok((self.add(entry, connection, valid_until), true))
+            }
+            Err(error) => error,
+        };
+        entry.pause_spreading();
+        match self.checkout(entry, false) {
+            Offer::Slot(guard) => {
+                tracing::debug!(%error, peer = %key.peer, "extra HBONE connection failed; sharing an existing one");
+                Ok((guard, false))
+            }
+            Offer::Spread | Offer::Full => Err(error),
+        }
     }
 
     fn take_slot(&self, entry: &Arc<KeyEntry>, pooled: Arc<Pooled>) -> StreamGuard {
+        *pooled.last_used.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
         pooled.streams.fetch_add(1, Ordering::AcqRel);
         StreamGuard {
             entry: entry.clone(),
@@ -247,7 +353,7 @@ impl Pool {
         let _connecting = if self.inner.settings.pool.max_streams_per_connection > 1 {
             let connecting = entry.connecting.lock().await;
             // Someone may have created one while we waited for the lock.
-            if let Some(guard) = self.checkout(entry) {
+            if let Offer::Slot(guard) = self.checkout(entry, false) {
                 return Ok(guard);
             }
             Some(connecting)
@@ -255,6 +361,16 @@ impl Pool {
             None
         };
         let (connection, valid_until) = self.handshake(key).await?;
+        Ok(self.add(entry, connection, valid_until))
+    }
+
+    /// Pools a new connection for the key and takes its first slot.
+    fn add(
+        &self,
+        entry: &Arc<KeyEntry>,
+        connection: ClientConnection,
+        valid_until: std::time::SystemTime,
+    ) -> StreamGuard {
         let pooled = Arc::new(Pooled {
             connection,
             streams: Arc::new(AtomicUsize::new(0)),
@@ -263,7 +379,7 @@ impl Pool {
         });
         let mut connections = entry.connections.lock().unwrap_or_else(|p| p.into_inner());
         connections.push(pooled.clone());
-        Ok(self.take_slot(entry, pooled))
+        self.take_slot(entry, pooled)
     }
 
     async fn handshake(
