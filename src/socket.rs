@@ -10,7 +10,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
+use socket2::{Domain, Protocol, Socket, TcpKeepalive, Type};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 use crate::sys::Netns;
@@ -84,11 +84,8 @@ impl SocketFactory {
 
     /// Creates a raw socket in the right namespace with the mark set.
     fn raw_socket(&self, domain: Domain) -> Result<Socket, io::Error> {
-        let create = || -> io::Result<Socket> {
-            let socket = Socket::new(domain, Type::STREAM.nonblocking(), Some(Protocol::TCP))?;
-            socket.set_cloexec(true)?;
-            Ok(socket)
-        };
+        // socket2 creates it close-on-exec already (SOCK_CLOEXEC), so no fcntl follows.
+        let create = || Socket::new(domain, Type::STREAM.nonblocking(), Some(Protocol::TCP));
         let socket = match &self.pod {
             None => create()?,
             Some(pod) => pod.netns.run_in(&pod.home, create)??,
@@ -114,6 +111,10 @@ impl SocketFactory {
                 // Best effort: without CAP_NET_ADMIN TPROXY is unavailable, REDIRECT still works.
                 let _ = socket.set_ip_transparent(true);
             }
+            // Linux copies these to every accepted connection, which saves each of them three
+            // setsockopt calls (a test below checks the inheritance).
+            socket.set_nodelay(true)?;
+            socket.set_tcp_keepalive(&TcpKeepalive::new().with_time(KEEPALIVE_TIME))?;
             socket.bind(&addr.into())?;
             socket.listen(LISTEN_BACKLOG)?;
             TcpListener::from_std(socket.into())
@@ -183,16 +184,10 @@ impl SocketFactory {
     }
 }
 
-/// Socket options every accepted connection gets.
-pub fn configure_accepted(stream: &TcpStream) {
-    let socket = SockRef::from(stream);
-    let _ = socket.set_nodelay(true);
-    let _ = socket.set_tcp_keepalive(&TcpKeepalive::new().with_time(KEEPALIVE_TIME));
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use socket2::SockRef;
     use tokio::io::AsyncReadExt;
 
     /// A restarted agent rebinds a pod's listener although connections it accepted (and closed
@@ -214,5 +209,23 @@ mod tests {
         sockets
             .listen(address, false)
             .expect("rebinding beside TIME_WAIT must work");
+    }
+
+    /// Accepted connections carry the listener's options (no per-connection setsockopt).
+    #[tokio::test]
+    async fn accepted_connections_inherit_nodelay_and_keepalive() {
+        let listener = SocketFactory::node()
+            .listen(SocketAddr::from(([127, 0, 0, 1], 0)), false)
+            .expect("listen");
+        let address = listener.local_addr().expect("address");
+        let _client = TcpStream::connect(address).await.expect("connect");
+        let (accepted, _) = listener.accept().await.expect("accept");
+        let socket = SockRef::from(&accepted);
+        assert!(socket.nodelay().expect("nodelay"));
+        assert!(socket.keepalive().expect("keepalive"));
+        assert_eq!(
+            socket.keepalive_time().expect("keepalive time"),
+            KEEPALIVE_TIME
+        );
     }
 }

@@ -77,19 +77,19 @@ pub async fn tunnel(
     from_tcp: &AtomicU64,
     to_tcp: &AtomicU64,
 ) -> io::Result<()> {
-    let (tcp_read, mut tcp_write) = tcp.split();
+    let (mut tcp_read, mut tcp_write) = tcp.split();
     let (mut tunnel_read, mut tunnel_write) = tunnel.halves();
     let forward = async {
         let mut size = TUNNEL_INITIAL_READ;
         loop {
             tcp_read.readable().await?;
             let mut buffer = BytesMut::with_capacity(size);
-            let read = match tcp_read.try_read_buf(&mut buffer) {
-                Ok(0) => return tunnel_write.finish(),
-                Ok(read) => read,
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(error) => return Err(error),
-            };
+            // `read_buf` rather than `try_read_buf`: a short read then tells tokio the socket is
+            // drained, which saves the `recv` that would only answer EAGAIN.
+            let read = tcp_read.read_buf(&mut buffer).await?;
+            if read == 0 {
+                return tunnel_write.finish();
+            }
             if read == size {
                 size = (size * 2).min(TUNNEL_MAX_READ);
             }

@@ -191,7 +191,6 @@ async fn accept_loop<F, Fut>(
         };
         match accepted {
             Ok((stream, peer)) => {
-                crate::socket::configure_accepted(&stream);
                 let peer = crate::sys::canonical(peer);
                 // Boxed, so that the select below holds a pointer rather than a second copy.
                 let connection = Box::pin(handle(proxy.clone(), stream, peer));

@@ -1,21 +1,27 @@
 //! Batched reads under TLS (layer L2): the TCP stream an HBONE connection's TLS runs over.
 //!
 //! rustls pulls ciphertext in reads of about 4 KiB, so a 16 KiB record costs four or five
-//! `recv` calls. [`BatchedReads`] reads the socket in 64 KiB batches and serves rustls from
-//! memory, trading a copy of each byte for most of the system calls. The batch buffer exists
-//! only while data is waiting: it is dropped whenever the socket runs dry, so an idle connection
-//! holds none. Writes go straight through (vectored, as h2 and rustls send them).
+//! `recv` calls. [`BatchedReads`] reads the socket in batches of up to 64 KiB and serves rustls
+//! from memory, trading a copy of each byte for most of the system calls. The batch size adapts:
+//! it doubles while batches come back full (bulk transfer) and halves, down to 8 KiB, while they
+//! come back mostly empty (request/response traffic, where a 64 KiB buffer per message would be
+//! an allocation outside the allocator's thread cache). The batch buffer exists only while data
+//! is waiting: it is dropped whenever the socket runs dry, so an idle connection holds none.
+//! Reads go through `poll_read`, so a short read tells tokio the socket is drained and no `recv`
+//! is spent learning it. Writes go straight through (vectored, as h2 and rustls send them).
 
 use std::io;
 use std::pin::Pin;
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, BufMut, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-/// How much one `recv` may take from the socket.
-const BATCH: usize = 64 * 1024;
+/// The largest batch one `recv` may take from the socket.
+const MAX_BATCH: usize = 64 * 1024;
+/// The smallest batch: about half a full TLS record.
+const MIN_BATCH: usize = 8 * 1024;
 
 /// A TCP stream whose reads are batched; see the module documentation.
 #[derive(Debug)]
@@ -23,6 +29,8 @@ pub struct BatchedReads {
     tcp: TcpStream,
     /// Bytes read from the socket and not yet handed out; no allocation when empty and idle.
     buffer: BytesMut,
+    /// The size of the next batch.
+    batch: usize,
 }
 
 impl BatchedReads {
@@ -31,6 +39,7 @@ impl BatchedReads {
         BatchedReads {
             tcp,
             buffer: BytesMut::new(),
+            batch: MIN_BATCH,
         }
     }
 
@@ -54,20 +63,32 @@ impl AsyncRead for BatchedReads {
                 this.buffer.advance(take);
                 return Poll::Ready(Ok(()));
             }
-            if buf.remaining() >= BATCH {
+            if buf.remaining() >= this.batch {
                 return Pin::new(&mut this.tcp).poll_read(cx, buf);
             }
-            ready!(this.tcp.poll_read_ready(cx))?;
+            if this.tcp.poll_read_ready(cx).is_pending() {
+                // Dry: give the memory back until the peer sends again.
+                this.buffer = BytesMut::new();
+                return Poll::Pending;
+            }
             // Reuses the previous batch's allocation when there is one.
-            this.buffer.reserve(BATCH);
-            match this.tcp.try_read_buf(&mut this.buffer) {
-                Ok(0) => return Poll::Ready(Ok(())),
-                Ok(_) => {}
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
-                    // Dry: give the memory back until the peer sends again.
-                    this.buffer = BytesMut::new();
-                }
-                Err(error) => return Poll::Ready(Err(error)),
+            this.buffer.reserve(this.batch);
+            let mut limited = (&mut this.buffer).limit(this.batch);
+            let read =
+                match tokio_util::io::poll_read_buf(Pin::new(&mut this.tcp), cx, &mut limited) {
+                    Poll::Pending => {
+                        this.buffer = BytesMut::new();
+                        return Poll::Pending;
+                    }
+                    Poll::Ready(read) => read?,
+                };
+            if read == 0 {
+                return Poll::Ready(Ok(()));
+            }
+            if read == this.batch {
+                this.batch = (this.batch * 2).min(MAX_BATCH);
+            } else if read < this.batch / 4 {
+                this.batch = (this.batch / 2).max(MIN_BATCH);
             }
         }
     }
