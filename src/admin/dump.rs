@@ -59,7 +59,8 @@ pub struct EffectiveConfig {
 #[serde(rename_all = "camelCase")]
 struct CertificateDump {
     identity: Identity,
-    state: &'static str,
+    /// `Available`, `Initializing`, `Unavailable: <why>` or `Expired`.
+    state: String,
     cert_chain: Vec<CertificateInfo>,
     root_certs: Vec<CertificateInfo>,
 }
@@ -145,25 +146,31 @@ pub(super) fn config_dump(admin: &AdminState) -> serde_json::Value {
     let authorization = snapshot.authorization();
     let certificates: Vec<CertificateDump> = admin
         .certificates
-        .held()
-        .iter()
-        .map(|certificate| CertificateDump {
-            state: if certificate.expires_at() > SystemTime::now() {
-                "Available"
-            } else {
-                "Expired"
-            },
-            identity: certificate.identity().clone(),
-            cert_chain: certificate
-                .chain()
-                .iter()
-                .map(CertificateInfo::of)
-                .collect(),
-            root_certs: certificate
-                .root_certificates()
-                .iter()
-                .map(CertificateInfo::of)
-                .collect(),
+        .statuses()
+        .into_iter()
+        .map(|status| CertificateDump {
+            state: status.state.to_string(),
+            identity: status.identity,
+            cert_chain: status
+                .certificate
+                .as_ref()
+                .map_or_else(Vec::new, |certificate| {
+                    certificate
+                        .chain()
+                        .iter()
+                        .map(CertificateInfo::of)
+                        .collect()
+                }),
+            root_certs: status
+                .certificate
+                .as_ref()
+                .map_or_else(Vec::new, |certificate| {
+                    certificate
+                        .root_certificates()
+                        .iter()
+                        .map(CertificateInfo::of)
+                        .collect()
+                }),
         })
         .collect();
     serde_json::json!({

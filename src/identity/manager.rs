@@ -26,6 +26,41 @@ const RETRY_BASE: Duration = Duration::from_secs(1);
 /// Longest delay between retries.
 const RETRY_CAP: Duration = Duration::from_secs(150);
 
+/// What the manager has for one identity.
+#[derive(Debug, Clone)]
+pub struct CertificateStatus {
+    /// The identity.
+    pub identity: Identity,
+    /// The certificate held, expired or not.
+    pub certificate: Option<Arc<WorkloadCertificate>>,
+    /// Whether it can be served, and if not, why.
+    pub state: CertificateState,
+}
+
+/// The state of an identity's certificate, as ztunnel's dump names them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CertificateState {
+    /// A valid certificate is served.
+    Available,
+    /// No certificate yet and no failure: the first issue is under way.
+    Initializing,
+    /// No valid certificate, because the last issue failed (with this error).
+    Unavailable(String),
+    /// The certificate held has expired and no issue has failed since.
+    Expired,
+}
+
+impl std::fmt::Display for CertificateState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CertificateState::Available => f.write_str("Available"),
+            CertificateState::Initializing => f.write_str("Initializing"),
+            CertificateState::Unavailable(error) => write!(f, "Unavailable: {error}"),
+            CertificateState::Expired => f.write_str("Expired"),
+        }
+    }
+}
+
 /// Why the manager has no certificate to give for an identity.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum CertificateError {
@@ -99,6 +134,8 @@ struct Entry {
     failures: u32,
     /// Background issues wait until then after a failure.
     retry_at: Option<Instant>,
+    /// Why the last issue failed; cleared by a success.
+    last_error: Option<CertificateError>,
 }
 
 struct Current {
@@ -152,6 +189,7 @@ impl Entry {
             inflight: None,
             failures: 0,
             retry_at: None,
+            last_error: None,
         }
     }
 
@@ -264,16 +302,36 @@ impl CertificateManager {
         certificates
     }
 
-    /// Every cached certificate (expired ones included until they are dropped), sorted by
-    /// identity: the admin dump shows their chains and roots.
-    pub fn held(&self) -> Vec<Arc<WorkloadCertificate>> {
-        let mut held: Vec<Arc<WorkloadCertificate>> = self
+    /// Every identity the manager looks after, sorted, with its certificate (if it holds one)
+    /// and its state, for the admin dump.
+    pub fn statuses(&self) -> Vec<CertificateStatus> {
+        let now = SystemTime::now();
+        let mut statuses: Vec<CertificateStatus> = self
             .lock()
-            .values()
-            .filter_map(|entry| Some(entry.current.as_ref()?.certificate.clone()))
+            .iter()
+            .map(|(identity, entry)| {
+                let certificate = entry
+                    .current
+                    .as_ref()
+                    .map(|current| current.certificate.clone());
+                let valid = certificate
+                    .as_ref()
+                    .is_some_and(|certificate| now < certificate.expires_at());
+                let state = match (&certificate, &entry.last_error) {
+                    _ if valid => CertificateState::Available,
+                    (_, Some(error)) => CertificateState::Unavailable(error.to_string()),
+                    (Some(_), None) => CertificateState::Expired,
+                    (None, None) => CertificateState::Initializing,
+                };
+                CertificateStatus {
+                    identity: identity.clone(),
+                    certificate,
+                    state,
+                }
+            })
             .collect();
-        held.sort_by(|a, b| a.identity().cmp(b.identity()));
-        held
+        statuses.sort_by(|a, b| a.identity.cmp(&b.identity));
+        statuses
     }
 
     /// Runs rotation until `shutdown` completes: re-issues each cached identity at half-life,
@@ -436,6 +494,7 @@ fn record(
             entry.current = Some(Current::new(certificate.clone()));
             entry.failures = 0;
             entry.retry_at = None;
+            entry.last_error = None;
         }
         Err(error) => {
             entry.failures = entry.failures.saturating_add(1);
@@ -448,6 +507,7 @@ fn record(
                 None => {}
             }
             entry.retry_at = Some(retry_at);
+            entry.last_error = Some(error.clone());
             tracing::warn!(%error, failures = entry.failures, retry_in = ?delay, "certificate issue failed");
         }
     }

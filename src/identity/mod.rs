@@ -25,7 +25,7 @@ use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
 use crate::spiffe::Identity;
 
-pub use manager::{CertificateError, CertificateManager};
+pub use manager::{CertificateError, CertificateManager, CertificateState, CertificateStatus};
 
 /// Why a certificate source could not produce a certificate (or a CA could not start).
 #[derive(Debug, thiserror::Error)]

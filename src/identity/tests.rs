@@ -581,7 +581,11 @@ async fn held_certificates_carry_their_chain_and_roots() {
     let a = identity("spiffe://cluster.local/ns/a/sa/a");
     manager.fetch(&b).await.expect("fetch");
     manager.fetch(&a).await.expect("fetch");
-    let held = manager.held();
+    let held: Vec<Arc<WorkloadCertificate>> = manager
+        .statuses()
+        .into_iter()
+        .filter_map(|status| status.certificate)
+        .collect();
     let identities: Vec<&Identity> = held.iter().map(|c| c.identity()).collect();
     assert_eq!(identities, vec![&a, &b], "sorted by identity");
     assert_eq!(
@@ -614,4 +618,51 @@ fn a_connection_is_valid_until_the_earlier_certificate_expires() {
         mine.expires_at()
     );
     assert_eq!(connection_valid_until(&theirs, None), theirs.expires_at());
+}
+
+#[tokio::test]
+async fn statuses_name_initializing_available_and_unavailable_with_the_reason() {
+    let gate = Arc::new(Semaphore::new(0));
+    let source = Arc::new(TestSource {
+        gate: Some(gate.clone()),
+        ..TestSource::new(HOUR)
+    });
+    let manager = CertificateManager::new(source.clone());
+    let a = identity("spiffe://cluster.local/ns/a/sa/a");
+    let b = identity("spiffe://cluster.local/ns/b/sa/b");
+    let states = |manager: &CertificateManager| -> Vec<(Identity, String, bool)> {
+        manager
+            .statuses()
+            .into_iter()
+            .map(|status| {
+                let held = status.certificate.is_some();
+                (status.identity, status.state.to_string(), held)
+            })
+            .collect()
+    };
+
+    manager.prefetch(&a);
+    assert_eq!(
+        states(&manager),
+        vec![(a.clone(), "Initializing".to_string(), false)]
+    );
+
+    gate.add_permits(1);
+    manager.fetch(&a).await.expect("issued");
+    source.failing.store(true, Ordering::SeqCst);
+    gate.add_permits(1);
+    let error = manager.fetch(&b).await.expect_err("the source fails");
+    assert_eq!(
+        states(&manager),
+        vec![
+            (a, "Available".to_string(), true),
+            (b, format!("Unavailable: {error}"), false),
+        ]
+    );
+    assert!(
+        error
+            .to_string()
+            .starts_with("no certificate for spiffe://cluster.local/ns/b/sa/b: "),
+        "{error}"
+    );
 }
