@@ -27,7 +27,7 @@ use super::connections::{self, Denied, Revoked};
 use super::{accept_loop, copy, WorkloadProxy};
 use crate::authz::ConnectionFacts;
 use crate::hbone::stream::H2Stream;
-use crate::hbone::{self, Authority, ParsedConnect, TraceParent};
+use crate::hbone::{self, Authority, TraceParent};
 use crate::net::{ports, ClientAddr};
 use crate::spiffe::Identity;
 use crate::state::{ApplicationTunnelProtocol, Workload};
@@ -164,13 +164,17 @@ impl StreamError {
     }
 }
 
-async fn handle_stream(
+/// One CONNECT stream. Not an `async fn`: everything taken from the request happens before the
+/// task's first poll, so the task keeps neither the request head nor a second copy of the record
+/// (an async fn's arguments and moved-from locals keep their space for the task's whole life,
+/// which is what an idle tunnel costs).
+fn handle_stream(
     proxy: Arc<WorkloadProxy>,
     peer: ClientAddr,
     peer_identity: Option<Identity>,
     request: Request<RecvStream>,
     respond: SendResponse<Bytes>,
-) {
+) -> impl std::future::Future<Output = ()> + Send {
     let parsed = hbone::parse_connect(&request);
     let trace = parsed
         .as_ref()
@@ -184,13 +188,14 @@ async fn handle_stream(
     record.trace = trace.to_string();
     record.src_identity = peer_identity.clone();
     record.dst_hbone_addr = Some(authority);
+    let target = parsed.map(|parsed| parsed.authority);
+    let body = request.into_body();
     async move {
-        let body = request.into_body();
         let mut respond = Some(respond);
-        let result = match parsed {
-            Ok(parsed) => {
+        let result = match target {
+            Ok(target) => {
                 let client = (peer, peer_identity);
-                tunnel(&proxy, client, parsed, body, &mut respond, &mut record).await
+                tunnel(&proxy, client, target, body, &mut respond, &mut record).await
             }
             Err(error) => Err(StreamError::from(error)),
         };
@@ -202,7 +207,6 @@ async fn handle_stream(
         }
     }
     .instrument(span)
-    .await
 }
 
 /// Checks the target, authorizes, connects to the app, answers 200 and copies until done or
@@ -210,7 +214,7 @@ async fn handle_stream(
 async fn tunnel(
     proxy: &WorkloadProxy,
     (peer, peer_identity): (ClientAddr, Option<Identity>),
-    request: ParsedConnect,
+    authority: Authority,
     body: RecvStream,
     respond: &mut Option<SendResponse<Bytes>>,
     record: &mut ConnectionRecord,
@@ -226,7 +230,7 @@ async fn tunnel(
         record.src_workload = Some(source.clone());
     }
     drop(snapshot);
-    let requested = resolve_target(proxy, &local, &request.authority)?;
+    let requested = resolve_target(proxy, &local, &authority)?;
     let target = delivery_address(&local, requested)?;
     record.dst_addr = target.to_string();
     if ports::is_agent_port(target.port()) {
@@ -268,8 +272,14 @@ async fn tunnel(
         .map_err(StreamError::Respond)?;
     let tunnel = H2Stream::new(send, body);
     record.connected();
-    // Downstream is the tunnel here: bytes from the app's socket are the ones received.
-    let copy = copy::tunnel(upstream, tunnel, &record.bytes.received, &record.bytes.sent);
+    // Downstream is the tunnel here: bytes from the app's socket are the ones received. Boxed,
+    // so that the copy's state is not held twice (here and inside the select).
+    let copy = Box::pin(copy::tunnel(
+        upstream,
+        tunnel,
+        &record.bytes.received,
+        &record.bytes.sent,
+    ));
     // Dropping the copy on revocation resets the stream (h2 CANCEL) and closes the app socket.
     tokio::select! {
         copied = copy => copied.map_err(StreamError::Copy),

@@ -30,15 +30,17 @@ async fn handle(proxy: Arc<WorkloadProxy>, stream: TcpStream, peer: SocketAddr) 
         destination,
     );
     record.trace = trace.to_string();
-    async move {
-        if let Err(error) =
-            proxy_connection(&proxy, stream, client, destination, trace, &mut record).await
-        {
-            record.fail(error.flag(), error);
-        }
+    // No inner `async move`: moving the record into one would keep its space twice in this
+    // task (an async fn's moved-from locals keep their storage) for the connection's life.
+    let result = proxy_connection(&proxy, stream, client, destination, trace, &mut record)
+        .instrument(span.clone())
+        .await;
+    // The failure and the access log (the record's drop) are logged inside the span.
+    let _in_span = span.enter();
+    if let Err(error) = result {
+        record.fail(error.flag(), error);
     }
-    .instrument(span)
-    .await
+    drop(record);
 }
 
 /// Why an outbound connection failed.
@@ -98,22 +100,26 @@ async fn proxy_connection(
             record.dst_addr = peer.to_string();
             record.dst_service = service.clone();
             record.dst_hbone_addr = Some(authority.to_string());
-            let request = ConnectRequest {
-                authority: Authority::Address(authority),
-                client,
-                service_host: service.as_ref().map(|s| s.hostname.clone()),
-                baggage: hbone::baggage(&source),
-                traceparent: trace,
+            // The request and key live in this block only, so that their space is not kept
+            // through the copy.
+            let tunnel = {
+                let request = ConnectRequest {
+                    authority: Authority::Address(authority),
+                    client,
+                    service_host: service.as_ref().map(|s| s.hostname.clone()),
+                    baggage: hbone::baggage(&source),
+                    traceparent: trace,
+                };
+                let key = super::pool::PoolKey {
+                    source_identity: source.identity.clone(),
+                    expected_identities,
+                    peer,
+                    source_ip: client.0.ip(),
+                };
+                // Boxed: the CONNECT exchange's state would otherwise stay in this
+                // connection's task for its whole life.
+                Box::pin(proxy.pool.connect(&key, &request)).await?
             };
-            let key = super::pool::PoolKey {
-                source_identity: source.identity.clone(),
-                expected_identities,
-                peer,
-                source_ip: client.0.ip(),
-            };
-            // Boxed: the CONNECT exchange's state would otherwise stay in this connection's
-            // task for its whole life.
-            let tunnel = Box::pin(proxy.pool.connect(&key, &request)).await?;
             record.connected();
             copy::tunnel(stream, tunnel, &record.bytes.sent, &record.bytes.received)
                 .await
