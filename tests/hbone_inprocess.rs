@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use nodetunnel::config::agent::{PoolConfig, ProxyConfig};
 use nodetunnel::drain::Drain;
+use nodetunnel::hbone::stream::H2Stream;
 use nodetunnel::hbone::{self, Authority, ConnectRequest, H2Settings, TraceParent};
 use nodetunnel::identity::ca::BuiltinCa;
 use nodetunnel::identity::CertificateManager;
@@ -79,7 +80,7 @@ fn serve_one(
                     let send = respond
                         .send_response(http::Response::new(()), false)
                         .expect("respond");
-                    let stream = hbone::stream::H2Stream::new(send, request.into_body());
+                    let stream = H2Stream::new(send, request.into_body());
                     let (mut read, mut write) = tokio::io::split(stream);
                     let _ = tokio::io::copy(&mut read, &mut write).await;
                     let _ = write.shutdown().await;
@@ -133,20 +134,16 @@ fn request(port: u16) -> ConnectRequest {
     }
 }
 
-async fn echo(stream: &mut hbone::stream::H2Stream, message: &[u8]) -> Vec<u8> {
+async fn echo(stream: &mut H2Stream, message: &[u8]) -> Vec<u8> {
     stream.write_all(message).await.expect("write");
     let mut buffer = vec![0u8; message.len()];
     stream.read_exact(&mut buffer).await.expect("read");
     buffer
 }
 
-#[tokio::test]
-async fn concurrent_first_requests_share_one_handshake() {
-    let certificates = certificates();
-    let (address, accepted) = server(certificates.clone()).await;
-    let pool = pool(certificates, 100);
-    let key = key(address, "server");
-    let tasks: Vec<_> = (0..20)
+/// Opens `count` tunnels at once, each echoing its own message, and returns them open.
+async fn concurrent_tunnels(pool: &Pool, key: &PoolKey, count: usize) -> Vec<H2Stream> {
+    let tasks: Vec<_> = (0..count)
         .map(|i| {
             let (pool, key) = (pool.clone(), key.clone());
             tokio::spawn(async move {
@@ -156,12 +153,31 @@ async fn concurrent_first_requests_share_one_handshake() {
                     echo(&mut stream, message.as_bytes()).await,
                     message.as_bytes()
                 );
+                stream
             })
         })
         .collect();
+    let mut held = Vec::new();
     for task in tasks {
-        task.await.expect("task");
+        held.push(task.await.expect("task"));
     }
+    held
+}
+
+/// Opens tunnels one after the other until `held` has `count`.
+async fn open_until(pool: &Pool, key: &PoolKey, held: &mut Vec<H2Stream>, count: usize) {
+    while held.len() < count {
+        held.push(pool.connect(key, &request(8080)).await.expect("tunnel"));
+    }
+}
+
+#[tokio::test]
+async fn concurrent_first_requests_share_one_handshake() {
+    let certificates = certificates();
+    let (address, accepted) = server(certificates.clone()).await;
+    let pool = pool(certificates, 100);
+    let key = key(address, "server");
+    concurrent_tunnels(&pool, &key, 20).await;
     assert_eq!(pool.connection_count(), 1);
     assert_eq!(
         accepted.load(Ordering::SeqCst),
@@ -177,9 +193,7 @@ async fn streams_beyond_the_limit_open_a_second_connection() {
     let pool = pool(certificates, 2);
     let key = key(address, "server");
     let mut held = Vec::new();
-    for _ in 0..3 {
-        held.push(pool.connect(&key, &request(8080)).await.expect("tunnel"));
-    }
+    open_until(&pool, &key, &mut held, 3).await;
     assert_eq!(pool.connection_count(), 2);
     assert_eq!(accepted.load(Ordering::SeqCst), 2);
     for stream in &mut held {
@@ -272,24 +286,7 @@ async fn one_stream_per_connection_opens_concurrent_tunnels_on_their_own_connect
         },
     );
     let key = key(address, "server");
-    let tasks: Vec<_> = (0..4)
-        .map(|i| {
-            let (pool, key) = (pool.clone(), key.clone());
-            tokio::spawn(async move {
-                let mut stream = pool.connect(&key, &request(8080)).await.expect("tunnel");
-                let message = format!("hello {i}");
-                assert_eq!(
-                    echo(&mut stream, message.as_bytes()).await,
-                    message.as_bytes()
-                );
-                stream
-            })
-        })
-        .collect();
-    let mut held = Vec::new();
-    for task in tasks {
-        held.push(task.await.expect("task"));
-    }
+    let held = concurrent_tunnels(&pool, &key, 4).await;
     assert_eq!(accepted.load(Ordering::SeqCst), 4);
     assert_eq!(pool.connection_count(), 4);
     drop(held);
@@ -318,9 +315,7 @@ async fn busy_connections_spread_new_streams_up_to_the_cap() {
     // 2 streams and open another; the 2nd, 4th and 6th join the least loaded; past 3
     // connections everything shares.
     for (tunnels, connections) in [(1, 1), (2, 1), (3, 2), (4, 2), (5, 3), (6, 3), (12, 3)] {
-        while held.len() < tunnels {
-            held.push(pool.connect(&key, &request(8080)).await.expect("tunnel"));
-        }
+        open_until(&pool, &key, &mut held, tunnels).await;
         assert_eq!(pool.connection_count(), connections, "{tunnels} tunnels");
     }
     assert_eq!(accepted.load(Ordering::SeqCst), 3);
@@ -337,9 +332,7 @@ async fn one_spread_connection_keeps_every_stream_on_one_connection() {
     let pool = spreading_pool(certificates, 1, 1);
     let key = key(address, "server");
     let mut held = Vec::new();
-    for _ in 0..5 {
-        held.push(pool.connect(&key, &request(8080)).await.expect("tunnel"));
-    }
+    open_until(&pool, &key, &mut held, 5).await;
     assert_eq!(pool.connection_count(), 1);
     assert_eq!(accepted.load(Ordering::SeqCst), 1);
 }
@@ -352,9 +345,7 @@ async fn a_failed_extra_connection_falls_back_to_sharing() {
     let pool = spreading_pool(certificates, 1, 4);
     let key = key(address, "server");
     let mut held = Vec::new();
-    for _ in 0..3 {
-        held.push(pool.connect(&key, &request(8080)).await.expect("tunnel"));
-    }
+    open_until(&pool, &key, &mut held, 3).await;
     assert_eq!(pool.connection_count(), 1);
     assert_eq!(accepted.load(Ordering::SeqCst), 1);
     for stream in &mut held {

@@ -97,6 +97,10 @@ impl CertificateInfo {
 }
 
 /// The PEM text of a DER certificate (RFC 7468: 64-character lines).
+fn infos(certificates: &[CertificateDer<'_>]) -> Vec<CertificateInfo> {
+    certificates.iter().map(CertificateInfo::of).collect()
+}
+
 fn pem(der: &CertificateDer<'_>) -> String {
     let body = BASE64.encode(der.as_ref());
     let mut text = String::from("-----BEGIN CERTIFICATE-----\n");
@@ -154,22 +158,12 @@ pub(super) fn config_dump(admin: &AdminState) -> serde_json::Value {
             cert_chain: status
                 .certificate
                 .as_ref()
-                .map_or_else(Vec::new, |certificate| {
-                    certificate
-                        .chain()
-                        .iter()
-                        .map(CertificateInfo::of)
-                        .collect()
-                }),
+                .map_or_else(Vec::new, |certificate| infos(certificate.chain())),
             root_certs: status
                 .certificate
                 .as_ref()
                 .map_or_else(Vec::new, |certificate| {
-                    certificate
-                        .root_certificates()
-                        .iter()
-                        .map(CertificateInfo::of)
-                        .collect()
+                    infos(certificate.root_certificates())
                 }),
         })
         .collect();

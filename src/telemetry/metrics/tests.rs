@@ -327,20 +327,15 @@ fn decisions_are_counted_by_policy_and_evicted_with_their_policy_or_workload() {
     };
     use DecisionAction::{Allow, Deny};
     use DecisionPhase::{Connect, Reevaluation};
-    decision(
-        Allow,
-        Some("default/allow-good"),
-        "allowed_by",
-        Connect,
-        &server,
-    );
-    decision(
-        Allow,
-        Some("default/allow-good"),
-        "allowed_by",
-        Connect,
-        &server,
-    );
+    for _ in 0..2 {
+        decision(
+            Allow,
+            Some("default/allow-good"),
+            "allowed_by",
+            Connect,
+            &server,
+        );
+    }
     decision(
         Deny,
         Some("default/deny-bad"),
