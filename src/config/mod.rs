@@ -59,6 +59,15 @@ impl Config {
         )
     }
 
+    /// The model part, unindexed, for merging with istiod's ([`state::merge::merge`]).
+    pub fn local_model(&self) -> state::merge::LocalModel {
+        state::merge::LocalModel {
+            workloads: self.workloads.clone(),
+            services: self.services.clone(),
+            authorization: self.authorization(),
+        }
+    }
+
     /// Every policy source merged in configuration order: local `policies`, then Istio
     /// resources; with the agent's zero-trust switch.
     pub fn authorization(&self) -> state::Authorization {
