@@ -15,6 +15,7 @@ pub mod agent;
 mod convert;
 pub mod env;
 pub mod istio;
+pub mod istio_policy;
 mod local;
 pub mod locate;
 pub mod watch;
