@@ -396,9 +396,25 @@ pub struct ProxyConfig {
     /// A PING not answered within this closes the connection.
     #[serde(default = "defaults::keepalive_timeout", with = "humantime_serde")]
     pub keepalive_timeout: Duration,
-    /// Time allowed for a TLS handshake plus the HTTP/2 preface.
+    /// Inbound: time from accept to the first CONNECT stream (certificate, TLS handshake,
+    /// HTTP/2 preface); outbound: time for a TLS handshake plus the HTTP/2 preface.
     #[serde(default = "defaults::handshake_timeout", with = "humantime_serde")]
     pub handshake_timeout: Duration,
+    /// An inbound HBONE connection with no open stream for this long is closed (GOAWAY).
+    /// Longer than `pool.idleTimeout`, so clients normally release first. Streams have no idle
+    /// timeout.
+    #[serde(
+        default = "defaults::connection_idle_timeout",
+        with = "humantime_serde"
+    )]
+    pub connection_idle_timeout: Duration,
+    /// How long a CONNECT waits for the peer's response (the peer connects to its app within
+    /// its own `connectTimeout` first).
+    #[serde(
+        default = "defaults::connect_response_timeout",
+        with = "humantime_serde"
+    )]
+    pub connect_response_timeout: Duration,
     /// Connect to local apps from the client's own IP (transparent + freebind), so apps see
     /// the real client address. Needs the connmark return-path rules in the pod (installed by
     /// the agent with `capture.installRules`, or by istio-cni).
@@ -420,6 +436,8 @@ impl Default for ProxyConfig {
             keepalive_interval: defaults::keepalive_interval(),
             keepalive_timeout: defaults::keepalive_timeout(),
             handshake_timeout: defaults::handshake_timeout(),
+            connection_idle_timeout: defaults::connection_idle_timeout(),
+            connect_response_timeout: defaults::connect_response_timeout(),
             original_source: defaults::original_source(),
         }
     }
@@ -625,6 +643,12 @@ pub mod defaults {
     }
     pub(crate) fn handshake_timeout() -> Duration {
         Duration::from_secs(10)
+    }
+    pub(crate) fn connection_idle_timeout() -> Duration {
+        Duration::from_secs(600)
+    }
+    pub(crate) fn connect_response_timeout() -> Duration {
+        Duration::from_secs(20)
     }
     pub(crate) fn max_streams_per_connection() -> u32 {
         100
