@@ -144,7 +144,10 @@ impl AgentConfig {
         if self.proxy.hbone_port == 0 {
             problems.push(path.key("proxy").key("hbonePort"), Invalid::PortZero);
         }
-        // HTTP/2 bounds (RFC 9113 §6.5.2); h2 would panic on a frame size outside them.
+        self.check_durations(path, problems);
+        // HTTP/2 bounds (RFC 9113 §6.5.2); h2 would panic on a frame size outside them. Streams
+        // and header blocks are bounded above too: they size what one peer can make the agent
+        // hold (see `ProxyConfig`).
         let ranges = [
             (
                 "proxy",
@@ -166,6 +169,20 @@ impl AgentConfig {
                 self.proxy.connection_window,
                 1,
                 2_147_483_647,
+            ),
+            (
+                "proxy",
+                "maxConcurrentStreams",
+                self.proxy.max_concurrent_streams,
+                1,
+                MAX_CONCURRENT_STREAMS,
+            ),
+            (
+                "proxy",
+                "maxHeaderListSize",
+                self.proxy.max_header_list_size,
+                1024,
+                MAX_HEADER_LIST_SIZE,
             ),
             (
                 "pool",
@@ -191,6 +208,64 @@ impl AgentConfig {
                     max: max.into(),
                 };
                 problems.push(path.key(section).key(field), invalid);
+            }
+        }
+    }
+}
+
+/// Largest `proxy.maxConcurrentStreams`: streams (and their handlers and buffers) one peer may
+/// hold on one connection.
+pub const MAX_CONCURRENT_STREAMS: u32 = 1000;
+/// Largest `proxy.maxHeaderListSize`: a CONNECT needs a few hundred bytes; h2 holds a header
+/// block up to this size while it arrives (CONTINUATION frames).
+pub const MAX_HEADER_LIST_SIZE: u32 = 1024 * 1024;
+
+impl AgentConfig {
+    /// Durations where 0 would break things: a zero keepalive timeout closes every HBONE
+    /// connection, a zero interval or backoff cap spins, a zero connect timeout fails every
+    /// connect, a zero certificate lifetime gives expired certificates.
+    fn check_durations(&self, path: &FieldPath, problems: &mut Problems) {
+        let durations = [
+            (Some("proxy"), "connectTimeout", self.proxy.connect_timeout),
+            (
+                Some("proxy"),
+                "keepaliveInterval",
+                self.proxy.keepalive_interval,
+            ),
+            (
+                Some("proxy"),
+                "keepaliveTimeout",
+                self.proxy.keepalive_timeout,
+            ),
+            (
+                Some("proxy"),
+                "handshakeTimeout",
+                self.proxy.handshake_timeout,
+            ),
+            (
+                Some("proxy"),
+                "connectionIdleTimeout",
+                self.proxy.connection_idle_timeout,
+            ),
+            (
+                Some("proxy"),
+                "connectResponseTimeout",
+                self.proxy.connect_response_timeout,
+            ),
+            (Some("xds"), "reconnectMax", self.xds.reconnect_max),
+            (Some("xds"), "connectTimeout", self.xds.connect_timeout),
+            (Some("zds"), "reconnectMax", self.zds.reconnect_max),
+            (Some("ca"), "workloadCertTtl", self.ca.workload_cert_ttl),
+            (Some("istio"), "certificateTtl", self.istio.certificate_ttl),
+            (None, "reloadInterval", self.reload_interval),
+        ];
+        for (section, field, value) in durations {
+            if value.is_zero() {
+                let at = match section {
+                    Some(section) => path.key(section).key(field),
+                    None => path.key(field),
+                };
+                problems.push(at, Invalid::ZeroDuration);
             }
         }
     }
