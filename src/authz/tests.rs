@@ -310,7 +310,7 @@ spec:
     assert_eq!(
         rule[1][0].principals,
         vec![
-            StringMatch::Presence(serde_yaml::Value::Null),
+            StringMatch::Presence,
             StringMatch::Prefix("td/ns/a/".to_string()),
             StringMatch::Suffix("/sa/b".to_string()),
             StringMatch::Exact("td/ns/c/sa/d".to_string()),

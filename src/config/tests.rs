@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use super::locate::{FieldPath, Locator, Position};
 use super::*;
+use crate::authz::{authorize, AuthzOptions, ConnectionFacts, Verdict};
 use crate::net::NetworkAddress;
-use crate::state::policy::{PolicyAction, PolicyScope};
+use crate::state::policy::{PolicyAction, PolicyScope, StringMatch};
 use crate::state::{GatewayDestination, HealthStatus, TunnelProtocol};
 
 const ISTIO_EXAMPLE: &str = include_str!("../../tests/fixtures/config/istio-localhost.yaml");
@@ -721,5 +722,200 @@ fn empty_unknown_key_names_the_document() {
         errors.0[0].message.contains("unknown field"),
         "{}",
         errors.0[0].message
+    );
+}
+
+/// One ALLOW and one DENY policy using every string match, in the form Istio's ztunnel reads
+/// (serde_yaml 0.9 YAML tags) or in the single-key map form; `{MATCH}` placeholders are
+/// filled per form.
+const TWO_POLICIES: &str = "workloads:
+- uid: u-server
+  name: server
+  namespace: app
+  workloadIps: [10.0.2.7]
+  protocol: HBONE
+policies:
+- name: allow-team
+  namespace: app
+  scope: Namespace
+  action: Allow
+  rules:
+  - - - principals: [EXACT, PREFIX]
+        namespaces: [PRESENCE]
+- name: deny-test
+  namespace: app
+  scope: Namespace
+  action: Deny
+  rules:
+  - - - namespaces: [SUFFIX]
+";
+
+fn two_policies(exact: &str, prefix: &str, suffix: &str, presence: &str) -> String {
+    TWO_POLICIES
+        .replace("EXACT", exact)
+        .replace("PREFIX", prefix)
+        .replace("SUFFIX", suffix)
+        .replace("PRESENCE", presence)
+}
+
+#[test]
+fn ztunnel_tag_form_and_map_form_read_the_same_policies_and_decide_the_same() {
+    let tags = parse_ok(&two_policies(
+        "!Exact cluster.local/ns/client/sa/client",
+        "!Prefix \"cluster.local/ns/team-\"",
+        "!Suffix -test",
+        "!Presence []",
+    ));
+    let maps = parse_ok(&two_policies(
+        "{Exact: cluster.local/ns/client/sa/client}",
+        "{Prefix: \"cluster.local/ns/team-\"}",
+        "{Suffix: -test}",
+        "{Presence: []}",
+    ));
+    assert_eq!(tags.policies, maps.policies, "both forms read the same");
+    let matched = &tags.policies[0].rules[0][0][0];
+    assert_eq!(
+        matched.principals,
+        [
+            StringMatch::Exact("cluster.local/ns/client/sa/client".to_string()),
+            StringMatch::Prefix("cluster.local/ns/team-".to_string()),
+        ]
+    );
+    assert_eq!(matched.namespaces, [StringMatch::Presence]);
+
+    let server = &tags.workloads[0];
+    // (client identity, verdict): allowed by exact or prefix principal, denied by the suffix
+    // DENY, and nothing else matches the ALLOW.
+    let cases = [
+        ("spiffe://cluster.local/ns/client/sa/client", Verdict::Allow),
+        ("spiffe://cluster.local/ns/team-a/sa/x", Verdict::Allow),
+        ("spiffe://cluster.local/ns/team-test/sa/x", Verdict::Deny),
+        ("spiffe://cluster.local/ns/other/sa/x", Verdict::Deny),
+    ];
+    for (identity, want) in cases {
+        let facts = ConnectionFacts {
+            source_identity: Some(identity.parse().unwrap()),
+            source_ip: "10.0.1.5".parse().unwrap(),
+            destination_ip: "10.0.2.7".parse().unwrap(),
+            destination_port: 8080,
+        };
+        for (form, config) in [("tags", &tags), ("maps", &maps)] {
+            let decision = authorize(
+                &config.policies,
+                &[],
+                server,
+                &facts,
+                &AuthzOptions::default(),
+            );
+            assert_eq!(decision.verdict, want, "{form}: {identity}");
+        }
+    }
+}
+
+#[test]
+fn ztunnel_tag_form_errors_keep_their_position() {
+    // (file, the one error it must give)
+    let cases = [
+        (
+            "policies:\n- name: p\n  namespace: ns\n  rules:\n  - - - namespaces: [!Regex x]\n",
+            "nodetunnel.yaml:5:22: policies[0].rules[0][0][0].namespaces[0]: unknown variant `Regex`, expected one of `Exact`, `Prefix`, `Suffix`, `Presence`",
+        ),
+        (
+            "policies:\n- name: p\n  namespace: ns\n  rules:\n  - - - principals:\n        - !Exact [a]\n",
+            "nodetunnel.yaml:6:11: policies[0].rules[0][0][0].principals[0]: invalid type: sequence, expected a string",
+        ),
+        (
+            "policies:\n- name: p\n  namespace: ns\n  rules:\n  - - - principals: [{Exact: a, Prefix: b}]\n",
+            "nodetunnel.yaml:5:22: policies[0].rules[0][0][0].principals[0]: a string match has exactly one key (Exact, Prefix, Suffix or Presence)",
+        ),
+    ];
+    for (text, want) in cases {
+        assert_eq!(error_lines(text, &Overrides::default()), [want], "{text}");
+    }
+    // The locator walks tagged nodes like untagged ones.
+    let text = "policies:\n- name: p\n  namespace: ns\n  rules:\n  - - - principals: [!Exact a, !Presence []]\n    - - notPrincipals: [!Suffix b]\n";
+    let locator = Locator::new(text);
+    let rules = FieldPath::default().key("policies").index(0).key("rules");
+    assert_eq!(
+        locator.locate(
+            &rules
+                .index(0)
+                .index(1)
+                .index(0)
+                .key("notPrincipals")
+                .index(0)
+        ),
+        Position {
+            line: 6,
+            column: 25
+        }
+    );
+    assert_eq!(
+        locator.locate(&rules.index(0).index(0).index(0).key("principals").index(1)),
+        Position {
+            line: 5,
+            column: 32
+        }
+    );
+}
+
+#[test]
+fn ztunnel_service_endpoints_and_nameless_workloads_read_as_ztunnel_reads_them() {
+    let text = "workloads:
+- uid: cluster1//v1/Pod/default/only-uid
+  namespace: default
+  workloadIps: [10.0.0.1]
+  protocol: HBONE
+- uid: cluster1//v1/Pod/default/both
+  name: both
+  namespace: default
+  workloadIps: [10.0.0.2]
+  services:
+    default/echo.default.svc.cluster.local: {80: 9090}
+services:
+- name: echo
+  namespace: default
+  hostname: echo.default.svc.cluster.local
+  vips: [/10.96.0.1]
+  ports: {80: 8080}
+  endpoints:
+    cluster1//v1/Pod/default/only-uid:
+      workloadUid: cluster1//v1/Pod/default/only-uid
+      port: {80: 8181}
+      status: Healthy
+    cluster1//v1/Pod/default/both:
+      workloadUid: cluster1//v1/Pod/default/both
+      port: {80: 8282}
+    unknown:
+      workloadUid: cluster1//v1/Pod/default/gone
+      service: default/echo.default.svc.cluster.local
+      address: /10.0.0.9
+      port: {}
+";
+    let config = parse_ok(text);
+    let [only_uid, both] = config.workloads.as_slice() else {
+        panic!("two workloads")
+    };
+    assert_eq!(only_uid.name, "");
+    let key = "default/echo.default.svc.cluster.local";
+    assert_eq!(only_uid.services[key][&80], 8181, "the service's endpoint");
+    assert_eq!(
+        both.services[key][&80], 9090,
+        "the workload's own entry wins"
+    );
+    let snapshot = config.snapshot();
+    let backing: Vec<&str> = snapshot
+        .workloads()
+        .filter(|workload| workload.services.contains_key(key))
+        .map(|workload| workload.uid.as_str())
+        .collect();
+    assert_eq!(backing.len(), 2, "{backing:?}");
+
+    assert_eq!(
+        error_lines(
+            "workloads:\n- namespace: default\n  workloadIps: [10.0.0.1]\n",
+            &Overrides::default()
+        ),
+        ["nodetunnel.yaml:2:3: workloads[0].name: a workload needs a uid or a name"]
     );
 }
