@@ -79,7 +79,7 @@ struct RunningPod {
 }
 
 /// Who asked for a pod. Each source reconciles only its own pods.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub enum PodSource {
     /// `agent.pods` in the config file.
