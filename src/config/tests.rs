@@ -746,7 +746,7 @@ async fn watch_publishes_valid_edits_and_keeps_the_last_good_config() {
 
     // A valid edit: a workload moves to another IP.
     let moved = ISTIO_EXAMPLE.replacen("127.0.0.2", "127.0.0.3", 1);
-    std::fs::write(&file, &moved).unwrap();
+    replace(&file, &moved);
     let edited = published(&mut receiver, |config| {
         config.workloads[1].workload_ips[0].to_string() == "127.0.0.3"
     })
@@ -755,11 +755,10 @@ async fn watch_publishes_valid_edits_and_keeps_the_last_good_config() {
 
     // An invalid edit, then the file disappears, then a valid edit: only the valid one is
     // ever published, and the invalid one never replaced the last good config.
-    std::fs::write(
+    replace(
         &file,
         "workloads:\n- name: a\n  namespace: ns\n  workloadIps: [x]\n",
-    )
-    .unwrap();
+    );
     tokio::time::sleep(Duration::from_millis(100)).await;
     std::fs::remove_file(&file).unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -768,7 +767,7 @@ async fn watch_publishes_valid_edits_and_keeps_the_last_good_config() {
         receiver.borrow().workloads[1].workload_ips[0].to_string(),
         "127.0.0.3"
     );
-    std::fs::write(&file, "workloads: []\n").unwrap();
+    replace(&file, "workloads: []\n");
     let emptied = published(&mut receiver, |config| config.workloads.is_empty()).await;
     assert!(emptied.services.is_empty());
 
@@ -777,6 +776,14 @@ async fn watch_publishes_valid_edits_and_keeps_the_last_good_config() {
         .await
         .expect("watcher stops on shutdown")
         .unwrap();
+}
+
+/// Replaces `file` whole (write + rename), as editors and ConfigMaps do: a plain write can be
+/// read half-way, and an empty file is a valid (empty) config.
+fn replace(file: &Path, text: &str) {
+    let temporary = file.with_extension("yaml.new");
+    std::fs::write(&temporary, text).unwrap();
+    std::fs::rename(&temporary, file).unwrap();
 }
 
 #[test]
