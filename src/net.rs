@@ -115,6 +115,13 @@ impl serde::Serialize for NetworkAddress {
     }
 }
 
+impl<'de> serde::Deserialize<'de> for NetworkAddress {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = <String as serde::Deserialize>::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// A control-plane service's address as configured: `https://host[:port]`, or `host:port` with
 /// `https://` assumed (istiod is always reached over TLS; the port defaults to 443).
 #[derive(Debug, Clone, PartialEq, Eq)]
