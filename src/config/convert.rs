@@ -356,7 +356,7 @@ fn application_tunnel(raw: &LocalApplicationTunnel) -> ApplicationTunnel {
             LocalTunnelProtocol::None => ApplicationTunnelProtocol::None,
             LocalTunnelProtocol::Proxy => ApplicationTunnelProtocol::Proxy,
         },
-        port: Some(raw.port).filter(|port| *port != 0),
+        port: raw.port.filter(|port| *port != 0),
     }
 }
 
