@@ -14,7 +14,7 @@ use super::locate::FieldPath;
 use super::problem::{Problems, SemanticError};
 
 fn default_trust_domain() -> String {
-    "cluster.local".to_string()
+    crate::state::rules::DEFAULT_TRUST_DOMAIN.to_string()
 }
 
 /// Settings of this agent, as opposed to the mesh model (workloads, services, policies).

@@ -17,15 +17,13 @@ use super::locate::FieldPath;
 use super::problem::{Problems, SemanticError};
 use crate::net::NetworkAddress;
 use crate::spiffe::Identity;
+use crate::state::rules::{
+    check_service_key, derived_uid, or_default, DEFAULT_CLUSTER_ID, DEFAULT_SERVICE_ACCOUNT,
+};
 use crate::state::{
     ApplicationTunnel, ApplicationTunnelProtocol, GatewayAddress, GatewayDestination, HealthStatus,
     Policy, Service, TunnelProtocol, Workload,
 };
-
-/// Istio's default cluster id, used in derived uids and as the workload's `clusterId`.
-const DEFAULT_CLUSTER_ID: &str = "Kubernetes";
-/// Istio's default service account.
-const DEFAULT_SERVICE_ACCOUNT: &str = "default";
 
 /// The model converted from a file, and every problem found on the way. The model parts are
 /// only meaningful when there are no problems.
@@ -70,32 +68,16 @@ pub fn convert(file: &LocalFile, problems: &mut Problems) -> Converted {
     converted
 }
 
-/// The uid Istio would give this pod: `<clusterId>//Pod/<namespace>/<name>`.
-fn derived_uid(raw: &LocalWorkload) -> String {
-    format!("{}//Pod/{}/{}", cluster_id(raw), raw.namespace, raw.name)
-}
-
 fn cluster_id(raw: &LocalWorkload) -> &str {
-    if raw.cluster_id.is_empty() {
-        DEFAULT_CLUSTER_ID
-    } else {
-        &raw.cluster_id
-    }
+    or_default(&raw.cluster_id, DEFAULT_CLUSTER_ID)
 }
 
+/// The uid as written, else the one Istio would give this pod.
 fn uid(raw: &LocalWorkload) -> String {
     if raw.uid.is_empty() {
-        derived_uid(raw)
+        derived_uid(cluster_id(raw), &raw.namespace, &raw.name)
     } else {
         raw.uid.clone()
-    }
-}
-
-fn or_default<'a>(value: &'a str, default: &'a str) -> &'a str {
-    if value.is_empty() {
-        default
-    } else {
-        value
     }
 }
 
@@ -146,12 +128,8 @@ fn workload(
     let mut services = BTreeMap::new();
     for (key, ports) in &raw.services {
         let key_path = path.key("services").key(key.as_str());
-        if !matches!(key.split_once('/'), Some((namespace, host)) if !namespace.is_empty() && !host.is_empty())
-        {
-            problems.push_key(
-                key_path.clone(),
-                SemanticError::ServiceReference(key.clone()),
-            );
+        if let Err(error) = check_service_key(key) {
+            problems.push_key(key_path.clone(), error.into());
         }
         services.insert(key.clone(), port_map(&key_path, ports, problems));
     }
@@ -224,28 +202,11 @@ fn gateway_address(
     if raw.hbone_mtls_port == 0 {
         problems.push(path.key("hboneMtlsPort"), SemanticError::PortZero);
     }
-    let destination = if let Ok(address) = raw.destination.parse::<NetworkAddress>() {
-        GatewayDestination::Address(address)
-    } else {
-        match raw.destination.split_once('/') {
-            Some((namespace, hostname))
-                if !namespace.is_empty()
-                    && !hostname.is_empty()
-                    && !hostname.contains('/')
-                    && hostname.parse::<IpAddr>().is_err() =>
-            {
-                GatewayDestination::Hostname {
-                    namespace: namespace.to_string(),
-                    hostname: hostname.to_string(),
-                }
-            }
-            _ => {
-                problems.push(
-                    path.key("destination"),
-                    SemanticError::Destination(raw.destination.clone()),
-                );
-                return None;
-            }
+    let destination = match raw.destination.parse::<GatewayDestination>() {
+        Ok(destination) => destination,
+        Err(error) => {
+            problems.push(path.key("destination"), error.into());
+            return None;
         }
     };
     Some(GatewayAddress {

@@ -5,6 +5,7 @@
 use super::locate::FieldPath;
 use crate::net::{NetworkAddress, NetworkAddressError};
 use crate::spiffe::IdentityError;
+use crate::state::rules::{DestinationError, ServiceKeyError};
 
 /// A semantic problem in the file; its `Display` is the message users read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -16,8 +17,8 @@ pub enum SemanticError {
     #[error("invalid network address: {0}")]
     NetworkAddress(#[from] NetworkAddressError),
     /// A waypoint or gateway destination that is neither `network/IP` nor `namespace/hostname`.
-    #[error("invalid destination {0:?}: expected \"network/IP\" or \"namespace/hostname\"")]
-    Destination(String),
+    #[error(transparent)]
+    Destination(#[from] DestinationError),
     /// A SPIFFE identity string that does not parse.
     #[error("invalid identity: {0}")]
     Identity(#[from] IdentityError),
@@ -44,8 +45,8 @@ pub enum SemanticError {
     #[error("workload runs on this node ({0:?}) but has no workloadIps")]
     LocalWithoutIps(String),
     /// A key of a workload's `services` map that is not `namespace/hostname`.
-    #[error("service reference {0:?} is not \"namespace/hostname\"")]
-    ServiceReference(String),
+    #[error(transparent)]
+    ServiceReference(#[from] ServiceKeyError),
     /// Port 0 where a real port is needed.
     #[error("port 0 is not a usable port here")]
     PortZero,

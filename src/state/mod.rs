@@ -7,6 +7,7 @@
 
 pub mod merge;
 pub mod policy;
+pub mod rules;
 pub mod waypoint;
 
 use std::collections::{BTreeMap, HashMap};
