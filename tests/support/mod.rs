@@ -25,6 +25,7 @@ pub mod apps;
 pub mod capture;
 pub mod fake_cni;
 pub mod fake_istiod;
+pub mod h2_raw;
 pub mod logs;
 pub mod netns;
 pub mod tls_probe;
