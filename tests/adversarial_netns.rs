@@ -1082,7 +1082,10 @@ fn killed_app_ends_only_its_own_stream() {
         support::apps::contains(&stream_data(&echoed, 1).0, b"STILL-ALIVE"),
         "the sibling stream stopped echoing"
     );
-    doomed.join().expect("doomed app thread").expect("doomed app namespace");
+    doomed
+        .join()
+        .expect("doomed app thread")
+        .expect("doomed app namespace");
 }
 
 /// A client that stops answering PINGs mid-stream (frozen, or gone without a FIN) is detected
