@@ -254,7 +254,14 @@ fn cni_restart_reconciles_and_drops_the_stale_pod() {
     if let Some(cni) = node.cni.take() {
         cni.stop();
     }
-    std::thread::sleep(Duration::from_millis(1500));
+    // The agent noticed, and has already failed to reconnect once, before we look at it.
+    node.agent
+        .wait_for_event("a failed reconnect to istio-cni", WAIT, |event| {
+            event
+                .field("message")
+                .is_some_and(|message| message.contains("istio-cni not reachable"))
+        })
+        .expect("the agent retries istio-cni");
     assert!(
         node.agent.exit_status().is_none(),
         "the agent survives istio-cni going away"
