@@ -96,6 +96,9 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
             pool: agent.pool.clone(),
         }),
         metrics: metrics.clone(),
+        sources: crate::proxy::limits::SourceLimits::new(
+            agent.proxy.max_unauthenticated_per_source,
+        ),
     };
     let pods = Arc::new(PodManager::new(
         inputs,
