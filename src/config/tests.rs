@@ -808,3 +808,114 @@ fn empty_unknown_key_names_the_document() {
         errors.0[0].message
     );
 }
+
+#[test]
+fn ztunnel_tag_form_errors_keep_their_position() {
+    // (file, the one error it must give)
+    let cases = [
+        (
+            "policies:\n- name: p\n  namespace: ns\n  rules:\n  - - - namespaces: [!Regex x]\n",
+            "nodetunnel.yaml:5:22: policies[0].rules[0][0][0].namespaces[0]: unknown variant `Regex`, expected one of `Exact`, `Prefix`, `Suffix`, `Presence`",
+        ),
+        (
+            "policies:\n- name: p\n  namespace: ns\n  rules:\n  - - - principals:\n        - !Exact [a]\n",
+            "nodetunnel.yaml:6:11: policies[0].rules[0][0][0].principals[0]: invalid type: sequence, expected a string",
+        ),
+        (
+            "policies:\n- name: p\n  namespace: ns\n  rules:\n  - - - principals: [{Exact: a, Prefix: b}]\n",
+            "nodetunnel.yaml:5:22: policies[0].rules[0][0][0].principals[0]: a string match has exactly one key (Exact, Prefix, Suffix or Presence)",
+        ),
+    ];
+    for (text, want) in cases {
+        assert_eq!(error_lines(text, &Overrides::default()), [want], "{text}");
+    }
+    // The locator walks tagged nodes like untagged ones.
+    let text = "policies:\n- name: p\n  namespace: ns\n  rules:\n  - - - principals: [!Exact a, !Presence []]\n    - - notPrincipals: [!Suffix b]\n";
+    let locator = Locator::new(text);
+    let rules = FieldPath::default().key("policies").index(0).key("rules");
+    assert_eq!(
+        locator.locate(
+            &rules
+                .index(0)
+                .index(1)
+                .index(0)
+                .key("notPrincipals")
+                .index(0)
+        ),
+        Position {
+            line: 6,
+            column: 25
+        }
+    );
+    assert_eq!(
+        locator.locate(&rules.index(0).index(0).index(0).key("principals").index(1)),
+        Position {
+            line: 5,
+            column: 32
+        }
+    );
+}
+
+#[test]
+fn ztunnel_service_endpoints_and_nameless_workloads_read_as_ztunnel_reads_them() {
+    let text = "workloads:
+- uid: cluster1//v1/Pod/default/only-uid
+  namespace: default
+  workloadIps: [10.0.0.1]
+  protocol: HBONE
+  applicationTunnel: {protocol: PROXY, port: null}
+- uid: cluster1//v1/Pod/default/both
+  name: both
+  namespace: default
+  workloadIps: [10.0.0.2]
+  services:
+    default/echo.default.svc.cluster.local: {80: 9090}
+services:
+- name: echo
+  namespace: default
+  hostname: echo.default.svc.cluster.local
+  vips: [/10.96.0.1]
+  ports: {80: 8080}
+  endpoints:
+    cluster1//v1/Pod/default/only-uid:
+      workloadUid: cluster1//v1/Pod/default/only-uid
+      port: {80: 8181}
+      status: Healthy
+    cluster1//v1/Pod/default/both:
+      workloadUid: cluster1//v1/Pod/default/both
+      port: {80: 8282}
+    unknown:
+      workloadUid: cluster1//v1/Pod/default/gone
+      service: default/echo.default.svc.cluster.local
+      address: /10.0.0.9
+      port: {}
+";
+    let config = parse_ok(text);
+    let [only_uid, both] = config.workloads.as_slice() else {
+        panic!("two workloads")
+    };
+    assert_eq!(only_uid.name, "");
+    let tunnel = only_uid.application_tunnel.as_ref().unwrap();
+    assert_eq!(tunnel.port, None, "ztunnel's `port: null`");
+    let key = "default/echo.default.svc.cluster.local";
+    assert_eq!(only_uid.services[key][&80], 8181, "the service's endpoint");
+    assert_eq!(
+        both.services[key][&80], 9090,
+        "the workload's own entry wins"
+    );
+    let snapshot = config.snapshot();
+    let backing: Vec<&str> = snapshot
+        .workloads()
+        .filter(|workload| workload.services.contains_key(key))
+        .map(|workload| workload.uid.as_str())
+        .collect();
+    assert_eq!(backing.len(), 2, "{backing:?}");
+
+    assert_eq!(
+        error_lines(
+            "workloads:\n- namespace: default\n  workloadIps: [10.0.0.1]\n",
+            &Overrides::default()
+        ),
+        ["nodetunnel.yaml:2:3: workloads[0].name: a workload needs a uid or a name"]
+    );
+}
