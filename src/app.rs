@@ -414,6 +414,7 @@ fn merged_snapshot(config: &Config, xds: Option<&XdsModel>) -> crate::state::Sna
             .map(SelectorPolicy::new),
     );
     crate::state::Snapshot::with_authorization(workloads, services, authorization)
+        .with_egress(config.egress())
 }
 
 /// Applies each published config and istiod push: model first (new connections see it), then

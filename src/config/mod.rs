@@ -15,6 +15,7 @@ pub mod agent;
 mod convert;
 pub mod env;
 pub mod istio;
+pub mod istio_networking;
 mod local;
 pub mod locate;
 pub mod watch;
@@ -57,6 +58,21 @@ impl Config {
             self.services.clone(),
             self.authorization(),
         )
+        .with_egress(self.egress())
+    }
+
+    /// The outbound traffic policy and the ServiceEntries, for the snapshot.
+    pub fn egress(&self) -> state::egress::Egress {
+        state::egress::Egress {
+            policy: self.agent.outbound_traffic_policy.clone(),
+            service_entries: self
+                .istio
+                .service_entries
+                .iter()
+                .cloned()
+                .map(std::sync::Arc::new)
+                .collect(),
+        }
     }
 
     /// Every policy source merged in configuration order: local `policies`, then Istio
