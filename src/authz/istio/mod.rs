@@ -305,12 +305,18 @@ pub fn translate(
     translation
 }
 
-/// Whether `resource` is a `networking.istio.io` resource (any version).
+/// Whether `resource` is a `networking.istio.io` resource (any version) that is not one of the
+/// security kinds (whose wrong apiVersion the security reader reports).
 pub fn is_networking(resource: &Value) -> bool {
-    resource
-        .get("apiVersion")
-        .and_then(Value::as_str)
-        .is_some_and(|version| version.starts_with("networking.istio.io/"))
+    let security_kind = matches!(
+        resource.get("kind").and_then(Value::as_str),
+        Some("AuthorizationPolicy" | "PeerAuthentication")
+    );
+    !security_kind
+        && resource
+            .get("apiVersion")
+            .and_then(Value::as_str)
+            .is_some_and(|version| version.starts_with("networking.istio.io/"))
 }
 
 /// A document's resources: none (null), the items of a list, or the document itself.
