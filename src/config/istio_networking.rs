@@ -15,7 +15,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 use serde_yaml::Value;
 
-use crate::authz::istio::{expand, is_networking, ResourceId};
+use super::istio_policy::{expand, is_networking, ResourceId};
 use crate::state::egress::{
     ExportTo, Location, Resolution, ServiceEntry, ServiceEntryEndpoint, ServiceEntryPort,
 };

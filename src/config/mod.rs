@@ -16,6 +16,7 @@ mod convert;
 pub mod env;
 pub mod istio;
 pub mod istio_networking;
+pub mod istio_policy;
 mod local;
 pub mod locate;
 pub mod watch;
@@ -72,6 +73,16 @@ impl Config {
                 .cloned()
                 .map(std::sync::Arc::new)
                 .collect(),
+        }
+    }
+
+    /// The model part, unindexed, for merging with istiod's ([`state::merge::merge`]).
+    pub fn local_model(&self) -> state::merge::LocalModel {
+        state::merge::LocalModel {
+            workloads: self.workloads.clone(),
+            services: self.services.clone(),
+            authorization: self.authorization(),
+            egress: self.egress(),
         }
     }
 
