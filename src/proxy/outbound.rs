@@ -81,18 +81,7 @@ async fn proxy_connection(
     let hbone_port = proxy.inputs.settings.proxy.hbone_port;
     let decision = route::decide(&snapshot, &source, destination, hbone_port, rand::random());
     drop(snapshot);
-    let decision = match decision {
-        Err(route::RouteError::EgressBlocked(blocked)) => {
-            refuse(&stream);
-            proxy
-                .inputs
-                .metrics
-                .protection()
-                .egress_refused("registry_only");
-            return Err(route::RouteError::EgressBlocked(blocked).into());
-        }
-        other => other?,
-    };
+    let decision = refuse_blocked(proxy, &stream, decision)?;
     match decision {
         Route::Hbone(route) => {
             let HboneRoute {
@@ -150,6 +139,20 @@ async fn proxy_connection(
                 .map_err(|error| AdmissionError::Copy(error).into())
         }
     }
+}
+
+/// Passes a route through; an egress refusal also resets the app's connection and is counted.
+fn refuse_blocked(
+    proxy: &WorkloadProxy,
+    stream: &TcpStream,
+    decision: Result<Route, route::RouteError>,
+) -> Result<Route, route::RouteError> {
+    if let Err(route::RouteError::EgressBlocked(_)) = &decision {
+        refuse(stream);
+        let protection = proxy.inputs.metrics.protection();
+        protection.egress_refused("registry_only");
+    }
+    decision
 }
 
 /// Makes the close of `stream` a reset (SO_LINGER 0), so that the application learns at once
