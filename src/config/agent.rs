@@ -61,6 +61,10 @@ pub struct AgentConfig {
     /// Who this agent is toward istiod (node id, token, cluster), for xDS and the Istio CA.
     #[serde(default)]
     pub istio: IstioConfig,
+    /// Istio's `meshConfig.outboundTrafficPolicy`: `mode` mesh-wide (`ALLOW_ANY` by default,
+    /// or `REGISTRY_ONLY`), and `namespaces` with a mode per namespace.
+    #[serde(default)]
+    pub outbound_traffic_policy: crate::state::egress::OutboundTrafficPolicy,
     /// How long open connections may finish after a shutdown signal before they are cut.
     #[serde(default = "defaults::drain_timeout", with = "humantime_serde")]
     pub drain_timeout: Duration,
@@ -85,6 +89,7 @@ impl Default for AgentConfig {
             authorization: AuthorizationConfig::default(),
             xds: XdsConfig::default(),
             istio: IstioConfig::default(),
+            outbound_traffic_policy: Default::default(),
             drain_timeout: defaults::drain_timeout(),
             reload_interval: defaults::reload_interval(),
         }
@@ -186,6 +191,20 @@ impl AgentConfig {
                 self.proxy.max_header_list_size,
                 1024,
                 MAX_HEADER_LIST_SIZE,
+            ),
+            (
+                "proxy",
+                "maxUnauthenticatedPerPod",
+                self.proxy.max_unauthenticated_per_pod,
+                1,
+                u32::MAX,
+            ),
+            (
+                "proxy",
+                "maxUnauthenticatedPerSource",
+                self.proxy.max_unauthenticated_per_source,
+                1,
+                u32::MAX,
             ),
             (
                 "pool",
@@ -493,6 +512,14 @@ pub struct ProxyConfig {
         with = "humantime_serde"
     )]
     pub connect_response_timeout: Duration,
+    /// Concurrent unauthenticated connections one pod may have on its three listeners
+    /// together (15001, 15006, and 15008 until its TLS handshake ends); more are reset.
+    #[serde(default = "defaults::max_unauthenticated_per_pod")]
+    pub max_unauthenticated_per_pod: u32,
+    /// Concurrent unauthenticated connections one source IP may have to this node's pods
+    /// (15006, and 15008 until its TLS handshake ends); more are reset.
+    #[serde(default = "defaults::max_unauthenticated_per_source")]
+    pub max_unauthenticated_per_source: u32,
     /// Connect to local apps from the client's own IP (transparent + freebind), so apps see
     /// the real client address. Needs the connmark return-path rules in the pod (installed by
     /// the agent with `capture.installRules`, or by istio-cni).
@@ -516,6 +543,8 @@ impl Default for ProxyConfig {
             handshake_timeout: defaults::handshake_timeout(),
             connection_idle_timeout: defaults::connection_idle_timeout(),
             connect_response_timeout: defaults::connect_response_timeout(),
+            max_unauthenticated_per_pod: defaults::max_unauthenticated_per_pod(),
+            max_unauthenticated_per_source: defaults::max_unauthenticated_per_source(),
             original_source: defaults::original_source(),
         }
     }
@@ -721,6 +750,12 @@ pub mod defaults {
     }
     pub(crate) fn handshake_timeout() -> Duration {
         Duration::from_secs(10)
+    }
+    pub(crate) fn max_unauthenticated_per_pod() -> u32 {
+        20_000
+    }
+    pub(crate) fn max_unauthenticated_per_source() -> u32 {
+        5_000
     }
     pub(crate) fn connection_idle_timeout() -> Duration {
         Duration::from_secs(600)

@@ -23,7 +23,7 @@ use prometheus_client::registry::Registry;
 
 pub use super::labels::{Direction, Peer, Reporter, ResponseFlag, TrafficLabels};
 use crate::state::TunnelProtocol;
-use agent::{AgentMetrics, ReasonLabels};
+use agent::{AgentMetrics, ReasonLabels, RefusalLabels};
 pub use agent::{AgentSample, RuntimeSample, WorkerSample};
 use authorization::DecisionCounters;
 pub use authorization::{DecisionAction, DecisionLabels, DecisionPhase, NO_POLICY};
@@ -159,6 +159,7 @@ pub struct Metrics {
     /// connections share these labels instead of holding ~20 strings each.
     series: Mutex<HashMap<Arc<TrafficLabels>, [String; 2]>>,
     xds: super::xds::XdsMetrics,
+    protection: super::protection::ProtectionMetrics,
 }
 
 /// A connection registered for live byte reporting; give it back to [`Metrics::close`].
@@ -188,6 +189,8 @@ impl Metrics {
         let decisions = DecisionCounters::default();
         let build = Family::<BuildLabels, Gauge>::default();
         let xds = super::xds::XdsMetrics::default();
+        let protection = super::protection::ProtectionMetrics::default();
+        protection.register(&mut registry);
         build
             .get_or_create(&BuildLabels {
                 component: "ztunnel".to_string(),
@@ -245,7 +248,13 @@ impl Metrics {
             live: Mutex::new(HashMap::new()),
             series: Mutex::new(HashMap::new()),
             xds,
+            protection,
         }
+    }
+
+    /// Egress refusals, connection-limit refusals and outlier ejections.
+    pub fn protection(&self) -> &super::protection::ProtectionMetrics {
+        &self.protection
     }
 
     /// The xDS client's counters.
@@ -396,6 +405,15 @@ impl Metrics {
     /// A workload proxy stopped (its pod was removed or replaced, or it failed to start).
     pub fn proxy_stopped(&self) {
         self.agent.proxies_stopped.inc();
+    }
+
+    /// A connection was refused at accept on `listener` (15001/15006/15008 by name) for `reason`
+    /// (`pod_limit`, `source_limit`).
+    pub fn connection_refused(&self, listener: &'static str, reason: &'static str) {
+        self.agent
+            .connections_refused
+            .get_or_create(&RefusalLabels { listener, reason })
+            .inc();
     }
 
     /// A certificate fetch failed; `reason` is one of a fixed few (the manager's error kinds).

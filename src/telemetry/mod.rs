@@ -8,6 +8,7 @@
 
 mod labels;
 pub mod metrics;
+pub mod protection;
 mod record;
 pub mod xds;
 
