@@ -97,7 +97,11 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
         }),
         metrics: metrics.clone(),
     };
-    let pods = Arc::new(PodManager::new(
+    let dns = agent
+        .dns
+        .enabled
+        .then(|| Arc::new(crate::dns::DnsSettings::from_config(&agent.dns)));
+    let pods = PodManager::new(
         inputs,
         home,
         agent.proxy.packet_mark,
@@ -106,9 +110,18 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
             outbound_port: crate::net::ports::OUTBOUND,
             inbound_plaintext_port: crate::net::ports::INBOUND_PLAINTEXT,
             hbone_port: crate::net::ports::HBONE,
+            dns_port: agent.dns.enabled.then_some(crate::dns::PORT),
         }),
         drain.child(),
-    ));
+    );
+    let pods = Arc::new(match &dns {
+        Some(settings) => pods.with_dns(crate::dns::DnsInputs {
+            state: state.clone(),
+            metrics: metrics.clone(),
+            settings: settings.clone(),
+        }),
+        None => pods,
+    });
     let control = drain.child();
     let rotation_stop = control.clone();
     certificates
@@ -133,7 +146,7 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
             certificates: certificates.clone(),
             metrics: metrics.clone(),
             logging: options.logging.clone(),
-            config: effective_config(&config),
+            config: effective_config(&config, dns.as_deref()),
             shutdown: shutdown_requested.clone(),
         },
         control.clone(),
@@ -292,7 +305,10 @@ fn control_plane(
 }
 
 /// The configuration as `/config_dump` shows it.
-fn effective_config(config: &Config) -> crate::admin::EffectiveConfig {
+fn effective_config(
+    config: &Config,
+    dns: Option<&crate::dns::DnsSettings>,
+) -> crate::admin::EffectiveConfig {
     let agent = &config.agent;
     crate::admin::EffectiveConfig {
         node: agent.node.clone(),
@@ -307,6 +323,11 @@ fn effective_config(config: &Config) -> crate::admin::EffectiveConfig {
         xds_address: agent.xds.address.clone(),
         ca_address: agent.ca.address.clone(),
         cluster_id: agent.istio.cluster_id.clone(),
+        dns_proxy: dns.is_some(),
+        dns_proxy_addr: format!("localhost:{}", crate::dns::PORT),
+        cluster_domain: agent.dns.cluster_domain.clone(),
+        dns_upstreams: dns.map_or_else(Vec::new, |dns| dns.upstreams.to_vec()),
+        dns_forward_timeout: agent.dns.forward_timeout,
     }
 }
 

@@ -53,6 +53,17 @@ pub struct EffectiveConfig {
     pub ca_address: Option<String>,
     /// The cluster id sent to istiod.
     pub cluster_id: String,
+    /// Whether every captured pod gets the DNS proxy (ztunnel's field).
+    pub dns_proxy: bool,
+    /// Where the DNS proxy listens inside each pod (ztunnel's field and form).
+    pub dns_proxy_addr: String,
+    /// The cluster's DNS domain (ztunnel's field).
+    pub cluster_domain: String,
+    /// Where names outside the mesh are forwarded.
+    pub dns_upstreams: Vec<SocketAddr>,
+    /// Deadline of one forwarded query.
+    #[serde(with = "humantime_serde")]
+    pub dns_forward_timeout: Duration,
 }
 
 #[derive(Serialize)]

@@ -206,12 +206,31 @@ fn status(dump: &Value) -> String {
         ("services", count("services").to_string()),
         ("policies", count("policies").to_string()),
         ("certificates", count("certificates").to_string()),
+        ("dns", dns_status(&config)),
     ];
     let mut out = String::new();
     for (name, value) in rows {
         let _ = writeln!(out, "{:<14}{value}", format!("{name}:"));
     }
     out
+}
+
+/// `on (localhost:15053), domain cluster.local, upstreams 10.96.0.10:53`, or `off`.
+fn dns_status(config: &Value) -> String {
+    if config.get("dnsProxy").and_then(Value::as_bool) != Some(true) {
+        return "off".to_string();
+    }
+    let upstreams = list(config, "dnsUpstreams");
+    format!(
+        "on ({}), domain {}, upstreams {}",
+        field(config, "dnsProxyAddr"),
+        field(config, "clusterDomain"),
+        if upstreams.is_empty() {
+            "none"
+        } else {
+            &upstreams
+        },
+    )
 }
 
 /// Left-aligned columns sized to their widest cell.
@@ -277,6 +296,17 @@ mod tests {
         let status = View::Status.render(&dump);
         assert!(status.contains("pods:         1 up, 1 pending"), "{status}");
         assert!(status.contains("node:         node-a"), "{status}");
+        assert!(status.contains("dns:          off"), "{status}");
+        let with_dns = serde_json::json!({"config": {"dnsProxy": true,
+            "dnsProxyAddr": "localhost:15053", "clusterDomain": "cluster.local",
+            "dnsUpstreams": ["10.96.0.10:53"]}});
+        let status = View::Status.render(&with_dns);
+        assert!(
+            status.contains(
+                "dns:          on (localhost:15053), domain cluster.local, upstreams 10.96.0.10:53"
+            ),
+            "{status}"
+        );
         assert_eq!(
             View::Connections
                 .render(&serde_json::json!([]))

@@ -15,6 +15,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+use crate::dns::{DnsInputs, DnsListeners, DnsProxy};
 use crate::drain::Drain;
 use crate::proxy::{Listeners, ProxyInputs, WorkloadProxy};
 use crate::socket::{SocketError, SocketFactory};
@@ -130,6 +131,8 @@ pub struct PodManager {
     mark: u32,
     /// Rules installed in config/API pods when the agent owns redirection (standalone).
     rules: Option<rules::RedirectRules>,
+    /// Every pod's DNS proxy (15053), unless DNS is off.
+    dns: Option<DnsInputs>,
     drain: Drain,
     running: tokio::sync::Mutex<HashMap<String, RunningPod>>,
     status: Mutex<BTreeMap<String, PodStatus>>,
@@ -155,11 +158,19 @@ impl PodManager {
             home,
             mark,
             rules,
+            dns: None,
             drain,
             running: tokio::sync::Mutex::new(HashMap::new()),
             status: Mutex::new(BTreeMap::new()),
             config_synced: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Gives every pod started from now on a DNS proxy on 15053 (in its listener set, drain
+    /// scope and socket factory).
+    pub fn with_dns(mut self, dns: DnsInputs) -> Self {
+        self.dns = Some(dns);
+        self
     }
 
     /// Brings the config-sourced pods in line with `desired`: pods not listed are removed, listed
@@ -319,10 +330,13 @@ impl PodManager {
         let sockets = SocketFactory::pod(netns.clone(), self.home.clone(), self.mark);
         // Registering the sockets with tokio needs the runtime context on that thread too.
         let runtime = tokio::runtime::Handle::current();
-        let listeners = netns
+        let with_dns = self.dns.is_some();
+        let (listeners, dns_listeners) = netns
             .run_on_thread(|| {
                 let _context = runtime.enter();
-                Listeners::bind(&sockets)
+                let listeners = Listeners::bind(&sockets)?;
+                let dns = with_dns.then(|| DnsListeners::bind(&sockets)).transpose()?;
+                Ok::<_, SocketError>((listeners, dns))
             })
             .map_err(|source| CaptureError::Thread {
                 path: path.clone(),
@@ -333,9 +347,22 @@ impl PodManager {
                 source,
             })?;
         let drain = self.drain.child();
-        let proxy =
-            WorkloadProxy::new(self.inputs.clone(), uid.to_string(), sockets, drain.clone());
+        let proxy = WorkloadProxy::new(
+            self.inputs.clone(),
+            uid.to_string(),
+            sockets.clone(),
+            drain.clone(),
+        );
         proxy.spawn(listeners);
+        if let (Some(inputs), Some(dns_listeners)) = (&self.dns, dns_listeners) {
+            DnsProxy::new(
+                inputs.clone(),
+                uid.to_string(),
+                sockets.clone(),
+                drain.clone(),
+            )
+            .spawn(dns_listeners);
+        }
         self.inputs.metrics.proxy_started();
         let rules = self.rules.clone().filter(|_| source != PodSource::Cni);
         let pod = RunningPod {

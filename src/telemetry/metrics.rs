@@ -145,6 +145,7 @@ pub struct Metrics {
     /// connections share these labels instead of holding ~20 strings each.
     series: Mutex<HashMap<Arc<TrafficLabels>, [String; 2]>>,
     xds: super::xds::XdsMetrics,
+    dns: super::dns::DnsMetrics,
 }
 
 /// A connection registered for live byte reporting; give it back to [`Metrics::close`].
@@ -174,6 +175,7 @@ impl Metrics {
         let decisions = DecisionCounters::default();
         let build = Family::<BuildLabels, Gauge>::default();
         let xds = super::xds::XdsMetrics::default();
+        let dns = super::dns::DnsMetrics::default();
         build
             .get_or_create(&BuildLabels {
                 component: "ztunnel".to_string(),
@@ -214,6 +216,7 @@ impl Metrics {
             );
             istio.register("build", "Istio component build info", build);
             xds.register(istio);
+            dns.register(istio);
         }
         agent.register(&mut registry);
         registry.register(
@@ -231,7 +234,13 @@ impl Metrics {
             live: Mutex::new(HashMap::new()),
             series: Mutex::new(HashMap::new()),
             xds,
+            dns,
         }
+    }
+
+    /// The DNS proxy's metrics.
+    pub fn dns(&self) -> &super::dns::DnsMetrics {
+        &self.dns
     }
 
     /// The xDS client's counters.
