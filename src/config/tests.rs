@@ -247,7 +247,7 @@ fn error_cases() -> Vec<(&'static str, String, Vec<&'static str>)> {
             "unknown agent field",
             "agent:\n  node: n1\n  nodes: [n2]\n".into(),
             vec![
-                "nodetunnel.yaml:3:3: agent.nodes: unknown field `nodes`, expected one of `node`, `trustDomain`, `network`, `ca`, `pods`, `zds`, `proxy`, `pool`, `listen`, `capture`, `authorization`, `xds`, `istio`, `drainTimeout`, `reloadInterval`",
+                "nodetunnel.yaml:3:3: agent.nodes: unknown field `nodes`, expected one of `node`, `trustDomain`, `network`, `ca`, `pods`, `zds`, `proxy`, `pool`, `listen`, `capture`, `authorization`, `xds`, `dns`, `istio`, `drainTimeout`, `reloadInterval`",
             ],
         ),
         (
@@ -381,6 +381,21 @@ fn error_cases() -> Vec<(&'static str, String, Vec<&'static str>)> {
                 "nodetunnel.yaml:5:30: agent.pool.maxStreamsPerConnection: 0 is out of range (1..=4294967295)",
                 "nodetunnel.yaml:6:18: agent.pool.spreadAbove: 0 is out of range (1..=4294967295)",
                 "nodetunnel.yaml:7:24: agent.pool.spreadConnections: 0 is out of range (1..=4294967295)",
+            ],
+        ),
+        (
+            "DNS cluster domain that is not a domain, no forwards allowed",
+            "agent:\n  dns:\n    clusterDomain: \"a..b\"\n    maxForwardsPerPod: 0\n".into(),
+            vec![
+                "nodetunnel.yaml:3:20: agent.dns.clusterDomain: invalid DNS domain \"a..b\": expected labels of a-z, 0-9 and '-' separated by dots",
+                "nodetunnel.yaml:4:24: agent.dns.maxForwardsPerPod: 0 is out of range (1..=65535)",
+            ],
+        ),
+        (
+            "DNS upstream that is not an address",
+            "agent:\n  dns:\n    upstreams: [dns.example]\n".into(),
+            vec![
+                "nodetunnel.yaml:3:16: agent.dns.upstreams: invalid upstream \"dns.example\": expected IP, IP:port or [IPv6]:port",
             ],
         ),
         (

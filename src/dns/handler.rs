@@ -104,6 +104,9 @@ impl Forward {
     /// The upstream's `answer` for the client: its id restored, and cut down to a truncated
     /// answer if it exceeds what the client's transport takes (the client retries over TCP).
     pub fn relay(&self, mut answer: Vec<u8>) -> Vec<u8> {
+        if answer.len() < 2 {
+            return self.error(ResponseCode::ServFail);
+        }
         if answer.len() > self.response_limit {
             let mut truncated = response_to(self.id, self.recursion_desired, &self.question);
             truncated.set_truncated(true);

@@ -192,3 +192,6 @@ impl DnsProxy {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
