@@ -99,6 +99,33 @@ impl Cluster {
             .count()
     }
 
+    /// The return path in a pod as iproute2 shows it: our rules (priority 32764) and the
+    /// routes of table 100, both families, one per line.
+    fn return_path(&self, pod: &str) -> Vec<String> {
+        let mut shown = Vec::new();
+        for command in [
+            &["ip", "-4", "rule", "show"][..],
+            &["ip", "-6", "rule", "show"],
+            &["ip", "-4", "route", "show", "table", "100"],
+            &["ip", "-6", "route", "show", "table", "100"],
+        ] {
+            let output = self.topology.exec_role(pod, command).expect("ip");
+            let text = String::from_utf8_lossy(&output.stdout).into_owned();
+            shown.extend(
+                text.lines()
+                    .filter(|line| command[2] == "route" || line.starts_with("32764:"))
+                    .map(|line| {
+                        format!(
+                            "{} {}",
+                            command[1],
+                            line.split_whitespace().collect::<Vec<_>>().join(" ")
+                        )
+                    }),
+            );
+        }
+        shown
+    }
+
     fn rewrite_config(&mut self, node: &str, captured: &[&str]) {
         let config = self.mesh.render(&self.topology, node, captured);
         self.agent(node)
@@ -338,6 +365,16 @@ fn readding_and_restarting_keep_one_copy_of_rules_and_shutdown_removes_them() {
     cluster.agents[0] = restarted;
     assert!(rules_installed_once(&cluster.ruleset("client")));
     assert_eq!(cluster.return_path_rules("client"), 1);
+    assert_eq!(
+        cluster.return_path("client"),
+        [
+            "-4 32764: from all fwmark 0x111/0xfff lookup 100",
+            "-6 32764: from all fwmark 0x111/0xfff lookup 100",
+            "-4 local default dev lo scope host",
+            "-6 local default dev lo metric 1024 pref medium",
+        ],
+        "the return path, once per family"
+    );
 
     let status = cluster.agent("a").stop(Duration::from_secs(10));
     assert!(
@@ -350,6 +387,7 @@ fn readding_and_restarting_keep_one_copy_of_rules_and_shutdown_removes_them() {
         cluster.ruleset("client")
     );
     assert_eq!(cluster.return_path_rules("client"), 0);
+    assert_eq!(cluster.return_path("client"), Vec::<String>::new());
 }
 
 /// When a pod's namespace is deleted under the agent, the agent releases its handle on it (and

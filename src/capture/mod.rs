@@ -8,6 +8,7 @@
 //! else touched); a pod whose namespace changed is replaced. A pod that fails to start is
 //! reported with the reason and retried on the next reconcile; the others carry on.
 
+mod return_path;
 pub mod rules;
 pub mod zds;
 
