@@ -102,7 +102,7 @@ type StartHook = Arc<
 >;
 
 /// Who asked for a pod. Each source reconciles only its own pods.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub enum PodSource {
     /// `agent.pods` in the config file.

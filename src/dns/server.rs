@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hickory_proto::op::ResponseCode;
+use hickory_proto::rr::RecordType;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::OwnedSemaphorePermit;
@@ -67,7 +68,7 @@ impl DnsProxy {
                 addresses,
             } => {
                 if let Some(question) = &question {
-                    let query_type = question.query_type().to_string();
+                    let query_type = query_type_label(question.query_type());
                     let labels = DnsLabels::new(&query_type, transport.label(), source.as_deref());
                     self.inputs.metrics.dns().request(&labels);
                     log_query(
@@ -81,7 +82,7 @@ impl DnsProxy {
                 Step::Done(Some(bytes))
             }
             Handled::Forward(forward) => {
-                let query_type = forward.question.query_type().to_string();
+                let query_type = query_type_label(forward.question.query_type());
                 let labels = DnsLabels::new(&query_type, transport.label(), source.as_deref());
                 self.inputs.metrics.dns().request(&labels);
                 Step::Forward(Pending {
@@ -142,6 +143,16 @@ impl DnsProxy {
     }
 }
 
+/// The `request_query_type` value: the type's name as ztunnel writes it (lower-cased by the
+/// labels), but one `unknown` for every unassigned type code, so a pod sending random types
+/// cannot mint 65 536 series.
+fn query_type_label(record_type: RecordType) -> String {
+    match record_type {
+        RecordType::Unknown(_) => "unknown".to_string(),
+        known => known.to_string(),
+    }
+}
+
 /// The per-query log line (target `dns`, DEBUG, so off by default), with ztunnel's fields.
 fn log_query(source: Option<&Workload>, query: &str, domain: &str, result: &str, endpoints: usize) {
     tracing::event!(
@@ -168,8 +179,9 @@ pub(super) async fn serve_udp(proxy: Arc<DnsProxy>, socket: Arc<UdpSocket>) {
         let (length, peer) = match received {
             Ok(received) => received,
             Err(error) => {
-                // ICMP errors of earlier answers surface here; they say nothing about us.
+                // Rare on an unconnected socket; pause so a persistent error cannot spin.
                 tracing::debug!(target: "dns", %error, "udp receive failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
                 continue;
             }
         };
@@ -290,5 +302,17 @@ async fn handle_tcp(proxy: Arc<DnsProxy>, mut stream: TcpStream) {
             Ok(Ok(())) => {}
             _ => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unassigned_query_types_share_one_label() {
+        assert_eq!(query_type_label(RecordType::AAAA), "AAAA");
+        assert_eq!(query_type_label(RecordType::Unknown(65_000)), "unknown");
+        assert_eq!(query_type_label(RecordType::Unknown(65_001)), "unknown");
     }
 }
