@@ -64,6 +64,10 @@ pub struct AgentConfig {
     /// Who this agent is toward istiod (node id, token, cluster), for xDS and the Istio CA.
     #[serde(default)]
     pub istio: IstioConfig,
+    /// Istio's `meshConfig.outboundTrafficPolicy`: `mode` mesh-wide (`ALLOW_ANY` by default,
+    /// or `REGISTRY_ONLY`), and `namespaces` with a mode per namespace.
+    #[serde(default)]
+    pub outbound_traffic_policy: crate::state::egress::OutboundTrafficPolicy,
     /// How long open connections may finish after a shutdown signal before they are cut.
     #[serde(default = "defaults::drain_timeout", with = "humantime_serde")]
     pub drain_timeout: Duration,
@@ -89,6 +93,7 @@ impl Default for AgentConfig {
             xds: XdsConfig::default(),
             dns: super::dns::DnsConfig::default(),
             istio: IstioConfig::default(),
+            outbound_traffic_policy: Default::default(),
             drain_timeout: defaults::drain_timeout(),
             reload_interval: defaults::reload_interval(),
         }
@@ -125,7 +130,7 @@ impl AgentConfig {
         }
         for (section, address) in [("xds", &self.xds.address), ("ca", &self.ca.address)] {
             if let Some(address) = address {
-                if let Err(reason) = crate::control_plane::parse_address(address) {
+                if let Err(reason) = address.parse::<crate::net::HttpsAddress>() {
                     problems.push(
                         path.key(section).key("address"),
                         Invalid::ControlPlaneAddress {
@@ -637,8 +642,8 @@ impl AuthorizationConfig {
     }
 
     /// The options Istio resources are translated with.
-    pub fn istio_options(&self) -> crate::authz::istio::IstioOptions {
-        crate::authz::istio::IstioOptions {
+    pub fn istio_options(&self) -> super::istio_policy::IstioOptions {
+        super::istio_policy::IstioOptions {
             root_namespace: self.root_namespace.clone(),
         }
     }

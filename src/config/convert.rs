@@ -153,7 +153,7 @@ pub enum Invalid {
         /// The address as written.
         address: String,
         /// What is wrong with it.
-        reason: String,
+        reason: crate::net::HttpsAddressError,
     },
     /// A size limit of zero would refuse everything.
     #[error("must be greater than 0")]

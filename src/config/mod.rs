@@ -16,6 +16,8 @@ mod convert;
 pub mod dns;
 pub mod env;
 pub mod istio;
+pub mod istio_networking;
+pub mod istio_policy;
 mod local;
 pub mod locate;
 pub mod watch;
@@ -58,6 +60,31 @@ impl Config {
             self.services.clone(),
             self.authorization(),
         )
+        .with_egress(self.egress())
+    }
+
+    /// The outbound traffic policy and the ServiceEntries, for the snapshot.
+    pub fn egress(&self) -> state::egress::Egress {
+        state::egress::Egress {
+            policy: self.agent.outbound_traffic_policy.clone(),
+            service_entries: self
+                .istio
+                .service_entries
+                .iter()
+                .cloned()
+                .map(std::sync::Arc::new)
+                .collect(),
+        }
+    }
+
+    /// The model part, unindexed, for merging with istiod's ([`state::merge::merge`]).
+    pub fn local_model(&self) -> state::merge::LocalModel {
+        state::merge::LocalModel {
+            workloads: self.workloads.clone(),
+            services: self.services.clone(),
+            authorization: self.authorization(),
+            egress: self.egress(),
+        }
     }
 
     /// Every policy source merged in configuration order: local `policies`, then Istio

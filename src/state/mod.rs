@@ -5,6 +5,8 @@
 //! [`Snapshot`] from the [`StateStore`] once per decision, so one connection sees one consistent
 //! view even while a reload swaps in the next snapshot.
 
+pub mod egress;
+pub mod merge;
 pub mod policy;
 pub mod waypoint;
 
@@ -178,6 +180,7 @@ pub struct Snapshot {
     /// Lower-case hostname → workloads that carry it, for DNS.
     workloads_by_hostname: HashMap<String, Vec<Arc<Workload>>>,
     authorization: Authorization,
+    egress: egress::Egress,
 }
 
 /// A service endpoint chosen for a connection.
@@ -254,6 +257,17 @@ impl Snapshot {
         }
         snapshot.authorization = authorization;
         snapshot
+    }
+
+    /// The same model with this outbound traffic policy and these ServiceEntries.
+    pub fn with_egress(mut self, egress: egress::Egress) -> Self {
+        self.egress = egress;
+        self
+    }
+
+    /// The outbound traffic policy and ServiceEntries.
+    pub fn egress(&self) -> &egress::Egress {
+        &self.egress
     }
 
     /// The workload with this uid.

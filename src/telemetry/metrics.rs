@@ -152,6 +152,7 @@ pub struct Metrics {
     series: Mutex<HashMap<Arc<TrafficLabels>, [String; 2]>>,
     xds: super::xds::XdsMetrics,
     dns: super::dns::DnsMetrics,
+    protection: super::protection::ProtectionMetrics,
 }
 
 /// A connection registered for live byte reporting; give it back to [`Metrics::close`].
@@ -182,6 +183,8 @@ impl Metrics {
         let build = Family::<BuildLabels, Gauge>::default();
         let xds = super::xds::XdsMetrics::default();
         let dns = super::dns::DnsMetrics::default();
+        let protection = super::protection::ProtectionMetrics::default();
+        protection.register(&mut registry);
         build
             .get_or_create(&BuildLabels {
                 component: "ztunnel".to_string(),
@@ -241,12 +244,18 @@ impl Metrics {
             series: Mutex::new(HashMap::new()),
             xds,
             dns,
+            protection,
         }
     }
 
     /// The DNS proxy's metrics.
     pub fn dns(&self) -> &super::dns::DnsMetrics {
         &self.dns
+    }
+
+    /// Egress refusals, connection-limit refusals and outlier ejections.
+    pub fn protection(&self) -> &super::protection::ProtectionMetrics {
+        &self.protection
     }
 
     /// The xDS client's counters.

@@ -9,6 +9,7 @@
 pub mod dns;
 mod labels;
 pub mod metrics;
+pub mod protection;
 mod record;
 pub mod xds;
 

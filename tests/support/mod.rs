@@ -27,6 +27,7 @@ pub mod cluster;
 pub mod dns_server;
 pub mod fake_cni;
 pub mod fake_istiod;
+pub mod h2_raw;
 pub mod logs;
 pub mod netns;
 pub mod tls_probe;
