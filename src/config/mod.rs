@@ -73,6 +73,14 @@ impl Config {
                 .cloned()
                 .map(std::sync::Arc::new)
                 .collect(),
+            destination_rules: state::traffic_policy::DestinationRules(
+                self.istio
+                    .destination_rules
+                    .iter()
+                    .cloned()
+                    .map(std::sync::Arc::new)
+                    .collect(),
+            ),
         }
     }
 

@@ -7,6 +7,7 @@
 //! hands every connection to a named `handle` function in its own tracked task.
 
 mod admission;
+mod circuit;
 mod connections;
 pub mod copy;
 mod inbound;
@@ -86,6 +87,8 @@ pub struct WorkloadProxy {
     drain: Drain,
     /// Open inbound connections, re-evaluated on every policy change.
     connections: Arc<connections::Connections>,
+    /// DestinationRule limits and outlier detection for this pod's outbound connections.
+    circuit: Arc<circuit::Circuit>,
 }
 
 impl WorkloadProxy {
@@ -117,6 +120,7 @@ impl WorkloadProxy {
             h2,
             drain,
             connections,
+            circuit: Arc::default(),
         })
     }
 
