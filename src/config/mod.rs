@@ -75,6 +75,14 @@ impl Config {
                 .cloned()
                 .map(std::sync::Arc::new)
                 .collect(),
+            destination_rules: state::traffic_policy::DestinationRules(
+                self.istio
+                    .destination_rules
+                    .iter()
+                    .cloned()
+                    .map(std::sync::Arc::new)
+                    .collect(),
+            ),
         }
     }
 
