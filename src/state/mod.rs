@@ -8,6 +8,7 @@
 pub mod egress;
 pub mod merge;
 pub mod policy;
+pub mod rules;
 pub mod traffic_policy;
 pub mod waypoint;
 
