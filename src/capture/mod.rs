@@ -68,7 +68,6 @@ pub enum CaptureError {
 }
 
 struct RunningPod {
-    source: PodSource,
     netns: Arc<Netns>,
     netns_id: NetnsId,
     netns_path: PathBuf,
@@ -77,6 +76,28 @@ struct RunningPod {
     /// Whether we installed redirection rules in the pod (and must remove them).
     rules_installed: bool,
 }
+
+/// A pod's slot in the manager's one map.
+///
+/// `lifecycle` serializes the starts and stops of this pod only: it is held across the slow
+/// parts of a start (draining a replaced proxy, the listener thread, `nft`), while the map's
+/// own lock is only held to look an entry up or update its summary, never across an `.await`.
+struct PodEntry {
+    /// Who asked for the pod last.
+    source: PodSource,
+    /// The running pod, if any; locked by whoever starts or stops it.
+    lifecycle: Arc<tokio::sync::Mutex<Option<RunningPod>>>,
+    /// The running pod's proxy, for readers that must not wait for a start (admin).
+    proxy: Option<Arc<WorkloadProxy>>,
+    /// The outcome of the last start attempt; `None` while the first one runs.
+    status: Option<PodStatus>,
+}
+
+/// Lets a test hold one pod's start at its beginning (inside its lifecycle lock).
+#[cfg(test)]
+type StartHook = Arc<
+    dyn Fn(&str) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> + Send + Sync,
+>;
 
 /// Who asked for a pod. Each source reconciles only its own pods.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -123,7 +144,8 @@ pub enum PodStatus {
     },
 }
 
-/// Owns every captured pod's proxy.
+/// Owns every captured pod's proxy. Pods start and stop independently: one pod's slow start
+/// never holds up another pod's add or remove.
 pub struct PodManager {
     inputs: ProxyInputs,
     home: Arc<Netns>,
@@ -131,11 +153,13 @@ pub struct PodManager {
     /// Rules installed in config/API pods when the agent owns redirection (standalone).
     rules: Option<rules::RedirectRules>,
     drain: Drain,
-    running: tokio::sync::Mutex<HashMap<String, RunningPod>>,
-    status: Mutex<BTreeMap<String, PodStatus>>,
+    /// Every known pod (running, starting or failed), by workload uid.
+    pods: Mutex<HashMap<String, PodEntry>>,
     /// Set once the config's pod list has been reconciled for the first time: until then the
     /// agent is not ready, even though no pod has failed yet.
     config_synced: std::sync::atomic::AtomicBool,
+    #[cfg(test)]
+    start_hook: Option<StartHook>,
 }
 
 impl PodManager {
@@ -156,44 +180,44 @@ impl PodManager {
             mark,
             rules,
             drain,
-            running: tokio::sync::Mutex::new(HashMap::new()),
-            status: Mutex::new(BTreeMap::new()),
+            pods: Mutex::new(HashMap::new()),
             config_synced: std::sync::atomic::AtomicBool::new(false),
+            #[cfg(test)]
+            start_hook: None,
         }
     }
 
     /// Brings the config-sourced pods in line with `desired`: pods not listed are removed, listed
-    /// ones started (or replaced if their namespace changed). Returns how many pods failed; they
-    /// stay listed as failed (readiness reports them) until a later reconcile succeeds.
+    /// ones started (or replaced if their namespace changed), all at once. Returns how many pods
+    /// failed; they stay listed as failed (readiness reports them) until a later reconcile
+    /// succeeds.
     pub async fn reconcile(&self, desired: &[DesiredPod]) -> usize {
         let wanted: std::collections::HashSet<&str> =
             desired.iter().map(|pod| pod.uid.as_str()).collect();
         self.retain_source(PodSource::Config, |uid| wanted.contains(uid))
             .await;
-        let mut failures = 0;
-        for pod in desired {
-            let opened = Netns::open(&pod.netns).map_err(|source| CaptureError::OpenNetns {
-                path: pod.netns.clone(),
-                source,
-            });
-            if opened.is_err() {
-                // The namespace is gone (pod deleted): release our fd and listeners now.
-                self.remove(&pod.uid).await;
-            }
-            let added = match opened {
-                Ok(netns) => self.add_from(PodSource::Config, &pod.uid, netns).await,
-                Err(error) => {
-                    self.set_status(&pod.uid, PodSource::Config, &pod.netns, Some(&error));
-                    Err(error)
-                }
-            };
-            if added.is_err() {
-                failures += 1;
-            }
-        }
+        let added =
+            futures_util::future::join_all(desired.iter().map(|pod| self.reconcile_one(pod)));
+        let failures = added.await.into_iter().filter(Result::is_err).count();
         self.config_synced
             .store(true, std::sync::atomic::Ordering::Release);
         failures
+    }
+
+    async fn reconcile_one(&self, pod: &DesiredPod) -> Result<AddOutcome, CaptureError> {
+        match Netns::open(&pod.netns) {
+            Ok(netns) => self.add_from(PodSource::Config, &pod.uid, netns).await,
+            Err(source) => {
+                // The namespace is gone (pod deleted): release our fd and listeners now.
+                self.remove(&pod.uid).await;
+                let error = CaptureError::OpenNetns {
+                    path: pod.netns.clone(),
+                    source,
+                };
+                self.set_status(&pod.uid, PodSource::Config, &pod.netns, Some(&error), None);
+                Err(error)
+            }
+        }
     }
 
     /// Starts the proxy of `uid` in `netns`. Idempotent for the same namespace (dev + inode);
@@ -205,7 +229,7 @@ impl PodManager {
     }
 
     /// [`PodManager::add`] for a given source; config and API pods get redirection rules when
-    /// the agent owns them.
+    /// the agent owns them. Waits only for an earlier start or stop of the same pod.
     pub async fn add_from(
         &self,
         source: PodSource,
@@ -213,25 +237,28 @@ impl PodManager {
         netns: Netns,
     ) -> Result<AddOutcome, CaptureError> {
         let path = netns.path().to_path_buf();
-        let mut running = self.running.lock().await;
-        let result = self.start(&mut running, source, uid, netns).await;
-        drop(running);
-        self.set_status(uid, source, &path, result.as_ref().err());
-        if let Err(error) = &result {
-            tracing::error!(workload = %uid, %error, "cannot capture pod");
+        loop {
+            let lifecycle = self.entry(uid, source);
+            let mut running = lifecycle.lock().await;
+            if !self.is_current(uid, &lifecycle) {
+                // Removed while we waited: start over in a fresh entry.
+                continue;
+            }
+            let result = self.start(&mut running, source, uid, netns).await;
+            let proxy = running.as_ref().map(|pod| pod.proxy.clone());
+            self.set_status(uid, source, &path, result.as_ref().err(), proxy);
+            drop(running);
+            if let Err(error) = &result {
+                tracing::error!(workload = %uid, %error, "cannot capture pod");
+            }
+            return result;
         }
-        result
     }
 
     /// Stops the proxy of `uid`: its listeners close and its connections are cut at once.
     /// Returns whether it was running.
     pub async fn remove(&self, uid: &str) -> bool {
-        let removed = self.running.lock().await.remove(uid);
-        self.status
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(uid);
-        let Some(pod) = removed else {
+        let Some(pod) = self.take(uid).await else {
             return false;
         };
         tracing::info!(workload = %uid, netns = %pod.netns_path.display(), "pod removed; draining its proxy");
@@ -241,16 +268,22 @@ impl PodManager {
 
     /// Removes every pod (clean shutdown: our rules must not outlive us).
     pub async fn remove_all(&self) {
-        let pods: Vec<RunningPod> = self
-            .running
-            .lock()
-            .await
-            .drain()
-            .map(|(_, pod)| pod)
-            .collect();
-        for pod in pods {
-            stop(pod, &self.inputs.metrics).await;
+        let uids: Vec<String> = self.lock().keys().cloned().collect();
+        for uid in uids {
+            if let Some(pod) = self.take(&uid).await {
+                stop(pod, &self.inputs.metrics).await;
+            }
         }
+    }
+
+    /// Takes `uid` out of the map once no start or stop of it runs, and returns its running pod.
+    async fn take(&self, uid: &str) -> Option<RunningPod> {
+        let lifecycle = self.lock().get(uid)?.lifecycle.clone();
+        let mut running = lifecycle.lock().await;
+        if self.is_current(uid, &lifecycle) {
+            self.lock().remove(uid);
+        }
+        running.take()
     }
 
     /// Like [`PodManager::retain`], limited to the pods of one source.
@@ -259,21 +292,12 @@ impl PodManager {
         source: PodSource,
         keep: impl Fn(&str) -> bool,
     ) -> Vec<String> {
-        let of_source: std::collections::HashSet<String> = {
-            let running = self.running.lock().await;
-            let status = self.status.lock().unwrap_or_else(|p| p.into_inner());
-            running
-                .iter()
-                .filter(|(_, pod)| pod.source == source)
-                .map(|(uid, _)| uid.clone())
-                .chain(
-                    status
-                        .iter()
-                        .filter(|(_, state)| state.source() == source)
-                        .map(|(uid, _)| uid.clone()),
-                )
-                .collect()
-        };
+        let of_source: std::collections::HashSet<String> = self
+            .lock()
+            .iter()
+            .filter(|(_, entry)| entry.source == source)
+            .map(|(uid, _)| uid.clone())
+            .collect();
         self.retain(|uid| !of_source.contains(uid) || keep(uid))
             .await
     }
@@ -281,14 +305,10 @@ impl PodManager {
     /// Removes every pod for which `keep` is false (snapshot reconciliation). Returns the uids
     /// removed.
     pub async fn retain(&self, keep: impl Fn(&str) -> bool) -> Vec<String> {
-        let known: Vec<String> = {
-            let running = self.running.lock().await;
-            let status = self.status.lock().unwrap_or_else(|p| p.into_inner());
-            running.keys().chain(status.keys()).cloned().collect()
-        };
+        let known: Vec<String> = self.lock().keys().cloned().collect();
         let mut removed = Vec::new();
         for uid in known {
-            if !keep(&uid) && !removed.contains(&uid) {
+            if !keep(&uid) {
                 self.remove(&uid).await;
                 removed.push(uid);
             }
@@ -296,20 +316,53 @@ impl PodManager {
         removed
     }
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, PodEntry>> {
+        // Every critical section is a single lookup or update, so a poisoned map is consistent.
+        self.pods.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The lifecycle lock of `uid`, creating its entry if it is new.
+    fn entry(&self, uid: &str, source: PodSource) -> Arc<tokio::sync::Mutex<Option<RunningPod>>> {
+        let mut pods = self.lock();
+        let entry = pods.entry(uid.to_string()).or_insert_with(|| PodEntry {
+            source,
+            lifecycle: Arc::default(),
+            proxy: None,
+            status: None,
+        });
+        entry.source = source;
+        entry.lifecycle.clone()
+    }
+
+    /// Whether `lifecycle` is still the entry of `uid` (not removed while someone waited on it).
+    fn is_current(
+        &self,
+        uid: &str,
+        lifecycle: &Arc<tokio::sync::Mutex<Option<RunningPod>>>,
+    ) -> bool {
+        self.lock()
+            .get(uid)
+            .is_some_and(|entry| Arc::ptr_eq(&entry.lifecycle, lifecycle))
+    }
+
     async fn start(
         &self,
-        running: &mut HashMap<String, RunningPod>,
+        running: &mut Option<RunningPod>,
         source: PodSource,
         uid: &str,
         netns: Netns,
     ) -> Result<AddOutcome, CaptureError> {
+        #[cfg(test)]
+        if let Some(hook) = &self.start_hook {
+            hook(uid).await;
+        }
         let mut outcome = AddOutcome::Started;
-        if let Some(current) = running.get(uid) {
+        if let Some(current) = running.as_ref() {
             if current.netns_id == netns.id() {
                 return Ok(AddOutcome::Unchanged);
             }
             tracing::info!(workload = %uid, "pod network namespace changed; replacing its proxy");
-            if let Some(old) = running.remove(uid) {
+            if let Some(old) = running.take() {
                 stop(old, &self.inputs.metrics).await;
             }
             outcome = AddOutcome::Replaced;
@@ -317,21 +370,7 @@ impl PodManager {
         let path = netns.path().to_path_buf();
         let netns = Arc::new(netns);
         let sockets = SocketFactory::pod(netns.clone(), self.home.clone(), self.mark);
-        // Registering the sockets with tokio needs the runtime context on that thread too.
-        let runtime = tokio::runtime::Handle::current();
-        let listeners = netns
-            .run_on_thread(|| {
-                let _context = runtime.enter();
-                Listeners::bind(&sockets)
-            })
-            .map_err(|source| CaptureError::Thread {
-                path: path.clone(),
-                source,
-            })?
-            .map_err(|source| CaptureError::Listen {
-                path: path.clone(),
-                source,
-            })?;
+        let listeners = bind_listeners(netns.clone(), sockets.clone()).await?;
         let drain = self.drain.child();
         let proxy =
             WorkloadProxy::new(self.inputs.clone(), uid.to_string(), sockets, drain.clone());
@@ -339,7 +378,6 @@ impl PodManager {
         self.inputs.metrics.proxy_started();
         let rules = self.rules.clone().filter(|_| source != PodSource::Cni);
         let pod = RunningPod {
-            source,
             netns: netns.clone(),
             netns_id: netns.id(),
             netns_path: path.clone(),
@@ -348,8 +386,7 @@ impl PodManager {
             rules_installed: rules.is_some(),
         };
         if let Some(rules) = rules {
-            let target = netns.clone();
-            let installed = tokio::task::spawn_blocking(move || rules.install(&target))
+            let installed = tokio::task::spawn_blocking(move || rules.install(&netns))
                 .await
                 .unwrap_or_else(|join| Err(rules::RulesError::Netns(std::io::Error::other(join))));
             if let Err(source) = installed {
@@ -357,16 +394,18 @@ impl PodManager {
                 return Err(CaptureError::Rules { path, source });
             }
         }
-        running.insert(uid.to_string(), pod);
+        *running = Some(pod);
         Ok(outcome)
     }
 
+    /// Records the outcome of a start attempt (and the proxy now running, if any).
     fn set_status(
         &self,
         uid: &str,
         source: PodSource,
         netns: &std::path::Path,
         error: Option<&CaptureError>,
+        proxy: Option<Arc<WorkloadProxy>>,
     ) {
         let status = match error {
             None => PodStatus::Running {
@@ -379,18 +418,23 @@ impl PodManager {
                 reason: error.to_string(),
             },
         };
-        self.status
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(uid.to_string(), status);
+        let mut pods = self.lock();
+        let entry = pods.entry(uid.to_string()).or_insert_with(|| PodEntry {
+            source,
+            lifecycle: Arc::default(),
+            proxy: None,
+            status: None,
+        });
+        entry.status = Some(status);
+        entry.proxy = proxy;
     }
 
-    /// Status of every known pod.
+    /// Status of every known pod whose first start attempt has ended.
     pub fn status(&self) -> BTreeMap<String, PodStatus> {
-        self.status
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.lock()
+            .iter()
+            .filter_map(|(uid, entry)| Some((uid.clone(), entry.status.clone()?)))
+            .collect()
     }
 
     /// What readiness still waits for: the initial config pod set, and pods that failed.
@@ -413,12 +457,38 @@ impl PodManager {
 
     /// Pooled HBONE connections per running pod.
     pub async fn pooled_connections(&self) -> BTreeMap<String, usize> {
-        let running = self.running.lock().await;
-        running
+        self.lock()
             .iter()
-            .map(|(uid, pod)| (uid.clone(), pod.proxy.pooled_connections()))
+            .filter_map(|(uid, entry)| {
+                Some((uid.clone(), entry.proxy.as_ref()?.pooled_connections()))
+            })
             .collect()
     }
+}
+
+/// Binds the pod's listeners on a thread inside its namespace, off the runtime's workers.
+async fn bind_listeners(
+    netns: Arc<Netns>,
+    sockets: SocketFactory,
+) -> Result<Listeners, CaptureError> {
+    let path = netns.path().to_path_buf();
+    // A blocking-pool thread has the runtime context that registering the sockets with tokio
+    // needs; the namespace thread below enters it too.
+    let runtime = tokio::runtime::Handle::current();
+    let bound = tokio::task::spawn_blocking(move || {
+        netns.run_on_thread(|| {
+            let _context = runtime.enter();
+            Listeners::bind(&sockets)
+        })
+    })
+    .await
+    .unwrap_or_else(|join| Err(std::io::Error::other(join)));
+    bound
+        .map_err(|source| CaptureError::Thread {
+            path: path.clone(),
+            source,
+        })?
+        .map_err(|source| CaptureError::Listen { path, source })
 }
 
 impl PodStatus {
@@ -443,3 +513,6 @@ async fn stop(pod: RunningPod, metrics: &Metrics) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -225,16 +225,36 @@ fn identity_text(facts: &ConnectionFacts) -> String {
 
 /// Registers the connection, then decides it on the current snapshot. The returned
 /// registration must live as long as the connection.
+#[cfg(test)]
 pub(super) fn admit(
     connections: &Arc<Connections>,
     state: &StateStore,
     local: &Workload,
     facts: ConnectionFacts,
 ) -> Result<Registration, Denied> {
+    admit_on(connections, state, &state.snapshot(), local, facts)
+}
+
+/// Registers the connection, then decides it on `snapshot`, the one the caller looked its
+/// target up in, unless `state` moved past it before the registration: a change the
+/// re-evaluator handled before it could see this connection must not be missed, so the newer
+/// snapshot decides then. The returned registration must live as long as the connection.
+pub(super) fn admit_on(
+    connections: &Arc<Connections>,
+    state: &StateStore,
+    snapshot: &Arc<Snapshot>,
+    local: &Workload,
+    facts: ConnectionFacts,
+) -> Result<Registration, Denied> {
     let registration = connections.register(facts.clone());
-    let snapshot = state.snapshot();
+    let current = state.snapshot();
+    let snapshot = if Arc::ptr_eq(&current, snapshot) {
+        snapshot
+    } else {
+        &current
+    };
     let workload = snapshot.workload(&local.uid).map_or(local, |w| w.as_ref());
-    let decision = authz::decide(&snapshot, workload, &facts);
+    let decision = authz::decide(snapshot, workload, &facts);
     log_decision(&decision, &facts);
     connections.count(&decision, DecisionPhase::Connect, workload);
     if decision.is_allowed() {

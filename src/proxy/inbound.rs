@@ -23,14 +23,14 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
-use super::connections::{self, Denied, Revoked};
-use super::{accept_loop, copy, WorkloadProxy};
+use super::admission::{self, accept_loop, AdmissionError};
+use super::inbound_target::{self, TargetError};
+use super::{copy, WorkloadProxy};
 use crate::authz::ConnectionFacts;
 use crate::hbone::stream::H2Stream;
 use crate::hbone::{self, Authority, TraceParent};
-use crate::net::{ports, ClientAddr};
+use crate::net::ClientAddr;
 use crate::spiffe::Identity;
-use crate::state::{ApplicationTunnelProtocol, Workload};
 use crate::telemetry::{ConnectionRecord, Direction, ResponseFlag};
 
 pub(super) async fn serve(proxy: Arc<WorkloadProxy>, listener: TcpListener) {
@@ -40,8 +40,8 @@ pub(super) async fn serve(proxy: Arc<WorkloadProxy>, listener: TcpListener) {
 /// Why an HBONE connection (as a whole) could not be served.
 #[derive(Debug, thiserror::Error)]
 enum ConnectionError {
-    #[error("the local workload {0} is not in the current configuration")]
-    UnknownWorkload(String),
+    #[error(transparent)]
+    Admission(#[from] AdmissionError),
     #[error("no certificate for {identity}: {source}")]
     Certificate {
         identity: Identity,
@@ -71,9 +71,7 @@ async fn serve_connection(
     stream: TcpStream,
     peer: ClientAddr,
 ) -> Result<(), ConnectionError> {
-    let local = proxy
-        .workload()
-        .ok_or_else(|| ConnectionError::UnknownWorkload(proxy.workload_uid.clone()))?;
+    let (_, local) = proxy.local_view()?;
     let certificate = proxy
         .inputs
         .certificates
@@ -118,32 +116,22 @@ async fn serve_connection(
 #[derive(Debug, thiserror::Error)]
 enum StreamError {
     #[error(transparent)]
+    Admission(#[from] AdmissionError),
+    #[error(transparent)]
     BadRequest(#[from] hbone::RequestError),
-    #[error("ip mismatch: {requested} is not an address of {workload}")]
-    IpMismatch { requested: String, workload: String },
-    #[error("hostname authority {0} does not name a service of this workload")]
-    UnknownHostname(String),
-    #[error("target port {0} is one of the agent's own ports")]
-    AgentPort(u16),
-    #[error("the local workload is no longer configured")]
-    UnknownWorkload,
     #[error(transparent)]
-    Denied(Denied),
-    #[error(transparent)]
-    Revoked(Revoked),
+    Target(#[from] TargetError),
     #[error("connect to the application: {0}")]
     Upstream(#[source] crate::socket::SocketError),
     #[error("sending the response: {0}")]
     Respond(#[source] h2::Error),
-    #[error("copy: {0}")]
-    Copy(#[source] std::io::Error),
 }
 
 impl StreamError {
     /// Istio's response flag for this failure.
     fn flag(&self) -> ResponseFlag {
         match self {
-            StreamError::Denied(_) | StreamError::Revoked(_) => ResponseFlag::Deny,
+            StreamError::Admission(error) => error.flag(),
             _ => ResponseFlag::Connect,
         }
     }
@@ -151,13 +139,15 @@ impl StreamError {
     fn status(&self) -> StatusCode {
         match self {
             StreamError::BadRequest(error) => error.status(),
-            StreamError::IpMismatch { .. } => StatusCode::BAD_REQUEST,
-            StreamError::UnknownHostname(_)
-            | StreamError::AgentPort(_)
-            | StreamError::UnknownWorkload
+            StreamError::Target(TargetError::IpMismatch { .. }) => StatusCode::BAD_REQUEST,
+            StreamError::Target(_)
+            | StreamError::Admission(
+                AdmissionError::AgentPort(_) | AdmissionError::UnknownWorkload(_),
+            )
             | StreamError::Upstream(_) => StatusCode::SERVICE_UNAVAILABLE,
-            StreamError::Denied(_) => StatusCode::UNAUTHORIZED,
-            StreamError::Respond(_) | StreamError::Copy(_) | StreamError::Revoked(_) => {
+            StreamError::Admission(AdmissionError::Denied(_)) => StatusCode::UNAUTHORIZED,
+            StreamError::Respond(_)
+            | StreamError::Admission(AdmissionError::Copy(_) | AdmissionError::Revoked(_)) => {
                 StatusCode::OK
             }
         }
@@ -219,50 +209,41 @@ async fn tunnel(
     respond: &mut Option<SendResponse<Bytes>>,
     record: &mut ConnectionRecord,
 ) -> Result<(), StreamError> {
-    let local = proxy.workload().ok_or(StreamError::UnknownWorkload)?;
+    let (snapshot, local) = proxy.local_view()?;
     record.dst_workload = Some(local.clone());
     record.dst_identity = Some(local.identity.clone());
-    let snapshot = proxy.inputs.state.snapshot();
-    if let Some(source) = snapshot.workload_by_address(&crate::net::NetworkAddress {
-        network: local.network.clone(),
-        ip: peer.0.ip(),
-    }) {
-        record.src_workload = Some(source.clone());
-    }
-    drop(snapshot);
-    let requested = resolve_target(proxy, &local, &authority)?;
-    let target = delivery_address(&local, requested)?;
+    record.src_workload = admission::source_workload(&snapshot, &local, peer.0.ip());
+    let delivery = inbound_target::decide(&snapshot, &local, &authority).inspect_err(|error| {
+        if let TargetError::AgentPort(address) = error {
+            record.dst_addr = address.to_string();
+        }
+    })?;
+    let target = delivery.address;
     record.dst_addr = target.to_string();
-    if ports::is_agent_port(target.port()) {
-        return Err(StreamError::AgentPort(target.port()));
-    }
     let facts = ConnectionFacts {
         source_identity: peer_identity.clone(),
         source_ip: peer.0.ip(),
         destination_ip: target.ip(),
         destination_port: target.port(),
     };
-    let registration = connections::admit(&proxy.connections, &proxy.inputs.state, &local, facts)
-        .map_err(StreamError::Denied)?;
+    let registration = proxy.authorize(&snapshot, &local, facts)?;
+    drop(snapshot);
     // Original source: the app sees the HBONE peer's IP (proven by the connection, unlike the
     // client-supplied `forwarded` header), unless client and app share the pod.
-    let source_ip = (proxy.inputs.settings.proxy.original_source && peer.0.ip() != target.ip())
-        .then_some(peer.0.ip());
+    let source_ip = proxy.original_source(peer.0.ip(), target.ip());
     let timeout = proxy.inputs.settings.proxy.connect_timeout;
     let mut upstream = proxy
         .sockets
         .connect(target, source_ip, timeout)
         .await
         .map_err(StreamError::Upstream)?;
-    if let Some(tunnel) = &local.application_tunnel {
-        if tunnel.protocol == ApplicationTunnelProtocol::Proxy {
-            let header =
-                super::proxy_protocol::encode_v2(peer.0, requested, peer_identity.as_ref());
-            upstream
-                .write_all(&header)
-                .await
-                .map_err(StreamError::Copy)?;
-        }
+    if delivery.proxy_header {
+        let header =
+            super::proxy_protocol::encode_v2(peer.0, delivery.requested, peer_identity.as_ref());
+        upstream
+            .write_all(&header)
+            .await
+            .map_err(AdmissionError::Copy)?;
     }
     let Some(mut respond) = respond.take() else {
         return Ok(());
@@ -281,85 +262,5 @@ async fn tunnel(
         &record.bytes.sent,
     ));
     // Dropping the copy on revocation resets the stream (h2 CANCEL) and closes the app socket.
-    tokio::select! {
-        copied = copy => copied.map_err(StreamError::Copy),
-        revoked = registration.revoked() => Err(StreamError::Revoked(revoked)),
-    }
-}
-
-/// Where the bytes go inside the pod: the requested address when it is the pod's own; for a
-/// workload with an application tunnel (or a waypoint addressed for what it fronts), the pod's
-/// own IP at the tunnel port, else at the requested port. Never an address outside the pod.
-fn delivery_address(local: &Workload, requested: SocketAddr) -> Result<SocketAddr, StreamError> {
-    let tunnel_port = local.application_tunnel.as_ref().and_then(|t| t.port);
-    if tunnel_port.is_none() && local.workload_ips.contains(&requested.ip()) {
-        return Ok(requested);
-    }
-    let ip = local
-        .workload_ips
-        .iter()
-        .find(|ip| ip.is_ipv4() == requested.is_ipv4())
-        .or_else(|| local.workload_ips.first())
-        .copied()
-        .ok_or(StreamError::UnknownWorkload)?;
-    Ok(SocketAddr::new(ip, tunnel_port.unwrap_or(requested.port())))
-}
-
-/// Maps the CONNECT authority to the address the client asked for: one of the local workload's
-/// own, or (for a waypoint) an address of what it fronts.
-fn resolve_target(
-    proxy: &WorkloadProxy,
-    local: &Workload,
-    authority: &Authority,
-) -> Result<SocketAddr, StreamError> {
-    match authority {
-        Authority::Address(address) => {
-            let fronted = || {
-                let network_address = crate::net::NetworkAddress {
-                    network: local.network.clone(),
-                    ip: address.ip(),
-                };
-                let snapshot = proxy.inputs.state.snapshot();
-                snapshot.is_waypoint_for_address(&network_address, local)
-            };
-            if local.workload_ips.contains(&address.ip())
-                || local.application_tunnel.is_some()
-                || fronted()
-            {
-                Ok(*address)
-            } else {
-                Err(StreamError::IpMismatch {
-                    requested: address.ip().to_string(),
-                    workload: local.uid.clone(),
-                })
-            }
-        }
-        Authority::Hostname { host, port } => {
-            let snapshot = proxy.inputs.state.snapshot();
-            let target_port = local
-                .services
-                .iter()
-                .filter(|(key, _)| {
-                    snapshot
-                        .service(key)
-                        .is_some_and(|service| &service.hostname == host)
-                })
-                .find_map(|(key, ports)| {
-                    let own = ports.get(port).copied().filter(|p| *p != 0);
-                    own.or_else(|| {
-                        snapshot
-                            .service(key)
-                            .and_then(|s| s.ports.get(port).copied())
-                            .filter(|p| *p != 0)
-                    })
-                })
-                .ok_or_else(|| StreamError::UnknownHostname(format!("{host}:{port}")))?;
-            let ip = local
-                .workload_ips
-                .first()
-                .copied()
-                .ok_or(StreamError::UnknownWorkload)?;
-            Ok(SocketAddr::new(ip, target_port))
-        }
-    }
+    Ok(admission::copy_until_revoked(copy, &registration).await?)
 }

@@ -6,10 +6,12 @@
 //! listeners inside the pod, and drains it when the pod goes away. Each accept loop is short and
 //! hands every connection to a named `handle` function in its own tracked task.
 
+mod admission;
 mod connections;
 pub mod copy;
 mod inbound;
 mod inbound_plaintext;
+mod inbound_target;
 mod outbound;
 pub mod pool;
 pub mod proxy_protocol;
@@ -26,7 +28,7 @@ use crate::hbone::H2Settings;
 use crate::identity::CertificateManager;
 use crate::net::{ports, ListenAddr};
 use crate::socket::{SocketError, SocketFactory};
-use crate::state::{StateStore, Workload};
+use crate::state::StateStore;
 
 /// Settings every workload proxy shares.
 #[derive(Debug, Clone)]
@@ -154,15 +156,6 @@ impl WorkloadProxy {
         drain.spawn(async move { pool.run_idle_release(stop.draining()).await });
     }
 
-    /// The workload this proxy serves, in the current snapshot.
-    fn workload(&self) -> Option<Arc<Workload>> {
-        self.inputs
-            .state
-            .snapshot()
-            .workload(&self.workload_uid)
-            .cloned()
-    }
-
     /// Open inbound connections (HBONE streams and plaintext) under authorization (admin).
     pub fn inbound_connections(&self) -> usize {
         self.connections.len()
@@ -171,42 +164,5 @@ impl WorkloadProxy {
     /// The pooled HBONE connections (admin, tests).
     pub fn pooled_connections(&self) -> usize {
         self.pool.connection_count()
-    }
-}
-
-/// Accepts until drain starts, spawning `handle` per connection in the proxy's drain scope.
-async fn accept_loop<F, Fut>(
-    proxy: &Arc<WorkloadProxy>,
-    listener: TcpListener,
-    name: &str,
-    handle: F,
-) where
-    F: Fn(Arc<WorkloadProxy>, tokio::net::TcpStream, SocketAddr) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            _ = proxy.drain.draining() => return,
-        };
-        match accepted {
-            Ok((stream, peer)) => {
-                let peer = crate::sys::canonical(peer);
-                // Boxed, so that the select below holds a pointer rather than a second copy.
-                let connection = Box::pin(handle(proxy.clone(), stream, peer));
-                let forced = proxy.drain.clone();
-                proxy.drain.spawn(async move {
-                    tokio::select! {
-                        _ = connection => {}
-                        _ = forced.forced() => {}
-                    }
-                });
-            }
-            Err(error) => {
-                // EMFILE and friends: back off briefly instead of spinning.
-                tracing::warn!(listener = name, %error, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-        }
     }
 }

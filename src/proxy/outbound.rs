@@ -7,10 +7,10 @@ use std::sync::Arc;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument;
 
+use super::admission::{accept_loop, AdmissionError, Redirected};
 use super::route::{self, HboneRoute, PassthroughRoute, Route};
-use super::{accept_loop, copy, WorkloadProxy};
-use crate::hbone::{self, Authority, ConnectRequest, TraceParent};
-use crate::net::{ClientAddr, OriginalDst};
+use super::{copy, WorkloadProxy};
+use crate::hbone::{self, Authority, ConnectRequest};
 use crate::telemetry::{ConnectionRecord, Direction, ResponseFlag};
 
 pub(super) async fn serve(proxy: Arc<WorkloadProxy>, listener: TcpListener) {
@@ -18,21 +18,17 @@ pub(super) async fn serve(proxy: Arc<WorkloadProxy>, listener: TcpListener) {
 }
 
 async fn handle(proxy: Arc<WorkloadProxy>, stream: TcpStream, peer: SocketAddr) {
-    let local = stream.local_addr().unwrap_or(peer);
-    let destination = OriginalDst(crate::sys::original_destination(&stream, local));
-    let client = ClientAddr(peer);
-    let trace = TraceParent::random();
-    let span = tracing::info_span!("outbound", id = %trace, src = %client, dst = %destination);
-    let mut record = ConnectionRecord::new(
-        &proxy.inputs.metrics,
-        Direction::Outbound,
-        client,
-        destination,
+    let redirected = Redirected::new(&stream, peer);
+    let span = tracing::info_span!(
+        "outbound",
+        id = %redirected.trace,
+        src = %redirected.client,
+        dst = %redirected.destination
     );
-    record.trace = trace.to_string();
+    let mut record = redirected.record(&proxy, Direction::Outbound);
     // No inner `async move`: moving the record into one would keep its space twice in this
     // task (an async fn's moved-from locals keep their storage) for the connection's life.
-    let result = proxy_connection(&proxy, stream, client, destination, trace, &mut record)
+    let result = proxy_connection(&proxy, stream, redirected, &mut record)
         .instrument(span.clone())
         .await;
     // The failure and the access log (the record's drop) are logged inside the span.
@@ -43,25 +39,24 @@ async fn handle(proxy: Arc<WorkloadProxy>, stream: TcpStream, peer: SocketAddr) 
     drop(record);
 }
 
-/// Why an outbound connection failed.
+/// Why an outbound connection failed, beyond the reasons every handler shares.
 #[derive(Debug, thiserror::Error)]
 enum OutboundError {
-    #[error("the source workload {0} is not in the current configuration")]
-    UnknownSource(String),
+    #[error(transparent)]
+    Admission(#[from] AdmissionError),
     #[error(transparent)]
     Route(#[from] route::RouteError),
     #[error(transparent)]
     Pool(#[from] super::pool::PoolError),
     #[error(transparent)]
     Socket(#[from] crate::socket::SocketError),
-    #[error("copy: {0}")]
-    Copy(#[source] std::io::Error),
 }
 
 impl OutboundError {
     /// Istio's response flag for this failure.
     fn flag(&self) -> ResponseFlag {
         match self {
+            OutboundError::Admission(error) => error.flag(),
             OutboundError::Pool(error) => error.flag(),
             _ => ResponseFlag::Connect,
         }
@@ -71,16 +66,15 @@ impl OutboundError {
 async fn proxy_connection(
     proxy: &WorkloadProxy,
     stream: TcpStream,
-    client: ClientAddr,
-    destination: OriginalDst,
-    trace: TraceParent,
+    Redirected {
+        client,
+        destination,
+        trace,
+    }: Redirected,
     record: &mut ConnectionRecord,
 ) -> Result<(), OutboundError> {
-    let source = proxy
-        .workload()
-        .ok_or_else(|| OutboundError::UnknownSource(proxy.workload_uid.clone()))?;
+    let (snapshot, source) = proxy.local_view()?;
     record.src_workload = Some(source.clone());
-    let snapshot = proxy.inputs.state.snapshot();
     let hbone_port = proxy.inputs.settings.proxy.hbone_port;
     let decision = route::decide(&snapshot, &source, destination, hbone_port, rand::random())?;
     drop(snapshot);
@@ -123,7 +117,7 @@ async fn proxy_connection(
             record.connected();
             copy::tunnel(stream, tunnel, &record.bytes.sent, &record.bytes.received)
                 .await
-                .map_err(OutboundError::Copy)
+                .map_err(|error| AdmissionError::Copy(error).into())
         }
         Route::Passthrough(PassthroughRoute {
             target,
@@ -137,7 +131,7 @@ async fn proxy_connection(
             record.connected();
             copy::bidirectional(stream, upstream, &record.bytes.sent, &record.bytes.received)
                 .await
-                .map_err(OutboundError::Copy)
+                .map_err(|error| AdmissionError::Copy(error).into())
         }
     }
 }

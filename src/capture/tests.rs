@@ -1,0 +1,169 @@
+//! The pod manager starts and stops pods independently: one pod's slow start holds up nothing
+//! but itself. Needs root (it makes two network namespaces), like the netns integration tests.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot, Mutex as AsyncMutex};
+
+use super::*;
+use crate::config::agent::{PoolConfig, ProxyConfig};
+use crate::identity::ca::BuiltinCa;
+use crate::identity::CertificateManager;
+use crate::proxy::ProxySettings;
+use crate::state::{Snapshot, StateStore};
+
+/// Only a guard against hanging the suite if the pods were serialized again; never reached
+/// when they are not.
+const HANG_GUARD: Duration = Duration::from_secs(60);
+
+/// Whether this test may run: as the netns integration tests decide (`tests/support`), root is
+/// required unless a non-CI user opted out with `NODETUNNEL_SKIP_NETNS_TESTS=1`.
+fn netns_tests_enabled(test: &str) -> bool {
+    let in_ci = std::env::var("CI").is_ok_and(|value| value == "true");
+    let opted_out = std::env::var("NODETUNNEL_SKIP_NETNS_TESTS").is_ok_and(|value| value == "1");
+    if opted_out && !in_ci {
+        eprintln!("SKIPPED {test}: NODETUNNEL_SKIP_NETNS_TESTS=1 is set (it needs root)");
+        return false;
+    }
+    true
+}
+
+/// A new, empty network namespace, alive as long as the returned handle.
+fn fresh_netns(name: &str) -> Netns {
+    let name = name.to_string();
+    std::thread::spawn(move || {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+            .expect("unshare a network namespace (needs root)");
+        let file = std::fs::File::open("/proc/thread-self/ns/net").expect("open the namespace");
+        Netns::from_file(file, PathBuf::from(format!("test:{name}"))).expect("namespace id")
+    })
+    .join()
+    .expect("namespace thread")
+}
+
+fn manager() -> PodManager {
+    let (root, key) = BuiltinCa::generate_root("test root").expect("root");
+    let ca = BuiltinCa::from_pem(&root, &key, Duration::from_secs(3600)).expect("CA");
+    let inputs = ProxyInputs {
+        state: Arc::new(StateStore::new(Snapshot::default())),
+        certificates: Arc::new(CertificateManager::new(Arc::new(ca))),
+        settings: Arc::new(ProxySettings {
+            proxy: ProxyConfig::default(),
+            pool: PoolConfig::default(),
+        }),
+        metrics: Arc::new(Metrics::new()),
+    };
+    let home = Arc::new(Netns::current().expect("own namespace"));
+    PodManager::new(inputs, home, 0x539, None, Drain::new())
+}
+
+fn is_running(manager: &PodManager, uid: &str) -> bool {
+    matches!(manager.status().get(uid), Some(PodStatus::Running { .. }))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_pod_start_delays_no_other_pod() {
+    if !netns_tests_enabled("a_slow_pod_start_delays_no_other_pod") {
+        return;
+    }
+    let (entered, mut slow_entered) = mpsc::unbounded_channel::<()>();
+    let (release, released) = oneshot::channel::<()>();
+    let released = Arc::new(AsyncMutex::new(Some(released)));
+    let mut manager = manager();
+    manager.start_hook = Some(Arc::new(move |uid: &str| {
+        let slow = uid == "slow";
+        let entered = entered.clone();
+        let released = released.clone();
+        Box::pin(async move {
+            if !slow {
+                return;
+            }
+            let _ = entered.send(());
+            if let Some(released) = released.lock().await.take() {
+                let _ = released.await;
+            }
+        })
+    }));
+    let manager = Arc::new(manager);
+    let slow = tokio::spawn({
+        let manager = manager.clone();
+        let netns = fresh_netns("slow");
+        async move { manager.add("slow", netns).await }
+    });
+    slow_entered
+        .recv()
+        .await
+        .expect("the slow pod's start began");
+
+    // The slow pod is mid-start, holding its own lock: another pod comes and goes regardless.
+    let added = tokio::time::timeout(HANG_GUARD, manager.add("fast", fresh_netns("fast")))
+        .await
+        .expect("another pod's add waited for the slow pod's start");
+    assert_eq!(added.expect("fast pod starts"), AddOutcome::Started);
+    assert!(is_running(&manager, "fast"));
+    assert!(
+        !manager.status().contains_key("slow"),
+        "slow pod is still starting"
+    );
+    assert_eq!(
+        manager
+            .pooled_connections()
+            .await
+            .keys()
+            .collect::<Vec<_>>(),
+        vec!["fast"]
+    );
+    let removed = tokio::time::timeout(HANG_GUARD, manager.remove("fast"))
+        .await
+        .expect("another pod's remove waited for the slow pod's start");
+    assert!(removed);
+
+    release.send(()).expect("the slow start still waits");
+    let outcome = slow.await.expect("slow add task");
+    assert_eq!(outcome.expect("slow pod starts"), AddOutcome::Started);
+    assert!(is_running(&manager, "slow"));
+    manager.remove_all().await;
+    assert!(manager.pooled_connections().await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remove_during_a_start_stops_the_started_pod() {
+    if !netns_tests_enabled("a_remove_during_a_start_stops_the_started_pod") {
+        return;
+    }
+    let (entered, mut slow_entered) = mpsc::unbounded_channel::<()>();
+    let (release, released) = oneshot::channel::<()>();
+    let released = Arc::new(AsyncMutex::new(Some(released)));
+    let mut manager = manager();
+    manager.start_hook = Some(Arc::new(move |_: &str| {
+        let entered = entered.clone();
+        let released = released.clone();
+        Box::pin(async move {
+            if let Some(released) = released.lock().await.take() {
+                let _ = entered.send(());
+                let _ = released.await;
+            }
+        })
+    }));
+    let manager = Arc::new(manager);
+    let start = tokio::spawn({
+        let manager = manager.clone();
+        let netns = fresh_netns("pod");
+        async move { manager.add("pod", netns).await }
+    });
+    slow_entered.recv().await.expect("the start began");
+    let remove = tokio::spawn({
+        let manager = manager.clone();
+        async move { manager.remove("pod").await }
+    });
+    release.send(()).expect("the start still waits");
+    assert_eq!(
+        start.await.expect("add task").expect("pod starts"),
+        AddOutcome::Started
+    );
+    // The remove ran after the start it waited for, so it found the pod running.
+    assert!(remove.await.expect("remove task"), "remove saw the pod");
+    assert!(manager.status().is_empty());
+    assert!(manager.pooled_connections().await.is_empty());
+}

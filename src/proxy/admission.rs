@@ -1,0 +1,193 @@
+//! What every data-plane connection of a workload proxy goes through before its bytes move
+//! (layer L3): the accept loop of each listener, the accept setup of the redirect listeners
+//! (15001, 15006), the local and source workload lookups on one snapshot, authorization with
+//! live re-evaluation, the original-source choice, and the errors all three handlers share.
+//!
+//! The handlers (`outbound`, `inbound`, `inbound_plaintext`) keep only what is their own: the
+//! route, the TLS and CONNECT exchange, the target check. Checks that apply to every accepted
+//! connection of a listener (connection caps per pod or per source) belong in [`accept_loop`];
+//! checks that apply to every inbound connection once its target is known belong in
+//! [`WorkloadProxy::authorize`].
+
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use tokio::net::{TcpListener, TcpStream};
+
+use super::connections::{self, Denied, Registration, Revoked};
+use super::WorkloadProxy;
+use crate::authz::ConnectionFacts;
+use crate::hbone::TraceParent;
+use crate::net::{ClientAddr, NetworkAddress, OriginalDst};
+use crate::state::{Snapshot, Workload};
+use crate::telemetry::{ConnectionRecord, Direction, ResponseFlag};
+
+/// Why a connection was refused or ended, for the reasons every handler shares. Each handler's
+/// own error wraps it.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum AdmissionError {
+    /// The connection targets one of the agent's own ports (15001/15006/15008), which would
+    /// loop through the agent.
+    #[error("target port {0} is one of the agent's own ports")]
+    AgentPort(u16),
+    /// The workload this proxy serves left the model (its proxy is about to be drained).
+    #[error("the local workload {0} is not in the current configuration")]
+    UnknownWorkload(String),
+    /// Authorization refused the connection.
+    #[error(transparent)]
+    Denied(Denied),
+    /// A policy change closed the connection while it was open.
+    #[error(transparent)]
+    Revoked(Revoked),
+    /// Copying between the two ends failed.
+    #[error("copy: {0}")]
+    Copy(#[source] std::io::Error),
+}
+
+impl AdmissionError {
+    /// Istio's response flag for this failure.
+    pub(super) fn flag(&self) -> ResponseFlag {
+        match self {
+            AdmissionError::Denied(_) | AdmissionError::Revoked(_) => ResponseFlag::Deny,
+            _ => ResponseFlag::Connect,
+        }
+    }
+}
+
+/// Accepts until drain starts, spawning `handle` per connection in the proxy's drain scope.
+pub(super) async fn accept_loop<F, Fut>(
+    proxy: &Arc<WorkloadProxy>,
+    listener: TcpListener,
+    name: &str,
+    handle: F,
+) where
+    F: Fn(Arc<WorkloadProxy>, TcpStream, SocketAddr) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = proxy.drain.draining() => return,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let peer = crate::sys::canonical(peer);
+                // Boxed, so that the select below holds a pointer rather than a second copy.
+                let connection = Box::pin(handle(proxy.clone(), stream, peer));
+                let forced = proxy.drain.clone();
+                proxy.drain.spawn(async move {
+                    tokio::select! {
+                        _ = connection => {}
+                        _ = forced.forced() => {}
+                    }
+                });
+            }
+            Err(error) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                tracing::warn!(listener = name, %error, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// A connection the pod's redirection rules sent to 15001 or 15006: who dialled, what they
+/// dialled, and the trace id its logs carry.
+#[derive(Debug, Clone)]
+pub(super) struct Redirected {
+    /// The dialling socket.
+    pub(super) client: ClientAddr,
+    /// The address the client dialled, before redirection.
+    pub(super) destination: OriginalDst,
+    /// A fresh trace id (a redirected connection starts a trace).
+    pub(super) trace: TraceParent,
+}
+
+impl Redirected {
+    /// Recovers the original destination of `stream`, accepted from `peer`.
+    pub(super) fn new(stream: &TcpStream, peer: SocketAddr) -> Self {
+        let local = stream.local_addr().unwrap_or(peer);
+        Redirected {
+            client: ClientAddr(peer),
+            destination: OriginalDst(crate::sys::original_destination(stream, local)),
+            trace: TraceParent::random(),
+        }
+    }
+
+    /// The connection's access-log record, carrying the trace id.
+    pub(super) fn record(&self, proxy: &WorkloadProxy, direction: Direction) -> ConnectionRecord {
+        let mut record = ConnectionRecord::new(
+            &proxy.inputs.metrics,
+            direction,
+            self.client,
+            self.destination,
+        );
+        record.trace = self.trace.to_string();
+        record
+    }
+}
+
+impl WorkloadProxy {
+    /// One snapshot and the workload this proxy serves in it; inbound connections decide their
+    /// target and authorization on this same snapshot.
+    pub(super) fn local_view(&self) -> Result<(Arc<Snapshot>, Arc<Workload>), AdmissionError> {
+        let snapshot = self.inputs.state.snapshot();
+        let local = snapshot
+            .workload(&self.workload_uid)
+            .cloned()
+            .ok_or_else(|| AdmissionError::UnknownWorkload(self.workload_uid.clone()))?;
+        Ok((snapshot, local))
+    }
+
+    /// Authorizes an inbound connection to `local` with `facts`, decided on `snapshot`, and
+    /// registers it for re-evaluation on every later policy change. The returned registration
+    /// must live as long as the connection.
+    pub(super) fn authorize(
+        &self,
+        snapshot: &Arc<Snapshot>,
+        local: &Workload,
+        facts: ConnectionFacts,
+    ) -> Result<Registration, AdmissionError> {
+        connections::admit_on(
+            &self.connections,
+            &self.inputs.state,
+            snapshot,
+            local,
+            facts,
+        )
+        .map_err(AdmissionError::Denied)
+    }
+
+    /// The source IP of the agent's connection to the app: the client's own (original source),
+    /// unless the setting is off or client and app share the pod (then the kernel picks).
+    pub(super) fn original_source(&self, client: IpAddr, target: IpAddr) -> Option<IpAddr> {
+        (self.inputs.settings.proxy.original_source && client != target).then_some(client)
+    }
+}
+
+/// The workload at `ip` in the local workload's network, if the model knows it (telemetry).
+pub(super) fn source_workload(
+    snapshot: &Snapshot,
+    local: &Workload,
+    ip: IpAddr,
+) -> Option<Arc<Workload>> {
+    snapshot
+        .workload_by_address(&NetworkAddress {
+            network: local.network.clone(),
+            ip,
+        })
+        .cloned()
+}
+
+/// Drives `copy` until it ends or a policy change revokes the connection. Dropping the copy on
+/// revocation closes both ends (an HBONE stream is reset).
+pub(super) async fn copy_until_revoked(
+    copy: impl Future<Output = std::io::Result<()>>,
+    registration: &Registration,
+) -> Result<(), AdmissionError> {
+    tokio::select! {
+        copied = copy => copied.map_err(AdmissionError::Copy),
+        revoked = registration.revoked() => Err(AdmissionError::Revoked(revoked)),
+    }
+}
