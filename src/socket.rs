@@ -21,6 +21,14 @@ const LISTEN_BACKLOG: i32 = 1024;
 /// TCP keepalive of outgoing and accepted connections: detects peers that vanished without FIN.
 const KEEPALIVE_TIME: Duration = Duration::from_secs(180);
 
+/// Owner of every listener the agent opens. The kernel lets a socket join a `SO_REUSEPORT`
+/// group only if it has the same owner, so a restarted agent (same owner) binds beside the old
+/// one for a hand-over without refused connections, while an app in the pod — even one running
+/// as root, owner 0 — gets `EADDRINUSE` instead of a share of the redirected connections.
+/// Kubernetes cannot run a container as this uid (`runAsUser` stops at 2^31 - 1); only a
+/// process with `CAP_SETUID` could take it on.
+pub const LISTENER_OWNER: u32 = u32::MAX - 1;
+
 /// Where sockets are created and how they are marked.
 #[derive(Debug, Clone)]
 pub struct SocketFactory {
@@ -82,10 +90,17 @@ impl SocketFactory {
         }
     }
 
-    /// Creates a raw socket in the right namespace with the mark set.
-    fn raw_socket(&self, domain: Domain) -> Result<Socket, io::Error> {
+    /// Creates a raw socket in the right namespace with the mark set, owned by `owner` (else
+    /// by the agent's own uid).
+    fn raw_socket(&self, domain: Domain, owner: Option<u32>) -> Result<Socket, io::Error> {
         // socket2 creates it close-on-exec already (SOCK_CLOEXEC), so no fcntl follows.
-        let create = || Socket::new(domain, Type::STREAM.nonblocking(), Some(Protocol::TCP));
+        let create = || {
+            let socket = || Socket::new(domain, Type::STREAM.nonblocking(), Some(Protocol::TCP));
+            match owner {
+                Some(uid) => crate::sys::with_fsuid(uid, socket),
+                None => socket(),
+            }
+        };
         let socket = match &self.pod {
             None => create()?,
             Some(pod) => pod.netns.run_in(&pod.home, create)??,
@@ -96,12 +111,14 @@ impl SocketFactory {
         Ok(socket)
     }
 
-    /// A listener on `addr` (port reuse on, so a restarted agent can bind beside the old one).
+    /// A listener on `addr`, owned by [`LISTENER_OWNER`] with port reuse on, so that a
+    /// restarted agent can bind beside the old one and nothing else can.
     /// A wildcard IPv6 address is dual-stack; if the namespace has no IPv6, IPv4 wildcard is used.
     /// `transparent` lets the listener accept connections for non-local addresses (TPROXY).
     pub fn listen(&self, addr: SocketAddr, transparent: bool) -> Result<TcpListener, SocketError> {
         let attempt = |addr: SocketAddr| -> io::Result<TcpListener> {
-            let socket = self.raw_socket(Domain::for_address(addr))?;
+            let socket = self.raw_socket(Domain::for_address(addr), Some(LISTENER_OWNER))?;
+            warn_unless_owned(&socket, addr);
             socket.set_reuse_address(true)?;
             socket.set_reuse_port(true)?;
             if addr.is_ipv6() {
@@ -154,7 +171,7 @@ impl SocketFactory {
             source,
         };
         let socket = self
-            .raw_socket(Domain::for_address(dst))
+            .raw_socket(Domain::for_address(dst), None)
             .map_err(|source| io_error("socket", source))?;
         socket
             .set_nodelay(true)
@@ -184,6 +201,18 @@ impl SocketFactory {
     }
 }
 
+/// Without the owner (an agent in a user namespace that does not map it), port reuse is open
+/// to any socket of the agent's uid again; say so rather than fail the pod.
+fn warn_unless_owned(socket: &Socket, addr: SocketAddr) {
+    use std::os::fd::AsRawFd;
+    match nix::sys::stat::fstat(socket.as_raw_fd()) {
+        Ok(stat) if stat.st_uid == LISTENER_OWNER => {}
+        Ok(stat) => tracing::warn!(%addr, owner = stat.st_uid, wanted = LISTENER_OWNER,
+            "listener not owned by the agent's listener uid; apps running as its owner could bind beside it"),
+        Err(error) => tracing::debug!(%addr, %error, "cannot check the listener's owner"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -209,6 +238,47 @@ mod tests {
         sockets
             .listen(address, false)
             .expect("rebinding beside TIME_WAIT must work");
+    }
+
+    /// Port theft: an app (root, with `SO_REUSEPORT`) binding the agent's port gets
+    /// `EADDRINUSE`, on the same address, the wildcard or the other family's wildcard; a
+    /// restarted agent still binds beside the old listener (the hand-over).
+    #[tokio::test]
+    async fn only_another_agent_listener_can_bind_beside_a_listener() {
+        use std::os::unix::fs::MetadataExt;
+        let uid = std::fs::metadata("/proc/self").expect("/proc/self").uid();
+        assert_eq!(
+            uid, 0,
+            "needs root: an app running as root is the case under test"
+        );
+        let sockets = SocketFactory::node();
+        let agent = sockets
+            .listen(SocketAddr::from(([127, 0, 0, 1], 0)), false)
+            .expect("listen");
+        let port = agent.local_addr().expect("address").port();
+        let app_binds = |addr: SocketAddr| {
+            let app = Socket::new(Domain::for_address(addr), Type::STREAM, None).expect("socket");
+            app.set_reuse_address(true).expect("reuseaddr");
+            app.set_reuse_port(true).expect("reuseport");
+            app.bind(&addr.into())
+        };
+        let addresses = [
+            SocketAddr::from(([127, 0, 0, 1], port)),
+            SocketAddr::from(([0, 0, 0, 0], port)),
+            SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port),
+        ];
+        for addr in addresses {
+            let error = app_binds(addr).expect_err("an app must not share the agent's port");
+            assert_eq!(
+                error.raw_os_error(),
+                Some(libc::EADDRINUSE),
+                "{addr}: {error}"
+            );
+        }
+        let successor = sockets
+            .listen(SocketAddr::from(([127, 0, 0, 1], port)), false)
+            .expect("a restarted agent binds beside the old listener");
+        drop(successor);
     }
 
     /// Accepted connections carry the listener's options (no per-connection setsockopt).

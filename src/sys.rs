@@ -151,6 +151,20 @@ pub fn set_ipv6_transparent(socket: &impl AsRawFd) -> io::Result<()> {
     }
 }
 
+/// Runs `f` with the calling thread's file-system uid set to `uid`, then restores it. Linux
+/// keeps the fsuid per thread (glibc does not spread `setfsuid` to other threads), and a new
+/// socket takes its owner from it: the owner `SO_REUSEPORT` groups are matched by.
+#[allow(unsafe_code)]
+pub fn with_fsuid<T>(uid: u32, f: impl FnOnce() -> T) -> T {
+    // SAFETY: setfsuid(2) changes only this thread's credentials and touches no memory of ours;
+    // it cannot fail in a way that leaves anything to clean up (the result is the old fsuid).
+    let previous = unsafe { libc::setfsuid(uid) };
+    let output = f();
+    // SAFETY: as above; this restores the fsuid the thread had.
+    unsafe { libc::setfsuid(previous as libc::uid_t) };
+    output
+}
+
 /// One datagram read by [`recv_with_fds`].
 #[derive(Debug)]
 pub struct ReceivedDatagram {

@@ -144,7 +144,10 @@ impl AgentConfig {
         if self.proxy.hbone_port == 0 {
             problems.push(path.key("proxy").key("hbonePort"), Invalid::PortZero);
         }
-        // HTTP/2 bounds (RFC 9113 §6.5.2); h2 would panic on a frame size outside them.
+        self.check_durations(path, problems);
+        // HTTP/2 bounds (RFC 9113 §6.5.2); h2 would panic on a frame size outside them. Streams
+        // and header blocks are bounded above too: they size what one peer can make the agent
+        // hold (see `ProxyConfig`).
         let ranges = [
             (
                 "proxy",
@@ -166,6 +169,20 @@ impl AgentConfig {
                 self.proxy.connection_window,
                 1,
                 2_147_483_647,
+            ),
+            (
+                "proxy",
+                "maxConcurrentStreams",
+                self.proxy.max_concurrent_streams,
+                1,
+                MAX_CONCURRENT_STREAMS,
+            ),
+            (
+                "proxy",
+                "maxHeaderListSize",
+                self.proxy.max_header_list_size,
+                1024,
+                MAX_HEADER_LIST_SIZE,
             ),
             (
                 "pool",
@@ -191,6 +208,64 @@ impl AgentConfig {
                     max: max.into(),
                 };
                 problems.push(path.key(section).key(field), invalid);
+            }
+        }
+    }
+}
+
+/// Largest `proxy.maxConcurrentStreams`: streams (and their handlers and buffers) one peer may
+/// hold on one connection.
+pub const MAX_CONCURRENT_STREAMS: u32 = 1000;
+/// Largest `proxy.maxHeaderListSize`: a CONNECT needs a few hundred bytes; h2 holds a header
+/// block up to this size while it arrives (CONTINUATION frames).
+pub const MAX_HEADER_LIST_SIZE: u32 = 1024 * 1024;
+
+impl AgentConfig {
+    /// Durations where 0 would break things: a zero keepalive timeout closes every HBONE
+    /// connection, a zero interval or backoff cap spins, a zero connect timeout fails every
+    /// connect, a zero certificate lifetime gives expired certificates.
+    fn check_durations(&self, path: &FieldPath, problems: &mut Problems) {
+        let durations = [
+            (Some("proxy"), "connectTimeout", self.proxy.connect_timeout),
+            (
+                Some("proxy"),
+                "keepaliveInterval",
+                self.proxy.keepalive_interval,
+            ),
+            (
+                Some("proxy"),
+                "keepaliveTimeout",
+                self.proxy.keepalive_timeout,
+            ),
+            (
+                Some("proxy"),
+                "handshakeTimeout",
+                self.proxy.handshake_timeout,
+            ),
+            (
+                Some("proxy"),
+                "connectionIdleTimeout",
+                self.proxy.connection_idle_timeout,
+            ),
+            (
+                Some("proxy"),
+                "connectResponseTimeout",
+                self.proxy.connect_response_timeout,
+            ),
+            (Some("xds"), "reconnectMax", self.xds.reconnect_max),
+            (Some("xds"), "connectTimeout", self.xds.connect_timeout),
+            (Some("zds"), "reconnectMax", self.zds.reconnect_max),
+            (Some("ca"), "workloadCertTtl", self.ca.workload_cert_ttl),
+            (Some("istio"), "certificateTtl", self.istio.certificate_ttl),
+            (None, "reloadInterval", self.reload_interval),
+        ];
+        for (section, field, value) in durations {
+            if value.is_zero() {
+                let at = match section {
+                    Some(section) => path.key(section).key(field),
+                    None => path.key(field),
+                };
+                problems.push(at, Invalid::ZeroDuration);
             }
         }
     }
@@ -396,9 +471,25 @@ pub struct ProxyConfig {
     /// A PING not answered within this closes the connection.
     #[serde(default = "defaults::keepalive_timeout", with = "humantime_serde")]
     pub keepalive_timeout: Duration,
-    /// Time allowed for a TLS handshake plus the HTTP/2 preface.
+    /// Inbound: time from accept to the first CONNECT stream (certificate, TLS handshake,
+    /// HTTP/2 preface); outbound: time for a TLS handshake plus the HTTP/2 preface.
     #[serde(default = "defaults::handshake_timeout", with = "humantime_serde")]
     pub handshake_timeout: Duration,
+    /// An inbound HBONE connection with no open stream for this long is closed (GOAWAY).
+    /// Longer than `pool.idleTimeout`, so clients normally release first. Streams have no idle
+    /// timeout.
+    #[serde(
+        default = "defaults::connection_idle_timeout",
+        with = "humantime_serde"
+    )]
+    pub connection_idle_timeout: Duration,
+    /// How long a CONNECT waits for the peer's response (the peer connects to its app within
+    /// its own `connectTimeout` first).
+    #[serde(
+        default = "defaults::connect_response_timeout",
+        with = "humantime_serde"
+    )]
+    pub connect_response_timeout: Duration,
     /// Connect to local apps from the client's own IP (transparent + freebind), so apps see
     /// the real client address. Needs the connmark return-path rules in the pod (installed by
     /// the agent with `capture.installRules`, or by istio-cni).
@@ -420,6 +511,8 @@ impl Default for ProxyConfig {
             keepalive_interval: defaults::keepalive_interval(),
             keepalive_timeout: defaults::keepalive_timeout(),
             handshake_timeout: defaults::handshake_timeout(),
+            connection_idle_timeout: defaults::connection_idle_timeout(),
+            connect_response_timeout: defaults::connect_response_timeout(),
             original_source: defaults::original_source(),
         }
     }
@@ -625,6 +718,12 @@ pub mod defaults {
     }
     pub(crate) fn handshake_timeout() -> Duration {
         Duration::from_secs(10)
+    }
+    pub(crate) fn connection_idle_timeout() -> Duration {
+        Duration::from_secs(600)
+    }
+    pub(crate) fn connect_response_timeout() -> Duration {
+        Duration::from_secs(20)
     }
     pub(crate) fn max_streams_per_connection() -> u32 {
         100

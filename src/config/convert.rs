@@ -152,6 +152,10 @@ pub enum Invalid {
     /// A size limit of zero would refuse everything.
     #[error("must be greater than 0")]
     ZeroSize,
+    /// A duration of zero that breaks what it times (a zero keepalive timeout closes every
+    /// HBONE connection; a zero interval spins).
+    #[error("must be longer than 0s")]
+    ZeroDuration,
 }
 
 /// A problem and the field it is about.

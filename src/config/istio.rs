@@ -157,11 +157,18 @@ impl IstioResources {
     }
 }
 
+/// Largest policy file the agent reads.
+pub const MAX_POLICY_FILE: u64 = 4 * 1024 * 1024;
+/// Largest total of the policy files of every directory.
+pub const MAX_POLICY_FILES: u64 = 32 * 1024 * 1024;
+
 /// Reads every `*.yaml` / `*.yml` file of `dirs` (relative paths are relative to the config
-/// file's directory), in name order per directory. A directory that cannot be listed, or a file
+/// file's directory), in name order per directory, each at most [`MAX_POLICY_FILE`] bytes and
+/// [`MAX_POLICY_FILES`] together. Blocking. A directory that cannot be listed, or a file
 /// that cannot be read, is an error: applying a partial policy set could open access.
 pub fn read_policy_dirs(config: &Path, dirs: &[PathBuf]) -> Result<Vec<PolicyFile>, ConfigErrors> {
     let base = config.parent().unwrap_or(Path::new("."));
+    let mut total: u64 = 0;
     let mut files = Vec::new();
     let mut errors = Vec::new();
     for dir in dirs {
@@ -187,7 +194,17 @@ pub fn read_policy_dirs(config: &Path, dirs: &[PathBuf]) -> Result<Vec<PolicyFil
             .collect();
         paths.sort();
         for path in paths {
-            match std::fs::read_to_string(&path) {
+            let read = super::read_capped(&path, MAX_POLICY_FILE).and_then(|text| {
+                total += text.len() as u64;
+                if total > MAX_POLICY_FILES {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!("policy files together are larger than {MAX_POLICY_FILES} bytes"),
+                    ));
+                }
+                Ok(text)
+            });
+            match read {
                 Ok(text) => files.push(PolicyFile { path, text }),
                 Err(error) => errors.push(file_error(
                     config,

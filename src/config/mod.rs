@@ -202,9 +202,30 @@ pub fn load(path: &Path, overrides: &Overrides) -> Result<Config, ConfigErrors> 
     Ok(config)
 }
 
+/// Largest config file the agent reads: a standalone model of thousands of workloads fits
+/// many times over, while a runaway file (or `/dev/zero`) cannot exhaust the agent's memory.
+pub const MAX_CONFIG_FILE: u64 = 32 * 1024 * 1024;
+
+/// Reads `path` as UTF-8 text, refusing (not truncating) a file longer than `limit` bytes.
+/// Blocking: on a runtime, call it from `spawn_blocking`.
+pub(crate) fn read_capped(path: &Path, limit: u64) -> std::io::Result<String> {
+    use std::io::{Error, ErrorKind, Read};
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(limit.saturating_add(1))
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > limit {
+        return Err(Error::new(
+            ErrorKind::InvalidData,
+            format!("larger than {limit} bytes"),
+        ));
+    }
+    String::from_utf8(bytes).map_err(|error| Error::new(ErrorKind::InvalidData, error))
+}
+
 /// Reads and parses the config file alone (no policy directories).
-fn read(path: &Path, overrides: &Overrides) -> Result<Config, ConfigErrors> {
-    match std::fs::read_to_string(path) {
+pub(crate) fn read(path: &Path, overrides: &Overrides) -> Result<Config, ConfigErrors> {
+    match read_capped(path, MAX_CONFIG_FILE) {
         Ok(text) => parse(path, &text, overrides),
         Err(error) => Err(ConfigErrors(vec![ConfigError {
             file: path.to_path_buf(),

@@ -384,6 +384,41 @@ fn error_cases() -> Vec<(&'static str, String, Vec<&'static str>)> {
             ],
         ),
         (
+            "zero durations that break what they time",
+            "agent:\n  reloadInterval: 0s\n  proxy:\n    keepaliveTimeout: 0s\n    keepaliveInterval: 0s\n    \
+             handshakeTimeout: 0s\n    connectTimeout: 0s\n    connectionIdleTimeout: 0s\n    \
+             connectResponseTimeout: 0s\n  xds:\n    reconnectMax: 0s\n  zds:\n    reconnectMax: 0s\n  \
+             ca:\n    workloadCertTtl: 0s\n".into(),
+            vec![
+                "nodetunnel.yaml:2:19: agent.reloadInterval: must be longer than 0s",
+                "nodetunnel.yaml:4:23: agent.proxy.keepaliveTimeout: must be longer than 0s",
+                "nodetunnel.yaml:5:24: agent.proxy.keepaliveInterval: must be longer than 0s",
+                "nodetunnel.yaml:6:23: agent.proxy.handshakeTimeout: must be longer than 0s",
+                "nodetunnel.yaml:7:21: agent.proxy.connectTimeout: must be longer than 0s",
+                "nodetunnel.yaml:8:28: agent.proxy.connectionIdleTimeout: must be longer than 0s",
+                "nodetunnel.yaml:9:29: agent.proxy.connectResponseTimeout: must be longer than 0s",
+                "nodetunnel.yaml:11:19: agent.xds.reconnectMax: must be longer than 0s",
+                "nodetunnel.yaml:13:19: agent.zds.reconnectMax: must be longer than 0s",
+                "nodetunnel.yaml:15:22: agent.ca.workloadCertTtl: must be longer than 0s",
+            ],
+        ),
+        (
+            "stream and header limits outside their bounds",
+            "agent:\n  proxy:\n    maxConcurrentStreams: 0\n    maxHeaderListSize: 16\n".into(),
+            vec![
+                "nodetunnel.yaml:3:27: agent.proxy.maxConcurrentStreams: 0 is out of range (1..=1000)",
+                "nodetunnel.yaml:4:24: agent.proxy.maxHeaderListSize: 16 is out of range (1024..=1048576)",
+            ],
+        ),
+        (
+            "stream and header limits above their bounds",
+            "agent:\n  proxy:\n    maxConcurrentStreams: 5000\n    maxHeaderListSize: 2097152\n".into(),
+            vec![
+                "nodetunnel.yaml:3:27: agent.proxy.maxConcurrentStreams: 5000 is out of range (1..=1000)",
+                "nodetunnel.yaml:4:24: agent.proxy.maxHeaderListSize: 2097152 is out of range (1024..=1048576)",
+            ],
+        ),
+        (
             "policy without name, duplicate policy",
             "policies:\n- name: \"\"\n  namespace: ns\n- name: p\n  namespace: ns\n- name: p\n  namespace: ns\n".into(),
             vec![
@@ -552,6 +587,49 @@ fn without_a_file_the_agent_is_in_istio_mode() {
     assert!(config.agent.zds.enabled);
     assert!(!config.agent.capture.install_rules);
     assert!(config.workloads.is_empty());
+}
+
+/// A runaway config or policy file is refused by size, naming the file, before it is read
+/// into memory whole; a valid file just under the policy cap still loads.
+#[test]
+fn oversized_config_and_policy_files_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config_path = dir.path().join("nodetunnel.yaml");
+    let huge = std::fs::File::create(&config_path).expect("create");
+    huge.set_len(MAX_CONFIG_FILE + 1).expect("sparse file");
+    let text = load(&config_path, &Overrides::default())
+        .expect_err("oversized config")
+        .to_string();
+    assert!(
+        text.ends_with(&format!(
+            "nodetunnel.yaml: cannot read config file: larger than {MAX_CONFIG_FILE} bytes"
+        )),
+        "{text}"
+    );
+
+    let policies = dir.path().join("policies");
+    std::fs::create_dir(&policies).expect("policy dir");
+    std::fs::write(
+        &config_path,
+        "agent:\n  authorization:\n    policyDirs: [policies]\n",
+    )
+    .expect("config");
+    let policy = policies.join("big.yaml");
+    let padding = "#".repeat(usize::try_from(istio::MAX_POLICY_FILE).expect("fits") - 1);
+    std::fs::write(&policy, format!("{padding}\n")).expect("policy at the cap");
+    load(&config_path, &Overrides::default()).expect("a file at the cap loads");
+    std::fs::write(&policy, format!("{padding}\n\n")).expect("policy over the cap");
+    let text = load(&config_path, &Overrides::default())
+        .expect_err("oversized policy file")
+        .to_string();
+    assert!(
+        text.contains(&format!(
+            "cannot read policy file {}: larger than {} bytes",
+            policy.display(),
+            istio::MAX_POLICY_FILE
+        )),
+        "{text}"
+    );
 }
 
 #[test]

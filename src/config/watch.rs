@@ -81,9 +81,15 @@ pub async fn run(
 /// One poll: a new valid config if the file changed to one, otherwise `None` (after logging
 /// whatever needs logging).
 async fn poll(path: &Path, overrides: &Overrides, seen: &mut Seen) -> Option<Config> {
-    let text = match tokio::fs::read(path).await {
-        Ok(text) => text,
-        Err(error) => {
+    // Reading and parsing a large file takes a while: off the runtime's workers, which carry
+    // connections.
+    let owned = path.to_path_buf();
+    let read =
+        tokio::task::spawn_blocking(move || super::read_capped(&owned, super::MAX_CONFIG_FILE))
+            .await;
+    let text = match read {
+        Ok(Ok(text)) => text,
+        Ok(Err(error)) => {
             if !seen.unreadable {
                 // NotFound is the usual case: the file was deleted or a symlink swap is
                 // half-way.
@@ -92,20 +98,29 @@ async fn poll(path: &Path, overrides: &Overrides, seen: &mut Seen) -> Option<Con
             }
             return None;
         }
+        Err(error) => {
+            warn!(%error, "config read task failed; keeping the last good config");
+            return None;
+        }
     };
     if seen.unreadable {
         info!(path = %path.display(), "config file is readable again");
         seen.unreadable = false;
     }
-    let content = hash(&text);
+    let content = hash(text.as_bytes());
     let file_changed = seen.content != Some(content);
     if file_changed {
         seen.content = Some(content);
-        let text = String::from_utf8_lossy(&text);
-        seen.parsed = match parse(path, &text, overrides) {
-            Ok(config) => Some(config),
-            Err(errors) => {
+        let (owned, overrides) = (path.to_path_buf(), overrides.clone());
+        let parsed = tokio::task::spawn_blocking(move || parse(&owned, &text, &overrides)).await;
+        seen.parsed = match parsed {
+            Ok(Ok(config)) => Some(config),
+            Ok(Err(errors)) => {
                 reject(path, &errors);
+                None
+            }
+            Err(error) => {
+                warn!(%error, "config parse task failed; keeping the last good config");
                 None
             }
         };

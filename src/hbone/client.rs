@@ -27,6 +27,10 @@ pub enum ClientError {
     /// The server answered something other than 200.
     #[error("HBONE CONNECT refused with status {0}")]
     Status(StatusCode),
+    /// No stream slot or no response within the response timeout (a peer that answers PINGs
+    /// but never the CONNECT would otherwise hold the app's connection forever).
+    #[error("no HBONE CONNECT response within {0:?}")]
+    ResponseTimeout(std::time::Duration),
 }
 
 /// A live HTTP/2 client connection. Cloning shares it.
@@ -34,6 +38,7 @@ pub enum ClientError {
 pub struct ClientConnection {
     send: SendRequest<Bytes>,
     closed: Arc<AtomicBool>,
+    response_timeout: std::time::Duration,
 }
 
 impl ClientConnection {
@@ -70,7 +75,11 @@ impl ClientConnection {
             }
             closed_flag.store(true, Ordering::Release);
         });
-        Ok(ClientConnection { send, closed })
+        Ok(ClientConnection {
+            send,
+            closed,
+            response_timeout: settings.response_timeout,
+        })
     }
 
     /// Whether the connection has ended.
@@ -78,8 +87,15 @@ impl ClientConnection {
         self.closed.load(Ordering::Acquire)
     }
 
-    /// Sends a CONNECT and waits for the answer; on 200 the tunnel is ready.
+    /// Sends a CONNECT and waits for the answer, at most the response timeout (dropping the
+    /// stream then resets it); on 200 the tunnel is ready.
     pub async fn connect(&self, request: Request<()>) -> Result<H2Stream, ClientError> {
+        tokio::time::timeout(self.response_timeout, self.connect_unbounded(request))
+            .await
+            .map_err(|_| ClientError::ResponseTimeout(self.response_timeout))?
+    }
+
+    async fn connect_unbounded(&self, request: Request<()>) -> Result<H2Stream, ClientError> {
         let mut send = self
             .send
             .clone()

@@ -309,6 +309,10 @@ pub struct H2Settings {
     pub keepalive_interval: std::time::Duration,
     /// How long a PING may go unanswered.
     pub keepalive_timeout: std::time::Duration,
+    /// Server: a connection with no open stream for this long is closed (GOAWAY).
+    pub idle_timeout: std::time::Duration,
+    /// Client: how long a CONNECT may wait for a stream slot and its response.
+    pub response_timeout: std::time::Duration,
 }
 
 impl From<&crate::config::agent::ProxyConfig> for H2Settings {
@@ -321,6 +325,8 @@ impl From<&crate::config::agent::ProxyConfig> for H2Settings {
             max_concurrent_streams: config.max_concurrent_streams,
             keepalive_interval: config.keepalive_interval,
             keepalive_timeout: config.keepalive_timeout,
+            idle_timeout: config.connection_idle_timeout,
+            response_timeout: config.connect_response_timeout,
         }
     }
 }

@@ -2,7 +2,8 @@
 //! by every connection of that identity, rotated at half-life by a background task.
 //!
 //! Invariants: at most one issue per identity is in flight, and every caller waiting for that
-//! identity shares it; a certificate past half-life is still served while its replacement is
+//! identity shares it; after a failure, callers get that failure at once until its retry time
+//! (only the retry starts a new issue); a certificate past half-life is still served while its replacement is
 //! issued; an expired certificate is never served (fail closed). Times are tracked on tokio's
 //! clock (so paused-clock tests drive rotation) and checked against the wall clock as well.
 
@@ -200,6 +201,19 @@ impl Entry {
             .filter(|current| !current.expired(now))
     }
 
+    /// The last failure, while no valid certificate is held, nothing is in flight and its retry
+    /// time has not come: callers get it at once instead of each starting an issue (key
+    /// generation and a CA call per unauthenticated connect would let anyone drive the CA).
+    fn backing_off(&self, now: Instant) -> Option<&CertificateError> {
+        if self.inflight.is_some() || self.valid(now).is_some() {
+            return None;
+        }
+        match (self.retry_at, &self.last_error) {
+            (Some(retry_at), Some(error)) if now < retry_at => Some(error),
+            _ => None,
+        }
+    }
+
     /// When a background issue should start (`None`: one is running).
     fn due_at(&self, now: Instant) -> Option<Instant> {
         if self.inflight.is_some() {
@@ -256,6 +270,9 @@ impl CertificateManager {
                 }
                 return Ok(certificate);
             }
+            if let Some(error) = entry.backing_off(now) {
+                return Err(error.clone());
+            }
             match &entry.inflight {
                 Some(inflight) => inflight.result.clone(),
                 None => self.start_issue(identity, entry).result.clone(),
@@ -269,7 +286,11 @@ impl CertificateManager {
     pub fn prefetch(&self, identity: &Identity) {
         let mut entries = self.lock();
         let entry = entries.entry(identity.clone()).or_insert_with(Entry::new);
-        if entry.valid(Instant::now()).is_none() && entry.inflight.is_none() {
+        let now = Instant::now();
+        if entry.valid(now).is_none()
+            && entry.inflight.is_none()
+            && entry.backing_off(now).is_none()
+        {
             self.start_issue(identity, entry);
         }
     }

@@ -485,10 +485,46 @@ async fn failing_source_keeps_old_certificate_until_expiry_then_fails_closed() {
     );
 
     source.failing.store(false, Ordering::SeqCst);
-    let recovered = manager.fetch(&id).await.expect("source is back");
+    // Callers fail fast until the retry time; the retry then finds the source back.
+    let mut recovered = None;
+    for _ in 0..300 {
+        if let Ok(certificate) = manager.fetch(&id).await {
+            recovered = Some(certificate);
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let recovered = recovered.expect("source is back");
     assert!(!Arc::ptr_eq(&recovered, &old));
     stop.send(()).expect("rotation running");
     rotation.await.expect("rotation stops");
+}
+
+/// Unauthenticated connects must not drive the CA: while an identity has no certificate and
+/// its last issue failed, every caller gets that failure at once, and only the retry time
+/// starts the next issue.
+#[tokio::test(start_paused = true)]
+async fn failed_issue_fails_fast_until_its_retry_time() {
+    let source = Arc::new(TestSource::new(HOUR));
+    source.failing.store(true, Ordering::SeqCst);
+    let manager = CertificateManager::new(source.clone());
+    let id = identity("spiffe://cluster.local/ns/a/sa/x");
+    let first = manager.fetch(&id).await.expect_err("source fails");
+    for _ in 0..100 {
+        let again = manager.fetch(&id).await.expect_err("still failing");
+        assert_eq!(again.to_string(), first.to_string(), "the last error");
+        manager.prefetch(&id);
+    }
+    tokio::task::yield_now().await;
+    assert_eq!(source.calls(), 1, "no issue per caller while backing off");
+    source.failing.store(false, Ordering::SeqCst);
+    // The first retry comes after 1 s ± 20%.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    manager
+        .fetch(&id)
+        .await
+        .expect("retried once its time came");
+    assert_eq!(source.calls(), 2);
 }
 
 #[tokio::test]
@@ -539,7 +575,7 @@ async fn prefetch_certificates_and_forget() {
     assert_eq!(source.calls(), 3, "forgotten identity is issued again");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn failed_fetches_are_reported_by_reason_whatever_the_source() {
     let metrics = Arc::new(crate::telemetry::Metrics::new());
     let counted = |source: Arc<TestSource>| {
@@ -552,6 +588,8 @@ async fn failed_fetches_are_reported_by_reason_whatever_the_source() {
     let manager = counted(failing.clone());
     let id = identity("spiffe://cluster.local/ns/a/sa/x");
     manager.fetch(&id).await.expect_err("source fails");
+    // Past the first retry time (1 s ± 20%), so the next fetch asks the source again.
+    tokio::time::sleep(Duration::from_secs(2)).await;
     manager.fetch(&id).await.expect_err("source fails again");
     let lying = Arc::new(TestSource {
         answer_as: Some(identity("spiffe://cluster.local/ns/a/sa/admin")),
@@ -559,6 +597,7 @@ async fn failed_fetches_are_reported_by_reason_whatever_the_source() {
     });
     counted(lying).fetch(&id).await.expect_err("mismatch");
     failing.failing.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(3)).await;
     manager.fetch(&id).await.expect("source recovered");
 
     let text = metrics.encode(&Default::default(), false);

@@ -24,6 +24,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
 use super::admission::{self, accept_loop, AdmissionError};
+use super::connections::Registration;
 use super::inbound_target::{self, TargetError};
 use super::{copy, WorkloadProxy};
 use crate::authz::ConnectionFacts;
@@ -71,20 +72,22 @@ async fn serve_connection(
     stream: TcpStream,
     peer: ClientAddr,
 ) -> Result<(), ConnectionError> {
+    // One deadline from accept to the first stream: certificate, TLS and HTTP/2 preface share
+    // it, so a client that sends nothing holds its fds for this long at most, whatever the
+    // certificate source is doing.
+    let deadline = tokio::time::Instant::now() + proxy.inputs.settings.proxy.handshake_timeout;
     let (_, local) = proxy.local_view()?;
-    let certificate = proxy
-        .inputs
-        .certificates
-        .fetch(&local.identity)
-        .await
-        .map_err(|source| ConnectionError::Certificate {
-            identity: local.identity.clone(),
-            source,
-        })?;
+    let certificate =
+        tokio::time::timeout_at(deadline, proxy.inputs.certificates.fetch(&local.identity))
+            .await
+            .map_err(|_| ConnectionError::HandshakeTimeout)?
+            .map_err(|source| ConnectionError::Certificate {
+                identity: local.identity.clone(),
+                source,
+            })?;
     let acceptor = TlsAcceptor::from(certificate.server_config());
-    let timeout = proxy.inputs.settings.proxy.handshake_timeout;
     let transport = crate::tls::BatchedReads::new(stream);
-    let tls = tokio::time::timeout(timeout, acceptor.accept(transport))
+    let tls = tokio::time::timeout_at(deadline, acceptor.accept(transport))
         .await
         .map_err(|_| ConnectionError::HandshakeTimeout)?
         .map_err(ConnectionError::Tls)?;
@@ -93,11 +96,15 @@ async fn serve_connection(
         crate::identity::connection_valid_until(&certificate, tls.get_ref().1.peer_certificates());
     tracing::debug!(peer_identity = ?peer_identity.as_ref().map(ToString::to_string), "HBONE connection established");
     let stream_proxy = proxy.clone();
+    let limits = hbone::server::ConnectionLimits {
+        first_stream_by: deadline,
+        valid_until: Some(valid_until),
+    };
     hbone::server::serve_until(
         tls,
         &proxy.h2,
         &proxy.drain,
-        Some(valid_until),
+        limits,
         move |request, respond| {
             handle_stream(
                 stream_proxy.clone(),
@@ -123,6 +130,8 @@ enum StreamError {
     Target(#[from] TargetError),
     #[error("connect to the application: {0}")]
     Upstream(#[source] crate::socket::SocketError),
+    #[error("the client reset the stream ({0}) before it was answered")]
+    Reset(h2::Reason),
     #[error("sending the response: {0}")]
     Respond(#[source] h2::Error),
 }
@@ -146,7 +155,8 @@ impl StreamError {
             )
             | StreamError::Upstream(_) => StatusCode::SERVICE_UNAVAILABLE,
             StreamError::Admission(AdmissionError::Denied(_)) => StatusCode::UNAUTHORIZED,
-            StreamError::Respond(_)
+            StreamError::Reset(_)
+            | StreamError::Respond(_)
             | StreamError::Admission(AdmissionError::Copy(_) | AdmissionError::Revoked(_)) => {
                 StatusCode::OK
             }
@@ -190,7 +200,8 @@ fn handle_stream(
             Err(error) => Err(StreamError::from(error)),
         };
         if let Err(error) = result {
-            if let Some(respond) = respond.take() {
+            let reset = matches!(error, StreamError::Reset(_));
+            if let Some(respond) = respond.take().filter(|_| !reset) {
                 hbone::server::reject(respond, error.status());
             }
             record.fail(error.flag(), error);
@@ -200,15 +211,51 @@ fn handle_stream(
 }
 
 /// Checks the target, authorizes, connects to the app, answers 200 and copies until done or
-/// until a policy change revokes the stream.
+/// until a policy change revokes the stream. A reset from the client before the answer
+/// abandons the checks and the connect (rapid reset must not turn into work for the agent).
 async fn tunnel(
     proxy: &WorkloadProxy,
-    (peer, peer_identity): (ClientAddr, Option<Identity>),
+    client: (ClientAddr, Option<Identity>),
     authority: Authority,
     body: RecvStream,
     respond: &mut Option<SendResponse<Bytes>>,
     record: &mut ConnectionRecord,
 ) -> Result<(), StreamError> {
+    let Some(pending) = respond.as_mut() else {
+        return Ok(());
+    };
+    let (upstream, registration) =
+        hbone::server::until_reset(pending, prepare(proxy, client, authority, record))
+            .await
+            .map_err(StreamError::Reset)??;
+    let Some(mut respond) = respond.take() else {
+        return Ok(());
+    };
+    let send = respond
+        .send_response(Response::new(()), false)
+        .map_err(StreamError::Respond)?;
+    let tunnel = H2Stream::new(send, body);
+    record.connected();
+    // Downstream is the tunnel here: bytes from the app's socket are the ones received. Boxed,
+    // so that the copy's state is not held twice (here and inside the select).
+    let copy = Box::pin(copy::tunnel(
+        upstream,
+        tunnel,
+        &record.bytes.received,
+        &record.bytes.sent,
+    ));
+    // Dropping the copy on revocation resets the stream (h2 CANCEL) and closes the app socket.
+    Ok(admission::copy_until_revoked(copy, &registration).await?)
+}
+
+/// Everything before the answer: the target check, authorization (registering the stream for
+/// re-evaluation), the connect to the app and its PROXY header.
+async fn prepare(
+    proxy: &WorkloadProxy,
+    (peer, peer_identity): (ClientAddr, Option<Identity>),
+    authority: Authority,
+    record: &mut ConnectionRecord,
+) -> Result<(TcpStream, Registration), StreamError> {
     let (snapshot, local) = proxy.local_view()?;
     record.dst_workload = Some(local.clone());
     record.dst_identity = Some(local.identity.clone());
@@ -245,22 +292,5 @@ async fn tunnel(
             .await
             .map_err(AdmissionError::Copy)?;
     }
-    let Some(mut respond) = respond.take() else {
-        return Ok(());
-    };
-    let send = respond
-        .send_response(Response::new(()), false)
-        .map_err(StreamError::Respond)?;
-    let tunnel = H2Stream::new(send, body);
-    record.connected();
-    // Downstream is the tunnel here: bytes from the app's socket are the ones received. Boxed,
-    // so that the copy's state is not held twice (here and inside the select).
-    let copy = Box::pin(copy::tunnel(
-        upstream,
-        tunnel,
-        &record.bytes.received,
-        &record.bytes.sent,
-    ));
-    // Dropping the copy on revocation resets the stream (h2 CANCEL) and closes the app socket.
-    Ok(admission::copy_until_revoked(copy, &registration).await?)
+    Ok((upstream, registration))
 }
