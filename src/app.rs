@@ -114,14 +114,12 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
     certificates
         .clone()
         .spawn_rotation(async move { rotation_stop.draining().await });
-    let readiness = TcpListener::bind(agent.listen.readiness)
-        .await
+    let readiness = crate::socket::bind_node_listener(agent.listen.readiness)
         .with_context(|| format!("bind readiness {}", agent.listen.readiness))?;
     let admin = TcpListener::bind(agent.listen.admin)
         .await
         .with_context(|| format!("bind admin {}", agent.listen.admin))?;
-    let metrics_listener = TcpListener::bind(agent.listen.metrics)
-        .await
+    let metrics_listener = crate::socket::bind_node_listener(agent.listen.metrics)
         .with_context(|| format!("bind metrics {}", agent.listen.metrics))?;
     let shutdown_requested = Arc::new(tokio::sync::Notify::new());
     control.spawn(crate::admin::serve(

@@ -72,10 +72,13 @@ pub const VARIABLES: &[(&str, Treatment)] = &[
         reason: "nodetunnel has no DNS proxy yet; pods' DNS is not answered on 15053",
     }),
     ("ISTIO_META_DNS_PROXY_ADDR", Unsupported("nodetunnel has no DNS proxy yet")),
-    ("KEEPALIVE_ENABLED", Unsupported("TCP keepalive on proxied sockets is fixed (on, kernel timings)")),
-    ("KEEPALIVE_INTERVAL", Unsupported("TCP keepalive on proxied sockets is fixed (kernel timings)")),
-    ("KEEPALIVE_RETRIES", Unsupported("TCP keepalive on proxied sockets is fixed (kernel timings)")),
-    ("KEEPALIVE_TIME", Unsupported("TCP keepalive on proxied sockets is fixed (kernel timings)")),
+    ("KEEPALIVE_ENABLED", DefaultOnly {
+        default: "true",
+        reason: "TCP keepalive on proxied sockets is always on",
+    }),
+    ("KEEPALIVE_INTERVAL", Unsupported("TCP keepalive on proxied sockets has fixed timings")),
+    ("KEEPALIVE_RETRIES", Unsupported("TCP keepalive on proxied sockets has fixed timings")),
+    ("KEEPALIVE_TIME", Unsupported("TCP keepalive on proxied sockets has fixed timings")),
     ("KUBERNETES_SERVICE_HOST", Honoured("istiod's default address is the in-cluster service")),
     ("LOCALHOST_APP_TUNNEL", DefaultOnly {
         default: "false",
