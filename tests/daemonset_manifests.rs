@@ -517,6 +517,17 @@ fn istio_overlay_replaces_ztunnel() {
         "ztunnel",
         "what istioctl and dashboards select"
     );
+    assert_eq!(
+        text(&daemonset["metadata"]["name"]),
+        "ztunnel",
+        "Istio's chart name: `istioctl ztunnel-config` without a pod reads daemonset/ztunnel, \
+         and the pods it makes are ztunnel-<hash>, which Istio's dashboards select"
+    );
+    assert_eq!(
+        text(&container["name"]),
+        "istio-proxy",
+        "Istio's chart names the container istio-proxy (kubectl logs -c, log pipelines)"
+    );
     assert!(
         daemonset["spec"]["selector"]["matchLabels"]["app"].is_null(),
         "the selector must not claim pods of Istio's own ztunnel DaemonSet"
@@ -691,7 +702,7 @@ fn copy_tree(from: &Path, to: &Path) {
 #[test]
 fn validation_rejects_a_misspelt_field_and_a_broken_overlay() {
     // (case, file to edit, text replaced, replacement, what the failure must name)
-    let cases: [(&str, &str, &str, &str, &str); 2] = [
+    let cases: [(&str, &str, &str, &str, &str); 3] = [
         (
             "unknown field, caught only by --strict",
             "base/daemonset.yaml",
@@ -702,9 +713,16 @@ fn validation_rejects_a_misspelt_field_and_a_broken_overlay() {
         (
             "overlay naming a patch that does not exist",
             "overlays/istio/kustomization.yaml",
-            "- daemonset-istio.yaml",
-            "- daemonset-missing.yaml",
+            "path: daemonset-istio.yaml",
+            "path: daemonset-missing.yaml",
             "FAIL istio",
+        ),
+        (
+            "deprecated kustomize syntax, which kustomize v5 warns about",
+            "overlays/standalone/kustomization.yaml",
+            "patches:\n  - path: daemonset-standalone.yaml",
+            "patchesStrategicMerge:\n  - daemonset-standalone.yaml",
+            "FAIL standalone: kustomize warned",
         ),
     ];
     for (case, file, from, to, named) in cases {
@@ -735,4 +753,58 @@ fn validation_rejects_a_misspelt_field_and_a_broken_overlay() {
             "{case}: expected {named:?} in\n{stderr}"
         );
     }
+}
+
+/// Kustomization fields kustomize v5 deprecates (it warns, and a later release drops them).
+const DEPRECATED_KUSTOMIZE_FIELDS: [&str; 6] = [
+    "bases",
+    "patchesStrategicMerge",
+    "patchesJson6902",
+    "commonLabels",
+    "vars",
+    "imageTags",
+];
+
+#[test]
+fn kustomizations_use_current_syntax_and_standalone_keeps_its_names() {
+    let mut files = Vec::new();
+    let mut directories = vec![repo().join("daemonset")];
+    while let Some(directory) = directories.pop() {
+        for entry in std::fs::read_dir(&directory).expect("read dir") {
+            let path = entry.expect("dir entry").path();
+            if path.is_dir() {
+                directories.push(path);
+            } else if path
+                .file_name()
+                .is_some_and(|name| name == "kustomization.yaml")
+            {
+                files.push(path);
+            }
+        }
+    }
+    assert_eq!(files.len(), 3, "base and two overlays: {files:?}");
+    for file in &files {
+        let kustomization: Value =
+            serde_yaml::from_str(&std::fs::read_to_string(file).expect("read")).expect("YAML");
+        for field in DEPRECATED_KUSTOMIZE_FIELDS {
+            assert!(
+                kustomization[field].is_null(),
+                "{}: `{field}` is deprecated kustomize syntax",
+                file.display()
+            );
+        }
+    }
+
+    let Some(overlays) =
+        rendered("kustomizations_use_current_syntax_and_standalone_keeps_its_names")
+    else {
+        return;
+    };
+    let objects = &overlays["standalone"];
+    let (_, container) = pod_and_container(objects);
+    assert_eq!(
+        text(&only(objects, "DaemonSet")["metadata"]["name"]),
+        "nodetunnel"
+    );
+    assert_eq!(text(&container["name"]), "nodetunnel");
 }

@@ -13,9 +13,10 @@ mod support;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use support::agent::{Agent, Ca, Mesh, Protocol, ServiceSpec, WorkloadSpec};
+use support::agent::ServiceSpec;
 use support::apps::{self, EchoServer, Reply};
 use support::capture::{self, Capture};
+use support::cluster::Cluster;
 use support::logs::Log;
 use support::netns::Topology;
 use support::tls_probe::{self, Outcome};
@@ -182,58 +183,11 @@ fn log_reader_finds_access_events_and_keeps_other_lines() {
 // ---------------------------------------------------------------------------------------------
 // Agent tests: two real agents.
 
-/// Two agents sharing one root. Field order is drop order: agents stop before the namespaces go.
-struct Cluster {
-    agents: Vec<Agent>,
-    ca: Ca,
-    mesh: Mesh,
-    topology: Topology,
-}
-
-impl Cluster {
-    /// Starts an agent on each node, capturing the listed pods that live there (the agent
-    /// installs their redirection rules); waits until both are ready.
-    fn start(topology: Topology, mesh: Mesh, captured: &[&str]) -> Cluster {
-        let ca = Ca::init().expect("nodetunnel ca init");
-        let mut agents = Vec::new();
-        for node in ["a", "b"] {
-            let local: Vec<&str> = captured
-                .iter()
-                .copied()
-                .filter(|pod| topology.pod(pod).node == node)
-                .collect();
-            let config = mesh.render(&topology, node, &local);
-            agents.push(Agent::start(&topology, node, &ca, &config).expect("agent ready"));
-        }
-        Cluster {
-            agents,
-            ca,
-            mesh,
-            topology,
-        }
-    }
-
-    fn agent(&self, node: &str) -> &Agent {
-        let index = if node == "a" { 0 } else { 1 };
-        &self.agents[index]
-    }
-
-    fn ip(&self, pod: &str) -> Ipv4Addr {
-        self.topology.pod(pod).ip
-    }
-}
-
 /// client on node a, server on node b, both HBONE and captured.
 fn client_server_cluster() -> Cluster {
-    let topology = topology(&[("a", "client"), ("b", "server")]);
-    let mesh = Mesh {
-        workloads: vec![
-            WorkloadSpec::new("client", topology.pod("client").ip, "a", Protocol::Hbone),
-            WorkloadSpec::new("server", topology.pod("server").ip, "b", Protocol::Hbone),
-        ],
-        services: Vec::new(),
-    };
-    Cluster::start(topology, mesh, &["client", "server"])
+    Cluster::build(&[("a", "client"), ("b", "server")])
+        .captured(&["client", "server"])
+        .start()
 }
 
 /// A large payload goes client → agent A → HBONE → agent B → server and back, and the
@@ -431,16 +385,14 @@ fn access_logs_name_both_spiffe_identities() {
 #[test]
 fn hbone_port_refuses_untrusted_client_certificates() {
     require_netns!("hbone_port_refuses_untrusted_client_certificates");
-    let mut topology = topology(&[("a", "client"), ("b", "server")]);
-    topology.add_pod("a", "intruder").expect("intruder pod");
-    let mesh = Mesh {
-        workloads: vec![
-            WorkloadSpec::new("client", topology.pod("client").ip, "a", Protocol::Hbone),
-            WorkloadSpec::new("server", topology.pod("server").ip, "b", Protocol::Hbone),
-        ],
-        services: Vec::new(),
-    };
-    let cluster = Cluster::start(topology, mesh, &["client", "server"]);
+    // The intruder pod is no workload of the mesh.
+    let cluster = Cluster::build(&[("a", "client"), ("b", "server"), ("a", "intruder")])
+        .mesh(|_, mesh| {
+            mesh.workloads
+                .retain(|workload| workload.name != "intruder")
+        })
+        .captured(&["client", "server"])
+        .start();
     let server =
         EchoServer::start(&cluster.topology, "server", APP_PORT, Reply::Echo).expect("server app");
     let client_id = cluster.mesh.workload("client").identity();
@@ -520,15 +472,10 @@ fn hbone_port_refuses_untrusted_client_certificates() {
 #[test]
 fn tcp_workload_is_reached_in_plaintext() {
     require_netns!("tcp_workload_is_reached_in_plaintext");
-    let topology = topology(&[("a", "client"), ("b", "legacy")]);
-    let mesh = Mesh {
-        workloads: vec![
-            WorkloadSpec::new("client", topology.pod("client").ip, "a", Protocol::Hbone),
-            WorkloadSpec::new("legacy", topology.pod("legacy").ip, "b", Protocol::Tcp),
-        ],
-        services: Vec::new(),
-    };
-    let cluster = Cluster::start(topology, mesh, &["client"]);
+    let cluster = Cluster::build(&[("a", "client"), ("b", "legacy")])
+        .plain_tcp(&["legacy"])
+        .captured(&["client"])
+        .start();
     let legacy =
         EchoServer::start(&cluster.topology, "legacy", APP_PORT, Reply::Echo).expect("legacy app");
     let link = cluster.topology.link_interface("a", "b");
@@ -583,25 +530,19 @@ fn tcp_workload_is_reached_in_plaintext() {
 fn service_vip_is_balanced_across_two_nodes() {
     require_netns!("service_vip_is_balanced_across_two_nodes");
     const TRIES: usize = 40;
-    let topology = topology(&[("a", "client"), ("a", "echo-a"), ("b", "echo-b")]);
     let service = ServiceSpec::new("echo", Ipv4Addr::new(10, 96, 0, 10), 80, APP_PORT);
-    let mut workloads = vec![WorkloadSpec::new(
-        "client",
-        topology.pod("client").ip,
-        "a",
-        Protocol::Hbone,
-    )];
-    for (name, node) in [("echo-a", "a"), ("echo-b", "b")] {
-        let mut workload = WorkloadSpec::new(name, topology.pod(name).ip, node, Protocol::Hbone);
-        workload.service_account = "echo".to_string();
-        workload.services.push((service.key(), 80, APP_PORT));
-        workloads.push(workload);
-    }
-    let mesh = Mesh {
-        workloads,
-        services: vec![service.clone()],
-    };
-    let cluster = Cluster::start(topology, mesh, &["client", "echo-a", "echo-b"]);
+    let cluster = Cluster::build(&[("a", "client"), ("a", "echo-a"), ("b", "echo-b")])
+        .mesh(|_, mesh| {
+            for workload in &mut mesh.workloads {
+                if workload.name.starts_with("echo-") {
+                    workload.service_account = "echo".to_string();
+                    workload.services.push((service.key(), 80, APP_PORT));
+                }
+            }
+            mesh.services.push(service.clone());
+        })
+        .captured(&["client", "echo-a", "echo-b"])
+        .start();
     let servers: Vec<EchoServer> = ["echo-a", "echo-b"]
         .iter()
         .map(|name| {

@@ -16,7 +16,7 @@ mod support;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use nodetunnel::proto::{security, ADDRESS_TYPE, AUTHORIZATION_TYPE};
+use nodetunnel::proto::{security, workload, ADDRESS_TYPE, AUTHORIZATION_TYPE};
 use support::agent::{binary, Agent};
 use support::apps::{self, EchoServer, Reply};
 use support::fake_cni::{workload_info, FakeCni};
@@ -337,21 +337,36 @@ fn xds_messages_over_the_size_limit_are_refused() {
     let cluster = Cluster::start_with(CaMode::Normal, "    maxMessageSize: 65536\n");
     cluster.wait_allowed("client", b"under-the-limit");
     let mut big = istiod::workload("big", "big", "10.200.2.9".parse().unwrap(), "node-b");
-    big.extensions = vec![nodetunnel::proto::workload::Extension {
+    big.extensions = vec![workload::Extension {
         name: "padding".to_string(),
         config: Some(prost_types::Any {
             type_url: "type.googleapis.com/google.protobuf.BytesValue".to_string(),
             value: vec![0; 128 * 1024],
         }),
     }];
-    cluster.istiod.set(ADDRESS_TYPE, vec![istiod::address(big)]);
-    // The same push also carries a DENY that must not apply: it never got through.
+    // The same message also puts the server behind a "waypoint" that is the `other` pod, which
+    // runs no waypoint: applied, it would send the client's traffic there (and the server
+    // would refuse peers that bypass its waypoint), so the exchange below fails if any of the
+    // message got through.
+    let mut behind_waypoint = istiod::workload(
+        "server",
+        "server",
+        cluster.topology.pod("server").ip,
+        &node_name("b"),
+    );
+    behind_waypoint.waypoint = Some(workload::GatewayAddress {
+        destination: Some(workload::gateway_address::Destination::Address(
+            workload::NetworkAddress {
+                network: String::new(),
+                address: cluster.topology.pod("other").ip.octets().to_vec(),
+                length: None,
+            },
+        )),
+        hbone_mtls_port: 15008,
+    });
     cluster.istiod.set(
-        AUTHORIZATION_TYPE,
-        vec![deny(
-            "deny-in-oversized-push",
-            "cluster.local/ns/default/sa/nobody",
-        )],
+        ADDRESS_TYPE,
+        vec![istiod::address(big), istiod::address(behind_waypoint)],
     );
     cluster
         .agent("a")

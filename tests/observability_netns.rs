@@ -14,61 +14,49 @@ use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpStream};
 use std::time::Duration;
 
 use anyhow::Result;
-use support::agent::{self, Agent, Ca, Mesh, Protocol, WorkloadSpec};
+use support::agent;
 use support::apps::{EchoServer, Reply};
-use support::netns::Topology;
+use support::cluster::Cluster;
 
 const APP_PORT: u16 = 8080;
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 const WAIT: Duration = Duration::from_secs(10);
 
-/// Field order is drop order: agents stop before the namespaces go.
-struct Cluster {
-    agents: Vec<Agent>,
-    _ca: Ca,
-    mesh: Mesh,
-    topology: Topology,
+/// client (HBONE, captured) and legacy (plain TCP, not captured) on node a; server (HBONE,
+/// captured, running an echo server on `APP_PORT`) on node b.
+fn start() -> (Cluster, EchoServer) {
+    let cluster = Cluster::build(&[("a", "client"), ("a", "legacy"), ("b", "server")])
+        .plain_tcp(&["legacy"])
+        .captured(&["client", "server"])
+        .start();
+    let server =
+        EchoServer::start(&cluster.topology, "server", APP_PORT, Reply::Echo).expect("server app");
+    (cluster, server)
 }
 
-impl Cluster {
-    /// client (HBONE, captured) and legacy (plain TCP, not captured) on node a; server (HBONE,
-    /// captured) on node b.
-    fn start() -> Cluster {
-        let topology = Topology::linked_pair(&[("a", "client"), ("a", "legacy"), ("b", "server")]);
-        let ip = |pod: &str| topology.pod(pod).ip;
-        let mesh = Mesh {
-            workloads: vec![
-                WorkloadSpec::new("client", ip("client"), "a", Protocol::Hbone),
-                WorkloadSpec::new("legacy", ip("legacy"), "a", Protocol::Tcp),
-                WorkloadSpec::new("server", ip("server"), "b", Protocol::Hbone),
-            ],
-            services: Vec::new(),
-        };
-        let ca = Ca::init().expect("ca");
-        let mut agents = Vec::new();
-        for (node, captured) in [("a", &["client"][..]), ("b", &["server"][..])] {
-            let config = mesh.render(&topology, node, captured);
-            agents.push(Agent::start(&topology, node, &ca, &config).expect("agent ready"));
-        }
-        Cluster {
-            agents,
-            _ca: ca,
-            mesh,
-            topology,
-        }
-    }
-
-    fn agent(&self, node: &str) -> &Agent {
-        &self.agents[usize::from(node != "a")]
-    }
-
+/// What these tests ask of a cluster: HTTP to the node servers, scrapes, connections from pods
+/// and the CLI.
+trait Observe {
     /// One HTTP/1.0 request to `address` from inside `role`'s namespace.
+    fn http(&self, role: &str, method: &str, address: &str, path: &str) -> (u16, String);
+    /// [`Observe::http`] with the body as bytes (profiles are binary).
+    fn http_bytes(&self, role: &str, method: &str, address: &str, path: &str) -> (u16, Vec<u8>);
+    /// An admin API request to `node`'s agent.
+    fn admin(&self, node: &str, method: &str, path: &str) -> (u16, String);
+    /// A scrape of `node`'s metrics endpoint.
+    fn metrics(&self, node: &str) -> String;
+    /// A TCP connection from inside `pod` (the socket stays in that namespace).
+    fn connect(&self, pod: &str, target: SocketAddr) -> TcpStream;
+    /// `nodetunnel <args>` inside `node`'s namespace: (exit success, stdout).
+    fn cli(&self, node: &str, args: &[&str]) -> (bool, String);
+}
+
+impl Observe for Cluster {
     fn http(&self, role: &str, method: &str, address: &str, path: &str) -> (u16, String) {
         let (status, body) = self.http_bytes(role, method, address, path);
         (status, String::from_utf8_lossy(&body).into_owned())
     }
 
-    /// [`Cluster::http`] with the body as bytes (profiles are binary).
     fn http_bytes(&self, role: &str, method: &str, address: &str, path: &str) -> (u16, Vec<u8>) {
         let (method, address, path) = (method.to_string(), address.to_string(), path.to_string());
         self.topology
@@ -77,7 +65,6 @@ impl Cluster {
             .expect("http request")
     }
 
-    /// An admin API request to `node`'s agent.
     fn admin(&self, node: &str, method: &str, path: &str) -> (u16, String) {
         self.http(node, method, "127.0.0.1:15000", path)
     }
@@ -88,7 +75,6 @@ impl Cluster {
         body
     }
 
-    /// A TCP connection from inside `pod` (the socket stays in that namespace).
     fn connect(&self, pod: &str, target: SocketAddr) -> TcpStream {
         let stream = self
             .topology
@@ -99,7 +85,6 @@ impl Cluster {
         stream
     }
 
-    /// `nodetunnel <args>` inside `node`'s namespace: (exit success, stdout).
     fn cli(&self, node: &str, args: &[&str]) -> (bool, String) {
         let mut command = vec![agent::binary()];
         command.extend_from_slice(args);
@@ -167,37 +152,40 @@ fn close(mut stream: TcpStream) {
     let _ = stream.read_to_end(&mut rest);
 }
 
-/// An allowed mTLS connection (client → server over HBONE) and a plaintext one (uncaptured
-/// legacy → server) give exact counters with Istio's labels on both reporters: bytes are
-/// visible while the connection is open, and opened/closed/bytes are exact after it closes.
+/// The Istio labels of the client → server mTLS connection, as `reporter` counts it.
+fn mtls_labels<'a>(
+    client_id: &'a str,
+    server_id: &'a str,
+    reporter: &'a str,
+) -> Vec<(&'a str, &'a str)> {
+    vec![
+        ("source_workload", "client"),
+        ("destination_workload", "server"),
+        ("source_principal", client_id),
+        ("destination_principal", server_id),
+        ("connection_security_policy", "mutual_tls"),
+        ("request_protocol", "tcp"),
+        ("response_flags", "-"),
+        ("reporter", reporter),
+    ]
+}
+
+/// An allowed mTLS connection (client → server over HBONE) is counted with Istio's labels by
+/// both reporters: its bytes are visible while it is open, and opened/closed/bytes are exact
+/// after it closes.
 #[test]
-fn metrics_count_mtls_and_plaintext_connections_on_both_reporters() {
-    require_netns!("metrics_count_mtls_and_plaintext_connections_on_both_reporters");
-    let cluster = Cluster::start();
-    let _server =
-        EchoServer::start(&cluster.topology, "server", APP_PORT, Reply::Echo).expect("server app");
-    let target = SocketAddr::from((cluster.topology.pod("server").ip, APP_PORT));
+fn metrics_count_an_mtls_connection_on_both_reporters() {
+    require_netns!("metrics_count_an_mtls_connection_on_both_reporters");
+    let (cluster, _server) = start();
+    let target = cluster.target("server", APP_PORT);
     let client_id = cluster.mesh.workload("client").identity();
     let server_id = cluster.mesh.workload("server").identity();
 
     let mut stream = cluster.connect("client", target);
     let payload = vec![b'x'; 1000];
     assert_eq!(echo(&mut stream, &payload), payload);
-    let mtls = [
-        ("source_workload", "client"),
-        ("destination_workload", "server"),
-        ("source_principal", client_id.as_str()),
-        ("destination_principal", server_id.as_str()),
-        ("connection_security_policy", "mutual_tls"),
-        ("request_protocol", "tcp"),
-        ("response_flags", "-"),
-    ];
     for (node, reporter) in [("a", "source"), ("b", "destination")] {
-        let labels: Vec<(&str, &str)> = mtls
-            .iter()
-            .copied()
-            .chain([("reporter", reporter)])
-            .collect();
+        let labels = mtls_labels(&client_id, &server_id, reporter);
         let text = support::wait_for("bytes of the open connection", WAIT, || {
             let text = cluster.metrics(node);
             (sample(&text, "istio_tcp_received_bytes_total", &labels) == Some(1000)).then_some(text)
@@ -216,16 +204,8 @@ fn metrics_count_mtls_and_plaintext_connections_on_both_reporters() {
     }
     close(stream);
 
-    let mut plain = cluster.connect("legacy", target);
-    assert_eq!(echo(&mut plain, &payload[..300]), &payload[..300]);
-    close(plain);
-
     for (node, reporter) in [("a", "source"), ("b", "destination")] {
-        let labels: Vec<(&str, &str)> = mtls
-            .iter()
-            .copied()
-            .chain([("reporter", reporter)])
-            .collect();
+        let labels = mtls_labels(&client_id, &server_id, reporter);
         let text = support::wait_for("the mTLS connection closed", WAIT, || {
             let text = cluster.metrics(node);
             sample(&text, "istio_tcp_connections_closed_total", &labels).map(|_| text)
@@ -248,6 +228,18 @@ fn metrics_count_mtls_and_plaintext_connections_on_both_reporters() {
             None
         );
     }
+}
+
+/// A plaintext connection (uncaptured legacy → server) is counted by the destination with no
+/// principal and no security policy.
+#[test]
+fn metrics_count_a_plaintext_connection_at_the_destination() {
+    require_netns!("metrics_count_a_plaintext_connection_at_the_destination");
+    let (cluster, _server) = start();
+    let payload = vec![b'x'; 300];
+    let mut plain = cluster.connect("legacy", cluster.target("server", APP_PORT));
+    assert_eq!(echo(&mut plain, &payload), payload);
+    close(plain);
 
     let plaintext = [
         ("reporter", "destination"),
@@ -274,13 +266,28 @@ fn metrics_count_mtls_and_plaintext_connections_on_both_reporters() {
             "plaintext {metric}"
         );
     }
+}
+
+/// The metrics endpoint answers Prometheus text by default, with the build, proxy and
+/// certificate gauges, and OpenMetrics (ending in `# EOF`) when asked for it.
+#[test]
+fn metrics_endpoint_speaks_prometheus_text_and_openmetrics() {
+    require_netns!("metrics_endpoint_speaks_prometheus_text_and_openmetrics");
+    let (cluster, _server) = start();
+    // One connection, so the server's certificate has been issued.
+    let mut stream = cluster.connect("client", cluster.target("server", APP_PORT));
+    assert_eq!(echo(&mut stream, b"certified"), b"certified");
+    close(stream);
+    let text = support::wait_for("the server's certificate gauge", WAIT, || {
+        let text = cluster.metrics("b");
+        text.contains("nodetunnel_certificate_expiration_timestamp_seconds{identity=\"spiffe://")
+            .then_some(text)
+    })
+    .unwrap_or_else(|_| panic!("no certificate gauge:\n{}", cluster.metrics("b")));
     assert!(text.contains("istio_build{component=\"ztunnel\""), "{text}");
     assert!(
         text.contains("workload_manager_active_proxy_count 1"),
         "{text}"
-    );
-    assert!(
-        text.contains("nodetunnel_certificate_expiration_timestamp_seconds{identity=\"spiffe://")
     );
     assert!(!text.contains("# EOF"), "Prometheus text by default");
 
@@ -305,17 +312,12 @@ fn metrics_count_mtls_and_plaintext_connections_on_both_reporters() {
     assert!(openmetrics.trim_end().ends_with("# EOF"), "{openmetrics}");
 }
 
-/// The admin API answers on loopback only: `/config_dump` has Istio's top-level names and the
-/// model, `/logging` changes the level live (a debug `connection opened` event appears), and a
-/// pod cannot reach 15000 on its node although it can reach 15020; the CLI prints tables.
+/// `/config_dump` has Istio's top-level names and the model, with each local workload's state.
 #[test]
-fn admin_api_dump_logging_loopback_and_cli() {
-    require_netns!("admin_api_dump_logging_loopback_and_cli");
-    let cluster = Cluster::start();
-    let _server =
-        EchoServer::start(&cluster.topology, "server", APP_PORT, Reply::Echo).expect("server app");
-
-    let (status, body) = cluster.http("a", "GET", "127.0.0.1:15000", "/config_dump");
+fn config_dump_has_istios_names_and_the_model() {
+    require_netns!("config_dump_has_istios_names_and_the_model");
+    let (cluster, _server) = start();
+    let (status, body) = cluster.admin("a", "GET", "/config_dump");
     assert_eq!(status, 200, "{body}");
     let dump: serde_json::Value = serde_json::from_str(&body).expect("dump is JSON");
     for key in [
@@ -343,37 +345,34 @@ fn admin_api_dump_logging_loopback_and_cli() {
         .expect("client uid")
         .to_string();
     assert_eq!(dump["workloadState"][&client_uid]["state"], "Up", "{body}");
+}
 
-    let (status, level) = cluster.http("a", "POST", "127.0.0.1:15000", "/logging");
+/// `/logging` reads and changes the level only on POST, refuses a bad filter, and a change is
+/// live: a debug `connection opened` event appears, while `/connections` (and the CLI's table)
+/// list the open connection; a reset goes back to the start-up level.
+#[test]
+fn logging_changes_the_level_live_and_connections_are_listed() {
+    require_netns!("logging_changes_the_level_live_and_connections_are_listed");
+    let (cluster, _server) = start();
+    let (status, level) = cluster.admin("a", "POST", "/logging");
     assert_eq!((status, level.trim()), (200, "current log level is info"));
-    let (status, _) = cluster.http("a", "GET", "127.0.0.1:15000", "/logging");
+    let (status, _) = cluster.admin("a", "GET", "/logging");
     assert_eq!(status, 405, "GET must not change or read the level");
     for bad in ["nonsense=[", "access:debug", "access"] {
-        let (status, _) = cluster.http(
-            "a",
-            "POST",
-            "127.0.0.1:15000",
-            &format!("/logging?level={bad}"),
-        );
+        let (status, _) = cluster.admin("a", "POST", &format!("/logging?level={bad}"));
         assert_eq!(status, 400, "{bad}");
     }
-    let (_, level) = cluster.http("a", "POST", "127.0.0.1:15000", "/logging");
+    let (_, level) = cluster.admin("a", "POST", "/logging");
     assert_eq!(
         level.trim(),
         "current log level is info",
         "a refused level changes nothing"
     );
-    let (status, level) = cluster.http(
-        "a",
-        "POST",
-        "127.0.0.1:15000",
-        "/logging?level=access=debug,info",
-    );
+    let (status, level) = cluster.admin("a", "POST", "/logging?level=access=debug,info");
     assert_eq!(status, 200, "{level}");
     assert!(level.contains("access=debug"), "{level}");
 
-    let target = SocketAddr::from((cluster.topology.pod("server").ip, APP_PORT));
-    let mut stream = cluster.connect("client", target);
+    let mut stream = cluster.connect("client", cluster.target("server", APP_PORT));
     assert_eq!(echo(&mut stream, b"ping"), b"ping");
     let opened = cluster
         .agent("a")
@@ -382,7 +381,7 @@ fn admin_api_dump_logging_loopback_and_cli() {
         })
         .expect("debug event after /logging change");
     assert_eq!(opened.field("direction").as_deref(), Some("outbound"));
-    let (status, connections) = cluster.http("a", "GET", "127.0.0.1:15000", "/connections");
+    let (status, connections) = cluster.admin("a", "GET", "/connections");
     assert_eq!(status, 200);
     let connections: serde_json::Value = serde_json::from_str(&connections).expect("json");
     assert_eq!(
@@ -394,11 +393,18 @@ fn admin_api_dump_logging_loopback_and_cli() {
     let (ok, table) = cluster.cli("a", &["connections"]);
     assert!(ok && table.lines().count() == 2, "{table}");
     close(stream);
-    let (_, level) = cluster.http("a", "POST", "127.0.0.1:15000", "/logging?reset");
+    let (_, level) = cluster.admin("a", "POST", "/logging?reset");
     assert_eq!(level.trim(), "current log level is info");
+}
 
-    // From a pod, the node is its default gateway: metrics answer there, admin does not. The
-    // pod is not captured, so its connections reach the node itself, not our outbound port.
+/// From a pod, the node is its default gateway: metrics answer there, the admin API does not
+/// (it is bound to loopback only).
+#[test]
+fn admin_is_loopback_only_while_metrics_answer_on_the_node_address() {
+    require_netns!("admin_is_loopback_only_while_metrics_answer_on_the_node_address");
+    let (cluster, _server) = start();
+    // The pod is not captured, so its connections reach the node itself, not our outbound
+    // port.
     let route = cluster
         .topology
         .exec_role("legacy", &["ip", "-4", "route", "show", "default"])
@@ -424,7 +430,17 @@ fn admin_api_dump_logging_loopback_and_cli() {
         "metrics are served on the node address (control)"
     );
     assert!(!reach(15000), "admin must be loopback only");
+}
 
+/// The inspection CLI prints the agent's workloads, status and certificates as tables (or
+/// JSON), and an agent it cannot reach is an error.
+#[test]
+fn cli_prints_tables_and_an_unreachable_agent_is_an_error() {
+    require_netns!("cli_prints_tables_and_an_unreachable_agent_is_an_error");
+    let (cluster, _server) = start();
+    let mut stream = cluster.connect("client", cluster.target("server", APP_PORT));
+    assert_eq!(echo(&mut stream, b"certified"), b"certified");
+    close(stream);
     let (ok, workloads) = cluster.cli("a", &["workloads"]);
     assert!(ok, "{workloads}");
     let header = workloads.lines().next().unwrap_or_default();
@@ -449,44 +465,44 @@ fn admin_api_dump_logging_loopback_and_cli() {
     assert!(!ok, "an unreachable agent is an error");
 }
 
-/// A failed connection (no app on the port) and a denied one (default deny on the server's
-/// node) are counted failed with `CONNECT` and `DENY` by both reporters; the series of a
-/// workload removed from the model disappear; `/explain` answers from the live model; and
-/// `/quitquitquit` drains the agent, which then exits cleanly.
-#[test]
-fn failures_denials_stale_series_explain_and_quit() {
-    require_netns!("failures_denials_stale_series_explain_and_quit");
-    let mut cluster = Cluster::start();
-    let _server =
-        EchoServer::start(&cluster.topology, "server", APP_PORT, Reply::Echo).expect("server app");
-    let server_ip = cluster.topology.pod("server").ip;
-    let failed = |node: &str, reporter: &str, flag: &str| {
-        let labels = [
-            ("reporter", reporter),
-            ("source_workload", "client"),
-            ("destination_workload", "server"),
-            ("response_flags", flag),
-        ];
-        support::wait_for("a failed connection", WAIT, || {
-            sample(
-                &cluster.metrics(node),
-                "istio_tcp_connections_failed_total",
-                &labels,
-            )
-        })
-        .unwrap_or_else(|_| panic!("{reporter} {flag}:\n{}", cluster.metrics(node)))
-    };
+/// How many connections `reporter` on `node` counted failed with `flag`, once there is one.
+fn failed(cluster: &Cluster, node: &str, reporter: &str, flag: &str) -> u64 {
+    let labels = [
+        ("reporter", reporter),
+        ("source_workload", "client"),
+        ("destination_workload", "server"),
+        ("response_flags", flag),
+    ];
+    support::wait_for("a failed connection", WAIT, || {
+        sample(
+            &cluster.metrics(node),
+            "istio_tcp_connections_failed_total",
+            &labels,
+        )
+    })
+    .unwrap_or_else(|_| panic!("{reporter} {flag}:\n{}", cluster.metrics(node)))
+}
 
-    let closed_port = SocketAddr::from((server_ip, 9));
-    let mut refused = cluster.connect("client", closed_port);
+/// A connection to a port where no app listens is counted failed with `CONNECT` by both
+/// reporters, and the client gets nothing back.
+#[test]
+fn a_failed_connection_is_counted_with_connect_by_both_reporters() {
+    require_netns!("a_failed_connection_is_counted_with_connect_by_both_reporters");
+    let (cluster, _server) = start();
+    let mut refused = cluster.connect("client", cluster.target("server", 9));
     let mut rest = Vec::new();
     let _ = refused.read_to_end(&mut rest);
     assert!(rest.is_empty(), "nothing listens on the port");
-    assert_eq!(failed("a", "source", "CONNECT"), 1);
-    assert_eq!(failed("b", "destination", "CONNECT"), 1);
+    assert_eq!(failed(&cluster, "a", "source", "CONNECT"), 1);
+    assert_eq!(failed(&cluster, "b", "destination", "CONNECT"), 1);
+}
 
-    let target = SocketAddr::from((server_ip, APP_PORT));
-    let mut plain = cluster.connect("legacy", target);
+/// The series of a workload removed from the model disappear from the metrics.
+#[test]
+fn series_of_a_workload_removed_from_the_model_disappear() {
+    require_netns!("series_of_a_workload_removed_from_the_model_disappear");
+    let (cluster, _server) = start();
+    let mut plain = cluster.connect("legacy", cluster.target("server", APP_PORT));
     assert_eq!(echo(&mut plain, b"hello"), b"hello");
     close(plain);
     let legacy = [("source_workload", "legacy"), ("reporter", "destination")];
@@ -501,11 +517,7 @@ fn failures_denials_stale_series_explain_and_quit() {
 
     let mut mesh = cluster.mesh.clone();
     mesh.workloads.retain(|workload| workload.name != "legacy");
-    let config = mesh.render(&cluster.topology, "b", &["server"]).replacen(
-        "agent:\n",
-        "agent:\n  authorization: {defaultDeny: true}\n",
-        1,
-    );
+    let config = mesh.render(&cluster.topology, "b", &["server"]);
     cluster
         .agent("b")
         .write_config(&config)
@@ -514,14 +526,39 @@ fn failures_denials_stale_series_explain_and_quit() {
         (!cluster.metrics("b").contains("source_workload=\"legacy\"")).then_some(())
     })
     .unwrap_or_else(|_| panic!("stale series stayed:\n{}", cluster.metrics("b")));
+}
 
-    let mut denied = cluster.connect("client", target);
+/// With default deny on the server's node, a connection is counted failed with `DENY` by both
+/// reporters, gets nothing back, and its access log says why.
+#[test]
+fn a_denied_connection_is_counted_with_deny_by_both_reporters_and_logged() {
+    require_netns!("a_denied_connection_is_counted_with_deny_by_both_reporters_and_logged");
+    let (cluster, _server) = start();
+    let config = cluster.render("b").replacen(
+        "agent:\n",
+        "agent:\n  authorization: {defaultDeny: true}\n",
+        1,
+    );
+    cluster
+        .agent("b")
+        .write_config(&config)
+        .expect("config edit");
+    let (client_ip, server_ip) = (cluster.ip("client"), cluster.ip("server"));
+    let explain = format!("/explain?from={client_ip}&to={server_ip}:{APP_PORT}");
+    support::wait_for("the default deny in the live model", WAIT, || {
+        let (_, explained) = cluster.admin("b", "GET", &explain);
+        let explained: serde_json::Value = serde_json::from_str(&explained).ok()?;
+        (explained["decision"]["verdict"] == "deny").then_some(())
+    })
+    .expect("the config edit applied");
+
+    let mut denied = cluster.connect("client", cluster.target("server", APP_PORT));
     let _ = denied.write_all(b"let me in");
     let mut rest = Vec::new();
     let _ = denied.read_to_end(&mut rest);
     assert!(rest.is_empty(), "a denied connection gets nothing back");
-    assert_eq!(failed("a", "source", "DENY"), 1);
-    assert_eq!(failed("b", "destination", "DENY"), 1);
+    assert_eq!(failed(&cluster, "a", "source", "DENY"), 1);
+    assert_eq!(failed(&cluster, "b", "destination", "DENY"), 1);
     let denial = cluster
         .agent("b")
         .wait_for_event("denied access event", WAIT, |event| {
@@ -533,22 +570,37 @@ fn failures_denials_stale_series_explain_and_quit() {
         "{}",
         denial.raw
     );
+}
 
-    let client_ip = cluster.topology.pod("client").ip;
+/// `/explain` answers a decision from the live model, and 400 for a malformed question.
+#[test]
+fn explain_answers_from_the_live_model() {
+    require_netns!("explain_answers_from_the_live_model");
+    let (cluster, _server) = start();
+    let client_ip = cluster.ip("client");
+    let server_ip = cluster.ip("server");
     let path = format!("/explain?from={client_ip}&to={server_ip}:{APP_PORT}");
-    let (status, explained) = cluster.http("b", "GET", "127.0.0.1:15000", &path);
+    let (status, explained) = cluster.admin("b", "GET", &path);
     assert_eq!(status, 200, "{explained}");
     let explained: serde_json::Value = serde_json::from_str(&explained).expect("json");
     assert!(explained.get("decision").is_some(), "{explained}");
-    let (status, _) = cluster.http("b", "GET", "127.0.0.1:15000", "/explain?from=x");
+    let (status, _) = cluster.admin("b", "GET", "/explain?from=x");
     assert_eq!(status, 400);
+}
 
-    let (status, body) = cluster.http("a", "GET", "127.0.0.1:15000", "/quitquitquit");
+/// `/quitquitquit` needs POST, then drains the agent, which exits cleanly.
+#[test]
+fn quitquitquit_needs_post_and_drains_the_agent() {
+    require_netns!("quitquitquit_needs_post_and_drains_the_agent");
+    let (mut cluster, _server) = start();
+    let (status, body) = cluster.admin("a", "GET", "/quitquitquit");
     assert_eq!(status, 405, "{body}");
-    let (status, body) = cluster.http("a", "POST", "127.0.0.1:15000", "/quitquitquit");
+    let (status, body) = cluster.admin("a", "POST", "/quitquitquit");
     assert_eq!((status, body.as_str()), (200, "shutdown now\n"));
-    let exited = support::wait_for("agent a to exit", WAIT, || cluster.agents[0].exit_status())
-        .expect("agent a exits after /quitquitquit");
+    let exited = support::wait_for("agent a to exit", WAIT, || {
+        cluster.agent_mut("a").exit_status()
+    })
+    .expect("agent a exits after /quitquitquit");
     assert!(exited.success(), "{exited}");
 }
 
@@ -563,20 +615,17 @@ fn policy(name: &str, action: &str, source: &str) -> String {
 
 /// Decisions on the server's agent: an allowed mTLS connection and a denied plaintext one are
 /// counted under the policies that decided them; a policy change closes the open connection
-/// (counted as a re-evaluation denial) and the series of the removed policies disappear. In-pod
-/// proxies capture and release are counted, and the tokio gauges describe the agent's runtime.
+/// (counted as a re-evaluation denial) and the series of the removed policies disappear.
 #[test]
-fn decision_counters_follow_policies_and_proxy_lifecycle_is_counted() {
-    require_netns!("decision_counters_follow_policies_and_proxy_lifecycle_is_counted");
-    let cluster = Cluster::start();
-    let _server =
-        EchoServer::start(&cluster.topology, "server", APP_PORT, Reply::Echo).expect("server app");
+fn decision_counters_follow_policies() {
+    require_netns!("decision_counters_follow_policies");
+    let (cluster, _server) = start();
     let client = format!(
         "[\"{}\"]",
         &cluster.mesh.workload("client").identity()["spiffe://".len()..]
     );
     let server_config = |resources: &[String]| {
-        let mut yaml = cluster.mesh.render(&cluster.topology, "b", &["server"]);
+        let mut yaml = cluster.render("b");
         yaml.push_str("istioResources:\n");
         yaml.push_str(&resources.concat());
         yaml
@@ -608,7 +657,7 @@ fn decision_counters_follow_policies_and_proxy_lifecycle_is_counted() {
         "deny-others",
         "deny-client",
     );
-    let target = SocketAddr::from((cluster.topology.pod("server").ip, APP_PORT));
+    let target = cluster.target("server", APP_PORT);
     let mut open = cluster.connect("client", target);
     assert_eq!(echo(&mut open, b"allowed"), b"allowed");
     let mut refused = cluster.connect("legacy", target);
@@ -675,9 +724,14 @@ fn decision_counters_follow_policies_and_proxy_lifecycle_is_counted() {
     })
     .unwrap_or_else(|_| panic!("stale decision series:\n{}", cluster.metrics("b")));
     assert!(text.contains(decisions), "{text}");
+}
 
-    // In-pod proxies on node a: client from the config, then legacy captured and released
-    // through the admin API.
+/// In-pod proxies are counted as they start and stop (the config's client, then legacy captured
+/// and released through the admin API), and the tokio gauges describe the agent's runtime.
+#[test]
+fn proxy_lifecycle_and_runtime_gauges_are_reported() {
+    require_netns!("proxy_lifecycle_and_runtime_gauges_are_reported");
+    let (cluster, _server) = start();
     let metrics_a = cluster.metrics("a");
     assert!(
         metrics_a.contains("\nworkload_manager_proxies_started_total 1\n"),
@@ -733,17 +787,13 @@ fn pprof_profile(bytes: &[u8]) -> (pprof::protos::Profile, Vec<(String, String)>
     (profile, types)
 }
 
-/// `/debug/pprof/profile` answers a CPU profile of the requested rate while traffic flows;
-/// `/debug/pprof/heap` refuses until heap profiling is switched on, then answers a gzipped
-/// heap profile; `/config_dump` carries each certificate's chain and roots as ztunnel does
-/// (base64 PEM that parses, serial number, validity).
+/// `/debug/pprof/profile` answers a CPU profile of the requested rate, with the runtime's
+/// worker stacks symbolized, while traffic flows; bad parameters are 400.
 #[test]
-fn profiles_and_certificate_chains() {
-    require_netns!("profiles_and_certificate_chains");
-    let cluster = Cluster::start();
-    let _server =
-        EchoServer::start(&cluster.topology, "server", APP_PORT, Reply::Echo).expect("server app");
-    let target = SocketAddr::from((cluster.topology.pod("server").ip, APP_PORT));
+fn cpu_profile_samples_the_runtime_at_the_asked_rate() {
+    require_netns!("cpu_profile_samples_the_runtime_at_the_asked_rate");
+    let (cluster, _server) = start();
+    let target = cluster.target("server", APP_PORT);
     // Traffic through agent a for as long as the profile runs (bounded: at most 10 s).
     let mut stream = cluster.connect("client", target);
     let profiling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
@@ -792,7 +842,15 @@ fn profiles_and_certificate_chains() {
         let (status, _) = cluster.admin("a", "GET", &format!("/debug/pprof/profile?{bad}"));
         assert_eq!(status, 400, "{bad}");
     }
+}
 
+/// `/debug/pprof/heap` refuses until heap profiling is switched on (by POST), then answers a
+/// gzipped heap profile of the agent's process; it can be switched off again.
+#[test]
+fn heap_profile_is_off_until_switched_on() {
+    require_netns!("heap_profile_is_off_until_switched_on");
+    let (cluster, _server) = start();
+    let target = cluster.target("server", APP_PORT);
     let (status, body) = cluster.admin("a", "GET", "/debug/pprof/heap");
     assert_eq!(status, 409, "inactive until switched on: {body}");
     let (status, _) = cluster.admin("a", "GET", "/debug/pprof/heap/profiling?activate=true");
@@ -833,7 +891,18 @@ fn profiles_and_certificate_chains() {
         (200, true),
         "{state}"
     );
+}
 
+/// `/config_dump` carries each certificate's chain and roots as ztunnel does (base64 PEM that
+/// parses, serial number, validity).
+#[test]
+fn config_dump_carries_certificate_chains_as_ztunnel_does() {
+    require_netns!("config_dump_carries_certificate_chains_as_ztunnel_does");
+    let (cluster, _server) = start();
+    // One connection, so the client's certificate has been issued.
+    let mut stream = cluster.connect("client", cluster.target("server", APP_PORT));
+    assert_eq!(echo(&mut stream, b"certified"), b"certified");
+    close(stream);
     let (status, dump) = cluster.admin("a", "GET", "/config_dump");
     assert_eq!(status, 200, "{dump}");
     let dump: serde_json::Value = serde_json::from_str(&dump).expect("json");

@@ -14,9 +14,9 @@ mod support;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use support::agent::{Agent, Ca, Mesh, Protocol, ServiceSpec, WorkloadSpec};
+use support::agent::ServiceSpec;
 use support::apps::{self, EchoServer, Reply};
-use support::netns::Topology;
+use support::cluster::Cluster;
 use support::tls_probe::{self, Outcome};
 use support::waypoint::TestWaypoint;
 
@@ -28,88 +28,75 @@ const IO_TIMEOUT: Duration = Duration::from_secs(5);
 const RELOAD_TIMEOUT: Duration = Duration::from_secs(15);
 const PROXY_V2_SIGNATURE: &[u8] = b"\r\n\r\n\0\r\nQUIT\n";
 
-/// Two agents sharing one root; fields in drop order (agents before namespaces).
-struct Cluster {
-    agents: Vec<Agent>,
-    ca: Ca,
-    mesh: Mesh,
-    topology: Topology,
+/// client, waypoint and the uncaptured intruder on node a, server on node b; the echo service
+/// backed by server; server and the service behind the waypoint. The test installs its own
+/// redirection rules in the captured pods too.
+fn start() -> Cluster {
+    let captured = ["client", "waypoint", "server"];
+    Cluster::build(&[
+        ("a", "client"),
+        ("a", "waypoint"),
+        ("a", "intruder"),
+        ("b", "server"),
+    ])
+    .mesh(|_, mesh| {
+        let service = ServiceSpec::new("echo", SERVICE_VIP, SERVICE_PORT, APP_PORT);
+        mesh.workloads
+            .retain(|workload| workload.name != "intruder");
+        for workload in &mut mesh.workloads {
+            if workload.name == "server" {
+                workload.services = vec![(service.key(), SERVICE_PORT, APP_PORT)];
+            }
+        }
+        mesh.services.push(service);
+    })
+    .test_redirected(&captured)
+    .captured(&captured)
+    .start_with(|cluster, node| config(cluster, node, true))
 }
 
-impl Cluster {
-    fn start() -> Cluster {
-        let topology = Topology::linked_pair(&[
-            ("a", "client"),
-            ("a", "waypoint"),
-            ("a", "intruder"),
-            ("b", "server"),
-        ]);
-        let ip = |pod: &str| topology.pod(pod).ip;
-        let service = ServiceSpec::new("echo", SERVICE_VIP, SERVICE_PORT, APP_PORT);
-        let mut server = WorkloadSpec::new("server", ip("server"), "b", Protocol::Hbone);
-        server.services = vec![(service.key(), SERVICE_PORT, APP_PORT)];
-        let mesh = Mesh {
-            workloads: vec![
-                WorkloadSpec::new("client", ip("client"), "a", Protocol::Hbone),
-                WorkloadSpec::new("waypoint", ip("waypoint"), "a", Protocol::Hbone),
-                server,
-            ],
-            services: vec![service],
-        };
-        for pod in ["client", "waypoint", "server"] {
-            topology.install_redirect(pod).expect("redirection rules");
-        }
-        let ca = Ca::init().expect("nodetunnel ca init");
-        let mut cluster = Cluster {
-            agents: Vec::new(),
-            ca,
-            mesh,
-            topology,
-        };
-        for node in ["a", "b"] {
-            let config = cluster.config(node, true);
-            let agent = Agent::start(&cluster.topology, node, &cluster.ca, &config);
-            cluster.agents.push(agent.expect("agent ready"));
-        }
-        cluster
-    }
+/// The config of `node`: the mesh plus `server`'s waypoint and the waypoint's application
+/// tunnel; `enforce` is `agent.authorization.waypoint.enforce`.
+fn config(cluster: &Cluster, node: &str, enforce: bool) -> String {
+    let mut yaml = cluster.render(node);
+    let server = "    name: server\n    namespace: default\n";
+    let waypoint_ip = cluster.ip("waypoint");
+    yaml = yaml.replacen(
+        server,
+        &format!("{server}    waypoint: {{destination: /{waypoint_ip}}}\n"),
+        1,
+    );
+    let service = "    hostname: echo.default.svc.cluster.local\n";
+    yaml = yaml.replacen(
+        service,
+        &format!("{service}    waypoint: {{destination: /{waypoint_ip}}}\n"),
+        1,
+    );
+    let waypoint = "    name: waypoint\n    namespace: default\n";
+    yaml = yaml.replacen(
+        waypoint,
+        &format!("{waypoint}    applicationTunnel: {{protocol: PROXY, port: {TUNNEL_PORT}}}\n"),
+        1,
+    );
+    yaml.replacen(
+        "agent:\n",
+        &format!("agent:\n  authorization: {{waypoint: {{enforce: {enforce}}}}}\n"),
+        1,
+    )
+}
 
-    /// The config of `node`: the mesh plus `server`'s waypoint and the waypoint's application
-    /// tunnel; `enforce` is `agent.authorization.waypoint.enforce`.
-    fn config(&self, node: &str, enforce: bool) -> String {
-        let captured: &[&str] = if node == "a" {
-            &["client", "waypoint"]
-        } else {
-            &["server"]
-        };
-        let mut yaml = self.mesh.render(&self.topology, node, captured);
-        let server = "    name: server\n    namespace: default\n";
-        let waypoint_ip = self.ip("waypoint");
-        yaml = yaml.replacen(
-            server,
-            &format!("{server}    waypoint: {{destination: /{waypoint_ip}}}\n"),
-            1,
-        );
-        let service = "    hostname: echo.default.svc.cluster.local\n";
-        yaml = yaml.replacen(
-            service,
-            &format!("{service}    waypoint: {{destination: /{waypoint_ip}}}\n"),
-            1,
-        );
-        let waypoint = "    name: waypoint\n    namespace: default\n";
-        yaml = yaml.replacen(
-            waypoint,
-            &format!("{waypoint}    applicationTunnel: {{protocol: PROXY, port: {TUNNEL_PORT}}}\n"),
-            1,
-        );
-        yaml.replacen(
-            "agent:\n",
-            &format!("agent:\n  authorization: {{waypoint: {{enforce: {enforce}}}}}\n"),
-            1,
-        )
-    }
-
+/// What these tests do with the cluster.
+trait Waypoints {
     /// A scrape of `node`'s metrics endpoint.
+    fn metrics(&self, node: &str) -> String;
+    /// The server app's address.
+    fn server_target(&self) -> SocketAddr;
+    /// A CONNECT to `server`'s 15008 from the uncaptured intruder pod, with a mesh certificate
+    /// for `identity`, asking for `authority`.
+    fn probe(&self, identity: &str, authority: String, marker: &[u8]) -> Outcome;
+}
+
+impl Waypoints for Cluster {
     fn metrics(&self, node: &str) -> String {
         self.topology
             .run_in(node, || {
@@ -125,16 +112,10 @@ impl Cluster {
             .expect("scrape")
     }
 
-    fn ip(&self, pod: &str) -> std::net::Ipv4Addr {
-        self.topology.pod(pod).ip
-    }
-
     fn server_target(&self) -> SocketAddr {
         SocketAddr::from((self.ip("server"), APP_PORT))
     }
 
-    /// A CONNECT to `server`'s 15008 from the uncaptured intruder pod, with a mesh certificate
-    /// for `identity`, asking for `authority`.
     fn probe(&self, identity: &str, authority: String, marker: &[u8]) -> Outcome {
         let cert = tls_probe::leaf_from_root(&self.ca, identity).expect("cert");
         let hbone = SocketAddr::from((self.ip("server"), 15008));
@@ -159,7 +140,7 @@ const ACCEPTED: Outcome = Outcome::Http2 {
 #[test]
 fn waypoint_routes_delivers_and_cannot_be_bypassed() {
     require_netns!("waypoint_routes_delivers_and_cannot_be_bypassed");
-    let cluster = Cluster::start();
+    let cluster = start();
     let server =
         EchoServer::start(&cluster.topology, "server", APP_PORT, Reply::Echo).expect("server app");
     let waypoint_app = EchoServer::start(&cluster.topology, "waypoint", TUNNEL_PORT, Reply::Echo)
@@ -248,7 +229,7 @@ fn waypoint_routes_delivers_and_cannot_be_bypassed() {
 
     // With enforcement off the same direct call succeeds.
     cluster.agents[1]
-        .write_config(&cluster.config("b", false))
+        .write_config(&config(&cluster, "b", false))
         .expect("config edit");
     support::wait_for("the direct call to be admitted", RELOAD_TIMEOUT, || {
         (cluster.probe(&client_id, authority.clone(), b"DIRECT-OK") == ACCEPTED).then_some(())
@@ -265,7 +246,7 @@ fn waypoint_routes_delivers_and_cannot_be_bypassed() {
 #[test]
 fn authority_mismatch_is_refused() {
     require_netns!("authority_mismatch_is_refused");
-    let cluster = Cluster::start();
+    let cluster = start();
     let client_app =
         EchoServer::start(&cluster.topology, "client", APP_PORT, Reply::Echo).expect("client app");
     let server =
@@ -302,7 +283,7 @@ fn authority_mismatch_is_refused() {
 #[test]
 fn l7_rule_is_applied_by_the_waypoint() {
     require_netns!("l7_rule_is_applied_by_the_waypoint");
-    let cluster = Cluster::start();
+    let cluster = start();
     let server =
         EchoServer::start(&cluster.topology, "server", APP_PORT, Reply::Echo).expect("server app");
     let waypoint =

@@ -44,6 +44,16 @@ impl Node {
     /// redirection rules in `redirected`, a listening fake istio-cni and a started agent (not
     /// ready yet: it waits for the snapshot) that also captures `configured` from its config.
     fn start(pods: &[&str], redirected: &[&str], configured: &[&str]) -> Node {
+        Node::start_modelled(pods, pods, redirected, configured)
+    }
+
+    /// [`Node::start`] with only `modelled` of the pods in the model.
+    fn start_modelled(
+        pods: &[&str],
+        modelled: &[&str],
+        redirected: &[&str],
+        configured: &[&str],
+    ) -> Node {
         let mut topology = Topology::new();
         topology.add_node("a").expect("node a");
         for pod in pods {
@@ -52,13 +62,7 @@ impl Node {
         for pod in redirected {
             topology.install_redirect(pod).expect("redirection rules");
         }
-        let mesh = Mesh {
-            workloads: pods
-                .iter()
-                .map(|pod| WorkloadSpec::new(pod, topology.pod(pod).ip, "a", Protocol::Hbone))
-                .collect(),
-            services: Vec::new(),
-        };
+        let mesh = mesh(&topology, modelled);
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("ztunnel.sock");
         let cni = FakeCni::listen(&socket).expect("fake istio-cni listens");
@@ -158,6 +162,17 @@ impl Node {
     }
 }
 
+/// A model of `pods` (HBONE workloads of node `a`, named as their pods).
+fn mesh(topology: &Topology, pods: &[&str]) -> Mesh {
+    Mesh {
+        workloads: pods
+            .iter()
+            .map(|pod| WorkloadSpec::new(pod, topology.pod(pod).ip, "a", Protocol::Hbone))
+            .collect(),
+        services: Vec::new(),
+    }
+}
+
 /// The agent config: ZDS on, quick reconnects, `configured` pods from the config as well.
 /// Original-source connects are off: the test's redirection rules (standing in for
 /// istio-cni's) have no return path.
@@ -254,7 +269,14 @@ fn cni_restart_reconciles_and_drops_the_stale_pod() {
     if let Some(cni) = node.cni.take() {
         cni.stop();
     }
-    std::thread::sleep(Duration::from_millis(1500));
+    // The agent noticed, and has already failed to reconnect once, before we look at it.
+    node.agent
+        .wait_for_event("a failed reconnect to istio-cni", WAIT, |event| {
+            event
+                .field("message")
+                .is_some_and(|message| message.contains("istio-cni not reachable"))
+        })
+        .expect("the agent retries istio-cni");
     assert!(
         node.agent.exit_status().is_none(),
         "the agent survives istio-cni going away"
@@ -431,4 +453,56 @@ fn bad_requests_are_nacked_and_other_pods_keep_serving() {
         200,
         "refused requests leave nothing pending"
     );
+}
+
+/// istio-cni can announce a pod before istiod's push names it. The `Add` is answered at once
+/// (no wait holding up the session), the pod's ports are taken, and when the model learns the
+/// pod the proxy moves to its workload and carries traffic — it is not left refusing all
+/// traffic under its Kubernetes uid.
+#[test]
+fn a_pod_announced_before_the_model_knows_it_serves_once_the_model_does() {
+    require_netns!("a_pod_announced_before_the_model_knows_it_serves_once_the_model_does");
+    let mut node = Node::start_modelled(
+        &["client", "server"],
+        &["client"],
+        &["client", "server"],
+        &[],
+    );
+    let _server = EchoServer::start(&node.topology, "server", APP_PORT, Reply::Echo).expect("app");
+    let mut connection = node.accept();
+    assert_eq!(
+        add(&node, &mut connection, "server"),
+        Answer::Ack,
+        "unknown pod"
+    );
+    assert_eq!(
+        add(&node, &mut connection, "client"),
+        Answer::Ack,
+        "known pod"
+    );
+    assert_eq!(connection.snapshot_sent().expect("snapshot"), Answer::Ack);
+    node.agent.wait_ready(&node.topology, WAIT).expect("ready");
+    node.wait_captured("server", true);
+
+    node.mesh = mesh(&node.topology, &["client", "server"]);
+    let config = render(&node.topology, &node.mesh, &node.socket, &[]);
+    node.agent
+        .write_config(&config)
+        .expect("the model learns the pod");
+    let target = SocketAddr::from((node.topology.pod("server").ip, APP_PORT));
+    let payload = apps::payload(b"late-model", 4096, 3);
+    support::wait_for("traffic to the late pod", WAIT, || {
+        apps::exchange(
+            &node.topology,
+            "client",
+            target,
+            payload.clone(),
+            IO_TIMEOUT,
+        )
+        .ok()
+        .filter(|response| *response == payload)
+    })
+    .unwrap_or_else(|error| panic!("{error:#}\nagent log:\n{}", node.agent.log().tail(30)));
+    node.assert_traffic("client", "server");
+    node.wait_captured("server", true);
 }

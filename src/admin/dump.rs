@@ -1,106 +1,223 @@
-//! `/config_dump` (layer L5): everything the agent acts on, in one JSON document whose top-level
-//! names follow Istio's ztunnel dump where they overlap (`workloads`, `services`, `policies`,
-//! `certificates`, `workloadState`, `config`, `version`).
-//!
-//! Certificates are dumped as ztunnel dumps them, so `istioctl ztunnel-config certificates`-style
-//! tools read ours: per identity `certChain` (leaf first, then intermediates) and `rootCerts`,
-//! each certificate with `pem` (the PEM text, base64-encoded as ztunnel does), `serialNumber`
-//! (decimal), `validFrom` and `expirationTime` (RFC 3339).
+//! `/config_dump` and `/connections` (layer L5): the documents of [`super::schema`], built
+//! from the current snapshot, certificates, pods and open connections. The shapes and why they
+//! are ztunnel's are in `schema`; this file only fills them in, as pure functions of their
+//! inputs so that tests can build a dump from a model of their own.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
 use rustls::pki_types::CertificateDer;
-use serde::Serialize;
 
+use super::schema::{
+    ApplicationTunnelDump, CertificateDump, CertificateInfo, ConfigDump, ConnectionDump,
+    EffectiveConfig, EndpointDump, GatewayDump, PodInfo, PodState, PolicyDump, ServiceDump,
+    VersionDump, WorkloadDump, WorkloadStateDump,
+};
 use super::AdminState;
 use crate::capture::PodStatus;
-use crate::spiffe::Identity;
-use crate::state::{Service, Workload};
+use crate::identity::CertificateStatus;
+use crate::net::NetworkAddress;
+use crate::state::{GatewayAddress, GatewayDestination, Service, Snapshot, Workload};
 use crate::telemetry::metrics::OpenConnection;
 
-/// The effective agent configuration as the dump shows it (after overrides and defaults).
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct EffectiveConfig {
-    /// This node's name.
-    pub node: String,
-    /// The config file being watched.
-    pub config_path: PathBuf,
-    /// Admin API address.
-    pub admin_addr: SocketAddr,
-    /// Metrics address.
-    pub metrics_addr: SocketAddr,
-    /// Readiness address.
-    pub readiness_addr: SocketAddr,
-    /// How long shutdown waits for connections.
-    #[serde(with = "humantime_serde")]
-    pub drain_timeout: Duration,
-    /// How often the config file is checked.
-    #[serde(with = "humantime_serde")]
-    pub reload_interval: Duration,
-    /// Whether pods come from istio-cni over ZDS.
-    pub zds_enabled: bool,
-    /// Whether the agent installs redirection rules itself.
-    pub install_rules: bool,
-    /// istiod's xDS address, when workloads come from istiod.
-    pub xds_address: Option<String>,
-    /// The Istio CA's address; `None` means the built-in CA signs.
-    pub ca_address: Option<String>,
-    /// The cluster id sent to istiod.
-    pub cluster_id: String,
+/// Everything a dump is built from, taken once per request.
+pub(super) struct DumpInputs<'a> {
+    /// The model.
+    pub snapshot: &'a Snapshot,
+    /// Every identity's certificate state.
+    pub certificates: Vec<CertificateStatus>,
+    /// Captured pods by workload uid.
+    pub pods: BTreeMap<String, PodStatus>,
+    /// Open connections.
+    pub connections: Vec<OpenConnection>,
+    /// The effective configuration.
+    pub config: &'a EffectiveConfig,
 }
 
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct CertificateDump {
-    identity: Identity,
-    /// `Available`, `Initializing`, `Unavailable: <why>` or `Expired`.
-    state: String,
-    cert_chain: Vec<CertificateInfo>,
-    root_certs: Vec<CertificateInfo>,
+/// `/config_dump` of the running agent.
+pub(super) fn config_dump(admin: &AdminState) -> ConfigDump {
+    let snapshot = admin.state.snapshot();
+    build(DumpInputs {
+        snapshot: &snapshot,
+        certificates: admin.certificates.statuses(),
+        pods: admin.pods.status(),
+        connections: admin.metrics.connections(),
+        config: &admin.config,
+    })
 }
 
-/// One certificate; the fields other than `pem` are empty if it does not parse as X.509.
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct CertificateInfo {
-    pem: String,
-    serial_number: String,
-    valid_from: String,
-    expiration_time: String,
+/// `/connections` of the running agent.
+pub(super) fn connections(admin: &AdminState) -> Vec<ConnectionDump> {
+    admin.metrics.connections().iter().map(connection).collect()
 }
 
-impl CertificateInfo {
-    fn of(der: &CertificateDer<'_>) -> Self {
-        let mut info = CertificateInfo {
-            pem: BASE64.encode(pem(der)),
-            serial_number: String::new(),
-            valid_from: String::new(),
-            expiration_time: String::new(),
-        };
-        if let Ok((_, parsed)) = x509_parser::parse_x509_certificate(der.as_ref()) {
-            let time = |t: x509_parser::time::ASN1Time| {
-                let seconds = u64::try_from(t.timestamp()).unwrap_or(0);
-                rfc3339(SystemTime::UNIX_EPOCH + Duration::from_secs(seconds))
-            };
-            info.serial_number = parsed.tbs_certificate.serial.to_string();
-            info.valid_from = time(parsed.validity().not_before);
-            info.expiration_time = time(parsed.validity().not_after);
-        }
-        info
+/// The dump of `inputs`, sorted (workloads by uid, services by key) so that two dumps of one
+/// model are equal.
+pub(super) fn build(inputs: DumpInputs<'_>) -> ConfigDump {
+    let snapshot = inputs.snapshot;
+    let mut workloads: Vec<&Workload> = snapshot.workloads().map(|w| w.as_ref()).collect();
+    workloads.sort_by(|a, b| a.uid.cmp(&b.uid));
+    let mut services: Vec<&Service> = snapshot.services().map(|s| s.as_ref()).collect();
+    services.sort_by_key(|service| service.key());
+    let authorization = snapshot.authorization();
+    ConfigDump {
+        services: services
+            .iter()
+            .map(|service| service_dump(service, &workloads))
+            .collect(),
+        workloads: workloads
+            .iter()
+            .map(|workload| workload_dump(workload))
+            .collect(),
+        policies: authorization
+            .policies
+            .iter()
+            .map(|entry| PolicyDump {
+                policy: entry.policy.clone(),
+                selector: entry.selector.clone(),
+            })
+            .collect(),
+        peer_authentications: authorization.peer_authentications.clone(),
+        certificates: inputs.certificates.iter().map(certificate_dump).collect(),
+        workload_state: workload_state(snapshot, inputs.pods, &inputs.connections),
+        config: Some(inputs.config.clone()),
+        version: Some(VersionDump {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            build_profile: if cfg!(debug_assertions) {
+                "debug"
+            } else {
+                "release"
+            }
+            .to_string(),
+        }),
     }
 }
 
-/// The PEM text of a DER certificate (RFC 7468: 64-character lines).
-fn infos(certificates: &[CertificateDer<'_>]) -> Vec<CertificateInfo> {
-    certificates.iter().map(CertificateInfo::of).collect()
+fn workload_dump(workload: &Workload) -> WorkloadDump {
+    WorkloadDump {
+        uid: workload.uid.clone(),
+        workload_ips: workload.workload_ips.clone(),
+        waypoint: workload.waypoint.as_ref().map(gateway_dump),
+        protocol: workload.protocol,
+        name: workload.name.clone(),
+        namespace: workload.namespace.clone(),
+        trust_domain: workload.trust_domain.clone(),
+        service_account: workload.service_account.clone(),
+        network: workload.network.clone(),
+        workload_name: workload.workload_name.clone(),
+        workload_type: workload.workload_type.clone(),
+        canonical_name: workload.canonical_name.clone(),
+        canonical_revision: workload.canonical_revision.clone(),
+        hostname: workload.hostname.clone(),
+        node: workload.node.clone(),
+        application_tunnel: workload.application_tunnel.as_ref().map(|tunnel| {
+            ApplicationTunnelDump {
+                protocol: tunnel.protocol,
+                port: tunnel.port,
+            }
+        }),
+        authorization_policies: workload.authorization_policies.clone(),
+        status: workload.status,
+        cluster_id: workload.cluster_id.clone(),
+        capacity: 1,
+        services: workload.services.keys().cloned().collect(),
+        identity: workload.identity.to_string(),
+        labels: workload.labels.clone(),
+    }
 }
 
+/// `network/IP` or `namespace/hostname`, the one string istioctl reads.
+fn gateway_dump(gateway: &GatewayAddress) -> GatewayDump {
+    GatewayDump {
+        destination: match &gateway.destination {
+            GatewayDestination::Address(address) => address.to_string(),
+            GatewayDestination::Hostname {
+                namespace,
+                hostname,
+            } => format!("{namespace}/{hostname}"),
+        },
+        hbone_mtls_port: gateway.hbone_mtls_port,
+    }
+}
+
+/// A service with its endpoints: every workload (of `workloads`) that lists it.
+fn service_dump(service: &Service, workloads: &[&Workload]) -> ServiceDump {
+    let key = service.key();
+    let endpoints = workloads
+        .iter()
+        .filter_map(|workload| {
+            let ports = workload.services.get(&key)?;
+            let endpoint = EndpointDump {
+                workload_uid: workload.uid.clone(),
+                service: key.clone(),
+                address: workload.workload_ips.first().map(|ip| NetworkAddress {
+                    network: workload.network.clone(),
+                    ip: *ip,
+                }),
+                port: ports.clone(),
+                status: workload.status,
+            };
+            Some((workload.uid.clone(), endpoint))
+        })
+        .collect();
+    ServiceDump {
+        name: service.name.clone(),
+        namespace: service.namespace.clone(),
+        hostname: service.hostname.clone(),
+        vips: service.vips.clone(),
+        ports: service.ports.clone(),
+        endpoints,
+        subject_alt_names: service
+            .subject_alt_names
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
+        waypoint: service.waypoint.as_ref().map(gateway_dump),
+    }
+}
+
+fn certificate_dump(status: &CertificateStatus) -> CertificateDump {
+    CertificateDump {
+        identity: status.identity.to_string(),
+        state: status.state.to_string(),
+        cert_chain: status
+            .certificate
+            .as_ref()
+            .map_or_else(Vec::new, |certificate| infos(certificate.chain())),
+        root_certs: status
+            .certificate
+            .as_ref()
+            .map_or_else(Vec::new, |certificate| {
+                infos(certificate.root_certificates())
+            }),
+    }
+}
+
+/// One certificate as ztunnel dumps it.
+fn certificate_info(der: &CertificateDer<'_>) -> CertificateInfo {
+    let mut info = CertificateInfo {
+        pem: BASE64.encode(pem(der)),
+        ..CertificateInfo::default()
+    };
+    if let Ok((_, parsed)) = x509_parser::parse_x509_certificate(der.as_ref()) {
+        let time = |t: x509_parser::time::ASN1Time| {
+            let seconds = u64::try_from(t.timestamp()).unwrap_or(0);
+            rfc3339(SystemTime::UNIX_EPOCH + Duration::from_secs(seconds))
+        };
+        info.serial_number = parsed.tbs_certificate.serial.to_string();
+        info.valid_from = time(parsed.validity().not_before);
+        info.expiration_time = time(parsed.validity().not_after);
+    }
+    info
+}
+
+fn infos(certificates: &[CertificateDer<'_>]) -> Vec<CertificateInfo> {
+    certificates.iter().map(certificate_info).collect()
+}
+
+/// The PEM text of a DER certificate (RFC 7468: 64-character lines).
 fn pem(der: &CertificateDer<'_>) -> String {
     let body = BASE64.encode(der.as_ref());
     let mut text = String::from("-----BEGIN CERTIFICATE-----\n");
@@ -115,115 +232,96 @@ fn pem(der: &CertificateDer<'_>) -> String {
     text
 }
 
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct WorkloadState {
-    state: &'static str,
-    info: PodStatus,
-    connections: Connections,
-}
-
-#[derive(Serialize, Default)]
-struct Connections {
-    inbound: Vec<OpenConnection>,
-    outbound: Vec<OpenConnection>,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct Version {
-    version: &'static str,
-    build_profile: &'static str,
-}
-
 fn rfc3339(time: SystemTime) -> String {
     humantime::format_rfc3339_seconds(time).to_string()
 }
 
-/// Builds the dump from the current snapshot, certificates, pods and open connections.
-pub(super) fn config_dump(admin: &AdminState) -> serde_json::Value {
-    let snapshot = admin.state.snapshot();
-    let mut workloads: Vec<&Workload> = snapshot.workloads().map(|w| w.as_ref()).collect();
-    workloads.sort_by(|a, b| a.uid.cmp(&b.uid));
-    let mut services: Vec<&Service> = snapshot.services().map(|s| s.as_ref()).collect();
-    services.sort_by_key(|service| service.key());
-    let authorization = snapshot.authorization();
-    let certificates: Vec<CertificateDump> = admin
-        .certificates
-        .statuses()
-        .into_iter()
-        .map(|status| CertificateDump {
-            state: status.state.to_string(),
-            identity: status.identity,
-            cert_chain: status
-                .certificate
-                .as_ref()
-                .map_or_else(Vec::new, |certificate| infos(certificate.chain())),
-            root_certs: status
-                .certificate
-                .as_ref()
-                .map_or_else(Vec::new, |certificate| {
-                    infos(certificate.root_certificates())
-                }),
-        })
-        .collect();
-    serde_json::json!({
-        "workloads": workloads,
-        "services": services,
-        "policies": authorization.policies,
-        "peerAuthentications": authorization.peer_authentications,
-        "certificates": certificates,
-        "workloadState": workload_state(admin),
-        "config": admin.config,
-        "version": Version {
-            version: env!("CARGO_PKG_VERSION"),
-            build_profile: if cfg!(debug_assertions) { "debug" } else { "release" },
-        },
-    })
+/// One open connection with ztunnel's names and ours.
+fn connection(open: &OpenConnection) -> ConnectionDump {
+    let info = &open.info;
+    ConnectionDump {
+        src: info.src_addr.clone(),
+        original_dst: Some(info.original_dst.clone()).filter(|dst| !dst.is_empty()),
+        actual_dst: info.dst_addr.clone(),
+        protocol: info.protocol,
+        direction: info.direction.to_string(),
+        src_workload: info.src_workload.clone(),
+        dst_workload: info.dst_workload.clone(),
+        src_identity: info.src_identity.clone(),
+        dst_identity: info.dst_identity.clone(),
+        bytes_sent: open.bytes_sent,
+        bytes_received: open.bytes_received,
+        age_seconds: open.age_seconds,
+    }
 }
 
-/// Per captured pod: `Up` or `Pending`, its status, and its open connections by direction.
-fn workload_state(admin: &AdminState) -> BTreeMap<String, WorkloadState> {
-    let mut by_workload: BTreeMap<String, WorkloadState> = admin
-        .pods
-        .status()
+/// Per captured pod: `Up` or `Pending`, who it is, and its open connections by direction.
+fn workload_state(
+    snapshot: &Snapshot,
+    pods: BTreeMap<String, PodStatus>,
+    connections: &[OpenConnection],
+) -> BTreeMap<String, WorkloadStateDump> {
+    let mut by_workload: BTreeMap<String, WorkloadStateDump> = pods
         .into_iter()
-        .map(|(uid, info)| {
-            let state = match info {
-                PodStatus::Running { .. } => "Up",
-                PodStatus::Failed { .. } => "Pending",
-            };
-            let entry = WorkloadState {
-                state,
-                info,
-                connections: Connections::default(),
+        .map(|(uid, status)| {
+            let entry = WorkloadStateDump {
+                state: match status {
+                    PodStatus::Running { .. } => PodState::Up,
+                    PodStatus::Failed { .. } => PodState::Pending,
+                },
+                info: pod_info(snapshot.workload(&uid).map(|w| w.as_ref()), status),
+                connections: Default::default(),
             };
             (uid, entry)
         })
         .collect();
-    for connection in admin.metrics.connections() {
-        let inbound = connection.info.direction == "inbound";
+    for open in connections {
+        let inbound = open.info.direction == "inbound";
         let owner = if inbound {
-            &connection.info.dst_workload
+            &open.info.dst_workload
         } else {
-            &connection.info.src_workload
+            &open.info.src_workload
         };
         let Some(entry) = by_workload.get_mut(owner) else {
             continue;
         };
-        if inbound {
-            entry.connections.inbound.push(connection);
+        let list = if inbound {
+            &mut entry.connections.inbound
         } else {
-            entry.connections.outbound.push(connection);
-        }
+            &mut entry.connections.outbound
+        };
+        list.push(connection(open));
     }
     by_workload
+}
+
+/// Who a pod is (from the model; empty if it left the model) and how it was captured.
+fn pod_info(workload: Option<&Workload>, status: PodStatus) -> PodInfo {
+    let (netns, source, reason) = match status {
+        PodStatus::Running { netns, source } => (netns, source, None),
+        PodStatus::Failed {
+            netns,
+            source,
+            reason,
+        } => (netns, source, Some(reason)),
+    };
+    let field = |pick: fn(&Workload) -> &String| workload.map(pick).cloned().unwrap_or_default();
+    PodInfo {
+        name: field(|w| &w.name),
+        namespace: field(|w| &w.namespace),
+        trust_domain: field(|w| &w.trust_domain),
+        service_account: field(|w| &w.service_account),
+        netns,
+        source: Some(source),
+        reason,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::identity::ca::BuiltinCa;
+    use crate::spiffe::Identity;
 
     #[test]
     fn certificates_are_dumped_as_base64_pem_with_serial_and_validity() {
@@ -234,7 +332,7 @@ mod tests {
             .expect("identity");
         let leaf = ca.issue(&identity).expect("leaf");
         let der = &leaf.chain()[0];
-        let info = CertificateInfo::of(der);
+        let info = certificate_info(der);
 
         let text = String::from_utf8(BASE64.decode(&info.pem).expect("base64")).expect("utf-8");
         assert!(text.starts_with("-----BEGIN CERTIFICATE-----\n"), "{text}");
@@ -250,7 +348,7 @@ mod tests {
         assert_eq!(info.valid_from, rfc3339(leaf.not_before()));
         assert_eq!(info.expiration_time, rfc3339(leaf.expires_at()));
 
-        let garbage = CertificateInfo::of(&CertificateDer::from(vec![1, 2, 3]));
+        let garbage = certificate_info(&CertificateDer::from(vec![1, 2, 3]));
         assert!(garbage.serial_number.is_empty() && garbage.valid_from.is_empty());
         assert!(!garbage.pem.is_empty(), "still shown, as it was given");
     }

@@ -12,8 +12,11 @@
 
 mod client;
 mod dump;
+#[cfg(test)]
+mod istioctl_tests;
 pub mod metrics;
 mod profiles;
+pub mod schema;
 pub mod tables;
 
 use std::collections::BTreeMap;
@@ -34,7 +37,7 @@ use crate::sys::Netns;
 use crate::telemetry::{LogControl, Metrics};
 
 pub use client::{call, query, ClientError};
-pub use dump::EffectiveConfig;
+pub use schema::EffectiveConfig;
 
 /// What the admin handlers can reach.
 #[derive(Clone)]
@@ -78,7 +81,7 @@ async fn handle(
     match (request.method(), request.uri().path()) {
         (_, "/") => index(),
         (_, "/config_dump") => json(StatusCode::OK, &dump::config_dump(&admin)),
-        (_, "/connections") => json(StatusCode::OK, &admin.metrics.connections()),
+        (_, "/connections") => json(StatusCode::OK, &dump::connections(&admin)),
         (&Method::POST, "/logging") => logging(&admin, &query),
         (_, "/logging") => message(
             StatusCode::METHOD_NOT_ALLOWED,

@@ -1,10 +1,14 @@
 //! Tables for the `nodetunnel status|workloads|services|policies|certificates|connections`
 //! commands (layer L5): renders the admin API's JSON for people, so no one needs curl and jq.
-//! Pure functions of the JSON, so the layout is testable without an agent.
+//! The JSON is read into the same [`super::schema`] types the agent writes it with. Pure
+//! functions of the JSON, so the layout is testable without an agent.
 
 use std::fmt::Write as _;
 
 use serde_json::Value;
+
+use super::schema::{ConfigDump, ConnectionDump, PodState};
+use crate::state::TunnelProtocol;
 
 /// What the CLI asks a running agent about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,168 +48,155 @@ impl View {
         answer.get(key).cloned().unwrap_or(Value::Null)
     }
 
-    /// The answer as a table.
-    pub fn render(self, answer: &Value) -> String {
-        match self {
-            View::Status => status(answer),
+    /// The answer as a table. The answer is decoded into the [`super::schema`] types the agent
+    /// wrote it with; an answer of another shape is an error, not a table of blanks.
+    pub fn render(self, answer: &Value) -> Result<String, serde_json::Error> {
+        if self == View::Connections {
+            let connections: Vec<ConnectionDump> = serde_json::from_value(answer.clone())?;
+            return Ok(connections_table(&connections));
+        }
+        let dump: ConfigDump = serde_json::from_value(answer.clone())?;
+        Ok(match self {
+            View::Status => status(&dump),
             View::Workloads => table(
                 &["NAMESPACE", "NAME", "IPS", "NODE", "PROTOCOL", "IDENTITY"],
-                items(answer, "workloads").map(|w| {
+                dump.workloads.iter().map(|workload| {
                     vec![
-                        field(w, "namespace"),
-                        field(w, "name"),
-                        list(w, "workloadIps"),
-                        field(w, "node"),
-                        field(w, "protocol"),
-                        field(w, "identity"),
+                        workload.namespace.clone(),
+                        workload.name.clone(),
+                        joined(&workload.workload_ips),
+                        workload.node.clone(),
+                        protocol(workload.protocol).to_string(),
+                        workload.identity.clone(),
                     ]
                 }),
             ),
             View::Services => table(
-                &["NAMESPACE", "NAME", "HOSTNAME", "VIPS", "PORTS"],
-                items(answer, "services").map(|s| {
-                    let vips =
-                        s.get("vips")
-                            .and_then(Value::as_array)
-                            .map_or(String::new(), |vips| {
-                                vips.iter()
-                                    .map(|vip| field(vip, "ip"))
-                                    .collect::<Vec<_>>()
-                                    .join(",")
-                            });
-                    let ports =
-                        s.get("ports")
-                            .and_then(Value::as_object)
-                            .map_or(String::new(), |ports| {
-                                ports
-                                    .iter()
-                                    .map(|(port, target)| format!("{port}->{target}"))
-                                    .collect::<Vec<_>>()
-                                    .join(",")
-                            });
+                &[
+                    "NAMESPACE",
+                    "NAME",
+                    "HOSTNAME",
+                    "VIPS",
+                    "PORTS",
+                    "ENDPOINTS",
+                ],
+                dump.services.iter().map(|service| {
+                    let ports: Vec<String> = service
+                        .ports
+                        .iter()
+                        .map(|(port, target)| format!("{port}->{target}"))
+                        .collect();
                     vec![
-                        field(s, "namespace"),
-                        field(s, "name"),
-                        field(s, "hostname"),
-                        vips,
-                        ports,
+                        service.namespace.clone(),
+                        service.name.clone(),
+                        service.hostname.clone(),
+                        joined(&service.vips),
+                        ports.join(","),
+                        service.endpoints.len().to_string(),
                     ]
                 }),
             ),
             View::Policies => table(
                 &["NAMESPACE", "NAME", "SCOPE", "ACTION", "RULES"],
-                items(answer, "policies").map(|entry| {
-                    let policy = entry.get("policy").unwrap_or(entry);
-                    let rules = policy
-                        .get("rules")
-                        .and_then(Value::as_array)
-                        .map_or(0, Vec::len);
+                dump.policies.iter().map(|entry| {
+                    let policy = &entry.policy;
                     vec![
-                        field(policy, "namespace"),
-                        field(policy, "name"),
-                        field(policy, "scope"),
-                        field(policy, "action"),
-                        rules.to_string(),
+                        policy.namespace.clone(),
+                        policy.name.clone(),
+                        format!("{:?}", policy.scope),
+                        format!("{:?}", policy.action),
+                        policy.rules.len().to_string(),
                     ]
                 }),
             ),
             View::Certificates => table(
                 &["IDENTITY", "STATE", "VALID FROM", "EXPIRES"],
-                items(answer, "certificates").map(|c| {
-                    let chain = c
-                        .get("certChain")
-                        .and_then(|chain| chain.get(0))
-                        .cloned()
-                        .unwrap_or(Value::Null);
+                dump.certificates.iter().map(|certificate| {
+                    let leaf = certificate.cert_chain.first();
                     vec![
-                        field(c, "identity"),
-                        field(c, "state"),
-                        field(&chain, "validFrom"),
-                        field(&chain, "expirationTime"),
+                        certificate.identity.clone(),
+                        certificate.state.clone(),
+                        leaf.map(|leaf| leaf.valid_from.clone()).unwrap_or_default(),
+                        leaf.map(|leaf| leaf.expiration_time.clone())
+                            .unwrap_or_default(),
                     ]
                 }),
             ),
-            View::Connections => table(
-                &[
-                    "DIRECTION",
-                    "SOURCE",
-                    "DESTINATION",
-                    "SOURCE IDENTITY",
-                    "SENT",
-                    "RECEIVED",
-                    "AGE",
-                ],
-                answer.as_array().into_iter().flatten().map(|c| {
-                    vec![
-                        field(c, "direction"),
-                        field(c, "srcAddr"),
-                        field(c, "dstAddr"),
-                        field(c, "srcIdentity"),
-                        field(c, "bytesSent"),
-                        field(c, "bytesReceived"),
-                        format!(
-                            "{:.0}s",
-                            c.get("ageSeconds").and_then(Value::as_f64).unwrap_or(0.0)
-                        ),
-                    ]
-                }),
-            ),
-        }
-    }
-}
-
-fn items<'a>(answer: &'a Value, key: &str) -> impl Iterator<Item = &'a Value> {
-    answer
-        .get(key)
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-}
-
-/// A field as text: strings bare, numbers and others as JSON, missing as empty.
-fn field(value: &Value, key: &str) -> String {
-    match value.get(key) {
-        None | Some(Value::Null) => String::new(),
-        Some(Value::String(text)) => text.clone(),
-        Some(other) => other.to_string(),
-    }
-}
-
-fn list(value: &Value, key: &str) -> String {
-    value
-        .get(key)
-        .and_then(Value::as_array)
-        .map_or(String::new(), |items| {
-            items
-                .iter()
-                .map(|item| item.as_str().map_or(item.to_string(), str::to_string))
-                .collect::<Vec<_>>()
-                .join(",")
+            View::Connections => unreachable!("handled above"),
         })
+    }
 }
 
-fn status(dump: &Value) -> String {
-    let count = |key: &str| dump.get(key).and_then(Value::as_array).map_or(0, Vec::len);
-    let pods = dump.get("workloadState").and_then(Value::as_object);
-    let up = pods.map_or(0, |pods| {
-        pods.values()
-            .filter(|pod| pod.get("state").and_then(Value::as_str) == Some("Up"))
-            .count()
-    });
-    let config = dump.get("config").cloned().unwrap_or(Value::Null);
-    let version = dump.get("version").cloned().unwrap_or(Value::Null);
+/// `HBONE` / `TCP`, as the dump writes it.
+fn protocol(protocol: TunnelProtocol) -> &'static str {
+    match protocol {
+        TunnelProtocol::Hbone => "HBONE",
+        TunnelProtocol::Tcp => "TCP",
+    }
+}
+
+fn joined<T: std::fmt::Display>(items: &[T]) -> String {
+    items
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn connections_table(connections: &[ConnectionDump]) -> String {
+    table(
+        &[
+            "DIRECTION",
+            "SOURCE",
+            "DESTINATION",
+            "PROTOCOL",
+            "SOURCE IDENTITY",
+            "SENT",
+            "RECEIVED",
+            "AGE",
+        ],
+        connections.iter().map(|connection| {
+            vec![
+                connection.direction.clone(),
+                connection.src.clone(),
+                connection.actual_dst.clone(),
+                protocol(connection.protocol).to_string(),
+                connection.src_identity.clone(),
+                connection.bytes_sent.to_string(),
+                connection.bytes_received.to_string(),
+                format!("{:.0}s", connection.age_seconds),
+            ]
+        }),
+    )
+}
+
+fn status(dump: &ConfigDump) -> String {
+    let pods = &dump.workload_state;
+    let up = pods
+        .values()
+        .filter(|pod| pod.state == PodState::Up)
+        .count();
+    let config = dump.config.as_ref();
     let rows = [
-        ("node", field(&config, "node")),
-        ("version", field(&version, "version")),
-        ("config", field(&config, "configPath")),
+        ("node", config.map(|c| c.node.clone()).unwrap_or_default()),
         (
-            "pods",
-            format!("{up} up, {} pending", pods.map_or(0, |p| p.len()) - up),
+            "version",
+            dump.version
+                .as_ref()
+                .map(|v| v.version.clone())
+                .unwrap_or_default(),
         ),
-        ("workloads", count("workloads").to_string()),
-        ("services", count("services").to_string()),
-        ("policies", count("policies").to_string()),
-        ("certificates", count("certificates").to_string()),
+        (
+            "config",
+            config
+                .map(|c| c.config_path.display().to_string())
+                .unwrap_or_default(),
+        ),
+        ("pods", format!("{up} up, {} pending", pods.len() - up)),
+        ("workloads", dump.workloads.len().to_string()),
+        ("services", dump.services.len().to_string()),
+        ("policies", dump.policies.len().to_string()),
+        ("certificates", dump.certificates.len().to_string()),
     ];
     let mut out = String::new();
     for (name, value) in rows {
@@ -254,13 +245,22 @@ mod tests {
                  "identity": "spiffe://cluster.local/ns/default/sa/server"},
                 {"name": "partial"}
             ],
+            "services": [{"name": "echo", "namespace": "default", "hostname": "echo.default",
+                "vips": ["/10.96.0.1", "net2/10.96.0.2"], "ports": {"80": 8080},
+                "endpoints": {"u": {"workloadUid": "u", "port": {"80": 8080}}}}],
+            "policies": [{"name": "p", "namespace": "default", "scope": "Global",
+                "action": "Deny", "rules": [[[]], [[]]]}],
             "certificates": [{"identity": "spiffe://td/ns/a/sa/b", "state": "Available",
                 "certChain": [{"validFrom": "2026-01-01T00:00:00Z",
                                "expirationTime": "2026-01-02T00:00:00Z"}]}],
             "workloadState": {"a": {"state": "Up"}, "b": {"state": "Pending"}},
-            "config": {"node": "node-a"}
+            "config": {"node": "node-a", "configPath": "/etc/nodetunnel.yaml",
+                "adminAddr": "127.0.0.1:15000", "metricsAddr": "0.0.0.0:15020",
+                "readinessAddr": "0.0.0.0:15021", "drainTimeout": "5s", "reloadInterval": "1s",
+                "zdsEnabled": false, "installRules": true, "xdsAddress": null,
+                "caAddress": null, "clusterId": "Kubernetes"}
         });
-        let workloads = View::Workloads.render(&dump);
+        let workloads = View::Workloads.render(&dump).unwrap();
         let lines: Vec<&str> = workloads.lines().collect();
         assert_eq!(lines.len(), 3, "{workloads}");
         assert!(
@@ -268,22 +268,60 @@ mod tests {
             "{workloads}"
         );
         assert!(lines[1].contains("10.0.2.7") && lines[1].contains("HBONE"));
-        assert_eq!(lines[2].trim(), "partial");
-        let certificates = View::Certificates.render(&dump);
+        assert_eq!(
+            lines[2].split_whitespace().collect::<Vec<_>>(),
+            ["partial", "TCP"],
+            "{workloads}"
+        );
+        let services = View::Services.render(&dump).unwrap();
+        assert!(
+            services.contains("/10.96.0.1,net2/10.96.0.2  80->8080  1"),
+            "{services}"
+        );
+        let policies = View::Policies.render(&dump).unwrap();
+        assert!(
+            policies.contains("default    p     Global  Deny    2"),
+            "{policies}"
+        );
+        let certificates = View::Certificates.render(&dump).unwrap();
         assert!(
             certificates.contains("Available  2026-01-01T00:00:00Z"),
             "{certificates}"
         );
-        let status = View::Status.render(&dump);
+        let status = View::Status.render(&dump).unwrap();
         assert!(status.contains("pods:         1 up, 1 pending"), "{status}");
         assert!(status.contains("node:         node-a"), "{status}");
+        assert!(
+            status.contains("config:       /etc/nodetunnel.yaml"),
+            "{status}"
+        );
         assert_eq!(
             View::Connections
                 .render(&serde_json::json!([]))
+                .unwrap()
                 .lines()
                 .count(),
             1
         );
-        assert_eq!(View::Services.select(&dump), Value::Null);
+        assert_eq!(View::Services.select(&serde_json::json!({})), Value::Null);
+    }
+
+    #[test]
+    fn an_answer_of_another_shape_is_an_error_not_blank_columns() {
+        // (view, answer): a field of the wrong type, e.g. an agent of an older shape.
+        let cases = [
+            (
+                View::Workloads,
+                serde_json::json!({"workloads": [{"protocol": "Hbone"}]}),
+            ),
+            (
+                View::Services,
+                serde_json::json!({"services": [{"vips": [{"ip": "10.0.0.1"}]}]}),
+            ),
+            (View::Connections, serde_json::json!({"not": "a list"})),
+        ];
+        for (view, answer) in cases {
+            assert!(view.render(&answer).is_err(), "{view:?}: {answer}");
+        }
     }
 }

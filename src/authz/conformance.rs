@@ -19,9 +19,9 @@ const TABLE: &str = include_str!("conformance.yaml");
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct Case {
     name: String,
-    /// Local-config policies, read as the config loader reads them (string matches are
-    /// single-key maps such as `{Exact: ..}`).
-    #[serde(default, with = "serde_yaml::with::singleton_map_recursive")]
+    /// Local-config policies, read as the config loader reads them (string matches as tags,
+    /// `!Exact ..`, or single-key maps, `{Exact: ..}`).
+    #[serde(default)]
     policies: Vec<Policy>,
     #[serde(default)]
     istio: Vec<Value>,

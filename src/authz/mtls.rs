@@ -168,7 +168,7 @@ pub(super) fn strict_policy(resolution: &MtlsResolution) -> Option<Policy> {
         _ => "istio_converted_static_strict".to_string(),
     };
     let plaintext = Match {
-        not_principals: vec![StringMatch::Presence(serde_yaml::Value::Null)],
+        not_principals: vec![StringMatch::Presence],
         ..Match::default()
     };
     Some(Policy {

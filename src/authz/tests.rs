@@ -310,7 +310,7 @@ spec:
     assert_eq!(
         rule[1][0].principals,
         vec![
-            StringMatch::Presence(serde_yaml::Value::Null),
+            StringMatch::Presence,
             StringMatch::Prefix("td/ns/a/".to_string()),
             StringMatch::Suffix("/sa/b".to_string()),
             StringMatch::Exact("td/ns/c/sa/d".to_string()),
@@ -600,4 +600,101 @@ spec: {selector: {matchLabels: {app: server}}, mtls: {mode: STRICT}}
         .selector
         .as_ref()
         .is_some_and(|selector| selector.selects("istio-system", &elsewhere)));
+}
+
+/// One ALLOW and one DENY policy using every string match, in the form Istio's ztunnel reads
+/// (serde_yaml 0.9 YAML tags) or in the single-key map form; `{MATCH}` placeholders are
+/// filled per form.
+const TWO_POLICIES: &str = "workloads:
+- uid: u-server
+  name: server
+  namespace: app
+  workloadIps: [10.0.2.7]
+  protocol: HBONE
+policies:
+- name: allow-team
+  namespace: app
+  scope: Namespace
+  action: Allow
+  rules:
+  - - - principals: [EXACT, PREFIX]
+        namespaces: [PRESENCE]
+- name: deny-test
+  namespace: app
+  scope: Namespace
+  action: Deny
+  rules:
+  - - - namespaces: [SUFFIX]
+";
+
+fn two_policies(exact: &str, prefix: &str, suffix: &str, presence: &str) -> String {
+    TWO_POLICIES
+        .replace("EXACT", exact)
+        .replace("PREFIX", prefix)
+        .replace("SUFFIX", suffix)
+        .replace("PRESENCE", presence)
+}
+
+#[test]
+fn ztunnel_tag_form_and_map_form_read_the_same_policies_and_decide_the_same() {
+    let tags = parse_config(&two_policies(
+        "!Exact cluster.local/ns/client/sa/client",
+        "!Prefix \"cluster.local/ns/team-\"",
+        "!Suffix -test",
+        "!Presence []",
+    ));
+    let maps = parse_config(&two_policies(
+        "{Exact: cluster.local/ns/client/sa/client}",
+        "{Prefix: \"cluster.local/ns/team-\"}",
+        "{Suffix: -test}",
+        "{Presence: []}",
+    ));
+    assert_eq!(tags.policies, maps.policies, "both forms read the same");
+    let matched = &tags.policies[0].rules[0][0][0];
+    assert_eq!(
+        matched.principals,
+        [
+            StringMatch::Exact("cluster.local/ns/client/sa/client".to_string()),
+            StringMatch::Prefix("cluster.local/ns/team-".to_string()),
+        ]
+    );
+    assert_eq!(matched.namespaces, [StringMatch::Presence]);
+
+    let server = &tags.workloads[0];
+    // (client identity, verdict): allowed by exact or prefix principal, denied by the suffix
+    // DENY, and nothing else matches the ALLOW.
+    let cases = [
+        ("spiffe://cluster.local/ns/client/sa/client", Verdict::Allow),
+        ("spiffe://cluster.local/ns/team-a/sa/x", Verdict::Allow),
+        ("spiffe://cluster.local/ns/team-test/sa/x", Verdict::Deny),
+        ("spiffe://cluster.local/ns/other/sa/x", Verdict::Deny),
+    ];
+    for (identity, want) in cases {
+        let facts = ConnectionFacts {
+            source_identity: Some(identity.parse().expect("identity")),
+            source_ip: IpAddr::from([10, 0, 1, 5]),
+            destination_ip: IpAddr::from([10, 0, 2, 7]),
+            destination_port: 8080,
+        };
+        for (form, config) in [("tags", &tags), ("maps", &maps)] {
+            let decision = authorize(
+                &config.policies,
+                &[],
+                server,
+                &facts,
+                &AuthzOptions::default(),
+            );
+            assert_eq!(decision.verdict, want, "{form}: {identity}");
+        }
+    }
+}
+
+/// A local config file's model, as the agent loads it.
+fn parse_config(text: &str) -> crate::config::Config {
+    crate::config::parse(
+        std::path::Path::new("config.yaml"),
+        text,
+        &crate::config::Overrides::default(),
+    )
+    .unwrap_or_else(|errors| panic!("{errors}"))
 }

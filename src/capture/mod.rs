@@ -8,6 +8,7 @@
 //! else touched); a pod whose namespace changed is replaced. A pod that fails to start is
 //! reported with the reason and retried on the next reconcile; the others carry on.
 
+mod return_path;
 pub mod rules;
 pub mod zds;
 
@@ -100,7 +101,7 @@ type StartHook = Arc<
 >;
 
 /// Who asked for a pod. Each source reconciles only its own pods.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub enum PodSource {
     /// `agent.pods` in the config file.

@@ -7,13 +7,15 @@
 //! client's IP (the app's replies are routed back to the agent's transparent socket).
 //!
 //! Installing is one atomic `nft -f` transaction that first deletes our table, so re-adding a
-//! pod never duplicates rules. We drive the `nft` and `ip` tools rather than netlink by hand:
-//! they are the reference implementations of these encodings, and running them from a thread
-//! inside the pod's namespace keeps the whole change in that namespace.
+//! pod never duplicates rules. `nft` is the reference encoder of nftables rulesets (and how
+//! Kubernetes tooling drives them); the return-path `ip rule` and route are plain rtnetlink
+//! messages, sent by `capture::return_path` from the same thread inside the pod's namespace,
+//! so the whole change stays in that namespace.
 
 use std::io::Write;
 use std::process::{Command, Stdio};
 
+use super::return_path::{self, Family, ReturnPathError};
 use crate::sys::Netns;
 
 /// Name of our nftables table in each pod.
@@ -33,7 +35,7 @@ pub enum RulesError {
     /// A tool could not be run at all (not installed?).
     #[error("run {tool}: {source} (is it installed?)")]
     Spawn {
-        /// `nft` or `ip`.
+        /// `nft`.
         tool: &'static str,
         /// Why.
         source: std::io::Error,
@@ -46,6 +48,9 @@ pub enum RulesError {
         /// What it printed.
         stderr: String,
     },
+    /// The return-path rule or route could not be programmed.
+    #[error("return path: {0}")]
+    ReturnPath(#[from] ReturnPathError),
     /// Entering the namespace failed.
     #[error("enter the pod network namespace: {0}")]
     Netns(#[source] std::io::Error),
@@ -114,50 +119,14 @@ impl RedirectRules {
         netns
             .run_on_thread(|| {
                 run("nft", &["-f", "-"], Some(&script))?;
-                let fwmark = format!("{RETURN_MARK:#x}/{MARK_MASK:#x}");
-                for family in ["-4", "-6"] {
-                    delete_rules(family);
-                    let added = run(
-                        "ip",
-                        &[
-                            family,
-                            "rule",
-                            "add",
-                            "fwmark",
-                            &fwmark,
-                            "pref",
-                            &RULE_PRIORITY.to_string(),
-                            "lookup",
-                            &ROUTE_TABLE.to_string(),
-                        ],
-                        None,
-                    );
-                    let local = if family == "-4" { "0.0.0.0/0" } else { "::/0" };
-                    let routed = added.and_then(|()| {
-                        run(
-                            "ip",
-                            &[
-                                family,
-                                "route",
-                                "replace",
-                                "local",
-                                local,
-                                "dev",
-                                "lo",
-                                "table",
-                                &ROUTE_TABLE.to_string(),
-                            ],
-                            None,
-                        )
-                    });
+                return_path::with_handle(|handle| async move {
+                    return_path::install(&handle, Family::V4).await?;
                     // A pod without IPv6 cannot take the v6 return path; v4 must work.
-                    match routed {
-                        Err(error) if family == "-6" => {
-                            tracing::debug!(%error, "no IPv6 return path in pod");
-                        }
-                        other => other?,
+                    if let Err(error) = return_path::install(&handle, Family::V6).await {
+                        tracing::debug!(%error, "no IPv6 return path in pod");
                     }
-                }
+                    Ok(())
+                })?;
                 Ok(())
             })
             .map_err(RulesError::Netns)?
@@ -168,13 +137,16 @@ impl RedirectRules {
         netns
             .run_on_thread(|| {
                 let deleted = run("nft", &["delete", "table", "inet", TABLE], None);
-                for family in ["-4", "-6"] {
-                    delete_rules(family);
-                    let _ = run(
-                        "ip",
-                        &[family, "route", "flush", "table", &ROUTE_TABLE.to_string()],
-                        None,
-                    );
+                let routed = return_path::with_handle(|handle| async move {
+                    for family in [Family::V4, Family::V6] {
+                        if let Err(error) = return_path::remove(&handle, family).await {
+                            tracing::debug!(%error, "return path already gone");
+                        }
+                    }
+                    Ok(())
+                });
+                if let Err(error) = routed {
+                    tracing::warn!(%error, "could not remove the return path");
                 }
                 match deleted {
                     Err(RulesError::Failed { stderr, .. })
@@ -186,21 +158,6 @@ impl RedirectRules {
                 }
             })
             .map_err(RulesError::Netns)?
-    }
-}
-
-/// Deletes every `ip rule` at our priority (there should be at most one; loop to clean up after
-/// an agent that crashed mid-install).
-fn delete_rules(family: &str) {
-    for _ in 0..8 {
-        let deleted = run(
-            "ip",
-            &[family, "rule", "del", "pref", &RULE_PRIORITY.to_string()],
-            None,
-        );
-        if deleted.is_err() {
-            break;
-        }
     }
 }
 

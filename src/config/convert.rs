@@ -82,6 +82,9 @@ pub enum Invalid {
     /// A required string is empty.
     #[error("must not be empty")]
     Empty,
+    /// A workload with neither `uid` nor `name`: nothing could refer to it.
+    #[error("a workload needs a uid or a name")]
+    Unnamed,
     /// Two services share `namespace/hostname`.
     #[error("duplicate service {key:?} (also defined by {first})")]
     DuplicateService {
@@ -224,6 +227,12 @@ pub fn convert(file: &LocalFile, problems: &mut Problems) -> Converted {
             .push(service(&root.key("services").index(index), raw, problems));
     }
     check_service_uniqueness(&converted.services, &root.key("services"), problems);
+    add_service_endpoints(
+        file,
+        &mut converted.workloads,
+        &root.key("services"),
+        problems,
+    );
     check_policies(&file.policies, &root.key("policies"), problems);
     converted.policies = file.policies.clone();
     check_pods(file, &root.key("agent").key("pods"), problems);
@@ -281,6 +290,9 @@ fn workload(
         if !identity_part_ok(part) {
             problems.push(path.key(field), Invalid::IdentityPart(part.to_string()));
         }
+    }
+    if raw.uid.is_empty() && raw.name.is_empty() {
+        problems.push(path.key("name"), Invalid::Unnamed);
     }
     let identity = Identity::new(trust_domain, &raw.namespace, service_account).ok();
     let workload_ips = ips(&path.key("workloadIps"), &raw.workload_ips, problems);
@@ -485,6 +497,37 @@ fn service(path: &FieldPath, raw: &LocalService, problems: &mut Problems) -> Ser
             .waypoint
             .as_ref()
             .and_then(|gateway| gateway_address(&path.key("waypoint"), gateway, problems)),
+    }
+}
+
+/// A service's `endpoints` (ztunnel's local config may list a service's backends there
+/// instead of, or beside, the workloads' own `services`): each makes its workload back the
+/// service. A workload's own entry for the service wins, as ztunnel inserts workloads' endpoints
+/// after the services'. An endpoint naming no workload of the file is kept out, as ztunnel never
+/// picks it either.
+fn add_service_endpoints(
+    file: &LocalFile,
+    workloads: &mut [Workload],
+    path: &FieldPath,
+    problems: &mut Problems,
+) {
+    for (index, raw) in file.services.iter().enumerate() {
+        let key = format!("{}/{}", raw.namespace, raw.hostname);
+        for (name, endpoint) in &raw.endpoints {
+            let ports_path = path
+                .index(index)
+                .key("endpoints")
+                .key(name.as_str())
+                .key("port");
+            let ports = port_map(&ports_path, &endpoint.port, problems);
+            let Some(workload) = workloads
+                .iter_mut()
+                .find(|workload| workload.uid == endpoint.workload_uid)
+            else {
+                continue;
+            };
+            workload.services.entry(key.clone()).or_insert(ports);
+        }
     }
 }
 

@@ -64,10 +64,10 @@ pub struct LocalFile {
     /// Istio's `services`.
     #[serde(default)]
     pub services: Vec<LocalService>,
-    /// Istio's `policies`, already in the model's shape. Istio writes enums as single-key
-    /// maps (`{Exact: ns}`, `{Presence: []}`); serde_yaml 0.9 expects YAML tags (`!Exact ns`)
-    /// unless told otherwise, which is what `singleton_map_recursive` does.
-    #[serde(default, with = "serde_yaml::with::singleton_map_recursive")]
+    /// Istio's `policies`, already in the model's shape. String matches are read in ztunnel's
+    /// own form, YAML tags (`!Exact ns`, `!Presence []`, as serde_yaml 0.9 writes enums), and as
+    /// single-key maps (`{Exact: ns}`); see [`crate::state::policy::StringMatch`].
+    #[serde(default)]
     pub policies: Vec<Policy>,
     /// Our extension: Istio `AuthorizationPolicy` / `PeerAuthentication` resources
     /// (`security.istio.io/v1` or `v1beta1`), kept untyped so that one bad resource is reported
@@ -160,7 +160,8 @@ pub struct LocalWorkload {
     /// Defaults to `<clusterId>//Pod/<namespace>/<name>`, the form istiod gives pods.
     #[serde(default)]
     pub uid: String,
-    /// Pod name.
+    /// Pod name. Optional, as in ztunnel; a workload needs a `uid` or a `name`.
+    #[serde(default)]
     pub name: String,
     /// Namespace.
     pub namespace: String,
@@ -278,10 +279,11 @@ pub struct LocalService {
     #[serde(default)]
     #[allow(dead_code)] // accepted so Istio's files load unchanged; not interpreted
     pub weighted_waypoints: Option<serde_yaml::Value>,
-    /// Accepted, not used; Istio's `endpoints` map (we derive endpoints from workloads).
+    /// Istio's `endpoints`: key (ztunnel uses the workload uid) → endpoint. As in ztunnel, each
+    /// makes the workload with that uid back this service with the endpoint's port map, beside
+    /// the workloads that name the service in their own `services`.
     #[serde(default)]
-    #[allow(dead_code)] // accepted so Istio's files load unchanged; not interpreted
-    pub endpoints: Option<serde_yaml::Value>,
+    pub endpoints: BTreeMap<String, LocalEndpoint>,
     /// Accepted, not used.
     #[serde(default)]
     #[allow(dead_code)] // accepted so Istio's files load unchanged; not interpreted
@@ -298,6 +300,29 @@ pub struct LocalService {
     #[serde(default)]
     #[allow(dead_code)] // accepted so Istio's files load unchanged; not interpreted
     pub visibility: Option<Visibility>,
+}
+
+/// One entry of a service's `endpoints`, in the shapes ztunnel has read and dumped.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LocalEndpoint {
+    /// The backing workload's uid.
+    pub workload_uid: String,
+    /// Service port → target port; an empty map takes the service's `ports`.
+    #[serde(default)]
+    pub port: PortMap,
+    /// Accepted, not used: health is the workload's own `status`.
+    #[serde(default)]
+    #[allow(dead_code)] // accepted so Istio's files load unchanged; not interpreted
+    pub status: Option<LocalHealth>,
+    /// Accepted, not used (older ztunnel: `namespace/hostname`, implied by the service).
+    #[serde(default)]
+    #[allow(dead_code)] // accepted so Istio's files load unchanged; not interpreted
+    pub service: Option<String>,
+    /// Accepted, not used (older ztunnel: `network/IP`, implied by the workload).
+    #[serde(default)]
+    #[allow(dead_code)] // accepted so Istio's files load unchanged; not interpreted
+    pub address: Option<String>,
 }
 
 /// Istio's `loadBalancer` (accepted, not used).

@@ -92,7 +92,10 @@ impl Locator {
     /// Indexes the first document of `text`. Text that does not parse as YAML yields an empty
     /// index (every lookup then answers the start of the file); serde reports the syntax error.
     pub fn new(text: &str) -> Locator {
-        let mut walker = Walker::default();
+        let mut walker = Walker {
+            text: text.chars().collect(),
+            ..Walker::default()
+        };
         let mut parser = Parser::new_from_str(text);
         // A scan error leaves the index with what was seen before it; that is still useful.
         let _ = parser.load(&mut walker, false);
@@ -150,6 +153,8 @@ enum Role {
 
 #[derive(Debug, Default)]
 struct Walker {
+    /// The text, to find where a node's tag starts (the parser marks the node after it).
+    text: Vec<char>,
     stack: Vec<Frame>,
     positions: HashMap<FieldPath, Position>,
     keys: HashMap<FieldPath, Position>,
@@ -227,9 +232,41 @@ impl Walker {
     }
 }
 
+impl Walker {
+    /// Where a node starts: at its tag when it has one on the same line (`!Exact a`, ztunnel's
+    /// enum syntax), as serde_yaml reports errors there; yaml-rust2 marks the value after it.
+    fn start(&self, marker: Marker, tagged: bool) -> Position {
+        let position = Position::from_marker(marker);
+        if !tagged {
+            return position;
+        }
+        let mut index = marker.index().min(self.text.len());
+        while index > 0 && matches!(self.text[index - 1], ' ' | '\t') {
+            index -= 1;
+        }
+        let token_end = index;
+        while index > 0 && !matches!(self.text[index - 1], ' ' | '\t' | '\n' | '[' | '{' | ',') {
+            index -= 1;
+        }
+        if index == token_end || self.text[index] != '!' {
+            return position;
+        }
+        Position {
+            line: position.line,
+            column: position.column - (marker.index() - index),
+        }
+    }
+}
+
 impl MarkedEventReceiver for Walker {
     fn on_event(&mut self, event: Event, marker: Marker) {
-        let position = Position::from_marker(marker);
+        let tagged = match &event {
+            Event::Scalar(_, _, _, tag)
+            | Event::SequenceStart(_, tag)
+            | Event::MappingStart(_, tag) => tag.is_some(),
+            _ => false,
+        };
+        let position = self.start(marker, tagged);
         match event {
             Event::Scalar(text, ..) => self.scalar(text, position),
             Event::Alias(_) => self.scalar("*".to_string(), position),

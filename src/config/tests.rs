@@ -746,7 +746,7 @@ async fn watch_publishes_valid_edits_and_keeps_the_last_good_config() {
 
     // A valid edit: a workload moves to another IP.
     let moved = ISTIO_EXAMPLE.replacen("127.0.0.2", "127.0.0.3", 1);
-    std::fs::write(&file, &moved).unwrap();
+    replace(&file, &moved);
     let edited = published(&mut receiver, |config| {
         config.workloads[1].workload_ips[0].to_string() == "127.0.0.3"
     })
@@ -755,11 +755,10 @@ async fn watch_publishes_valid_edits_and_keeps_the_last_good_config() {
 
     // An invalid edit, then the file disappears, then a valid edit: only the valid one is
     // ever published, and the invalid one never replaced the last good config.
-    std::fs::write(
+    replace(
         &file,
         "workloads:\n- name: a\n  namespace: ns\n  workloadIps: [x]\n",
-    )
-    .unwrap();
+    );
     tokio::time::sleep(Duration::from_millis(100)).await;
     std::fs::remove_file(&file).unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -768,7 +767,7 @@ async fn watch_publishes_valid_edits_and_keeps_the_last_good_config() {
         receiver.borrow().workloads[1].workload_ips[0].to_string(),
         "127.0.0.3"
     );
-    std::fs::write(&file, "workloads: []\n").unwrap();
+    replace(&file, "workloads: []\n");
     let emptied = published(&mut receiver, |config| config.workloads.is_empty()).await;
     assert!(emptied.services.is_empty());
 
@@ -777,6 +776,14 @@ async fn watch_publishes_valid_edits_and_keeps_the_last_good_config() {
         .await
         .expect("watcher stops on shutdown")
         .unwrap();
+}
+
+/// Replaces `file` whole (write + rename), as editors and ConfigMaps do: a plain write can be
+/// read half-way, and an empty file is a valid (empty) config.
+fn replace(file: &Path, text: &str) {
+    let temporary = file.with_extension("yaml.new");
+    std::fs::write(&temporary, text).unwrap();
+    std::fs::rename(&temporary, file).unwrap();
 }
 
 #[test]
@@ -799,5 +806,113 @@ fn empty_unknown_key_names_the_document() {
         errors.0[0].message.contains("unknown field"),
         "{}",
         errors.0[0].message
+    );
+}
+
+#[test]
+fn ztunnel_tag_form_errors_keep_their_position() {
+    // (file, the one error it must give)
+    let cases = [
+        (
+            "policies:\n- name: p\n  namespace: ns\n  rules:\n  - - - namespaces: [!Regex x]\n",
+            "nodetunnel.yaml:5:22: policies[0].rules[0][0][0].namespaces[0]: unknown variant `Regex`, expected one of `Exact`, `Prefix`, `Suffix`, `Presence`",
+        ),
+        (
+            "policies:\n- name: p\n  namespace: ns\n  rules:\n  - - - principals:\n        - !Exact [a]\n",
+            "nodetunnel.yaml:6:11: policies[0].rules[0][0][0].principals[0]: invalid type: sequence, expected a string",
+        ),
+        (
+            "policies:\n- name: p\n  namespace: ns\n  rules:\n  - - - principals: [{Exact: a, Prefix: b}]\n",
+            "nodetunnel.yaml:5:22: policies[0].rules[0][0][0].principals[0]: a string match has exactly one key (Exact, Prefix, Suffix or Presence)",
+        ),
+    ];
+    for (text, want) in cases {
+        assert_eq!(error_lines(text, &Overrides::default()), [want], "{text}");
+    }
+    // The locator walks tagged nodes like untagged ones.
+    let text = "policies:\n- name: p\n  namespace: ns\n  rules:\n  - - - principals: [!Exact a, !Presence []]\n    - - notPrincipals: [!Suffix b]\n";
+    let locator = Locator::new(text);
+    let rules = FieldPath::default().key("policies").index(0).key("rules");
+    assert_eq!(
+        locator.locate(
+            &rules
+                .index(0)
+                .index(1)
+                .index(0)
+                .key("notPrincipals")
+                .index(0)
+        ),
+        Position {
+            line: 6,
+            column: 25
+        }
+    );
+    assert_eq!(
+        locator.locate(&rules.index(0).index(0).index(0).key("principals").index(1)),
+        Position {
+            line: 5,
+            column: 32
+        }
+    );
+}
+
+#[test]
+fn ztunnel_service_endpoints_and_nameless_workloads_read_as_ztunnel_reads_them() {
+    let text = "workloads:
+- uid: cluster1//v1/Pod/default/only-uid
+  namespace: default
+  workloadIps: [10.0.0.1]
+  protocol: HBONE
+- uid: cluster1//v1/Pod/default/both
+  name: both
+  namespace: default
+  workloadIps: [10.0.0.2]
+  services:
+    default/echo.default.svc.cluster.local: {80: 9090}
+services:
+- name: echo
+  namespace: default
+  hostname: echo.default.svc.cluster.local
+  vips: [/10.96.0.1]
+  ports: {80: 8080}
+  endpoints:
+    cluster1//v1/Pod/default/only-uid:
+      workloadUid: cluster1//v1/Pod/default/only-uid
+      port: {80: 8181}
+      status: Healthy
+    cluster1//v1/Pod/default/both:
+      workloadUid: cluster1//v1/Pod/default/both
+      port: {80: 8282}
+    unknown:
+      workloadUid: cluster1//v1/Pod/default/gone
+      service: default/echo.default.svc.cluster.local
+      address: /10.0.0.9
+      port: {}
+";
+    let config = parse_ok(text);
+    let [only_uid, both] = config.workloads.as_slice() else {
+        panic!("two workloads")
+    };
+    assert_eq!(only_uid.name, "");
+    let key = "default/echo.default.svc.cluster.local";
+    assert_eq!(only_uid.services[key][&80], 8181, "the service's endpoint");
+    assert_eq!(
+        both.services[key][&80], 9090,
+        "the workload's own entry wins"
+    );
+    let snapshot = config.snapshot();
+    let backing: Vec<&str> = snapshot
+        .workloads()
+        .filter(|workload| workload.services.contains_key(key))
+        .map(|workload| workload.uid.as_str())
+        .collect();
+    assert_eq!(backing.len(), 2, "{backing:?}");
+
+    assert_eq!(
+        error_lines(
+            "workloads:\n- namespace: default\n  workloadIps: [10.0.0.1]\n",
+            &Overrides::default()
+        ),
+        ["nodetunnel.yaml:2:3: workloads[0].name: a workload needs a uid or a name"]
     );
 }

@@ -20,13 +20,15 @@ use crate::spiffe::Identity;
 pub use policy::{Authorization, Policy};
 pub use waypoint::ResolvedWaypoint;
 
-/// How a workload accepts mesh traffic.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+/// How a workload accepts mesh traffic. Written `TCP` / `HBONE`, as Istio writes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub enum TunnelProtocol {
     /// Plain TCP: the workload is not in the mesh; traffic to it is passed through.
     #[default]
+    #[serde(rename = "TCP")]
     Tcp,
     /// HBONE: mTLS + HTTP/2 CONNECT to the workload's port 15008.
+    #[serde(rename = "HBONE")]
     Hbone,
 }
 
@@ -54,11 +56,14 @@ pub struct GatewayAddress {
 }
 
 /// How inbound traffic is handed to a workload that terminates tunnels itself (a waypoint).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+/// Written `NONE` / `PROXY`, as Istio writes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum ApplicationTunnelProtocol {
     /// Deliver the raw bytes.
+    #[serde(rename = "NONE")]
     None,
     /// Prefix a PROXY protocol v2 header.
+    #[serde(rename = "PROXY")]
     Proxy,
 }
 
@@ -72,7 +77,7 @@ pub struct ApplicationTunnel {
 }
 
 /// Whether a workload may receive new traffic.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub enum HealthStatus {
     /// Eligible as a load-balancing endpoint.
     #[default]

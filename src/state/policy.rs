@@ -34,7 +34,12 @@ pub enum PolicyAction {
 }
 
 /// A literal string comparison. No regex, no case folding.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+///
+/// Read in both of the forms Istio's local config is written in: ztunnel's own (serde_yaml 0.9
+/// YAML tags: `!Exact value`, `!Prefix value`, `!Suffix value`, `!Presence []`) and single-key
+/// maps (`{Exact: value}`, `{Presence: []}`), which is also the JSON form. Written as ztunnel's
+/// `/config_dump` writes it: `{"Exact": "value"}`, `{"Presence": []}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StringMatch {
     /// Equal byte for byte.
     Exact(String),
@@ -42,8 +47,8 @@ pub enum StringMatch {
     Prefix(String),
     /// Ends with.
     Suffix(String),
-    /// Non-empty. Written `{Presence: []}` or `{Presence: {}}` in Istio's local config.
-    Presence(#[serde(default, skip_serializing)] serde_yaml::Value),
+    /// Non-empty.
+    Presence,
 }
 
 impl StringMatch {
@@ -53,8 +58,96 @@ impl StringMatch {
             StringMatch::Exact(want) => value == want,
             StringMatch::Prefix(prefix) => value.starts_with(prefix.as_str()),
             StringMatch::Suffix(suffix) => value.ends_with(suffix.as_str()),
-            StringMatch::Presence(_) => !value.is_empty(),
+            StringMatch::Presence => !value.is_empty(),
         }
+    }
+}
+
+impl serde::Serialize for StringMatch {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let (index, variant, value) = match self {
+            StringMatch::Exact(value) => (0, "Exact", value.as_str()),
+            StringMatch::Prefix(value) => (1, "Prefix", value.as_str()),
+            StringMatch::Suffix(value) => (2, "Suffix", value.as_str()),
+            // ztunnel's `Presence()`: an empty list.
+            StringMatch::Presence => {
+                return serializer.serialize_newtype_variant("StringMatch", 3, "Presence", &[(); 0])
+            }
+        };
+        serializer.serialize_newtype_variant("StringMatch", index, variant, value)
+    }
+}
+
+/// The variant names of [`StringMatch`], as written.
+#[derive(serde::Deserialize)]
+enum StringMatchKind {
+    Exact,
+    Prefix,
+    Suffix,
+    Presence,
+}
+
+impl StringMatchKind {
+    fn with(self, value: String) -> StringMatch {
+        match self {
+            StringMatchKind::Exact => StringMatch::Exact(value),
+            StringMatchKind::Prefix => StringMatch::Prefix(value),
+            StringMatchKind::Suffix => StringMatch::Suffix(value),
+            StringMatchKind::Presence => StringMatch::Presence,
+        }
+    }
+}
+
+struct StringMatchVisitor;
+
+impl<'de> serde::de::Visitor<'de> for StringMatchVisitor {
+    type Value = StringMatch;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(
+            "a string match: `!Exact value`, `!Prefix value`, `!Suffix value` or `!Presence []` \
+             (or a single-key map such as `{Exact: value}`)",
+        )
+    }
+
+    /// The tag form (`!Exact value`), as ztunnel's serde_yaml reads and writes enums.
+    fn visit_enum<A: serde::de::EnumAccess<'de>>(self, data: A) -> Result<StringMatch, A::Error> {
+        use serde::de::VariantAccess as _;
+        let (kind, variant) = data.variant::<StringMatchKind>()?;
+        match kind {
+            // `!Presence []`, `!Presence {}` or a bare `!Presence`: the content carries nothing.
+            StringMatchKind::Presence => {
+                variant.newtype_variant::<serde::de::IgnoredAny>()?;
+                Ok(StringMatch::Presence)
+            }
+            kind => Ok(kind.with(variant.newtype_variant::<String>()?)),
+        }
+    }
+
+    /// The single-key map form (`{Exact: value}`), also JSON's.
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<StringMatch, A::Error> {
+        let Some(kind) = map.next_key::<StringMatchKind>()? else {
+            return Err(serde::de::Error::invalid_length(0, &self));
+        };
+        let found = match kind {
+            StringMatchKind::Presence => {
+                map.next_value::<serde::de::IgnoredAny>()?;
+                StringMatch::Presence
+            }
+            kind => kind.with(map.next_value::<String>()?),
+        };
+        if map.next_key::<serde::de::IgnoredAny>()?.is_some() {
+            return Err(serde::de::Error::custom(
+                "a string match has exactly one key (Exact, Prefix, Suffix or Presence)",
+            ));
+        }
+        Ok(found)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for StringMatch {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(StringMatchVisitor)
     }
 }
 

@@ -23,6 +23,7 @@ use prometheus_client::registry::Registry;
 
 pub use super::labels::{Peer, Reporter, ResponseFlag, TrafficLabels};
 use super::record::ByteCounters;
+use crate::state::TunnelProtocol;
 use agent::{AgentMetrics, ReasonLabels};
 pub use agent::{AgentSample, RuntimeSample, WorkerSample};
 use authorization::DecisionCounters;
@@ -72,6 +73,11 @@ pub struct ConnectionInfo {
     pub src_addr: String,
     /// The destination address.
     pub dst_addr: String,
+    /// What the client asked for: outbound, the app's original destination; inbound, the
+    /// service addressed if known, else the CONNECT authority or the original destination.
+    pub original_dst: String,
+    /// `Hbone` when the connection is tunnelled, else `Tcp`.
+    pub protocol: TunnelProtocol,
     /// Source workload uid, empty if unknown.
     pub src_workload: String,
     /// Destination workload uid, empty if unknown.

@@ -15,7 +15,7 @@ use super::metrics::{
     ConnectionInfo, LiveHandle, Metrics, Peer, Reporter, ResponseFlag, TrafficLabels,
 };
 use crate::spiffe::Identity;
-use crate::state::{Service, Workload};
+use crate::state::{Service, TunnelProtocol, Workload};
 
 /// One access-log event with every field of the record (target `access`).
 macro_rules! access_event {
@@ -97,6 +97,9 @@ pub struct ConnectionRecord {
     pub src_identity: Option<Identity>,
     /// The destination address (the app's original destination, or the pod target).
     pub dst_addr: String,
+    /// The destination the connection arrived with (outbound: what the app dialled; inbound:
+    /// the CONNECT authority or the original destination), kept when `dst_addr` is replaced.
+    original_dst: String,
     /// The HBONE tunnel target (`:authority`), when tunnelled.
     pub dst_hbone_addr: Option<String>,
     /// The destination workload, if known.
@@ -131,6 +134,7 @@ impl ConnectionRecord {
             src_addr: src_addr.to_string(),
             src_workload: None,
             src_identity: None,
+            original_dst: dst_addr.to_string(),
             dst_addr: dst_addr.to_string(),
             dst_hbone_addr: None,
             dst_workload: None,
@@ -197,10 +201,20 @@ impl ConnectionRecord {
                 .map(|w| w.uid.clone())
                 .unwrap_or_default()
         };
+        let original_dst = match (self.direction, &self.dst_service) {
+            (Direction::Inbound, Some(service)) => service.hostname.clone(),
+            _ => self.original_dst.clone(),
+        };
         ConnectionInfo {
             direction: self.direction.to_string(),
             src_addr: self.src_addr.clone(),
             dst_addr: self.dst_addr.clone(),
+            original_dst,
+            protocol: if self.dst_hbone_addr.is_some() {
+                TunnelProtocol::Hbone
+            } else {
+                TunnelProtocol::Tcp
+            },
             src_workload: uid(&self.src_workload),
             dst_workload: uid(&self.dst_workload),
             src_identity: or_empty(&self.src_identity),

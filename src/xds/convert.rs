@@ -460,7 +460,7 @@ fn string_match(field: &str, raw: security::StringMatch) -> Result<StringMatch, 
         Some(MatchType::Exact(value)) => Ok(StringMatch::Exact(value)),
         Some(MatchType::Prefix(value)) => Ok(StringMatch::Prefix(value)),
         Some(MatchType::Suffix(value)) => Ok(StringMatch::Suffix(value)),
-        Some(MatchType::Presence(_)) => Ok(StringMatch::Presence(serde_yaml::Value::Null)),
+        Some(MatchType::Presence(_)) => Ok(StringMatch::Presence),
         // An empty match would silently match nothing (or everything, in a `not_` list).
         None => Err(invalid(
             field,

@@ -23,6 +23,7 @@ macro_rules! require_netns {
 pub mod agent;
 pub mod apps;
 pub mod capture;
+pub mod cluster;
 pub mod fake_cni;
 pub mod fake_istiod;
 pub mod logs;

@@ -410,7 +410,7 @@ fn string_matches(field: &str, values: &[String]) -> Result<Vec<StringMatch>, Ru
                 });
             }
             if value == "*" {
-                return Ok(StringMatch::Presence(Value::Null));
+                return Ok(StringMatch::Presence);
             }
             let (kind, rest): (fn(String) -> StringMatch, &str) =
                 if let Some(rest) = value.strip_prefix('*') {

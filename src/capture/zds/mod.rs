@@ -5,7 +5,9 @@
 //!
 //! Per connection: send the hello; take the snapshot (`Add`/`Keep` per enrolled pod, then
 //! `SnapshotSent`, after which every pod not re-announced since the connection started is
-//! drained); then follow `Add`/`Del` at run time. Every message is answered, ACK or NACK with
+//! drained); then follow `Add`/`Del` at run time. An `Add` never waits for the model: a pod
+//! istiod has not pushed yet is served under its istio-cni uid and moved to its workload on the
+//! model change that names it. Every message is answered, ACK or NACK with
 //! the reason; a bad message is NACKed and logged, never fatal. When istio-cni goes away the
 //! running pods keep serving and the client reconnects with capped, jittered backoff; readiness
 //! (see [`ZdsClient::subscribe_synced`]) is false until a connection's snapshot is complete.
@@ -41,9 +43,6 @@ const RECONNECT_INITIAL: Duration = Duration::from_millis(10);
 
 /// How often pods whose start failed are retried (as istio's ztunnel).
 const PENDING_RETRY_INTERVAL: Duration = Duration::from_secs(5);
-/// How long an `Add` for a pod the model does not know yet waits for it (istio-cni can be
-/// quicker than istiod's push), as Istio's ztunnel does.
-const MODEL_WAIT: Duration = Duration::from_secs(5);
 
 /// Why one request was NACKed.
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +87,17 @@ struct KnownPod {
     workload_uid: String,
     /// A duplicate of the netns fd while the start failed, for retries.
     pending: Option<File>,
+    /// While the model does not know the pod (istio-cni can be quicker than istiod's push), it
+    /// is served under its istio-cni uid — refusing traffic, as it has no identity — and moved
+    /// to its workload when a model change names it.
+    unresolved: Option<Unresolved>,
+}
+
+/// What moving a not-yet-resolved pod to its workload needs.
+#[derive(Debug)]
+struct Unresolved {
+    info: WorkloadInfo,
+    netns: File,
 }
 
 /// The state of one connection's protocol.
@@ -195,12 +205,19 @@ impl ZdsClient {
         tracing::info!("connected to istio-cni; waiting for the snapshot");
         let mut session = Session::default();
         let mut retry = tokio::time::interval(PENDING_RETRY_INTERVAL);
+        let mut model = self.state.subscribe();
         let mut handled = 0;
         loop {
             let received = tokio::select! {
                 received = connection.recv() => received,
                 _ = retry.tick() => {
                     self.retry_pending(known).await;
+                    continue;
+                }
+                changed = model.changed(), if known.values().any(|pod| pod.unresolved.is_some()) => {
+                    if changed.is_ok() {
+                        self.resolve_unknown(known).await;
+                    }
                     continue;
                 }
             };
@@ -278,25 +295,9 @@ impl ZdsClient {
         }
     }
 
-    /// The model's uid of istio-cni pod `uid`, waiting up to [`MODEL_WAIT`] for the model to
-    /// learn it.
-    async fn wait_for_workload(&self, uid: &str, workload: &WorkloadInfo) -> Option<String> {
-        let mut changes = self.state.subscribe();
-        let deadline = tokio::time::Instant::now() + MODEL_WAIT;
-        loop {
-            if let Some(found) =
-                resolve_workload_uid(&self.state.snapshot(), &self.node, uid, workload)
-            {
-                return Some(found);
-            }
-            match tokio::time::timeout_at(deadline, changes.changed()).await {
-                Ok(Ok(())) => continue,
-                Ok(Err(_)) | Err(_) => return None,
-            }
-        }
-    }
-
-    /// Starts (or keeps, or replaces) the proxy of istio-cni pod `uid`.
+    /// Starts (or keeps, or replaces) the proxy of istio-cni pod `uid`, at once: a pod the
+    /// model does not know yet starts under its istio-cni uid and moves to its workload when
+    /// the model learns it ([`Self::resolve_unknown`]), so no request waits for istiod.
     async fn add(
         &self,
         uid: String,
@@ -305,14 +306,23 @@ impl ZdsClient {
         known: &mut HashMap<String, KnownPod>,
     ) -> Result<(), RequestError> {
         let (netns, spare) = netns_from_fd(&uid, fd)?;
-        let workload_uid = self
-            .wait_for_workload(&uid, workload)
-            .await
-            .unwrap_or_else(|| {
+        let resolved = resolve_workload_uid(&self.state.snapshot(), &self.node, &uid, workload);
+        let unresolved = match &resolved {
+            Some(_) => None,
+            None => {
                 tracing::warn!(%uid, name = %workload.name, namespace = %workload.namespace,
-                "no workload in the model for this pod; serving it under its istio-cni uid");
-                uid.clone()
-            });
+                    "no workload in the model for this pod yet; serving it under its istio-cni uid until one appears");
+                let netns = spare.try_clone().map_err(|error| ZdsError::NotNetns {
+                    uid: uid.clone(),
+                    reason: format!("dup: {error}"),
+                })?;
+                Some(Unresolved {
+                    info: workload.clone(),
+                    netns,
+                })
+            }
+        };
+        let workload_uid = resolved.unwrap_or_else(|| uid.clone());
         if let Some(previous) = known.get(&uid) {
             if previous.workload_uid != workload_uid {
                 self.pods.remove(&previous.workload_uid).await;
@@ -328,11 +338,49 @@ impl ZdsClient {
             KnownPod {
                 workload_uid: workload_uid.clone(),
                 pending,
+                unresolved,
             },
         );
         let outcome = outcome?;
         tracing::info!(%uid, workload = %workload_uid, ?outcome, "istio-cni pod added");
         Ok(())
+    }
+
+    /// After a model change: moves each pod served under its istio-cni uid to the workload the
+    /// model now has for it. The new proxy binds beside the old one (same listener owner, port
+    /// reuse) before the old one drains, so the pod's ports never go unanswered.
+    async fn resolve_unknown(&self, known: &mut HashMap<String, KnownPod>) {
+        let snapshot = self.state.snapshot();
+        for (uid, pod) in known.iter_mut() {
+            let Some(unresolved) = &pod.unresolved else {
+                continue;
+            };
+            let Some(found) = resolve_workload_uid(&snapshot, &self.node, uid, &unresolved.info)
+            else {
+                continue;
+            };
+            let netns = unresolved
+                .netns
+                .try_clone()
+                .and_then(|copy| Netns::from_file(copy, netns_path(uid)));
+            let netns = match netns {
+                Ok(netns) => netns,
+                Err(error) => {
+                    tracing::warn!(%uid, %error, "cannot reopen the pod's namespace to move it to its workload");
+                    continue;
+                }
+            };
+            let started = self.pods.add(&found, netns).await;
+            if found != pod.workload_uid {
+                self.pods.remove(&pod.workload_uid).await;
+            }
+            let Some(unresolved) = pod.unresolved.take() else {
+                continue;
+            };
+            pod.pending = started.is_err().then_some(unresolved.netns);
+            tracing::info!(%uid, workload = %found, ok = started.is_ok(), "istio-cni pod found in the model; serving it as its workload");
+            pod.workload_uid = found;
+        }
     }
 
     /// After `SnapshotSent`: drains every pod not announced on this connection. Only pods this

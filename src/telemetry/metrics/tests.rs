@@ -151,6 +151,8 @@ fn info(source: &Workload) -> ConnectionInfo {
         direction: "outbound".to_string(),
         src_addr: "10.0.0.1:40000".to_string(),
         dst_addr: "10.0.0.2:8080".to_string(),
+        original_dst: "10.0.0.2:8080".to_string(),
+        protocol: crate::state::TunnelProtocol::Tcp,
         src_workload: source.uid.clone(),
         dst_workload: String::new(),
         src_identity: String::new(),
