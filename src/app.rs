@@ -7,21 +7,20 @@
 //! first connection can get a certificate; readiness reports pending pods until every pod is
 //! captured.
 
-use std::collections::HashSet;
-use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::{Request, Response, StatusCode};
 use tokio::net::TcpListener;
+use tokio::sync::Notify;
 
+use crate::admin::readiness::{self, Pending};
 use crate::capture::rules::RedirectRules;
 use crate::capture::zds::ZdsClient;
 use crate::capture::{DesiredPod, PodManager};
+use crate::config::agent::{AgentConfig, ListenConfig};
 use crate::config::{self, Config, Overrides};
 use crate::control_plane::{ControlPlane, ControlPlaneSettings, RootSource, TokenSource};
 use crate::drain::Drain;
@@ -29,7 +28,7 @@ use crate::identity::ca::BuiltinCa;
 use crate::identity::istio_ca::IstioCa;
 use crate::identity::{CertificateManager, CertificateSource};
 use crate::proxy::{ProxyInputs, ProxySettings};
-use crate::state::policy::SelectorPolicy;
+use crate::state::merge::merge;
 use crate::state::StateStore;
 use crate::sys::Netns;
 use crate::telemetry::Metrics;
@@ -56,193 +55,294 @@ pub struct RunOptions {
 
 /// Runs the agent until SIGTERM/SIGINT (graceful drain) or a second SIGINT (immediate exit).
 pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
-    let agent = config.agent.clone();
-    let home = Arc::new(Netns::current().context("open the agent's own network namespace")?);
-    let metrics = Arc::new(Metrics::new());
-    let failures = metrics.clone();
-    let certificates = Arc::new(
-        CertificateManager::new(certificate_source(&agent, &options)?)
-            .on_failure(move |error| failures.certificate_fetch_failed(error.reason())),
-    );
-    let state = Arc::new(StateStore::new(config.snapshot()));
-    let drain = Drain::new();
-    let xds = match &agent.xds.address {
-        Some(address) => {
-            let control_plane = control_plane(
-                &agent,
-                address,
-                &agent.xds.root_ca,
-                &agent.xds.alt_hostname,
-                &agent.xds.headers,
-            )
-            .context("xDS settings")?;
-            Some(Arc::new(XdsClient::new(
-                XdsSettings {
-                    control_plane,
-                    node: crate::xds::node(&agent),
-                    max_message_size: agent.xds.max_message_size,
-                    reconnect_max: agent.xds.reconnect_max,
-                },
-                metrics.xds().clone(),
-            )))
-        }
-        None => None,
-    };
-    let inputs = ProxyInputs {
-        state: state.clone(),
-        certificates: certificates.clone(),
-        settings: Arc::new(ProxySettings {
-            proxy: agent.proxy.clone(),
-            pool: agent.pool.clone(),
-        }),
-        metrics: metrics.clone(),
-    };
-    let pods = Arc::new(PodManager::new(
-        inputs,
-        home,
-        agent.proxy.packet_mark,
-        agent.capture.install_rules.then_some(RedirectRules {
-            mark: agent.proxy.packet_mark,
+    let agent = Agent::build(&config, &options)?;
+    let listeners = NodeListeners::bind(&config.agent.listen).await?;
+    agent.spawn(config, &options, listeners);
+    agent.wait_for_shutdown().await;
+    agent.shut_down().await;
+    Ok(())
+}
+
+/// The long-lived components, built before anything is bound or spawned.
+struct Agent {
+    settings: AgentConfig,
+    state: Arc<StateStore>,
+    metrics: Arc<Metrics>,
+    certificates: Arc<CertificateManager>,
+    /// The istiod client when `xds.address` is set.
+    xds: Option<Arc<XdsClient>>,
+    pods: Arc<PodManager>,
+    /// The whole agent: pods' scopes and the control tasks' scope are its children.
+    drain: Drain,
+    /// Servers, discovery clients, the config watcher and rotation.
+    control: Drain,
+    /// Notified by the admin API's `/quitquitquit`.
+    shutdown_requested: Arc<Notify>,
+}
+
+/// The node-level servers' sockets, bound before any task starts so that a taken port fails
+/// start-up.
+struct NodeListeners {
+    readiness: TcpListener,
+    admin: TcpListener,
+    metrics: TcpListener,
+}
+
+impl NodeListeners {
+    /// Readiness and metrics through [`crate::socket::bind_node_listener`] (`[::]` is
+    /// dual-stack, with an IPv4 fallback on nodes without IPv6); admin on its loopback address.
+    async fn bind(listen: &ListenConfig) -> anyhow::Result<Self> {
+        let node = |name: &'static str, address: SocketAddr| {
+            crate::socket::bind_node_listener(address)
+                .with_context(|| format!("bind {name} {address}"))
+        };
+        Ok(NodeListeners {
+            readiness: node("readiness", listen.readiness)?,
+            admin: TcpListener::bind(listen.admin)
+                .await
+                .with_context(|| format!("bind admin {}", listen.admin))?,
+            metrics: node("metrics", listen.metrics)?,
+        })
+    }
+}
+
+impl Agent {
+    /// The certificate source and manager, the model, the xDS client and the pod manager.
+    fn build(config: &Config, options: &RunOptions) -> anyhow::Result<Self> {
+        let settings = config.agent.clone();
+        let home = Arc::new(Netns::current().context("open the agent's own network namespace")?);
+        let metrics = Arc::new(Metrics::new());
+        let failures = metrics.clone();
+        let certificates = Arc::new(
+            CertificateManager::new(certificate_source(&settings, options)?)
+                .on_failure(move |error| failures.certificate_fetch_failed(error.reason())),
+        );
+        let state = Arc::new(StateStore::new(config.snapshot()));
+        let drain = Drain::new();
+        let xds = xds_client(&settings, &metrics)?;
+        let inputs = ProxyInputs {
+            state: state.clone(),
+            certificates: certificates.clone(),
+            settings: Arc::new(ProxySettings {
+                proxy: settings.proxy.clone(),
+                pool: settings.pool.clone(),
+            }),
+            metrics: metrics.clone(),
+        };
+        let rules = settings.capture.install_rules.then_some(RedirectRules {
+            mark: settings.proxy.packet_mark,
             outbound_port: crate::net::ports::OUTBOUND,
             inbound_plaintext_port: crate::net::ports::INBOUND_PLAINTEXT,
             hbone_port: crate::net::ports::HBONE,
-        }),
-        drain.child(),
-    ));
-    let control = drain.child();
-    let rotation_stop = control.clone();
-    certificates
-        .clone()
-        .spawn_rotation(async move { rotation_stop.draining().await });
-    let readiness = crate::socket::bind_node_listener(agent.listen.readiness)
-        .with_context(|| format!("bind readiness {}", agent.listen.readiness))?;
-    let admin = TcpListener::bind(agent.listen.admin)
-        .await
-        .with_context(|| format!("bind admin {}", agent.listen.admin))?;
-    let metrics_listener = crate::socket::bind_node_listener(agent.listen.metrics)
-        .with_context(|| format!("bind metrics {}", agent.listen.metrics))?;
-    let shutdown_requested = Arc::new(tokio::sync::Notify::new());
-    control.spawn(crate::admin::serve(
-        admin,
-        crate::admin::AdminState {
-            pods: pods.clone(),
-            state: state.clone(),
-            node: agent.node.clone(),
-            certificates: certificates.clone(),
-            metrics: metrics.clone(),
-            logging: options.logging.clone(),
-            config: effective_config(&config),
-            shutdown: shutdown_requested.clone(),
-        },
-        control.clone(),
-    ));
-    control.spawn(crate::admin::metrics::serve(
-        metrics_listener,
-        crate::admin::metrics::MetricsSources {
-            metrics: metrics.clone(),
-            pods: pods.clone(),
-            certificates: certificates.clone(),
-            logging: options.logging.clone(),
-            runtime: tokio::runtime::Handle::current(),
-        },
-        control.clone(),
-    ));
-    control.spawn(crate::admin::metrics::evict_stale_series(
-        state.clone(),
-        metrics.clone(),
-        control.clone(),
-    ));
-    let xds_synced = xds.as_ref().map(|client| {
-        let synced = client.subscribe_synced();
-        let stop = control.clone();
-        control.spawn(client.clone().run(async move { stop.draining().await }));
-        synced
-    });
-    let zds_synced = agent.zds.enabled.then(|| {
-        let client = Arc::new(ZdsClient::new(
-            agent.zds.clone(),
-            agent.node.clone(),
-            pods.clone(),
-            state.clone(),
-        ));
-        let synced = client.subscribe_synced();
-        let stop = control.clone();
-        let mut model_ready = xds_synced.clone();
-        control.spawn(async move {
-            // istio-cni names pods by Kubernetes uid and name; the workload (identity,
-            // addresses) comes from istiod. Taking pods before the first workload push would
-            // start proxies that know nothing about themselves.
-            if let Some(model_ready) = model_ready.as_mut() {
-                tokio::select! {
-                    _ = model_ready.wait_for(|synced| synced.addresses) => {}
-                    _ = stop.draining() => return,
-                }
-            }
-            client.run(async move { stop.draining().await }).await;
         });
-        synced
-    });
-    control.spawn(serve_readiness(
-        readiness,
-        pods.clone(),
+        let pods = Arc::new(PodManager::new(
+            inputs,
+            home,
+            settings.proxy.packet_mark,
+            rules,
+            drain.child(),
+        ));
+        Ok(Agent {
+            control: drain.child(),
+            settings,
+            state,
+            metrics,
+            certificates,
+            xds,
+            pods,
+            drain,
+            shutdown_requested: Arc::new(Notify::new()),
+        })
+    }
+
+    /// Starts every control task: rotation, the node-level servers, discovery, the config
+    /// watcher and the task that applies config and model updates.
+    fn spawn(&self, config: Config, options: &RunOptions, listeners: NodeListeners) {
+        let rotation_stop = self.control.clone();
+        self.certificates
+            .clone()
+            .spawn_rotation(async move { rotation_stop.draining().await });
+        self.spawn_admin_and_metrics(&config, options, listeners.admin, listeners.metrics);
+        let pending = self.spawn_discovery();
+        self.control.spawn(readiness::serve(
+            listeners.readiness,
+            self.pods.clone(),
+            pending,
+            self.control.clone(),
+        ));
+        self.spawn_config_updates(config, options);
+    }
+
+    fn spawn_admin_and_metrics(
+        &self,
+        config: &Config,
+        options: &RunOptions,
+        admin: TcpListener,
+        metrics: TcpListener,
+    ) {
+        let control = &self.control;
+        control.spawn(crate::admin::serve(
+            admin,
+            crate::admin::AdminState {
+                pods: self.pods.clone(),
+                state: self.state.clone(),
+                node: self.settings.node.clone(),
+                certificates: self.certificates.clone(),
+                metrics: self.metrics.clone(),
+                logging: options.logging.clone(),
+                config: effective_config(config),
+                shutdown: self.shutdown_requested.clone(),
+            },
+            control.clone(),
+        ));
+        control.spawn(crate::admin::metrics::serve(
+            metrics,
+            crate::admin::metrics::MetricsSources {
+                metrics: self.metrics.clone(),
+                pods: self.pods.clone(),
+                certificates: self.certificates.clone(),
+                logging: options.logging.clone(),
+                runtime: tokio::runtime::Handle::current(),
+            },
+            control.clone(),
+        ));
+        control.spawn(crate::admin::metrics::evict_stale_series(
+            self.state.clone(),
+            self.metrics.clone(),
+            control.clone(),
+        ));
+    }
+
+    /// Starts the istiod and istio-cni clients; returns what readiness waits for from them.
+    fn spawn_discovery(&self) -> Pending {
+        let control = &self.control;
+        let xds_synced = self.xds.as_ref().map(|client| {
+            let synced = client.subscribe_synced();
+            let stop = control.clone();
+            control.spawn(client.clone().run(async move { stop.draining().await }));
+            synced
+        });
+        let zds_synced = self.settings.zds.enabled.then(|| {
+            let client = Arc::new(ZdsClient::new(
+                self.settings.zds.clone(),
+                self.settings.node.clone(),
+                self.pods.clone(),
+                self.state.clone(),
+            ));
+            let synced = client.subscribe_synced();
+            let stop = control.clone();
+            let mut model_ready = xds_synced.clone();
+            control.spawn(async move {
+                // istio-cni names pods by Kubernetes uid and name; the workload (identity,
+                // addresses) comes from istiod. Taking pods before the first workload push
+                // would start proxies that know nothing about themselves.
+                if let Some(model_ready) = model_ready.as_mut() {
+                    tokio::select! {
+                        _ = model_ready.wait_for(|synced| synced.addresses) => {}
+                        _ = stop.draining() => return,
+                    }
+                }
+                client.run(async move { stop.draining().await }).await;
+            });
+            synced
+        });
         Pending {
             zds: zds_synced,
             xds: xds_synced,
-        },
-        control.clone(),
-    ));
+        }
+    }
 
-    let config = Arc::new(config);
-    let (publish, updates) = tokio::sync::watch::channel(config.clone());
-    if options.watch_config {
-        let watch_stop = control.clone();
-        control.spawn(config::watch::run(
-            config.path.clone(),
-            options.overrides.clone(),
-            agent.reload_interval,
-            config.clone(),
-            publish,
-            async move { watch_stop.draining().await },
+    /// Starts the config watcher (when there is a file to watch) and [`apply_updates`].
+    fn spawn_config_updates(&self, config: Config, options: &RunOptions) {
+        let control = &self.control;
+        let config = Arc::new(config);
+        let (publish, updates) = tokio::sync::watch::channel(config.clone());
+        if options.watch_config {
+            let watch_stop = control.clone();
+            control.spawn(config::watch::run(
+                config.path.clone(),
+                options.overrides.clone(),
+                self.settings.reload_interval,
+                config.clone(),
+                publish,
+                async move { watch_stop.draining().await },
+            ));
+        } else {
+            // Nothing will publish; keeping the sender open keeps `apply_updates` running.
+            control.spawn(async move {
+                publish.closed().await;
+            });
+        }
+        control.spawn(apply_updates(
+            updates,
+            self.xds.as_ref().map(|client| client.subscribe_model()),
+            ModelPublisher {
+                state: self.state.clone(),
+                certificates: self.certificates.clone(),
+                node: self.settings.node.clone(),
+            },
+            self.pods.clone(),
+            control.clone(),
         ));
-    } else {
-        // Nothing will publish; keeping the sender open keeps `apply_updates` running.
-        control.spawn(async move {
-            publish.closed().await;
-        });
+        tracing::info!(node = %self.settings.node, config = %config.path.display(), "nodetunnel started");
     }
-    control.spawn(apply_updates(
-        updates,
-        xds.as_ref().map(|client| client.subscribe_model()),
-        Model::new(state, certificates.clone(), agent.node.clone()),
-        pods.clone(),
-        control.clone(),
-    ));
-    tracing::info!(node = %agent.node, config = %config.path.display(), "nodetunnel started");
 
-    tokio::select! {
-        _ = wait_for_shutdown_signal() => {}
-        _ = shutdown_requested.notified() => {}
+    /// Until SIGTERM, SIGINT or `/quitquitquit`.
+    async fn wait_for_shutdown(&self) {
+        tokio::select! {
+            _ = wait_for_shutdown_signal() => {}
+            _ = self.shutdown_requested.notified() => {}
+        }
     }
-    tracing::info!(deadline = ?agent.drain_timeout, "shutting down: draining connections");
-    let shutdown = drain.shutdown(agent.drain_timeout);
-    tokio::select! {
-        forced = shutdown => {
-            if forced > 0 {
-                tracing::warn!(forced, "drain deadline passed; closed remaining connections");
+
+    /// Drains everything within `drainTimeout` (a second SIGINT cuts it short), forces the
+    /// rest, then removes every pod's rules.
+    async fn shut_down(self) {
+        let deadline = self.settings.drain_timeout;
+        tracing::info!(?deadline, "shutting down: draining connections");
+        let shutdown = self.drain.shutdown(deadline);
+        tokio::select! {
+            forced = shutdown => {
+                if forced > 0 {
+                    tracing::warn!(forced, "drain deadline passed; closed remaining connections");
+                }
+            }
+            _ = second_interrupt() => {
+                tracing::warn!("second interrupt: exiting now");
             }
         }
-        _ = second_interrupt() => {
-            tracing::warn!("second interrupt: exiting now");
-        }
+        self.pods.remove_all().await;
+        tracing::info!("nodetunnel stopped");
     }
-    pods.remove_all().await;
-    tracing::info!("nodetunnel stopped");
-    Ok(())
+}
+
+/// The istiod client when `xds.address` is set.
+fn xds_client(agent: &AgentConfig, metrics: &Metrics) -> anyhow::Result<Option<Arc<XdsClient>>> {
+    let Some(address) = &agent.xds.address else {
+        return Ok(None);
+    };
+    let control_plane = control_plane(
+        agent,
+        address,
+        &agent.xds.root_ca,
+        &agent.xds.alt_hostname,
+        &agent.xds.headers,
+    )
+    .context("xDS settings")?;
+    Ok(Some(Arc::new(XdsClient::new(
+        XdsSettings {
+            control_plane,
+            node: crate::xds::node(agent),
+            max_message_size: agent.xds.max_message_size,
+            reconnect_max: agent.xds.reconnect_max,
+        },
+        metrics.xds().clone(),
+    ))))
 }
 
 /// The Istio CA when `ca.address` is set, else the built-in CA.
 fn certificate_source(
-    agent: &config::agent::AgentConfig,
+    agent: &AgentConfig,
     options: &RunOptions,
 ) -> anyhow::Result<Arc<dyn CertificateSource>> {
     match &agent.ca.address {
@@ -269,7 +369,7 @@ fn certificate_source(
 
 /// The channel settings for one istiod service, with the node's token and cluster id.
 fn control_plane(
-    agent: &config::agent::AgentConfig,
+    agent: &AgentConfig,
     address: &str,
     root: &str,
     alt_hostname: &Option<String>,
@@ -328,90 +428,24 @@ fn desired_pods(config: &Config) -> Vec<DesiredPod> {
 }
 
 /// Where the model goes, and what follows from it.
-struct Model {
+struct ModelPublisher {
     state: Arc<StateStore>,
     certificates: Arc<CertificateManager>,
     node: String,
-    /// Identities prefetched because a workload of this node had them.
-    prefetched: std::sync::Mutex<HashSet<crate::spiffe::Identity>>,
 }
 
-impl Model {
-    fn new(state: Arc<StateStore>, certificates: Arc<CertificateManager>, node: String) -> Self {
-        Model {
-            state,
-            certificates,
-            node,
-            prefetched: std::sync::Mutex::new(HashSet::new()),
-        }
-    }
-
+impl ModelPublisher {
     /// Replaces the state with the file's model merged with istiod's. With istiod, fetches the
     /// certificates of this node's mesh workloads ahead of their first connection (as Istio's
     /// node agent does), and stops rotating those whose last local workload left.
     fn publish(&self, config: &Config, xds: Option<&XdsModel>) {
-        let snapshot = merged_snapshot(config, xds);
+        let snapshot = merge(config.local_model(), xds.map(XdsModel::pushed));
         if xds.is_some() && !self.node.is_empty() {
-            let local: HashSet<crate::spiffe::Identity> = snapshot
-                .workloads()
-                .filter(|workload| {
-                    workload.node == self.node
-                        && workload.protocol == crate::state::TunnelProtocol::Hbone
-                })
-                .map(|workload| workload.identity.clone())
-                .collect();
-            let mut prefetched = self
-                .prefetched
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            for gone in prefetched.difference(&local) {
-                self.certificates.forget(gone);
-            }
-            for identity in &local {
-                self.certificates.prefetch(identity);
-            }
-            *prefetched = local;
+            self.certificates
+                .prefetch_only(snapshot.mesh_identities_on(&self.node));
         }
         self.state.replace(snapshot);
     }
-}
-
-/// The file's model with istiod's added. The file wins where both name the same workload uid,
-/// service or policy: a local entry is an operator's deliberate override.
-fn merged_snapshot(config: &Config, xds: Option<&XdsModel>) -> crate::state::Snapshot {
-    let Some(xds) = xds else {
-        return config.snapshot();
-    };
-    let local_uids: HashSet<&str> = config.workloads.iter().map(|w| w.uid.as_str()).collect();
-    let local_services: HashSet<String> = config.services.iter().map(|s| s.key()).collect();
-    let mut authorization = config.authorization();
-    let local_policies: HashSet<String> = authorization
-        .policies
-        .iter()
-        .map(|selector| selector.policy.key())
-        .collect();
-    let mut workloads = config.workloads.clone();
-    workloads.extend(
-        xds.workloads
-            .values()
-            .filter(|workload| !local_uids.contains(workload.uid.as_str()))
-            .cloned(),
-    );
-    let mut services = config.services.clone();
-    services.extend(
-        xds.services
-            .values()
-            .filter(|service| !local_services.contains(&service.key()))
-            .cloned(),
-    );
-    authorization.policies.extend(
-        xds.policies
-            .values()
-            .filter(|policy| !local_policies.contains(&policy.key()))
-            .cloned()
-            .map(SelectorPolicy::new),
-    );
-    crate::state::Snapshot::with_authorization(workloads, services, authorization)
 }
 
 /// Applies each published config and istiod push: model first (new connections see it), then
@@ -419,7 +453,7 @@ fn merged_snapshot(config: &Config, xds: Option<&XdsModel>) -> crate::state::Sna
 async fn apply_updates(
     mut updates: tokio::sync::watch::Receiver<Arc<Config>>,
     mut xds: Option<tokio::sync::watch::Receiver<Arc<XdsModel>>>,
-    model: Model,
+    model: ModelPublisher,
     pods: Arc<PodManager>,
     drain: Drain,
 ) {
@@ -465,91 +499,6 @@ async fn apply_updates(
     }
 }
 
-/// The sources readiness waits for besides the pods themselves.
-#[derive(Clone)]
-struct Pending {
-    /// istio-cni's snapshot applied.
-    zds: Option<tokio::sync::watch::Receiver<bool>>,
-    /// istiod's first push of each type received.
-    xds: Option<tokio::sync::watch::Receiver<crate::xds::Synced>>,
-}
-
-/// `GET /healthz/ready`: 200 when every pod is captured; 500 listing what is pending (as
-/// Istio's agent answers, so existing probes and dashboards read it the same way). With
-/// istiod, not ready until the first push of each type; with istio-cni, until the current
-/// connection's snapshot is applied.
-async fn serve_readiness(
-    listener: TcpListener,
-    pods: Arc<PodManager>,
-    sources: Pending,
-    drain: Drain,
-) {
-    serve_http(listener, drain, move |request| {
-        let pods = pods.clone();
-        let sources = sources.clone();
-        async move {
-            if request.uri().path() != "/healthz/ready" {
-                return text(StatusCode::NOT_FOUND, "not found\n".to_string());
-            }
-            let mut pending = pods.pending();
-            if sources.zds.is_some_and(|synced| !*synced.borrow()) {
-                pending.insert(0, "workload proxy manager".to_string());
-            }
-            if let Some(xds) = &sources.xds {
-                let missing = xds.borrow().pending();
-                pending.splice(0..0, missing);
-            }
-            if pending.is_empty() {
-                text(StatusCode::OK, "ready\n".to_string())
-            } else {
-                text(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    format!("not ready, pending: {}\n", pending.join(", ")),
-                )
-            }
-        }
-    })
-    .await
-}
-
-fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(body)));
-    *response.status_mut() = status;
-    response
-}
-
-/// A minimal HTTP/1.1 accept loop for the node-level servers.
-pub(crate) async fn serve_http<F, Fut>(listener: TcpListener, drain: Drain, handler: F)
-where
-    F: Fn(Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: std::future::Future<Output = Response<Full<Bytes>>> + Send + 'static,
-{
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            _ = drain.draining() => return,
-        };
-        let Ok((stream, _peer)) = accepted else {
-            continue;
-        };
-        let handler = handler.clone();
-        let service = hyper::service::service_fn(move |request| {
-            let handler = handler.clone();
-            async move { Ok::<_, Infallible>(handler(request).await) }
-        });
-        let connection_drain = drain.clone();
-        drain.spawn(async move {
-            let io = hyper_util::rt::TokioIo::new(stream);
-            let connection =
-                hyper::server::conn::http1::Builder::new().serve_connection(io, service);
-            tokio::select! {
-                _ = connection => {}
-                _ = connection_drain.draining() => {}
-            }
-        });
-    }
-}
-
 async fn wait_for_shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut terminate), Ok(mut interrupt)) = (
@@ -571,75 +520,5 @@ async fn second_interrupt() {
             interrupt.recv().await;
         }
         Err(_) => std::future::pending().await,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::state::tests::workload;
-
-    fn local_config(text: &str) -> Config {
-        config::parse(
-            std::path::Path::new("local.yaml"),
-            text,
-            &Overrides::default(),
-        )
-        .expect("valid config")
-    }
-
-    #[test]
-    fn istiod_model_is_merged_and_the_file_wins_on_conflicts() {
-        let config = local_config(
-            "workloads:\n  - uid: local-a\n    name: a\n    namespace: default\n    \
-             workloadIps: [10.0.0.1]\npolicies:\n  - name: p\n    namespace: default\n    \
-             action: Deny\n",
-        );
-        let mut xds = XdsModel::default();
-        let mut shadowed = workload("default", "a-from-istiod", [10, 0, 0, 9]);
-        shadowed.uid = "local-a".to_string();
-        xds.workloads.insert("local-a".to_string(), shadowed);
-        xds.workloads.insert(
-            "istiod-b".to_string(),
-            crate::state::Workload {
-                uid: "istiod-b".to_string(),
-                ..workload("default", "b", [10, 0, 0, 2])
-            },
-        );
-        let mut policy = config.policies[0].clone();
-        policy.action = crate::state::policy::PolicyAction::Allow;
-        xds.policies.insert(policy.key(), policy.clone());
-        policy.name = "q".to_string();
-        xds.policies.insert(policy.key(), policy);
-
-        let merged = merged_snapshot(&config, Some(&xds));
-        assert_eq!(
-            merged.workload("local-a").map(|w| w.name.as_str()),
-            Some("a")
-        );
-        assert!(merged.workload("istiod-b").is_some());
-        let policies: Vec<(String, crate::state::policy::PolicyAction)> = merged
-            .authorization()
-            .policies
-            .iter()
-            .map(|selector| (selector.policy.key(), selector.policy.action))
-            .collect();
-        assert_eq!(
-            policies,
-            [
-                (
-                    "default/p".to_string(),
-                    crate::state::policy::PolicyAction::Deny
-                ),
-                (
-                    "default/q".to_string(),
-                    crate::state::policy::PolicyAction::Allow
-                ),
-            ]
-        );
-        // Without istiod the file alone is the model.
-        assert!(merged_snapshot(&config, None)
-            .workload("istiod-b")
-            .is_none());
     }
 }

@@ -21,6 +21,7 @@ use rustls::{ClientConfig, RootCertStore};
 use tonic::metadata::{AsciiMetadataKey, AsciiMetadataValue, MetadataMap};
 use tonic::transport::{Channel, Endpoint};
 
+use crate::net::{HttpsAddress, HttpsAddressError};
 use crate::socket::SocketFactory;
 
 /// Why the channel to the control plane cannot be set up or used.
@@ -32,7 +33,13 @@ pub enum ControlPlaneError {
         /// The address as configured.
         address: String,
         /// What is wrong with it.
-        reason: String,
+        reason: HttpsAddressError,
+    },
+    /// The name to verify istiod's certificate against is not a DNS name or IP address.
+    #[error("control plane address {name:?}: not a valid TLS server name")]
+    ServerName {
+        /// The address's host, or `altHostname`.
+        name: String,
     },
     /// The root certificate (file or inline PEM) is unusable.
     #[error("control plane root {source_name}: {reason}")]
@@ -146,7 +153,8 @@ impl RootSource {
             source_name: name.clone(),
             reason,
         };
-        let certificates = crate::identity::pem_certificates(&pem).map_err(root_error)?;
+        let certificates =
+            crate::tls::pem_certificates(&pem).map_err(|error| root_error(error.to_string()))?;
         let mut store = RootCertStore::empty();
         let (added, _) = store.add_parsable_certificates(certificates);
         if added == 0 {
@@ -188,37 +196,17 @@ pub struct ControlPlaneSettings {
     pub connect_timeout: Duration,
 }
 
-/// `host:port` of an address, with `https://` assumed when no scheme is given.
-pub fn parse_address(address: &str) -> Result<(Uri, String, u16), String> {
-    let with_scheme = if address.contains("://") {
-        address.to_string()
-    } else {
-        format!("https://{address}")
-    };
-    let uri = Uri::from_str(&with_scheme).map_err(|error| error.to_string())?;
-    if uri.scheme_str() != Some("https") {
-        return Err("only https:// is supported (istiod is always reached over TLS)".to_string());
-    }
-    let authority = uri.authority().ok_or("no host")?;
-    let host = authority
-        .host()
-        .trim_start_matches('[')
-        .trim_end_matches(']');
-    if host.is_empty() {
-        return Err("no host".to_string());
-    }
-    let port = authority.port_u16().unwrap_or(443);
-    Ok((uri.clone(), host.to_string(), port))
-}
-
 impl ControlPlane {
     /// Checks the settings (address, header names) without connecting.
     pub fn new(settings: ControlPlaneSettings) -> Result<Self, ControlPlaneError> {
-        let (uri, host, port) =
-            parse_address(&settings.address).map_err(|reason| ControlPlaneError::Address {
-                address: settings.address.clone(),
-                reason,
-            })?;
+        let HttpsAddress { uri, host, port } =
+            settings
+                .address
+                .parse()
+                .map_err(|reason| ControlPlaneError::Address {
+                    address: settings.address.clone(),
+                    reason,
+                })?;
         let mut metadata = Vec::new();
         let mut headers = settings.headers.clone();
         if !settings.cluster_id.is_empty() {
@@ -314,9 +302,8 @@ impl ControlPlane {
             .with_no_client_auth();
         config.alpn_protocols = vec![crate::tls::ALPN_H2.to_vec()];
         let server_name = ServerName::try_from(self.server_name.clone()).map_err(|_| {
-            ControlPlaneError::Address {
-                address: self.server_name.clone(),
-                reason: "not a valid TLS server name".to_string(),
+            ControlPlaneError::ServerName {
+                name: self.server_name.clone(),
             }
         })?;
         tokio_rustls::TlsConnector::from(Arc::new(config))
@@ -346,30 +333,6 @@ impl tonic::service::Interceptor for Authorize {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn addresses() {
-        let cases: &[(&str, Option<(&str, u16)>)] = &[
-            (
-                "https://istiod.istio-system.svc:15012",
-                Some(("istiod.istio-system.svc", 15012)),
-            ),
-            ("istiod:15012", Some(("istiod", 15012))),
-            ("https://[fd00::1]:15012", Some(("fd00::1", 15012))),
-            ("https://10.0.0.1", Some(("10.0.0.1", 443))),
-            ("http://istiod:15010", None),
-            ("https://", None),
-            ("", None),
-        ];
-        for (input, want) in cases {
-            let got = parse_address(input).ok().map(|(_, h, p)| (h, p));
-            assert_eq!(
-                got,
-                want.map(|(h, p)| (h.to_string(), p)),
-                "address {input:?}"
-            );
-        }
-    }
 
     #[test]
     fn token_setting_rules() {

@@ -22,6 +22,7 @@ pub mod drain;
 pub mod hbone;
 pub mod identity;
 pub mod net;
+pub mod node_http;
 pub mod proto;
 pub mod proxy;
 pub mod socket;

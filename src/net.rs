@@ -4,6 +4,8 @@
 //! easy to swap by mistake: the address the application *meant* to reach, the address of the peer
 //! that connected to us, and the address a listener is bound to. Each gets its own type so the
 //! compiler catches a swap. Used everywhere from the listeners (L4) down to the route decision (L3).
+//! Also the `https://host:port` form of a control-plane address, parsed once for the config
+//! check and the gRPC channel alike.
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -120,6 +122,63 @@ impl<'de> serde::Deserialize<'de> for NetworkAddress {
     }
 }
 
+/// A control-plane service's address as configured: `https://host[:port]`, or `host:port` with
+/// `https://` assumed (istiod is always reached over TLS; the port defaults to 443).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpsAddress {
+    /// The URI requests go to.
+    pub uri: http::Uri,
+    /// The host to resolve and dial, without IPv6 brackets.
+    pub host: String,
+    /// The port to dial.
+    pub port: u16,
+}
+
+/// Why an address is not an `https://host[:port]` address.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HttpsAddressError {
+    /// Not a URI at all (the URI parser's reason).
+    #[error("{0}")]
+    Uri(String),
+    /// A scheme other than `https`.
+    #[error("only https:// is supported (istiod is always reached over TLS)")]
+    NotHttps,
+    /// No host name or address.
+    #[error("no host")]
+    NoHost,
+}
+
+impl std::str::FromStr for HttpsAddress {
+    type Err = HttpsAddressError;
+    fn from_str(address: &str) -> Result<Self, Self::Err> {
+        let with_scheme = if address.contains("://") {
+            address.to_string()
+        } else {
+            format!("https://{address}")
+        };
+        let uri = with_scheme
+            .parse::<http::Uri>()
+            .map_err(|error| HttpsAddressError::Uri(error.to_string()))?;
+        if uri.scheme_str() != Some("https") {
+            return Err(HttpsAddressError::NotHttps);
+        }
+        let authority = uri.authority().ok_or(HttpsAddressError::NoHost)?;
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        if host.is_empty() {
+            return Err(HttpsAddressError::NoHost);
+        }
+        let port = authority.port_u16().unwrap_or(443);
+        Ok(HttpsAddress {
+            host: host.to_string(),
+            port,
+            uri,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -154,5 +213,32 @@ mod tests {
     fn authority_brackets_ipv6() {
         assert_eq!(host_port("10.1.2.3".parse().unwrap(), 80), "10.1.2.3:80");
         assert_eq!(host_port("fd00::1".parse().unwrap(), 80), "[fd00::1]:80");
+    }
+
+    #[test]
+    fn https_addresses() {
+        let cases: &[(&str, Option<(&str, u16)>)] = &[
+            (
+                "https://istiod.istio-system.svc:15012",
+                Some(("istiod.istio-system.svc", 15012)),
+            ),
+            ("istiod:15012", Some(("istiod", 15012))),
+            ("https://[fd00::1]:15012", Some(("fd00::1", 15012))),
+            ("https://10.0.0.1", Some(("10.0.0.1", 443))),
+            ("http://istiod:15010", None),
+            ("https://", None),
+            ("", None),
+        ];
+        for (input, want) in cases {
+            let got = input
+                .parse::<HttpsAddress>()
+                .ok()
+                .map(|address| (address.host, address.port));
+            assert_eq!(
+                got,
+                want.map(|(h, p)| (h.to_string(), p)),
+                "address {input:?}"
+            );
+        }
     }
 }

@@ -241,6 +241,75 @@ async fn a_peer_with_an_unexpected_identity_is_refused_and_not_pooled() {
     assert_eq!(pool.connection_count(), 0);
 }
 
+/// A TLS server on loopback presenting a leaf for `sa/server` signed by the mesh root
+/// (`root_cert`, `root_key`) but valid from `starts` hours from now for 2 hours; it accepts one
+/// connection, so a refused handshake is the only thing it does.
+async fn server_with_validity(root_cert: &str, root_key: &str, starts: i64) -> SocketAddr {
+    let issuer_key = rcgen::KeyPair::from_pem(root_key).expect("root key");
+    let issuer = rcgen::CertificateParams::from_ca_cert_pem(root_cert)
+        .expect("root cert")
+        .self_signed(&issuer_key)
+        .expect("issuer");
+    let key = rcgen::KeyPair::generate().expect("key");
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    let san = identity("server").to_string();
+    params.subject_alt_names = vec![rcgen::SanType::URI(san.as_str().try_into().expect("uri"))];
+    let start = time::OffsetDateTime::now_utc() + time::Duration::hours(starts);
+    params.not_before = start;
+    params.not_after = start + time::Duration::hours(2);
+    let leaf = params.signed_by(&key, &issuer, &issuer_key).expect("leaf");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("TLS 1.3")
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![leaf.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .expect("server config");
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let address = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        if let Ok((tcp, _)) = listener.accept().await {
+            let _ = acceptor.accept(tcp).await;
+        }
+    });
+    address
+}
+
+#[tokio::test]
+async fn a_peer_whose_certificate_is_expired_or_not_yet_valid_is_refused() {
+    let (root_cert, root_key) = BuiltinCa::generate_root("test root").expect("root");
+    let ca = BuiltinCa::from_pem(&root_cert, &root_key, Duration::from_secs(3600)).expect("ca");
+    let certificates = Arc::new(CertificateManager::new(Arc::new(ca)));
+    for (case, starts) in [("expired", -3), ("not yet valid", 1)] {
+        let address = server_with_validity(&root_cert, &root_key, starts).await;
+        let pool = pool(certificates.clone(), 100);
+        let result = pool.connect(&key(address, "server"), &request(8080)).await;
+        let error = result
+            .err()
+            .unwrap_or_else(|| panic!("{case}: must be refused"));
+        assert!(
+            error.to_string().contains("TLS handshake"),
+            "{case}: {error}"
+        );
+        assert_eq!(pool.connection_count(), 0, "{case}");
+    }
+    // Control: the same server with a current certificate gets past TLS (it then fails only
+    // because it speaks no HTTP/2), so the refusals above are about validity.
+    let address = server_with_validity(&root_cert, &root_key, -1).await;
+    let pool = pool(certificates, 100);
+    let result = pool.connect(&key(address, "server"), &request(8080)).await;
+    let error = result.err().expect("no HTTP/2 behind the TLS").to_string();
+    assert!(
+        !error.contains("TLS handshake"),
+        "current certificate refused: {error}"
+    );
+}
+
 #[tokio::test]
 async fn idle_connections_are_kept_unless_the_idle_timeout_is_zero() {
     // (idle timeout, streams per connection, handshakes for 3 tunnels one after the other,

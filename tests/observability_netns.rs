@@ -345,6 +345,70 @@ fn config_dump_has_istios_names_and_the_model() {
         .expect("client uid")
         .to_string();
     assert_eq!(dump["workloadState"][&client_uid]["state"], "Up", "{body}");
+
+    // With a connection open, the running agents' dumps have the shapes istioctl decodes
+    // (ztunnel's names and JSON types) and our own CLI's types read them.
+    let target = cluster.target("server", APP_PORT);
+    let mut stream = cluster.connect("client", target);
+    assert_eq!(echo(&mut stream, b"dump"), b"dump");
+    let client_ip = cluster.topology.pod("client").ip.to_string();
+    // (node, pod, direction, src IP, originalDst, actualDst)
+    let server_uid = client_uid.replace("client", "server");
+    let expected = [
+        (
+            "a",
+            client_uid.as_str(),
+            "outbound",
+            target.to_string(),
+            format!("{}:15008", target.ip()),
+        ),
+        (
+            "b",
+            server_uid.as_str(),
+            "inbound",
+            target.to_string(),
+            target.to_string(),
+        ),
+    ];
+    for (node, uid, direction, original, actual) in expected {
+        let (_, body) = cluster.admin(node, "GET", "/config_dump");
+        let typed: nodetunnel::admin::schema::ConfigDump =
+            serde_json::from_str(&body).expect("the CLI's types read the dump");
+        assert_eq!(typed.workloads.len(), 3, "{body}");
+        let dump: serde_json::Value = serde_json::from_str(&body).expect("dump is JSON");
+        let protocols: Vec<(&str, &str)> = dump["workloads"]
+            .as_array()
+            .expect("workloads")
+            .iter()
+            .map(|w| {
+                (
+                    w["name"].as_str().unwrap_or(""),
+                    w["protocol"].as_str().unwrap_or(""),
+                )
+            })
+            .collect();
+        assert!(protocols.contains(&("client", "HBONE")), "{protocols:?}");
+        assert!(protocols.contains(&("legacy", "TCP")), "{protocols:?}");
+        let pod = &dump["workloadState"][uid];
+        let info = &pod["info"];
+        assert_eq!(info["namespace"], "default", "{pod}");
+        assert_eq!(info["trustDomain"], "cluster.local", "{pod}");
+        assert!(
+            info["name"].is_string() && info["serviceAccount"].is_string(),
+            "{pod}"
+        );
+        let connection = &pod["connections"][direction][0];
+        assert!(
+            connection["src"]
+                .as_str()
+                .is_some_and(|src| src.starts_with(&format!("{client_ip}:"))),
+            "{node} {direction}: {connection}"
+        );
+        assert_eq!(connection["originalDst"], original.as_str(), "{connection}");
+        assert_eq!(connection["actualDst"], actual.as_str(), "{connection}");
+        assert_eq!(connection["protocol"], "HBONE", "{connection}");
+    }
+    close(stream);
 }
 
 /// `/logging` reads and changes the level only on POST, refuses a bad filter, and a change is

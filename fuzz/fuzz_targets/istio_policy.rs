@@ -1,5 +1,5 @@
 //! Fuzzes Istio `AuthorizationPolicy` / `PeerAuthentication` YAML translation
-//! (`authz::istio::parse`) and then the decisions made with what it produced
+//! (`config::istio_policy::parse`) and then the decisions made with what it produced
 //! (`authz::evaluate` and `authz::authorize`), on UTF-8 text.
 //!
 //! The connection facts come from the input: ports, addresses and identities that the translated
@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use libfuzzer_sys::fuzz_target;
-use nodetunnel::authz::istio::{self, IstioOptions, Translation};
+use nodetunnel::config::istio_policy::{self as istio, IstioOptions, Translation};
 use nodetunnel::authz::{
     authorize, evaluate, AuthzOptions, ConnectionFacts, Decision, DecisionReason,
 };

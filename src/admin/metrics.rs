@@ -5,14 +5,13 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
-use http_body_util::Full;
 use hyper::{Request, Response, StatusCode};
 use tokio::net::TcpListener;
 
 use crate::capture::{PodManager, PodStatus};
 use crate::drain::Drain;
 use crate::identity::CertificateManager;
+use crate::node_http::{self, text, with_content_type, Body};
 use crate::state::StateStore;
 use crate::telemetry::metrics::{AgentSample, RuntimeSample};
 use crate::telemetry::{LogControl, Metrics};
@@ -38,21 +37,16 @@ pub struct MetricsSources {
 
 /// Serves the metrics endpoints until drain.
 pub async fn serve(listener: TcpListener, sources: MetricsSources, drain: Drain) {
-    crate::app::serve_http(listener, drain, move |request| {
+    node_http::serve(listener, drain, move |request| {
         let sources = sources.clone();
         async move { handle(&sources, &request) }
     })
     .await
 }
 
-fn handle(
-    sources: &MetricsSources,
-    request: &Request<hyper::body::Incoming>,
-) -> Response<Full<Bytes>> {
+fn handle(sources: &MetricsSources, request: &Request<hyper::body::Incoming>) -> Response<Body> {
     if !matches!(request.uri().path(), "/metrics" | "/stats/prometheus") {
-        let mut response = Response::new(Full::new(Bytes::from_static(b"not found\n")));
-        *response.status_mut() = StatusCode::NOT_FOUND;
-        return response;
+        return text(StatusCode::NOT_FOUND, "not found\n");
     }
     let openmetrics = request
         .headers()
@@ -61,16 +55,12 @@ fn handle(
         .filter_map(|value| value.to_str().ok())
         .any(|value| value.contains(OPENMETRICS));
     let body = sources.metrics.encode(&sample(sources), openmetrics);
-    let mut response = Response::new(Full::new(Bytes::from(body)));
-    response.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static(if openmetrics {
-            OPENMETRICS_CONTENT_TYPE
-        } else {
-            PROMETHEUS_CONTENT_TYPE
-        }),
-    );
-    response
+    let content_type = if openmetrics {
+        OPENMETRICS_CONTENT_TYPE
+    } else {
+        PROMETHEUS_CONTENT_TYPE
+    };
+    with_content_type(StatusCode::OK, body, content_type)
 }
 
 fn sample(sources: &MetricsSources) -> AgentSample {

@@ -16,6 +16,7 @@ mod dump;
 mod istioctl_tests;
 pub mod metrics;
 mod profiles;
+pub mod readiness;
 pub mod schema;
 pub mod tables;
 
@@ -23,8 +24,6 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use bytes::Bytes;
-use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
@@ -32,6 +31,7 @@ use tokio::sync::Notify;
 use crate::capture::{AddOutcome, PodManager, PodSource};
 use crate::drain::Drain;
 use crate::identity::CertificateManager;
+use crate::node_http::{self, error_message as message, json, text, Body};
 use crate::state::StateStore;
 use crate::sys::Netns;
 use crate::telemetry::{LogControl, Metrics};
@@ -62,17 +62,14 @@ pub struct AdminState {
 
 /// Serves the admin API until drain.
 pub async fn serve(listener: TcpListener, admin: AdminState, drain: Drain) {
-    crate::app::serve_http(listener, drain, move |request| {
+    node_http::serve(listener, drain, move |request| {
         let admin = admin.clone();
         async move { handle(admin, request).await }
     })
     .await
 }
 
-async fn handle(
-    admin: AdminState,
-    request: Request<hyper::body::Incoming>,
-) -> Response<Full<Bytes>> {
+async fn handle(admin: AdminState, request: Request<hyper::body::Incoming>) -> Response<Body> {
     let query: BTreeMap<String, String> = request
         .uri()
         .query()
@@ -105,7 +102,7 @@ async fn handle(
     }
 }
 
-fn index() -> Response<Full<Bytes>> {
+fn index() -> Response<Body> {
     text(
         StatusCode::OK,
         "nodetunnel admin\n\
@@ -124,7 +121,7 @@ fn index() -> Response<Full<Bytes>> {
 /// `POST /logging`, as ztunnel's: no parameter reads the filter; `?level=` adds a level or
 /// `target=level` clauses to it (400 if one does not parse); `?reset` restores the start-up
 /// filter first.
-fn logging(admin: &AdminState, query: &BTreeMap<String, String>) -> Response<Full<Bytes>> {
+fn logging(admin: &AdminState, query: &BTreeMap<String, String>) -> Response<Body> {
     let Some(logging) = &admin.logging else {
         return message(
             StatusCode::NOT_IMPLEMENTED,
@@ -142,7 +139,7 @@ fn logging(admin: &AdminState, query: &BTreeMap<String, String>) -> Response<Ful
             if query.contains_key("reset") || query.contains_key("level") {
                 tracing::info!(%level, "log level changed through the admin API");
             }
-            text(StatusCode::OK, &format!("current log level is {level}\n"))
+            text(StatusCode::OK, format!("current log level is {level}\n"))
         }
         Err(crate::telemetry::LogLevelError::Invalid { directives, reason }) => message(
             StatusCode::BAD_REQUEST,
@@ -153,7 +150,7 @@ fn logging(admin: &AdminState, query: &BTreeMap<String, String>) -> Response<Ful
 }
 
 /// `/explain?from=<source>&to=<destination>`: the decision the current model would make.
-fn explain(admin: &AdminState, query: &BTreeMap<String, String>) -> Response<Full<Bytes>> {
+fn explain(admin: &AdminState, query: &BTreeMap<String, String>) -> Response<Body> {
     let (Some(from), Some(to)) = (query.get("from"), query.get("to")) else {
         return message(
             StatusCode::BAD_REQUEST,
@@ -164,12 +161,6 @@ fn explain(admin: &AdminState, query: &BTreeMap<String, String>) -> Response<Ful
         Ok(explained) => json(StatusCode::OK, &explained),
         Err(error) => message(StatusCode::BAD_REQUEST, &error.to_string()),
     }
-}
-
-fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
-    *response.status_mut() = status;
-    response
 }
 
 /// Resolves `workload` (uid or `namespace/name`) to a uid of a workload on this node.
@@ -189,7 +180,7 @@ fn resolve_workload(admin: &AdminState, workload: &str) -> Result<String, String
     }
 }
 
-async fn add_pod(admin: &AdminState, query: &BTreeMap<String, String>) -> Response<Full<Bytes>> {
+async fn add_pod(admin: &AdminState, query: &BTreeMap<String, String>) -> Response<Body> {
     let (Some(workload), Some(netns)) = (query.get("workload"), query.get("netns")) else {
         return message(
             StatusCode::BAD_REQUEST,
@@ -226,7 +217,7 @@ async fn add_pod(admin: &AdminState, query: &BTreeMap<String, String>) -> Respon
     }
 }
 
-async fn remove_pod(admin: &AdminState, query: &BTreeMap<String, String>) -> Response<Full<Bytes>> {
+async fn remove_pod(admin: &AdminState, query: &BTreeMap<String, String>) -> Response<Body> {
     let Some(workload) = query.get("workload") else {
         return message(StatusCode::BAD_REQUEST, "need ?workload=<uid|ns/name>");
     };
@@ -245,19 +236,4 @@ async fn remove_pod(admin: &AdminState, query: &BTreeMap<String, String>) -> Res
             &format!("workload {uid:?} is not captured"),
         )
     }
-}
-
-fn json(status: StatusCode, value: &impl serde::Serialize) -> Response<Full<Bytes>> {
-    let body = serde_json::to_vec_pretty(value).unwrap_or_default();
-    let mut response = Response::new(Full::new(Bytes::from(body)));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("application/json"),
-    );
-    response
-}
-
-fn message(status: StatusCode, text: &str) -> Response<Full<Bytes>> {
-    json(status, &serde_json::json!({ "error": text }))
 }

@@ -18,11 +18,9 @@ use std::collections::BTreeMap;
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::Full;
 use hyper::{Method, Response, StatusCode};
 
-use super::{json, message};
+use crate::node_http::{error_message as message, json, with_content_type, Body};
 
 /// Libraries whose frames the CPU sampler must not unwind through from its signal handler
 /// (unwinding while one of them holds a lock deadlocks), as the pprof crate advises.
@@ -66,7 +64,7 @@ fn bounded(
 }
 
 /// `/debug/pprof/profile`.
-pub(super) async fn cpu(query: &BTreeMap<String, String>) -> Response<Full<Bytes>> {
+pub(super) async fn cpu(query: &BTreeMap<String, String>) -> Response<Body> {
     let parsed = bounded(query, "seconds", 10, 1..=300)
         .and_then(|seconds| Ok((seconds, bounded(query, "frequency", 100, 1..=1000)?)));
     let (seconds, frequency) = match parsed {
@@ -115,7 +113,7 @@ fn profile_cpu(
 }
 
 /// `/debug/pprof/heap`.
-pub(super) async fn heap() -> Response<Full<Bytes>> {
+pub(super) async fn heap() -> Response<Body> {
     let Some(control) = jemalloc_pprof::PROF_CTL.as_ref() else {
         return message(StatusCode::NOT_IMPLEMENTED, NO_HEAP_PROFILING);
     };
@@ -146,7 +144,7 @@ pub(super) async fn heap() -> Response<Full<Bytes>> {
 pub(super) async fn heap_profiling(
     method: &Method,
     query: &BTreeMap<String, String>,
-) -> Response<Full<Bytes>> {
+) -> Response<Body> {
     let Some(control) = jemalloc_pprof::PROF_CTL.as_ref() else {
         return message(StatusCode::NOT_IMPLEMENTED, NO_HEAP_PROFILING);
     };
@@ -182,11 +180,6 @@ pub(super) async fn heap_profiling(
 const NO_HEAP_PROFILING: &str = "heap profiling is unavailable: jemalloc was not started with \
      prof:true (the agent's build sets it in .cargo/config.toml; _RJEM_MALLOC_CONF overrides it)";
 
-fn binary(body: Vec<u8>) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(body)));
-    response.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("application/octet-stream"),
-    );
-    response
+fn binary(body: Vec<u8>) -> Response<Body> {
+    with_content_type(StatusCode::OK, body, "application/octet-stream")
 }

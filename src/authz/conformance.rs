@@ -8,9 +8,9 @@ use std::net::IpAddr;
 use serde::Deserialize;
 use serde_yaml::Value;
 
-use super::istio::{self, IstioOptions};
 use super::tests::workload;
 use super::{authorize, AuthzOptions, ConnectionFacts, DryRunEffect, SelectorPolicy, Verdict};
+use crate::config::istio_policy::{self as istio, IstioOptions};
 use crate::state::policy::Policy;
 
 const TABLE: &str = include_str!("conformance.yaml");

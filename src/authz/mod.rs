@@ -12,12 +12,13 @@
 //! - [`authorize`]: [`evaluate`] plus the PeerAuthentication STRICT check; what enforcement uses.
 //! - [`decide`]: [`authorize`] over a state snapshot; [`explain`] resolves people's names for
 //!   the source and destination first (CLI and admin API).
-//! - [`istio`]: translation of Istio `AuthorizationPolicy` / `PeerAuthentication` YAML.
+//!
+//! Istio's `AuthorizationPolicy` / `PeerAuthentication` YAML is translated into these policies
+//! by `config::istio_policy` (layer L1), where the config loader reads it.
 
 mod decision;
 mod evaluate;
 pub mod explain;
-pub mod istio;
 mod mtls;
 
 use std::collections::HashSet;

@@ -15,10 +15,12 @@ pub(super) fn workload(namespace: &str, name: &str, ip: [u8; 4]) -> Workload {
     }
 }
 
-use crate::authz::istio::{self, IstioError, IstioOptions, RejectReason, RuleProblem, WarningKind};
 use crate::authz::{
     authorize, evaluate, mtls_mode, resolve_mtls, AuthzOptions, ConnectionFacts, DecisionReason,
     MtlsLevel, MtlsMode, PolicyOutcome, SelectorPolicy, Verdict,
+};
+use crate::config::istio_policy::{
+    self as istio, IstioError, IstioOptions, RejectReason, RuleProblem, WarningKind,
 };
 use crate::state::policy::{Match, Policy, PolicyAction, PolicyScope, StringMatch};
 

@@ -121,7 +121,7 @@ impl AgentConfig {
         }
         for (section, address) in [("xds", &self.xds.address), ("ca", &self.ca.address)] {
             if let Some(address) = address {
-                if let Err(reason) = crate::control_plane::parse_address(address) {
+                if let Err(reason) = address.parse::<crate::net::HttpsAddress>() {
                     problems.push(
                         path.key(section).key("address"),
                         Invalid::ControlPlaneAddress {
@@ -612,8 +612,8 @@ impl AuthorizationConfig {
     }
 
     /// The options Istio resources are translated with.
-    pub fn istio_options(&self) -> crate::authz::istio::IstioOptions {
-        crate::authz::istio::IstioOptions {
+    pub fn istio_options(&self) -> super::istio_policy::IstioOptions {
+        super::istio_policy::IstioOptions {
             root_namespace: self.root_namespace.clone(),
         }
     }

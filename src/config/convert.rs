@@ -150,7 +150,7 @@ pub enum Invalid {
         /// The address as written.
         address: String,
         /// What is wrong with it.
-        reason: String,
+        reason: crate::net::HttpsAddressError,
     },
     /// A size limit of zero would refuse everything.
     #[error("must be greater than 0")]
@@ -356,7 +356,7 @@ fn application_tunnel(raw: &LocalApplicationTunnel) -> ApplicationTunnel {
             LocalTunnelProtocol::None => ApplicationTunnelProtocol::None,
             LocalTunnelProtocol::Proxy => ApplicationTunnelProtocol::Proxy,
         },
-        port: Some(raw.port).filter(|port| *port != 0),
+        port: raw.port.filter(|port| *port != 0),
     }
 }
 

@@ -1,6 +1,6 @@
 //! Istio `AuthorizationPolicy` / `PeerAuthentication` resources as a policy source (layer L1,
 //! part of `config`): the file's `istioResources:` list and the YAML files of
-//! `agent.authorization.policyDirs`, translated by `authz::istio` into the model.
+//! `agent.authorization.policyDirs`, translated by `istio_policy` into the model.
 //!
 //! A resource that cannot be applied is not a config error: it is left out with a
 //! [`PolicyFinding`] naming it and the reason, and every other resource applies (the issue's
@@ -13,9 +13,9 @@ use std::path::{Path, PathBuf};
 
 use serde_yaml::Value;
 
+use super::istio_policy::{self as istio, IstioError, IstioOptions, Translation};
 use super::locate::{FieldPath, Locator};
 use super::{ConfigError, ConfigErrors};
-use crate::authz::istio::{self, IstioError, IstioOptions, Translation};
 use crate::state::policy::{PeerAuthentication, Policy, SelectorPolicy};
 
 /// How serious a finding is.

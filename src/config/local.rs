@@ -120,9 +120,10 @@ pub struct LocalApplicationTunnel {
     /// `NONE` or `PROXY`.
     #[serde(default)]
     pub protocol: LocalTunnelProtocol,
-    /// Port to deliver to; 0 or absent means the original target port (as in Istio's proto).
+    /// Port to deliver to; 0, `null` or absent means the original target port (as in Istio's
+    /// proto and ztunnel's `Option<u16>`).
     #[serde(default)]
-    pub port: u16,
+    pub port: Option<u16>,
 }
 
 /// Application tunnel protocols.

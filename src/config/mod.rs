@@ -15,6 +15,7 @@ pub mod agent;
 mod convert;
 pub mod env;
 pub mod istio;
+pub mod istio_policy;
 mod local;
 pub mod locate;
 pub mod watch;
@@ -57,6 +58,15 @@ impl Config {
             self.services.clone(),
             self.authorization(),
         )
+    }
+
+    /// The model part, unindexed, for merging with istiod's ([`state::merge::merge`]).
+    pub fn local_model(&self) -> state::merge::LocalModel {
+        state::merge::LocalModel {
+            workloads: self.workloads.clone(),
+            services: self.services.clone(),
+            authorization: self.authorization(),
+        }
     }
 
     /// Every policy source merged in configuration order: local `policies`, then Istio

@@ -863,6 +863,7 @@ fn ztunnel_service_endpoints_and_nameless_workloads_read_as_ztunnel_reads_them()
   namespace: default
   workloadIps: [10.0.0.1]
   protocol: HBONE
+  applicationTunnel: {protocol: PROXY, port: null}
 - uid: cluster1//v1/Pod/default/both
   name: both
   namespace: default
@@ -894,6 +895,8 @@ services:
         panic!("two workloads")
     };
     assert_eq!(only_uid.name, "");
+    let tunnel = only_uid.application_tunnel.as_ref().unwrap();
+    assert_eq!(tunnel.port, None, "ztunnel's `port: null`");
     let key = "default/echo.default.svc.cluster.local";
     assert_eq!(only_uid.services[key][&80], 8181, "the service's endpoint");
     assert_eq!(

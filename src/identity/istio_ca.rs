@@ -113,7 +113,7 @@ pub fn checked_certificate(
     let mut certificates = Vec::new();
     for (index, pem) in cert_chain.iter().enumerate() {
         certificates.extend(
-            super::pem_certificates(pem)
+            crate::tls::pem_certificates(pem)
                 .map_err(|error| refused(format!("cert_chain[{index}]: {error}")))?,
         );
     }

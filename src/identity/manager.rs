@@ -7,7 +7,7 @@
 //! issued; an expired certificate is never served (fail closed). Times are tracked on tokio's
 //! clock (so paused-clock tests drive rotation) and checked against the wall clock as well.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
@@ -126,6 +126,9 @@ pub struct CertificateManager {
     changed: Arc<Notify>,
     next_issue: AtomicU64,
     on_failure: FailureHook,
+    /// Identities kept by [`CertificateManager::prefetch_only`], so that a later call forgets
+    /// only what it prefetched, never an identity fetched on demand.
+    prefetched: Mutex<HashSet<Identity>>,
 }
 
 struct Entry {
@@ -241,6 +244,7 @@ impl CertificateManager {
             changed: Arc::new(Notify::new()),
             next_issue: AtomicU64::new(0),
             on_failure: Arc::new(|_| {}),
+            prefetched: Mutex::new(HashSet::new()),
         }
     }
 
@@ -293,6 +297,23 @@ impl CertificateManager {
         {
             self.start_issue(identity, entry);
         }
+    }
+
+    /// Keeps exactly `identities` prefetched and under rotation (the mesh workloads of this
+    /// node, as Istio's node agent does): prefetches each, and forgets those an earlier call
+    /// prefetched that are no longer in the set.
+    pub fn prefetch_only(&self, identities: HashSet<Identity>) {
+        let mut prefetched = self
+            .prefetched
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        for gone in prefetched.difference(&identities) {
+            self.forget(gone);
+        }
+        for identity in &identities {
+            self.prefetch(identity);
+        }
+        *prefetched = identities;
     }
 
     /// Drops the cached certificate of `identity` and stops its rotation and any issue in

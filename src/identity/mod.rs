@@ -285,16 +285,3 @@ pub fn connection_valid_until(
         .map(|(_, not_after)| not_after);
     peer.map_or(own.expires_at(), |peer| peer.min(own.expires_at()))
 }
-
-/// Every `CERTIFICATE` block of `pem`, in order, as DER. Used for roots and CA responses, where
-/// one string may hold a bundle.
-pub fn pem_certificates(pem: &str) -> Result<Vec<CertificateDer<'static>>, String> {
-    use rustls::pki_types::pem::PemObject;
-    let certificates = CertificateDer::pem_slice_iter(pem.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|error| format!("not PEM certificates: {error}"))?;
-    if certificates.is_empty() {
-        return Err("no PEM certificate found".to_string());
-    }
-    Ok(certificates)
-}

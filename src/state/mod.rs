@@ -5,6 +5,7 @@
 //! [`Snapshot`] from the [`StateStore`] once per decision, so one connection sees one consistent
 //! view even while a reload swaps in the next snapshot.
 
+pub mod merge;
 pub mod policy;
 pub mod waypoint;
 

@@ -179,5 +179,29 @@ pub fn peer_identity(connection: &CommonState) -> Option<Identity> {
     spiffe_identities(leaf).ok()?.into_iter().next()
 }
 
+/// Why a PEM string holds no usable certificate.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PemError {
+    /// A block is malformed (the PEM parser's reason).
+    #[error("not PEM certificates: {0}")]
+    Malformed(String),
+    /// No `CERTIFICATE` block at all.
+    #[error("no PEM certificate found")]
+    Empty,
+}
+
+/// Every `CERTIFICATE` block of `pem`, in order, as DER. Used for roots and CA responses, where
+/// one string may hold a bundle.
+pub fn pem_certificates(pem: &str) -> Result<Vec<CertificateDer<'static>>, PemError> {
+    use rustls::pki_types::pem::PemObject;
+    let certificates = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|error| PemError::Malformed(error.to_string()))?;
+    if certificates.is_empty() {
+        return Err(PemError::Empty);
+    }
+    Ok(certificates)
+}
+
 #[cfg(test)]
 pub(crate) mod tests;

@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use crate::proto::discovery::{DeltaDiscoveryResponse, Resource};
 use crate::proto::{ADDRESS_TYPE, AUTHORIZATION_TYPE};
+use crate::state::merge::PushedModel;
 use crate::state::{Policy, Service, Workload};
 
 use super::convert::{self, AddressResource, Invalid};
@@ -79,6 +80,15 @@ impl Versions {
 }
 
 impl XdsModel {
+    /// A view to merge with the file's model ([`crate::state::merge::merge`]).
+    pub fn pushed(&self) -> PushedModel<'_> {
+        PushedModel {
+            workloads: &self.workloads,
+            services: &self.services,
+            policies: &self.policies,
+        }
+    }
+
     /// Applies one delta response: each resource independently (a refused one keeps its last
     /// accepted value, so a bad push cannot leave partial state), then the removals.
     pub fn apply(

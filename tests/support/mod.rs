@@ -26,6 +26,7 @@ pub mod capture;
 pub mod cluster;
 pub mod fake_cni;
 pub mod fake_istiod;
+pub mod h2_raw;
 pub mod logs;
 pub mod netns;
 pub mod tls_probe;

@@ -35,7 +35,29 @@ pub fn leaf_from_root(ca: &Ca, spiffe: &str) -> Result<ClientCert> {
     let issuer = rcgen::CertificateParams::from_ca_cert_pem(&cert_pem)
         .context("parsing the CA certificate")?
         .self_signed(&issuer_key)?;
-    leaf(spiffe, &issuer, &issuer_key)
+    leaf(spiffe, &issuer, &issuer_key, Validity::Current)
+}
+
+/// When a test leaf is valid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Validity {
+    /// From an hour ago to an hour from now.
+    Current,
+    /// Ended an hour ago.
+    Expired,
+    /// Starts in an hour.
+    NotYetValid,
+}
+
+/// [`leaf_from_root`] with the validity period of the test's choosing.
+pub fn leaf_from_root_valid(ca: &Ca, spiffe: &str, validity: Validity) -> Result<ClientCert> {
+    let key_pem = std::fs::read_to_string(&ca.key)?;
+    let cert_pem = std::fs::read_to_string(&ca.cert)?;
+    let issuer_key = rcgen::KeyPair::from_pem(&key_pem).context("parsing the CA key")?;
+    let issuer = rcgen::CertificateParams::from_ca_cert_pem(&cert_pem)
+        .context("parsing the CA certificate")?
+        .self_signed(&issuer_key)?;
+    leaf(spiffe, &issuer, &issuer_key, validity)
 }
 
 /// A leaf with URI SAN `spiffe` signed by a root made on the spot (that no agent trusts).
@@ -47,20 +69,26 @@ pub fn leaf_from_foreign_root(spiffe: &str) -> Result<ClientCert> {
         .distinguished_name
         .push(rcgen::DnType::OrganizationName, "cluster.local");
     let root = params.self_signed(&root_key)?;
-    leaf(spiffe, &root, &root_key)
+    leaf(spiffe, &root, &root_key, Validity::Current)
 }
 
 fn leaf(
     spiffe: &str,
     issuer: &rcgen::Certificate,
     issuer_key: &rcgen::KeyPair,
+    validity: Validity,
 ) -> Result<ClientCert> {
     let key = rcgen::KeyPair::generate()?;
     let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
     params.subject_alt_names = vec![rcgen::SanType::URI(spiffe.try_into()?)];
     let now = time::OffsetDateTime::now_utc();
-    params.not_before = now - time::Duration::hours(1);
-    params.not_after = now + time::Duration::hours(1);
+    let start = match validity {
+        Validity::Current => now - time::Duration::hours(1),
+        Validity::Expired => now - time::Duration::hours(3),
+        Validity::NotYetValid => now + time::Duration::hours(1),
+    };
+    params.not_before = start;
+    params.not_after = start + time::Duration::hours(2);
     params.key_usages = vec![
         rcgen::KeyUsagePurpose::DigitalSignature,
         rcgen::KeyUsagePurpose::KeyEncipherment,
@@ -179,7 +207,7 @@ fn probe_inner(
 }
 
 /// Encodes one HTTP/2 frame.
-fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+pub fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
     let len = payload.len() as u32;
     let mut out = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
     out.extend_from_slice(&(stream & 0x7fff_ffff).to_be_bytes());
@@ -216,7 +244,7 @@ fn frames(buffer: &[u8]) -> Vec<(u8, u32, Vec<u8>)> {
 
 /// Accepts every server certificate but still checks handshake signatures properly.
 #[derive(Debug)]
-struct AcceptAnyServer(Arc<rustls::crypto::CryptoProvider>);
+pub struct AcceptAnyServer(pub Arc<rustls::crypto::CryptoProvider>);
 
 impl ServerCertVerifier for AcceptAnyServer {
     fn verify_server_cert(

@@ -7,11 +7,9 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use serde_yaml::Value;
 
-use crate::authz::{
-    MtlsMode, PeerAuthentication, PeerAuthenticationScope, SelectorPolicy, WorkloadSelector,
-};
 use crate::state::policy::{
-    Clause, Match, Policy, PolicyAction, PolicyScope, Rule, ServiceAccountMatch, StringMatch,
+    Clause, Match, MtlsMode, PeerAuthentication, PeerAuthenticationScope, Policy, PolicyAction,
+    PolicyScope, Rule, SelectorPolicy, ServiceAccountMatch, StringMatch, WorkloadSelector,
 };
 
 use super::resource::{

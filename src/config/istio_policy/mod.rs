@@ -1,4 +1,4 @@
-//! Istio `AuthorizationPolicy` and `PeerAuthentication` resources → our model (layer L2, pure).
+//! Istio `AuthorizationPolicy` and `PeerAuthentication` resources → our model (layer L1, pure).
 //!
 //! Standalone users keep writing the `security.istio.io/v1` / `v1beta1` YAML they already have;
 //! this module translates it the way istiod translates it for ztunnel
@@ -30,7 +30,7 @@ use std::fmt;
 use serde::Deserialize;
 use serde_yaml::Value;
 
-use super::{PeerAuthentication, SelectorPolicy};
+use crate::state::policy::{PeerAuthentication, SelectorPolicy};
 
 /// Translation settings.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

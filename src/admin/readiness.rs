@@ -1,0 +1,59 @@
+//! Readiness (layer L5): `GET /healthz/ready` on 15021, beside the admin and metrics servers.
+//! 200 when every pod is captured; 500 listing what is pending (as Istio's agent answers, so
+//! existing probes and dashboards read it the same way). With istiod, not ready until the first
+//! push of each type; with istio-cni, until the current connection's snapshot is applied.
+
+use std::sync::Arc;
+
+use hyper::StatusCode;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::capture::PodManager;
+use crate::drain::Drain;
+use crate::node_http::{self, text};
+
+/// The sources readiness waits for besides the pods themselves.
+#[derive(Clone, Default)]
+pub struct Pending {
+    /// istio-cni's snapshot applied.
+    pub zds: Option<watch::Receiver<bool>>,
+    /// istiod's first push of each type received.
+    pub xds: Option<watch::Receiver<crate::xds::Synced>>,
+}
+
+/// Serves `/healthz/ready` until drain.
+pub async fn serve(listener: TcpListener, pods: Arc<PodManager>, sources: Pending, drain: Drain) {
+    node_http::serve(listener, drain, move |request| {
+        let pods = pods.clone();
+        let sources = sources.clone();
+        async move {
+            if request.uri().path() != "/healthz/ready" {
+                return text(StatusCode::NOT_FOUND, "not found\n");
+            }
+            let pending = pending(&pods, &sources);
+            if pending.is_empty() {
+                text(StatusCode::OK, "ready\n")
+            } else {
+                text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("not ready, pending: {}\n", pending.join(", ")),
+                )
+            }
+        }
+    })
+    .await
+}
+
+/// What readiness still waits for, sources first, then pods.
+fn pending(pods: &PodManager, sources: &Pending) -> Vec<String> {
+    let mut pending = pods.pending();
+    if sources.zds.as_ref().is_some_and(|synced| !*synced.borrow()) {
+        pending.insert(0, "workload proxy manager".to_string());
+    }
+    if let Some(xds) = &sources.xds {
+        let missing = xds.borrow().pending();
+        pending.splice(0..0, missing);
+    }
+    pending
+}
