@@ -440,7 +440,15 @@ fn pod_command(admin: std::net::SocketAddr, command: PodCommand) -> ExitCode {
         return ExitCode::FAILURE;
     }
     match command {
-        PodCommand::List { .. } if !json => print_pods(&body),
+        PodCommand::List { .. } if !json => {
+            match nodetunnel::admin::tables::pods(&body) {
+                Ok(table) => print!("{table}"),
+                Err(error) => {
+                    eprintln!("error: the agent's /pods is not in the shape this nodetunnel reads: {error}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
         _ => println!("{}", body.trim()),
     }
     ExitCode::SUCCESS
@@ -492,31 +500,4 @@ fn inspect(view: View, args: &InspectArgs) -> ExitCode {
         }
     }
     ExitCode::SUCCESS
-}
-
-/// `nodetunnel pod list` as a table.
-fn print_pods(body: &str) {
-    let pods: std::collections::BTreeMap<String, serde_json::Value> =
-        serde_json::from_str(body).unwrap_or_default();
-    println!(
-        "{:<48} {:<8} {:<8} {:<32} REASON",
-        "WORKLOAD", "STATE", "SOURCE", "NETNS"
-    );
-    for (uid, status) in pods {
-        let field = |name: &str| {
-            status
-                .get(name)
-                .and_then(|v| v.as_str())
-                .unwrap_or("")
-                .to_string()
-        };
-        println!(
-            "{:<48} {:<8} {:<8} {:<32} {}",
-            uid,
-            field("state"),
-            field("source"),
-            field("netns"),
-            field("reason")
-        );
-    }
 }

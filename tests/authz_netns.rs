@@ -165,6 +165,30 @@ fn inbound_error(event: &LogEvent, text: &str) -> bool {
             .is_some_and(|error| error.contains(text))
 }
 
+/// How many connections the server's app accepted, once that equals the number of inbound
+/// connections its agent connected to the app (access events without an error, or closed later
+/// by a policy change): the app's accept loop can trail the agent's connect.
+fn settled_accepts(cluster: &Cluster, server: &EchoServer) -> usize {
+    support::wait_for(
+        "the app to accept what its agent connected",
+        LOG_TIMEOUT,
+        || {
+            let log = cluster.agent("b").log();
+            let connected = log
+                .access("inbound")
+                .iter()
+                .filter(|event| {
+                    event.field("error").map_or(true, |error| {
+                        error.is_empty() || error.starts_with("policy changed")
+                    })
+                })
+                .count();
+            (server.accepted() == connected).then_some(connected)
+        },
+    )
+    .expect("the app's accepts match its agent's connects")
+}
+
 /// Plaintext from an uncaptured pod reaches the server while mTLS mode is the default
 /// (PERMISSIVE); after a PeerAuthentication STRICT is added, plaintext is refused before
 /// anything reaches the app, while HBONE from a mesh client still passes.
@@ -189,10 +213,10 @@ fn strict_mtls_refuses_plaintext_while_hbone_passes() {
         (!cluster.echo_works("legacy", "plaintext probe")).then_some(())
     })
     .expect("STRICT applied on reload");
-    // The first refused probe may be a connection the reload closed after the app accepted it
-    // (its accept can be counted late); one more refusal settles that before counting.
+    // Probes admitted before the reload reached the app, and its accept can trail the agent's
+    // connect: count only once the app has accepted every connection the agent made to it.
     assert!(!cluster.echo_works("legacy", "plaintext settle"));
-    let accepted = server.accepted();
+    let accepted = settled_accepts(&cluster, &server);
     assert!(!cluster.echo_works("legacy", "PLAINTEXT-AFTER-STRICT"));
     assert_eq!(
         server.accepted(),

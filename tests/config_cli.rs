@@ -108,15 +108,24 @@ fn version_flag_prints_name_and_version() {
     assert_eq!(stdout.trim(), expected);
 }
 
-/// `check-config` accepts our full file and an Istio local-config file used unchanged.
+/// `check-config` accepts our full file and Istio local-config files used unchanged (ztunnel's
+/// example, and one in ztunnel's YAML-tag syntax).
 #[test]
 fn check_config_accepts_valid_files() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let istio = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/config/istio-localhost.yaml"),
-    )
-    .expect("Istio example fixture");
-    for (name, text) in [("ours.yaml", good_config()), ("istio.yaml", istio)] {
+    let fixture = |name: &str| {
+        std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/config")
+                .join(name),
+        )
+        .expect("config fixture")
+    };
+    for (name, text) in [
+        ("ours.yaml", good_config()),
+        ("istio.yaml", fixture("istio-localhost.yaml")),
+        ("ztunnel-tags.yaml", fixture("ztunnel-tags.yaml")),
+    ] {
         let path = write(dir.path(), name, &text);
         let output = run_cli(&["check-config", &path.to_string_lossy()]).expect("check-config");
         let stderr = String::from_utf8_lossy(&output.stderr);

@@ -19,6 +19,7 @@ use std::time::Duration;
 use nodetunnel::proto::{security, workload, ADDRESS_TYPE, AUTHORIZATION_TYPE};
 use support::agent::{binary, Agent};
 use support::apps::{self, EchoServer, Reply};
+use support::cluster::{Cluster, ClusterBuilder};
 use support::fake_cni::{workload_info, FakeCni};
 use support::fake_istiod::{self as istiod, CaMode, FakeIstiod};
 use support::netns::Topology;
@@ -31,90 +32,80 @@ fn node_name(role: &str) -> String {
     format!("node-{role}")
 }
 
-/// Two nodes with agents, both fed by one fake istiod. Field order is drop order: agents stop
-/// before istiod and the namespaces go.
-struct Cluster {
-    agents: Vec<Agent>,
+/// Two nodes with agents, all fed by one fake istiod, and an echo server in `server`. Field
+/// order is drop order: the app and istiod stop, then the agents and the namespaces go.
+struct Istio {
     server: EchoServer,
     istiod: FakeIstiod,
-    topology: Topology,
+    cluster: Cluster,
 }
 
-impl Cluster {
-    /// The topology, the fake istiod with the three pods' workloads pushed, and an echo server
-    /// in `server`. Agents are started by the caller.
-    fn prepare() -> (Topology, FakeIstiod, EchoServer) {
-        let topology = Topology::linked_pair(&[("a", "client"), ("b", "server"), ("b", "other")]);
-        let istiod = FakeIstiod::start(&topology, &["a", "b"]).expect("fake istiod");
-        istiod.set(
-            ADDRESS_TYPE,
-            vec![
-                istiod::address(istiod::workload(
-                    "client",
-                    "client",
-                    topology.pod("client").ip,
-                    &node_name("a"),
-                )),
-                istiod::address(istiod::workload(
-                    "server",
-                    "server",
-                    topology.pod("server").ip,
-                    &node_name("b"),
-                )),
-                istiod::address(istiod::workload(
-                    "other",
-                    "other",
-                    topology.pod("other").ip,
-                    &node_name("b"),
-                )),
-            ],
-        );
-        let server =
-            EchoServer::start(&topology, "server", APP_PORT, Reply::Echo).expect("server app");
-        (topology, istiod, server)
-    }
+impl std::ops::Deref for Istio {
+    type Target = Cluster;
 
+    fn deref(&self) -> &Cluster {
+        &self.cluster
+    }
+}
+
+/// The pods (`client` on `a`, `server` and `other` on `b`; the test installs rules in
+/// `test_redirected`) and a fake istiod that pushed their three workloads. Agents are the
+/// caller's to start.
+fn prepare(test_redirected: &[&str]) -> (ClusterBuilder, FakeIstiod) {
+    let builder = Cluster::build(&[("a", "client"), ("b", "server"), ("b", "other")])
+        .test_redirected(test_redirected);
+    let topology = builder.topology();
+    let istiod = FakeIstiod::start(topology, &["a", "b"]).expect("fake istiod");
+    let workloads = [("client", "a"), ("server", "b"), ("other", "b")]
+        .into_iter()
+        .map(|(pod, node)| {
+            istiod::address(istiod::workload(
+                pod,
+                pod,
+                topology.pod(pod).ip,
+                &node_name(node),
+            ))
+        })
+        .collect();
+    istiod.set(ADDRESS_TYPE, workloads);
+    (builder, istiod)
+}
+
+impl Istio {
     /// Agents with a small config file (pods are added through the admin API, rules installed
     /// by the agent) and Istio's environment for everything else; the CA answers in `ca_mode`
     /// from the start (agents fetch certificates for their pods as soon as they learn them).
-    fn start(ca_mode: CaMode) -> Cluster {
-        Cluster::start_with(ca_mode, "")
+    fn start(ca_mode: CaMode) -> Istio {
+        Istio::start_with(ca_mode, "")
     }
 
-    /// [`Cluster::start`] with extra lines for the `agent.xds` section of the config file.
-    fn start_with(ca_mode: CaMode, xds_settings: &str) -> Cluster {
-        let (topology, istiod, server) = Cluster::prepare();
+    /// [`Istio::start`] with extra lines for the `agent.xds` section of the config file.
+    fn start_with(ca_mode: CaMode, xds_settings: &str) -> Istio {
+        let (builder, istiod) = prepare(&[]);
         istiod.set_ca_mode(ca_mode);
-        let mut agents = Vec::new();
-        for role in ["a", "b"] {
+        let mut cluster = builder.spawn_with(|cluster, role| {
             let config = format!(
                 "agent:\n  drainTimeout: 2s\n  xds:\n    reconnectMax: 500ms\n{xds_settings}"
             );
-            let config = config.as_str();
-            let agent = Agent::spawn_istio(
-                &topology,
-                role,
-                Some(config),
-                &istiod.agent_env(&node_name(role)),
-            )
-            .expect("agent spawns");
-            agents.push(agent);
-        }
-        let mut cluster = Cluster {
-            agents,
-            server,
-            istiod,
-            topology,
-        };
+            let env = istiod.agent_env(&node_name(role));
+            Agent::spawn_istio(&cluster.topology, role, Some(&config), &env).expect("agent spawns")
+        });
+        let server = EchoServer::start(&cluster.topology, "server", APP_PORT, Reply::Echo)
+            .expect("server app");
         for agent in &mut cluster.agents {
             agent
                 .wait_ready(&cluster.topology, WAIT)
                 .expect("ready after the first push of each type");
         }
-        cluster.capture("a", "client");
-        cluster.capture("b", "server");
-        cluster.capture("b", "other");
-        cluster
+        let istio = Istio {
+            server,
+            istiod,
+            cluster,
+        };
+        istio.capture("a", "client");
+        istio.capture("b", "server");
+        istio.capture("b", "other");
+        istio
     }
 
     /// `nodetunnel pod add` on the node's agent, for an xDS workload.
@@ -141,13 +132,6 @@ impl Cluster {
             String::from_utf8_lossy(&output.stdout),
             String::from_utf8_lossy(&output.stderr)
         );
-    }
-
-    fn agent(&self, node: &str) -> &Agent {
-        self.agents
-            .iter()
-            .find(|agent| agent.node == node)
-            .expect("agent")
     }
 
     fn exchange(&self, client: &str, marker: &[u8]) -> anyhow::Result<Vec<u8>> {
@@ -222,7 +206,7 @@ fn deny(name: &str, principal: &str) -> (String, prost_types::Any) {
 #[test]
 fn xds_workloads_and_policies_drive_traffic_with_istio_ca_certificates() {
     require_netns!("xds_workloads_and_policies_drive_traffic_with_istio_ca_certificates");
-    let cluster = Cluster::start(CaMode::Normal);
+    let cluster = Istio::start(CaMode::Normal);
     cluster.wait_allowed("client", b"xds-allowed");
     cluster
         .agent("b")
@@ -289,7 +273,7 @@ fn xds_workloads_and_policies_drive_traffic_with_istio_ca_certificates() {
 #[test]
 fn xds_server_restart_keeps_the_last_state_and_resyncs() {
     require_netns!("xds_server_restart_keeps_the_last_state_and_resyncs");
-    let mut cluster = Cluster::start(CaMode::Normal);
+    let mut cluster = Istio::start(CaMode::Normal);
     cluster.wait_allowed("client", b"before-restart");
     cluster.istiod.stop();
     cluster
@@ -312,7 +296,10 @@ fn xds_server_restart_keeps_the_last_state_and_resyncs() {
             "cluster.local/ns/default/sa/client",
         )],
     );
-    cluster.istiod.restart(&cluster.topology).expect("restart");
+    cluster
+        .istiod
+        .restart(&cluster.cluster.topology)
+        .expect("restart");
     cluster.wait_refused("client", b"after-resync");
     let resubscribed = cluster.istiod.requests()[requests_before..]
         .iter()
@@ -334,7 +321,7 @@ fn xds_server_restart_keeps_the_last_state_and_resyncs() {
 #[test]
 fn xds_messages_over_the_size_limit_are_refused() {
     require_netns!("xds_messages_over_the_size_limit_are_refused");
-    let cluster = Cluster::start_with(CaMode::Normal, "    maxMessageSize: 65536\n");
+    let cluster = Istio::start_with(CaMode::Normal, "    maxMessageSize: 65536\n");
     cluster.wait_allowed("client", b"under-the-limit");
     let mut big = istiod::workload("big", "big", "10.200.2.9".parse().unwrap(), "node-b");
     big.extensions = vec![workload::Extension {
@@ -390,7 +377,7 @@ fn xds_messages_over_the_size_limit_are_refused() {
 #[test]
 fn istio_ca_failures_are_refused_survived_and_recovered() {
     require_netns!("istio_ca_failures_are_refused_survived_and_recovered");
-    let cluster = Cluster::start(CaMode::WrongIdentity);
+    let cluster = Istio::start(CaMode::WrongIdentity);
     cluster.wait_refused("client", b"wrong-identity");
     cluster
         .agent("a")
@@ -425,18 +412,22 @@ fn istio_ca_failures_are_refused_survived_and_recovered() {
 #[test]
 fn istio_mode_without_config_takes_pods_from_cni_and_model_from_istiod() {
     require_netns!("istio_mode_without_config_takes_pods_from_cni_and_model_from_istiod");
-    let (topology, istiod, server) = Cluster::prepare();
-    for pod in ["client", "server", "other"] {
-        topology.install_redirect(pod).expect("istio-cni's rules");
-    }
+    // The test's rules stand in for istio-cni's.
+    let (builder, istiod) = prepare(&["client", "server", "other"]);
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut agents = Vec::new();
-    let mut cnis = Vec::new();
-    for role in ["a", "b"] {
-        let socket = dir.path().join(format!("ztunnel-{role}.sock"));
-        let cni = FakeCni::listen(&socket).expect("fake istio-cni");
+    let socket = |role: &str| dir.path().join(format!("ztunnel-{role}.sock"));
+    let cnis: Vec<(&str, FakeCni)> = ["a", "b"]
+        .into_iter()
+        .map(|role| {
+            (
+                role,
+                FakeCni::listen(&socket(role)).expect("fake istio-cni"),
+            )
+        })
+        .collect();
+    let mut cluster = builder.spawn_with(|cluster, role| {
         let mut env = istiod.agent_env(&node_name(role));
-        env.push(("INPOD_UDS".to_string(), socket.display().to_string()));
+        env.push(("INPOD_UDS".to_string(), socket(role).display().to_string()));
         env.push((
             "CONNECTION_TERMINATION_DEADLINE".to_string(),
             "2s".to_string(),
@@ -444,9 +435,11 @@ fn istio_mode_without_config_takes_pods_from_cni_and_model_from_istiod() {
         // The test's rules, standing in for istio-cni's, have no return path for spoofed
         // sources.
         env.push(("ENABLE_ORIG_SRC".to_string(), "false".to_string()));
-        agents.push(Agent::spawn_istio(&topology, role, None, &env).expect("agent spawns"));
-        cnis.push((role, cni));
-    }
+        Agent::spawn_istio(&cluster.topology, role, None, &env).expect("agent spawns")
+    });
+    let server =
+        EchoServer::start(&cluster.topology, "server", APP_PORT, Reply::Echo).expect("server app");
+    let topology = &cluster.topology;
     let mut connections = Vec::new();
     for (role, cni) in &cnis {
         let mut connection = cni.accept().expect("the agent connects to istio-cni");
@@ -468,14 +461,14 @@ fn istio_mode_without_config_takes_pods_from_cni_and_model_from_istiod() {
         assert!(connection.snapshot_sent().expect("answered").is_ack());
         connections.push(connection);
     }
-    for agent in &mut agents {
-        agent.wait_ready(&topology, WAIT).expect("ready");
+    for agent in &mut cluster.agents {
+        agent.wait_ready(&cluster.topology, WAIT).expect("ready");
     }
     let result = support::wait_for("traffic from the istio-cni pods", WAIT, || {
-        exchange(&topology, "client", b"istio-mode").ok()
+        exchange(topology, "client", b"istio-mode").ok()
     });
     if let Err(error) = result {
-        panic!("{error:#}\n{}", log_tails(&agents));
+        panic!("{error:#}\n{}", log_tails(&cluster.agents));
     }
     assert!(server.received_contains(b"istio-mode"));
     let dump = topology
@@ -494,7 +487,8 @@ fn istio_mode_without_config_takes_pods_from_cni_and_model_from_istiod() {
         config["installRules"], false,
         "istio-cni installs the rules"
     );
-    agents[1]
+    cluster
+        .agent("b")
         .wait_for_event("inbound with the client's identity", WAIT, |event| {
             event.is_access()
                 && event.field("src.identity").as_deref()
@@ -507,9 +501,9 @@ fn istio_mode_without_config_takes_pods_from_cni_and_model_from_istiod() {
         vec![deny("deny-client", "cluster.local/ns/default/sa/client")],
     );
     support::wait_for("the pushed denial", WAIT, || {
-        exchange(&topology, "client", b"istio-mode-denied").err()
+        exchange(topology, "client", b"istio-mode-denied").err()
     })
     .expect("denied after the push");
     drop(connections);
-    drop(agents);
+    drop(cluster);
 }

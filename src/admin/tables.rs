@@ -3,11 +3,13 @@
 //! The JSON is read into the same [`super::schema`] types the agent writes it with. Pure
 //! functions of the JSON, so the layout is testable without an agent.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use serde_json::Value;
 
 use super::schema::{ConfigDump, ConnectionDump, PodState};
+use crate::capture::{PodSource, PodStatus};
 use crate::state::TunnelProtocol;
 
 /// What the CLI asks a running agent about.
@@ -205,6 +207,36 @@ fn status(dump: &ConfigDump) -> String {
     out
 }
 
+/// `nodetunnel pod list`: `/pods` (workload uid → [`PodStatus`]) as a table.
+pub fn pods(body: &str) -> Result<String, serde_json::Error> {
+    let pods: BTreeMap<String, PodStatus> = serde_json::from_str(body)?;
+    Ok(table(
+        &["WORKLOAD", "STATE", "SOURCE", "NETNS", "REASON"],
+        pods.into_iter().map(|(uid, status)| {
+            let (state, netns, source, reason) = match status {
+                PodStatus::Running { netns, source } => ("running", netns, source, String::new()),
+                PodStatus::Failed {
+                    netns,
+                    source,
+                    reason,
+                } => ("failed", netns, source, reason),
+            };
+            let source = match source {
+                PodSource::Config => "config",
+                PodSource::Api => "api",
+                PodSource::Cni => "cni",
+            };
+            vec![
+                uid,
+                state.to_string(),
+                source.to_string(),
+                netns.display().to_string(),
+                reason,
+            ]
+        }),
+    ))
+}
+
 /// Left-aligned columns sized to their widest cell.
 fn table(headers: &[&str], rows: impl Iterator<Item = Vec<String>>) -> String {
     let rows: Vec<Vec<String>> = rows.collect();
@@ -323,5 +355,52 @@ mod tests {
         for (view, answer) in cases {
             assert!(view.render(&answer).is_err(), "{view:?}: {answer}");
         }
+    }
+
+    #[test]
+    fn pod_list_reads_the_pods_the_agent_writes() {
+        let pods = BTreeMap::from([
+            (
+                "cluster1//Pod/default/client".to_string(),
+                PodStatus::Running {
+                    netns: "/run/netns/client".into(),
+                    source: PodSource::Config,
+                },
+            ),
+            (
+                "cluster1//Pod/default/server".to_string(),
+                PodStatus::Failed {
+                    netns: "/run/netns/server".into(),
+                    source: PodSource::Api,
+                    reason: "nft failed".to_string(),
+                },
+            ),
+        ]);
+        let table = super::pods(&serde_json::to_string(&pods).unwrap()).unwrap();
+        let rows: Vec<Vec<&str>> = table
+            .lines()
+            .map(|line| line.split_whitespace().collect())
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                vec!["WORKLOAD", "STATE", "SOURCE", "NETNS", "REASON"],
+                vec![
+                    "cluster1//Pod/default/client",
+                    "running",
+                    "config",
+                    "/run/netns/client"
+                ],
+                vec![
+                    "cluster1//Pod/default/server",
+                    "failed",
+                    "api",
+                    "/run/netns/server",
+                    "nft",
+                    "failed"
+                ],
+            ]
+        );
+        assert!(super::pods(r#"{"u": {"state": "gone"}}"#).is_err());
     }
 }

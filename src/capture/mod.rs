@@ -123,8 +123,9 @@ pub enum AddOutcome {
     Replaced,
 }
 
-/// The status of one pod, for readiness and the admin API.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+/// The status of one pod, for readiness and the admin API (`/pods`, which `nodetunnel pod list`
+/// reads back into this type).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "state", rename_all = "camelCase")]
 pub enum PodStatus {
     /// Listeners are up.

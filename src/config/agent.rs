@@ -61,6 +61,10 @@ pub struct AgentConfig {
     /// Who this agent is toward istiod (node id, token, cluster), for xDS and the Istio CA.
     #[serde(default)]
     pub istio: IstioConfig,
+    /// Istio's `meshConfig.outboundTrafficPolicy`: `mode` mesh-wide (`ALLOW_ANY` by default,
+    /// or `REGISTRY_ONLY`), and `namespaces` with a mode per namespace.
+    #[serde(default)]
+    pub outbound_traffic_policy: crate::state::egress::OutboundTrafficPolicy,
     /// How long open connections may finish after a shutdown signal before they are cut.
     #[serde(default = "defaults::drain_timeout", with = "humantime_serde")]
     pub drain_timeout: Duration,
@@ -85,6 +89,7 @@ impl Default for AgentConfig {
             authorization: AuthorizationConfig::default(),
             xds: XdsConfig::default(),
             istio: IstioConfig::default(),
+            outbound_traffic_policy: Default::default(),
             drain_timeout: defaults::drain_timeout(),
             reload_interval: defaults::reload_interval(),
         }

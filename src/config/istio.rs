@@ -1,6 +1,8 @@
 //! Istio `AuthorizationPolicy` / `PeerAuthentication` resources as a policy source (layer L1,
 //! part of `config`): the file's `istioResources:` list and the YAML files of
-//! `agent.authorization.policyDirs`, translated by `istio_policy` into the model.
+//! `agent.authorization.policyDirs`, translated by `istio_policy` into the model. The
+//! `networking.istio.io` resources of the same sources (ServiceEntry) are translated by
+//! `istio_networking`.
 //!
 //! A resource that cannot be applied is not a config error: it is left out with a
 //! [`PolicyFinding`] naming it and the reason, and every other resource applies (the issue's
@@ -13,9 +15,11 @@ use std::path::{Path, PathBuf};
 
 use serde_yaml::Value;
 
+use super::istio_networking::{self as networking, NetworkingTranslation};
 use super::istio_policy::{self as istio, IstioError, IstioOptions, Translation};
 use super::locate::{FieldPath, Locator};
 use super::{ConfigError, ConfigErrors};
+use crate::state::egress::ServiceEntry;
 use crate::state::policy::{PeerAuthentication, Policy, SelectorPolicy};
 
 /// How serious a finding is.
@@ -58,6 +62,8 @@ pub struct IstioResources {
     pub policies: Vec<SelectorPolicy>,
     /// Translated PeerAuthentications, same order.
     pub peer_authentications: Vec<PeerAuthentication>,
+    /// Translated ServiceEntries (`networking.istio.io`), same order.
+    pub service_entries: Vec<ServiceEntry>,
     /// Everything not applied as written.
     pub findings: Vec<PolicyFinding>,
 }
@@ -72,6 +78,17 @@ pub struct PolicyFile {
 }
 
 impl IstioResources {
+    fn absorb_networking(&mut self, translation: NetworkingTranslation, location: &str) {
+        self.service_entries.extend(translation.service_entries);
+        for error in translation.errors {
+            self.findings.push(PolicyFinding {
+                location: location.to_string(),
+                kind: FindingKind::Rejected,
+                message: error.to_string(),
+            });
+        }
+    }
+
     fn absorb(&mut self, translation: Translation, location: &str) {
         self.policies.extend(translation.policies);
         self.peer_authentications
@@ -120,6 +137,7 @@ impl IstioResources {
                 position.column
             );
             translated.absorb(istio::translate([resource.clone()], options), &location);
+            translated.absorb_networking(networking::translate([resource.clone()]), &location);
         }
         translated
     }
@@ -129,6 +147,7 @@ impl IstioResources {
         for file in files {
             let location = file.path.display().to_string();
             self.absorb(istio::parse(&file.text, options), &location);
+            self.absorb_networking(networking::parse(&file.text), &location);
         }
     }
 

@@ -15,6 +15,7 @@ pub mod agent;
 mod convert;
 pub mod env;
 pub mod istio;
+pub mod istio_networking;
 pub mod istio_policy;
 mod local;
 pub mod locate;
@@ -58,6 +59,21 @@ impl Config {
             self.services.clone(),
             self.authorization(),
         )
+        .with_egress(self.egress())
+    }
+
+    /// The outbound traffic policy and the ServiceEntries, for the snapshot.
+    pub fn egress(&self) -> state::egress::Egress {
+        state::egress::Egress {
+            policy: self.agent.outbound_traffic_policy.clone(),
+            service_entries: self
+                .istio
+                .service_entries
+                .iter()
+                .cloned()
+                .map(std::sync::Arc::new)
+                .collect(),
+        }
     }
 
     /// The model part, unindexed, for merging with istiod's ([`state::merge::merge`]).
@@ -66,6 +82,7 @@ impl Config {
             workloads: self.workloads.clone(),
             services: self.services.clone(),
             authorization: self.authorization(),
+            egress: self.egress(),
         }
     }
 

@@ -247,7 +247,7 @@ fn error_cases() -> Vec<(&'static str, String, Vec<&'static str>)> {
             "unknown agent field",
             "agent:\n  node: n1\n  nodes: [n2]\n".into(),
             vec![
-                "nodetunnel.yaml:3:3: agent.nodes: unknown field `nodes`, expected one of `node`, `trustDomain`, `network`, `ca`, `pods`, `zds`, `proxy`, `pool`, `listen`, `capture`, `authorization`, `xds`, `istio`, `drainTimeout`, `reloadInterval`",
+                "nodetunnel.yaml:3:3: agent.nodes: unknown field `nodes`, expected one of `node`, `trustDomain`, `network`, `ca`, `pods`, `zds`, `proxy`, `pool`, `listen`, `capture`, `authorization`, `xds`, `istio`, `outboundTrafficPolicy`, `drainTimeout`, `reloadInterval`",
             ],
         ),
         (

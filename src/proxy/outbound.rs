@@ -58,6 +58,9 @@ impl OutboundError {
         match self {
             OutboundError::Admission(error) => error.flag(),
             OutboundError::Pool(error) => error.flag(),
+            OutboundError::Route(route::RouteError::EgressBlocked(_)) => {
+                ResponseFlag::EgressBlocked
+            }
             _ => ResponseFlag::Connect,
         }
     }
@@ -76,8 +79,9 @@ async fn proxy_connection(
     let (snapshot, source) = proxy.local_view()?;
     record.src_workload = Some(source.clone());
     let hbone_port = proxy.inputs.settings.proxy.hbone_port;
-    let decision = route::decide(&snapshot, &source, destination, hbone_port, rand::random())?;
+    let decision = route::decide(&snapshot, &source, destination, hbone_port, rand::random());
     drop(snapshot);
+    let decision = refuse_blocked(proxy, &stream, decision)?;
     match decision {
         Route::Hbone(route) => {
             let HboneRoute {
@@ -123,6 +127,7 @@ async fn proxy_connection(
             target,
             destination: known,
             service,
+            service_entry: _,
         }) => {
             record.dst_workload = known;
             record.dst_service = service;
@@ -133,5 +138,27 @@ async fn proxy_connection(
                 .await
                 .map_err(|error| AdmissionError::Copy(error).into())
         }
+    }
+}
+
+/// Passes a route through; an egress refusal also resets the app's connection and is counted.
+fn refuse_blocked(
+    proxy: &WorkloadProxy,
+    stream: &TcpStream,
+    decision: Result<Route, route::RouteError>,
+) -> Result<Route, route::RouteError> {
+    if let Err(route::RouteError::EgressBlocked(_)) = &decision {
+        refuse(stream);
+        let protection = proxy.inputs.metrics.protection();
+        protection.egress_refused("registry_only");
+    }
+    decision
+}
+
+/// Makes the close of `stream` a reset (SO_LINGER 0), so that the application learns at once
+/// that its connection was refused instead of reading an orderly, empty end of stream.
+fn refuse(stream: &TcpStream) {
+    if let Err(error) = socket2::SockRef::from(stream).set_linger(Some(std::time::Duration::ZERO)) {
+        tracing::debug!(%error, "cannot set SO_LINGER 0; the refusal closes normally");
     }
 }

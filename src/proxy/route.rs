@@ -10,12 +10,18 @@
 //! even one with a workload waypoint. A pod address whose workload has a waypoint goes to that
 //! waypoint with the original `IP:port` as authority. Traffic from the waypoint itself goes
 //! direct, so a waypoint never loops back to itself.
+//!
+//! A destination that is neither a service VIP nor a workload is an egress question
+//! (`state::egress`): a matching ServiceEntry allows it (and may pick a STATIC endpoint), else
+//! the source namespace's outbound traffic policy passes it through (`ALLOW_ANY`) or refuses it
+//! (`REGISTRY_ONLY`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use crate::net::{ports, NetworkAddress, OriginalDst, UpstreamAddr};
 use crate::spiffe::Identity;
+use crate::state::egress::{EgressBlocked, EgressDecision, ServiceEntry};
 use crate::state::{GatewayAddress, Service, Snapshot, TunnelProtocol, Workload};
 
 /// Where an outbound connection goes.
@@ -53,6 +59,8 @@ pub struct PassthroughRoute {
     pub destination: Option<Arc<Workload>>,
     /// The service addressed, if any.
     pub service: Option<Arc<Service>>,
+    /// The ServiceEntry that allowed an outside destination, if one did.
+    pub service_entry: Option<Arc<ServiceEntry>>,
 }
 
 /// Why no route exists.
@@ -84,6 +92,9 @@ pub enum RouteError {
     /// refused rather than sent around the waypoint.
     #[error("waypoint {0} of the destination resolves to no reachable workload")]
     NoWaypoint(String),
+    /// Outside the registry, and the source's namespace is `REGISTRY_ONLY`.
+    #[error(transparent)]
+    EgressBlocked(#[from] EgressBlocked),
 }
 
 /// Decides the route for `destination` dialled by `source`. `pick` chooses among endpoints.
@@ -138,10 +149,17 @@ pub fn decide(
         }
         return to_workload(workload, dst.port(), None, source, dst, hbone_port);
     }
+    // Not in the registry: the outbound traffic policy and ServiceEntries decide.
+    let (target, service_entry) = match snapshot.egress().decide(&source.namespace, dst, pick) {
+        EgressDecision::ServiceEntry { entry, target } => (target, Some(entry)),
+        EgressDecision::AllowAny => (dst, None),
+        EgressDecision::Blocked(blocked) => return Err(blocked.into()),
+    };
     Ok(Route::Passthrough(PassthroughRoute {
-        target: UpstreamAddr(dst),
+        target: UpstreamAddr(target),
         destination: None,
         service: None,
+        service_entry,
     }))
 }
 
@@ -218,6 +236,7 @@ fn to_workload(
             target: UpstreamAddr(SocketAddr::new(ip, target_port)),
             destination: Some(workload.clone()),
             service,
+            service_entry: None,
         }));
     }
     let mut expected_identities = vec![workload.identity.clone()];

@@ -421,3 +421,51 @@ fn waypoint_table() {
         assert_eq!(got, expected, "{name}");
     }
 }
+
+#[test]
+fn registry_only_refuses_only_what_is_outside_the_registry() {
+    use crate::state::egress::{
+        Egress, ExportTo, Location, OutboundMode, OutboundTrafficPolicy, Resolution, ServiceEntry,
+        ServiceEntryPort,
+    };
+    let (snapshot, client) = snapshot();
+    let entry = ServiceEntry {
+        namespace: "default".into(),
+        name: "partner".into(),
+        hosts: vec!["partner.example".into()],
+        addresses: vec!["192.0.2.0/28".parse().unwrap()],
+        ports: vec![ServiceEntryPort {
+            number: 443,
+            name: "tls".into(),
+            protocol: "TLS".into(),
+            target_port: None,
+        }],
+        location: Location::MeshExternal,
+        resolution: Resolution::None,
+        endpoints: Vec::new(),
+        export_to: ExportTo::All,
+    };
+    let snapshot = snapshot.with_egress(Egress {
+        policy: OutboundTrafficPolicy {
+            mode: OutboundMode::RegistryOnly,
+            namespaces: Default::default(),
+        },
+        service_entries: vec![std::sync::Arc::new(entry)],
+    });
+    let blocked = "192.0.2.99:443 is not in the registry and outboundTrafficPolicy for namespace \
+                   default is REGISTRY_ONLY (no workload, service or ServiceEntry matches)";
+    let cases: &[(&str, Want)] = &[
+        // Mesh workloads and services stay reachable.
+        ("10.0.2.3:5432", Want::Passthrough("10.0.2.3:5432")),
+        ("10.96.0.10:80", Want::Hbone { peer: "10.0.2.2:15008", authority: "10.0.2.2:8080", identities: &["spiffe://cluster.local/ns/default/sa/echo-a", "spiffe://cluster.local/ns/default/sa/echo-svc"] }),
+        // The ServiceEntry's CIDR and port.
+        ("192.0.2.1:443", Want::Passthrough("192.0.2.1:443")),
+        ("192.0.2.1:80", Want::Error("192.0.2.1:80 is not in the registry and outboundTrafficPolicy for namespace default is REGISTRY_ONLY (no workload, service or ServiceEntry matches)")),
+        ("192.0.2.99:443", Want::Error(blocked)),
+    ];
+    for (dst, want) in cases {
+        let destination = OriginalDst(dst.parse().unwrap());
+        let got = summarize(decide(&snapshot, &client, destination, 15008, 0));
+        assert_eq!(got, want.expected(), "dst {dst}");
+    }
+}

@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, HashSet};
 
 use crate::spiffe::Identity;
 
+use super::egress::Egress;
 use super::policy::SelectorPolicy;
 use super::{Authorization, Policy, Service, Snapshot, TunnelProtocol, Workload};
 
@@ -18,6 +19,8 @@ pub struct LocalModel {
     pub services: Vec<Service>,
     /// Every local policy source, with the agent-wide authorization settings.
     pub authorization: Authorization,
+    /// The outbound traffic policy and ServiceEntries (only the file has them).
+    pub egress: Egress,
 }
 
 /// A control plane's model, keyed as it names its resources.
@@ -38,9 +41,11 @@ pub fn merge(local: LocalModel, pushed: Option<PushedModel<'_>>) -> Snapshot {
         mut workloads,
         mut services,
         mut authorization,
+        egress,
     } = local;
     let Some(pushed) = pushed else {
-        return Snapshot::with_authorization(workloads, services, authorization);
+        return Snapshot::with_authorization(workloads, services, authorization)
+            .with_egress(egress);
     };
     let local_uids: HashSet<String> = workloads.iter().map(|w| w.uid.clone()).collect();
     let local_services: HashSet<String> = services.iter().map(Service::key).collect();
@@ -71,7 +76,7 @@ pub fn merge(local: LocalModel, pushed: Option<PushedModel<'_>>) -> Snapshot {
             .cloned()
             .map(SelectorPolicy::new),
     );
-    Snapshot::with_authorization(workloads, services, authorization)
+    Snapshot::with_authorization(workloads, services, authorization).with_egress(egress)
 }
 
 impl Snapshot {
@@ -113,6 +118,13 @@ mod tests {
             authorization: Authorization {
                 policies: vec![SelectorPolicy::new(policy("p", PolicyAction::Deny))],
                 ..Authorization::default()
+            },
+            egress: crate::state::egress::Egress {
+                policy: crate::state::egress::OutboundTrafficPolicy {
+                    mode: crate::state::egress::OutboundMode::RegistryOnly,
+                    namespaces: BTreeMap::new(),
+                },
+                service_entries: Vec::new(),
             },
         };
         let shadowed = Workload {
@@ -158,6 +170,13 @@ mod tests {
                 ("default/p".to_string(), PolicyAction::Deny),
                 ("default/q".to_string(), PolicyAction::Allow),
             ]
+        );
+        // The outbound traffic policy comes from the file, with or without istiod.
+        let registry_only = crate::state::egress::OutboundMode::RegistryOnly;
+        assert_eq!(merged.egress().policy.mode, registry_only);
+        assert_eq!(
+            merge(local.clone(), None).egress().policy.mode,
+            registry_only
         );
         // Without istiod the file alone is the model.
         assert!(merge(local, None).workload("istiod-b").is_none());

@@ -5,6 +5,7 @@
 //! [`Snapshot`] from the [`StateStore`] once per decision, so one connection sees one consistent
 //! view even while a reload swaps in the next snapshot.
 
+pub mod egress;
 pub mod merge;
 pub mod policy;
 pub mod waypoint;
@@ -175,6 +176,7 @@ pub struct Snapshot {
     /// Service key → the workloads backing it, in uid order (deterministic load balancing input).
     endpoints: HashMap<String, Vec<Arc<Workload>>>,
     authorization: Authorization,
+    egress: egress::Egress,
 }
 
 /// A service endpoint chosen for a connection.
@@ -239,6 +241,17 @@ impl Snapshot {
         }
         snapshot.authorization = authorization;
         snapshot
+    }
+
+    /// The same model with this outbound traffic policy and these ServiceEntries.
+    pub fn with_egress(mut self, egress: egress::Egress) -> Self {
+        self.egress = egress;
+        self
+    }
+
+    /// The outbound traffic policy and ServiceEntries.
+    pub fn egress(&self) -> &egress::Egress {
+        &self.egress
     }
 
     /// The workload with this uid.

@@ -27,6 +27,10 @@ pub enum ResponseFlag {
     H2HandshakeFailure,
     /// The peer presented the wrong identity, or none could be obtained.
     IdentityError,
+    /// Refused by the outbound traffic policy (`REGISTRY_ONLY`, no ServiceEntry matched).
+    EgressBlocked,
+    /// Refused by a connection limit or because every endpoint is ejected.
+    Overflow,
 }
 
 impl ResponseFlag {
@@ -39,6 +43,8 @@ impl ResponseFlag {
             ResponseFlag::TlsFailure => "TLS_FAILURE",
             ResponseFlag::H2HandshakeFailure => "H2_HANDSHAKE_FAILURE",
             ResponseFlag::IdentityError => "IDENTITY_ERROR",
+            ResponseFlag::EgressBlocked => "EGRESS_BLOCKED",
+            ResponseFlag::Overflow => "UPSTREAM_OVERFLOW",
         }
     }
 }

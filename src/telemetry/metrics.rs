@@ -151,6 +151,7 @@ pub struct Metrics {
     /// connections share these labels instead of holding ~20 strings each.
     series: Mutex<HashMap<Arc<TrafficLabels>, [String; 2]>>,
     xds: super::xds::XdsMetrics,
+    protection: super::protection::ProtectionMetrics,
 }
 
 /// A connection registered for live byte reporting; give it back to [`Metrics::close`].
@@ -180,6 +181,8 @@ impl Metrics {
         let decisions = DecisionCounters::default();
         let build = Family::<BuildLabels, Gauge>::default();
         let xds = super::xds::XdsMetrics::default();
+        let protection = super::protection::ProtectionMetrics::default();
+        protection.register(&mut registry);
         build
             .get_or_create(&BuildLabels {
                 component: "ztunnel".to_string(),
@@ -237,7 +240,13 @@ impl Metrics {
             live: Mutex::new(HashMap::new()),
             series: Mutex::new(HashMap::new()),
             xds,
+            protection,
         }
+    }
+
+    /// Egress refusals, connection-limit refusals and outlier ejections.
+    pub fn protection(&self) -> &super::protection::ProtectionMetrics {
+        &self.protection
     }
 
     /// The xDS client's counters.

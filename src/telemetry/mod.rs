@@ -9,6 +9,7 @@
 mod json_format;
 mod labels;
 pub mod metrics;
+pub mod protection;
 mod record;
 pub mod xds;
 

@@ -132,6 +132,11 @@ impl ClusterBuilder {
         self
     }
 
+    /// The topology, for what must exist before the agents do (a fake istiod, its model).
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
     /// Starts both agents with the rendered configs and waits until they are ready.
     pub fn start(self) -> Cluster {
         self.start_with(Cluster::render)
@@ -140,6 +145,15 @@ impl ClusterBuilder {
     /// Starts both agents, `configure(cluster, node)` giving each node's config file, and waits
     /// until they are ready.
     pub fn start_with(self, configure: impl Fn(&Cluster, &str) -> String) -> Cluster {
+        self.spawn_with(|cluster, node| {
+            let config = configure(cluster, node);
+            Agent::start(&cluster.topology, node, &cluster.ca, &config).expect("agent ready")
+        })
+    }
+
+    /// Starts each node's agent with `spawn(cluster, node)`, for agents not configured from
+    /// the mesh (Istio mode); readiness is the caller's to wait for.
+    pub fn spawn_with(self, spawn: impl Fn(&Cluster, &str) -> Agent) -> Cluster {
         for pod in &self.test_redirected {
             self.topology
                 .install_redirect(pod)
@@ -153,9 +167,8 @@ impl ClusterBuilder {
             captured: self.captured,
         };
         for node in ["a", "b"] {
-            let config = configure(&cluster, node);
-            let agent = Agent::start(&cluster.topology, node, &cluster.ca, &config);
-            cluster.agents.push(agent.expect("agent ready"));
+            let agent = spawn(&cluster, node);
+            cluster.agents.push(agent);
         }
         cluster
     }

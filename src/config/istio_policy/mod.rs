@@ -295,14 +295,32 @@ pub fn translate(
     let mut translation = Translation::default();
     for document in documents {
         for resource in expand(document) {
+            // ServiceEntry and DestinationRule are read by `config::istio_networking`.
+            if is_networking(&resource) {
+                continue;
+            }
             translate::resource(resource, options, &mut translation);
         }
     }
     translation
 }
 
+/// Whether `resource` is a `networking.istio.io` resource (any version) that is not one of the
+/// security kinds (whose wrong apiVersion the security reader reports).
+pub fn is_networking(resource: &Value) -> bool {
+    let security_kind = matches!(
+        resource.get("kind").and_then(Value::as_str),
+        Some("AuthorizationPolicy" | "PeerAuthentication")
+    );
+    !security_kind
+        && resource
+            .get("apiVersion")
+            .and_then(Value::as_str)
+            .is_some_and(|version| version.starts_with("networking.istio.io/"))
+}
+
 /// A document's resources: none (null), the items of a list, or the document itself.
-fn expand(document: Value) -> Vec<Value> {
+pub fn expand(document: Value) -> Vec<Value> {
     match document {
         Value::Null => Vec::new(),
         Value::Sequence(items) => items.into_iter().flat_map(expand).collect(),

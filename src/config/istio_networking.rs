@@ -1,0 +1,348 @@
+//! Istio `networking.istio.io` resources → the egress model (layer L1, pure): `ServiceEntry`
+//! (v1, v1beta1, v1alpha3 share the shape).
+//!
+//! They come from the same places as the security resources (`istioResources` and the files of
+//! `agent.authorization.policyDirs`) and follow the same rule: a resource that cannot be
+//! applied is left out with an error naming it and the field, and every other resource applies.
+//! Specs reject unknown fields, as a misspelt field in an egress rule must not silently widen or
+//! narrow what is allowed.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+use serde_yaml::Value;
+
+use super::istio_policy::{expand, is_networking, ResourceId};
+use crate::state::egress::{
+    ExportTo, Location, Resolution, ServiceEntry, ServiceEntryEndpoint, ServiceEntryPort,
+};
+
+const API_VERSIONS: [&str; 3] = [
+    "networking.istio.io/v1",
+    "networking.istio.io/v1beta1",
+    "networking.istio.io/v1alpha3",
+];
+
+/// A networking resource that was not applied.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct NetworkingError {
+    /// Which resource.
+    pub resource: ResourceId,
+    /// The field at fault (`spec.addresses[1]`), or `.` for the resource as a whole.
+    pub field: String,
+    /// What is wrong.
+    pub problem: String,
+}
+
+impl fmt::Display for NetworkingError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}: {}", self.resource, self.field, self.problem)
+    }
+}
+
+/// What a set of networking resources translated to.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NetworkingTranslation {
+    /// ServiceEntries, in input order.
+    pub service_entries: Vec<ServiceEntry>,
+    /// Resources left out.
+    pub errors: Vec<NetworkingError>,
+}
+
+/// Reads the networking resources of YAML text (documents, lists, `List` kinds), ignoring every
+/// other resource. A YAML syntax error ends the reading silently: the security reader of the same
+/// text reports it.
+pub fn parse(yaml: &str) -> NetworkingTranslation {
+    let mut values = Vec::new();
+    for deserializer in serde_yaml::Deserializer::from_str(yaml) {
+        match Value::deserialize(deserializer) {
+            Ok(value) => values.push(value),
+            Err(_) => break,
+        }
+    }
+    translate(values)
+}
+
+/// Translates the networking resources among already parsed documents.
+pub fn translate(documents: impl IntoIterator<Item = Value>) -> NetworkingTranslation {
+    let mut translation = NetworkingTranslation::default();
+    for resource in documents.into_iter().flat_map(expand) {
+        if !is_networking(&resource) {
+            continue;
+        }
+        match service_entry(&resource) {
+            Ok(entry) => translation.service_entries.push(entry),
+            Err(error) => translation.errors.push(error),
+        }
+    }
+    translation
+}
+
+fn text<'a>(value: &'a Value, path: &[&str]) -> Option<&'a str> {
+    path.iter()
+        .try_fold(value, |value, key| value.get(key))
+        .and_then(Value::as_str)
+}
+
+/// `ServiceEntry.spec`.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+struct ServiceEntrySpec {
+    hosts: Vec<String>,
+    addresses: Vec<String>,
+    ports: Vec<PortSpec>,
+    location: Option<String>,
+    resolution: Option<String>,
+    endpoints: Vec<EndpointSpec>,
+    workload_selector: Option<Value>,
+    export_to: Vec<String>,
+    subject_alt_names: Vec<String>,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+struct PortSpec {
+    number: u32,
+    protocol: Option<String>,
+    name: Option<String>,
+    target_port: Option<u32>,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+struct EndpointSpec {
+    address: Option<String>,
+    ports: BTreeMap<String, u32>,
+    labels: BTreeMap<String, String>,
+    network: Option<String>,
+    locality: Option<String>,
+    weight: Option<u32>,
+    service_account: Option<String>,
+}
+
+fn service_entry(resource: &Value) -> Result<ServiceEntry, NetworkingError> {
+    let id = ResourceId {
+        kind: text(resource, &["kind"]).unwrap_or("<no kind>").to_string(),
+        namespace: text(resource, &["metadata", "namespace"])
+            .unwrap_or("default")
+            .to_string(),
+        name: text(resource, &["metadata", "name"])
+            .unwrap_or("<unnamed>")
+            .to_string(),
+    };
+    let fail = |field: &str, problem: String| NetworkingError {
+        resource: id.clone(),
+        field: field.to_string(),
+        problem,
+    };
+    let api_version = text(resource, &["apiVersion"]).unwrap_or_default();
+    if !API_VERSIONS.contains(&api_version) {
+        return Err(fail(
+            "apiVersion",
+            format!("unsupported {api_version:?} (expected networking.istio.io/v1, v1beta1 or v1alpha3)"),
+        ));
+    }
+    if id.kind != "ServiceEntry" {
+        return Err(fail(
+            "kind",
+            "unsupported networking kind (expected ServiceEntry)".to_string(),
+        ));
+    }
+    if !text(resource, &["metadata", "name"]).is_some_and(|name| !name.is_empty()) {
+        return Err(fail("metadata.name", "missing".to_string()));
+    }
+    let spec = resource.get("spec").cloned().unwrap_or(Value::Null);
+    let spec: ServiceEntrySpec = if spec.is_null() {
+        ServiceEntrySpec::default()
+    } else {
+        serde_yaml::from_value(spec).map_err(|error| fail("spec", error.to_string()))?
+    };
+    let checked =
+        check_service_entry(&id, spec).map_err(|(field, problem)| fail(&field, problem))?;
+    Ok(checked)
+}
+
+type Problem = (String, String);
+
+fn check_service_entry(id: &ResourceId, spec: ServiceEntrySpec) -> Result<ServiceEntry, Problem> {
+    if spec.hosts.is_empty() {
+        return Err(("spec.hosts".into(), "at least one host is required".into()));
+    }
+    if let Some(index) = spec.hosts.iter().position(String::is_empty) {
+        return Err((format!("spec.hosts[{index}]"), "empty host".into()));
+    }
+    if spec.workload_selector.is_some() {
+        return Err((
+            "spec.workloadSelector".into(),
+            "selecting mesh workloads is not supported by the node agent (list endpoints instead)"
+                .into(),
+        ));
+    }
+    let addresses = spec
+        .addresses
+        .iter()
+        .enumerate()
+        .map(|(index, address)| {
+            parse_net(address).ok_or_else(|| {
+                (
+                    format!("spec.addresses[{index}]"),
+                    format!("{address:?} is not an IP address or CIDR"),
+                )
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let ports = check_ports(&spec.ports)?;
+    let location = match spec.location.as_deref() {
+        None | Some("MESH_EXTERNAL") => Location::MeshExternal,
+        Some("MESH_INTERNAL") => Location::MeshInternal,
+        Some(other) => {
+            return Err((
+                "spec.location".into(),
+                format!("{other:?} (expected MESH_EXTERNAL or MESH_INTERNAL)"),
+            ))
+        }
+    };
+    let resolution = match spec.resolution.as_deref() {
+        None | Some("NONE") => Resolution::None,
+        Some("STATIC") => Resolution::Static,
+        Some("DNS") | Some("DNS_ROUND_ROBIN") => Resolution::Dns,
+        Some(other) => {
+            return Err((
+                "spec.resolution".into(),
+                format!("{other:?} (expected NONE, STATIC, DNS or DNS_ROUND_ROBIN)"),
+            ))
+        }
+    };
+    let endpoints = check_endpoints(&spec.endpoints, resolution, &ports)?;
+    Ok(ServiceEntry {
+        namespace: id.namespace.clone(),
+        name: id.name.clone(),
+        hosts: spec.hosts,
+        addresses,
+        ports,
+        location,
+        resolution,
+        endpoints,
+        export_to: export_to(&id.namespace, &spec.export_to)?,
+    })
+}
+
+fn parse_net(text: &str) -> Option<IpNet> {
+    if let Ok(ip) = text.parse::<IpAddr>() {
+        return Some(IpNet::from(ip));
+    }
+    text.parse::<IpNet>().ok()
+}
+
+fn port_number(value: u32, field: String) -> Result<u16, Problem> {
+    u16::try_from(value)
+        .ok()
+        .filter(|port| *port != 0)
+        .ok_or((field, format!("{value} is not a port number 1-65535")))
+}
+
+fn check_ports(specs: &[PortSpec]) -> Result<Vec<ServiceEntryPort>, Problem> {
+    if specs.is_empty() {
+        return Err(("spec.ports".into(), "at least one port is required".into()));
+    }
+    let mut numbers = BTreeSet::new();
+    let mut names = BTreeSet::new();
+    let mut ports = Vec::with_capacity(specs.len());
+    for (index, spec) in specs.iter().enumerate() {
+        let field = format!("spec.ports[{index}]");
+        let number = port_number(spec.number, format!("{field}.number"))?;
+        if !numbers.insert(number) {
+            return Err((
+                format!("{field}.number"),
+                format!("port {number} is listed twice"),
+            ));
+        }
+        let name = spec.name.clone().unwrap_or_default();
+        if !name.is_empty() && !names.insert(name.clone()) {
+            return Err((
+                format!("{field}.name"),
+                format!("name {name:?} is used twice"),
+            ));
+        }
+        let target_port = spec
+            .target_port
+            .map(|port| port_number(port, format!("{field}.targetPort")))
+            .transpose()?;
+        ports.push(ServiceEntryPort {
+            number,
+            name,
+            protocol: spec.protocol.clone().unwrap_or_else(|| "TCP".to_string()),
+            target_port,
+        });
+    }
+    Ok(ports)
+}
+
+fn check_endpoints(
+    specs: &[EndpointSpec],
+    resolution: Resolution,
+    ports: &[ServiceEntryPort],
+) -> Result<Vec<ServiceEntryEndpoint>, Problem> {
+    if resolution == Resolution::None && !specs.is_empty() {
+        return Err((
+            "spec.endpoints".into(),
+            "endpoints need resolution STATIC or DNS".into(),
+        ));
+    }
+    let mut endpoints = Vec::with_capacity(specs.len());
+    for (index, spec) in specs.iter().enumerate() {
+        let field = format!("spec.endpoints[{index}]");
+        let Some(address) = spec.address.clone().filter(|address| !address.is_empty()) else {
+            return Err((format!("{field}.address"), "missing".into()));
+        };
+        if resolution == Resolution::Static && address.parse::<IpAddr>().is_err() {
+            return Err((
+                format!("{field}.address"),
+                format!("{address:?} is not an IP address (resolution STATIC)"),
+            ));
+        }
+        let mut endpoint_ports = BTreeMap::new();
+        for (name, port) in &spec.ports {
+            if !ports.iter().any(|declared| &declared.name == name) {
+                return Err((
+                    format!("{field}.ports.{name}"),
+                    "names no port of spec.ports".into(),
+                ));
+            }
+            let number = port_number(*port, format!("{field}.ports.{name}"))?;
+            endpoint_ports.insert(name.clone(), number);
+        }
+        endpoints.push(ServiceEntryEndpoint {
+            address,
+            ports: endpoint_ports,
+        });
+    }
+    Ok(endpoints)
+}
+
+/// `exportTo`: none or `*` → everyone; `.` → the resource's namespace; `~` → no one.
+fn export_to(namespace: &str, values: &[String]) -> Result<ExportTo, Problem> {
+    if values.is_empty() || values.iter().any(|value| value == "*") {
+        return Ok(ExportTo::All);
+    }
+    let mut namespaces = BTreeSet::new();
+    for (index, value) in values.iter().enumerate() {
+        match value.as_str() {
+            "." => {
+                namespaces.insert(namespace.to_string());
+            }
+            "~" => {}
+            "" => return Err((format!("spec.exportTo[{index}]"), "empty value".into())),
+            other => {
+                namespaces.insert(other.to_string());
+            }
+        }
+    }
+    Ok(ExportTo::Namespaces(namespaces))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,116 @@
+use super::*;
+
+const ENTRY: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: partner, namespace: shop}
+spec:
+  hosts: [api.partner.example]
+  addresses: [192.0.2.7, 198.51.100.0/24]
+  ports:
+  - {number: 443, name: https, protocol: TLS}
+  - {number: 80, name: http, targetPort: 8080}
+  location: MESH_EXTERNAL
+  resolution: STATIC
+  endpoints:
+  - address: 10.1.0.1
+  - address: 10.1.0.2
+    ports: {https: 8443}
+  exportTo: [".", frontend]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: ignored-here}
+spec: {}
+"#;
+
+#[test]
+fn a_service_entry_translates_field_for_field() {
+    let translation = parse(ENTRY);
+    assert_eq!(translation.errors, vec![]);
+    let [entry] = translation.service_entries.as_slice() else {
+        panic!("one entry expected: {translation:?}");
+    };
+    assert_eq!(entry.key(), "shop/partner");
+    assert_eq!(entry.hosts, vec!["api.partner.example"]);
+    assert_eq!(
+        entry.addresses,
+        vec![
+            "192.0.2.7/32".parse::<IpNet>().unwrap(),
+            "198.51.100.0/24".parse().unwrap()
+        ]
+    );
+    assert_eq!(entry.ports[1].target_port, Some(8080));
+    assert_eq!(entry.ports[0].protocol, "TLS");
+    assert_eq!(entry.resolution, Resolution::Static);
+    assert_eq!(entry.endpoints[1].ports.get("https"), Some(&8443));
+    assert!(entry.export_to.includes("shop"));
+    assert!(entry.export_to.includes("frontend"));
+    assert!(!entry.export_to.includes("other"));
+}
+
+#[test]
+fn export_to_forms() {
+    let cases: &[(&[&str], &[&str], &[&str])] = &[
+        // exportTo, namespaces that see it, namespaces that do not
+        (&[], &["shop", "any"], &[]),
+        (&["*"], &["shop", "any"], &[]),
+        (&["."], &["shop"], &["any"]),
+        (&["~"], &[], &["shop", "any"]),
+        (&["other"], &["other"], &["shop"]),
+    ];
+    for (values, visible, hidden) in cases {
+        let values: Vec<String> = values.iter().map(ToString::to_string).collect();
+        let export = export_to("shop", &values).unwrap();
+        for namespace in *visible {
+            assert!(export.includes(namespace), "{values:?} hides {namespace}");
+        }
+        for namespace in *hidden {
+            assert!(!export.includes(namespace), "{values:?} shows {namespace}");
+        }
+    }
+}
+
+#[test]
+fn bad_resources_are_rejected_by_field_and_the_others_apply() {
+    let cases: &[(&str, &str)] = &[
+        ("hosts: []\nports: [{number: 443}]", "ServiceEntry default/se: spec.hosts: at least one host is required"),
+        ("hosts: [a.example]", "ServiceEntry default/se: spec.ports: at least one port is required"),
+        ("hosts: [a.example]\naddresses: [192.0.2.1, nope]\nports: [{number: 443}]", "ServiceEntry default/se: spec.addresses[1]: \"nope\" is not an IP address or CIDR"),
+        ("hosts: [a.example]\nports: [{number: 70000}]", "ServiceEntry default/se: spec.ports[0].number: 70000 is not a port number 1-65535"),
+        ("hosts: [a.example]\nports: [{number: 443}, {number: 443}]", "ServiceEntry default/se: spec.ports[1].number: port 443 is listed twice"),
+        ("hosts: [a.example]\nports: [{number: 443, targetPort: 0}]", "ServiceEntry default/se: spec.ports[0].targetPort: 0 is not a port number 1-65535"),
+        ("hosts: [a.example]\nports: [{number: 443}]\nlocation: OUTSIDE", "ServiceEntry default/se: spec.location: \"OUTSIDE\" (expected MESH_EXTERNAL or MESH_INTERNAL)"),
+        ("hosts: [a.example]\nports: [{number: 443}]\nresolution: MAGIC", "ServiceEntry default/se: spec.resolution: \"MAGIC\" (expected NONE, STATIC, DNS or DNS_ROUND_ROBIN)"),
+        ("hosts: [a.example]\nports: [{number: 443}]\nresolution: STATIC\nendpoints: [{address: a.example}]", "ServiceEntry default/se: spec.endpoints[0].address: \"a.example\" is not an IP address (resolution STATIC)"),
+        ("hosts: [a.example]\nports: [{number: 443}]\nendpoints: [{address: 10.0.0.1}]", "ServiceEntry default/se: spec.endpoints: endpoints need resolution STATIC or DNS"),
+        ("hosts: [a.example]\nports: [{number: 443, name: tls}]\nresolution: STATIC\nendpoints: [{address: 10.0.0.1, ports: {http: 80}}]", "ServiceEntry default/se: spec.endpoints[0].ports.http: names no port of spec.ports"),
+        ("hosts: [a.example]\nports: [{number: 443}]\nworkloadSelector: {labels: {app: a}}", "ServiceEntry default/se: spec.workloadSelector: selecting mesh workloads is not supported by the node agent (list endpoints instead)"),
+        ("hosts: [a.example]\nports: [{number: 443}]\nexportTo: ['']", "ServiceEntry default/se: spec.exportTo[0]: empty value"),
+    ];
+    for (spec, expected) in cases {
+        let indented: String = spec.lines().map(|line| format!("  {line}\n")).collect();
+        let yaml = format!(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: se}}\nspec:\n{indented}---\n{ENTRY}"
+        );
+        let translation = parse(&yaml);
+        let errors: Vec<String> = translation.errors.iter().map(ToString::to_string).collect();
+        assert_eq!(errors, vec![expected.to_string()], "{spec}");
+        assert_eq!(translation.service_entries.len(), 1, "{spec}");
+    }
+}
+
+#[test]
+fn unknown_fields_kinds_and_versions_are_named() {
+    let cases: &[(&str, &str)] = &[
+        ("apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: se}\nspec: {hosts: [a], ports: [{number: 1}], adresses: []}", "ServiceEntry default/se: spec: unknown field `adresses`"),
+        ("apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: se}", "Sidecar default/se: kind: unsupported networking kind (expected ServiceEntry)"),
+        ("apiVersion: networking.istio.io/v2\nkind: ServiceEntry\nmetadata: {name: se}", "ServiceEntry default/se: apiVersion: unsupported \"networking.istio.io/v2\" (expected networking.istio.io/v1, v1beta1 or v1alpha3)"),
+        ("apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {namespace: x}", "ServiceEntry x/<unnamed>: metadata.name: missing"),
+    ];
+    for (yaml, expected) in cases {
+        let errors: Vec<String> = parse(yaml).errors.iter().map(ToString::to_string).collect();
+        assert_eq!(errors.len(), 1, "{yaml}: {errors:?}");
+        assert!(errors[0].starts_with(expected), "{yaml}: {errors:?}");
+    }
+}

@@ -1,0 +1,478 @@
+//! Egress model (layer L1): the outbound traffic policy and Istio `ServiceEntry`s, and the pure
+//! decision "may this pod reach this unknown destination, and where do the bytes go".
+//!
+//! `proxy::route::decide` asks [`Egress::decide`] only for destinations that are neither a
+//! service VIP nor a workload of the mesh: those are always allowed (Istio's
+//! `REGISTRY_ONLY` blocks only what is not in the registry). A destination matches a
+//! ServiceEntry exported to the source's namespace when its IP is in the entry's `addresses`
+//! (IPs or CIDRs) or is one of its STATIC endpoint IPs, and its port is one of the entry's
+//! `ports`. A matched entry with `resolution: STATIC` and IP endpoints sends the connection to
+//! one of those endpoints (its `ports` mapping, else the port's `targetPort`, else the port);
+//! any other match passes the connection through to the address dialled. No match is allowed
+//! under `ALLOW_ANY` and refused under `REGISTRY_ONLY`.
+//!
+//! Hostname-only ServiceEntries (no addresses, no endpoint IPs) cannot match an IP here: an L4
+//! agent learns which IPs a name stands for only from DNS answers it serves itself.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use ipnet::IpNet;
+
+/// Istio's `meshConfig.outboundTrafficPolicy.mode`.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize, Hash,
+)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum OutboundMode {
+    /// Destinations outside the registry are passed through (Istio's default).
+    #[default]
+    AllowAny,
+    /// Only workloads, services and ServiceEntry destinations may be reached.
+    RegistryOnly,
+}
+
+impl OutboundMode {
+    /// Istio's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutboundMode::AllowAny => "ALLOW_ANY",
+            OutboundMode::RegistryOnly => "REGISTRY_ONLY",
+        }
+    }
+}
+
+/// The mesh-wide mode and the per-namespace exceptions.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct OutboundTrafficPolicy {
+    /// Mesh-wide.
+    pub mode: OutboundMode,
+    /// Namespace → mode, overriding `mode` for pods of that namespace.
+    pub namespaces: BTreeMap<String, OutboundMode>,
+}
+
+impl OutboundTrafficPolicy {
+    /// The mode that applies to pods of `namespace`.
+    pub fn mode_for(&self, namespace: &str) -> OutboundMode {
+        self.namespaces.get(namespace).copied().unwrap_or(self.mode)
+    }
+}
+
+/// `ServiceEntry.spec.location`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Location {
+    /// Outside the mesh (Istio's default).
+    #[default]
+    MeshExternal,
+    /// Part of the mesh, not in the registry otherwise.
+    MeshInternal,
+}
+
+/// `ServiceEntry.spec.resolution`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Resolution {
+    /// Connect to the address dialled (Istio's default).
+    #[default]
+    None,
+    /// Load-balance over the entry's endpoints.
+    Static,
+    /// The application resolved the host itself; connect to the address dialled.
+    Dns,
+}
+
+/// Which namespaces see a resource (`exportTo`).
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ExportTo {
+    /// `*` or no `exportTo`.
+    #[default]
+    All,
+    /// These namespaces (`.` already replaced by the resource's own; `~` is the empty set).
+    Namespaces(BTreeSet<String>),
+}
+
+impl ExportTo {
+    /// Whether pods of `namespace` see the resource.
+    pub fn includes(&self, namespace: &str) -> bool {
+        match self {
+            ExportTo::All => true,
+            ExportTo::Namespaces(namespaces) => namespaces.contains(namespace),
+        }
+    }
+}
+
+/// One `ServiceEntry.spec.ports[]` item.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceEntryPort {
+    /// The port the application dials.
+    pub number: u16,
+    /// The port's name (endpoint port maps refer to it).
+    pub name: String,
+    /// `TCP`, `HTTP`, `TLS`, ...: informational at L4.
+    pub protocol: String,
+    /// Where endpoints listen, if not `number`.
+    pub target_port: Option<u16>,
+}
+
+/// One `ServiceEntry.spec.endpoints[]` item.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceEntryEndpoint {
+    /// An IP (STATIC) or a hostname (DNS).
+    pub address: String,
+    /// Port name → the endpoint's port.
+    pub ports: BTreeMap<String, u16>,
+}
+
+impl ServiceEntryEndpoint {
+    fn ip(&self) -> Option<IpAddr> {
+        self.address.parse().ok()
+    }
+}
+
+/// A translated `networking.istio.io` ServiceEntry.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceEntry {
+    /// `metadata.namespace`.
+    pub namespace: String,
+    /// `metadata.name`.
+    pub name: String,
+    /// `spec.hosts`.
+    pub hosts: Vec<String>,
+    /// `spec.addresses`, IPs as /32 or /128.
+    pub addresses: Vec<IpNet>,
+    /// `spec.ports`.
+    pub ports: Vec<ServiceEntryPort>,
+    /// `spec.location`.
+    pub location: Location,
+    /// `spec.resolution`.
+    pub resolution: Resolution,
+    /// `spec.endpoints`.
+    pub endpoints: Vec<ServiceEntryEndpoint>,
+    /// `spec.exportTo`.
+    pub export_to: ExportTo,
+}
+
+impl ServiceEntry {
+    /// `namespace/name`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    fn port(&self, number: u16) -> Option<&ServiceEntryPort> {
+        self.ports.iter().find(|port| port.number == number)
+    }
+
+    /// Whether `ip` is one of the entry's destinations: in `addresses`, or a STATIC endpoint.
+    fn covers(&self, ip: IpAddr) -> Option<MatchedBy> {
+        if self.addresses.iter().any(|net| net.contains(&ip)) {
+            return Some(MatchedBy::Address);
+        }
+        let is_endpoint = self.resolution == Resolution::Static
+            && self
+                .endpoints
+                .iter()
+                .any(|endpoint| endpoint.ip() == Some(ip));
+        is_endpoint.then_some(MatchedBy::Endpoint)
+    }
+}
+
+/// Everything the egress decision reads; part of the [`super::Snapshot`], so it changes with a
+/// reload like policies do.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Egress {
+    /// The outbound traffic policy.
+    pub policy: OutboundTrafficPolicy,
+    /// ServiceEntries in configuration order (the first match wins).
+    pub service_entries: Vec<Arc<ServiceEntry>>,
+}
+
+/// How a ServiceEntry matched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MatchedBy {
+    /// The IP is in `addresses`.
+    Address,
+    /// The IP is a STATIC endpoint of the entry.
+    Endpoint,
+}
+
+/// The outcome of [`Egress::decide`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum EgressDecision {
+    /// A ServiceEntry allows it; connect to `target`.
+    ServiceEntry {
+        /// The entry.
+        entry: Arc<ServiceEntry>,
+        /// Where to connect (a STATIC endpoint, or the address dialled).
+        target: SocketAddr,
+    },
+    /// No entry matched and the namespace's mode is `ALLOW_ANY`.
+    AllowAny,
+    /// No entry matched and the namespace's mode is `REGISTRY_ONLY`.
+    Blocked(EgressBlocked),
+}
+
+/// A refusal by the outbound traffic policy.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct EgressBlocked {
+    /// The source pod's namespace.
+    pub namespace: String,
+    /// What it dialled.
+    pub destination: SocketAddr,
+}
+
+impl fmt::Display for EgressBlocked {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} is not in the registry and outboundTrafficPolicy for namespace {} is \
+             REGISTRY_ONLY (no workload, service or ServiceEntry matches)",
+            self.destination, self.namespace
+        )
+    }
+}
+
+impl Egress {
+    /// Decides a connection from a pod of `namespace` to `destination`, which is not a
+    /// workload or service of the mesh. `pick` chooses among STATIC endpoints.
+    pub fn decide(&self, namespace: &str, destination: SocketAddr, pick: u64) -> EgressDecision {
+        for entry in &self.service_entries {
+            if !entry.export_to.includes(namespace) {
+                continue;
+            }
+            let Some(port) = entry.port(destination.port()) else {
+                continue;
+            };
+            let Some(matched) = entry.covers(destination.ip()) else {
+                continue;
+            };
+            let target = match matched {
+                MatchedBy::Address => static_target(entry, port, destination, pick),
+                MatchedBy::Endpoint => destination,
+            };
+            return EgressDecision::ServiceEntry {
+                entry: entry.clone(),
+                target,
+            };
+        }
+        match self.policy.mode_for(namespace) {
+            OutboundMode::AllowAny => EgressDecision::AllowAny,
+            OutboundMode::RegistryOnly => EgressDecision::Blocked(EgressBlocked {
+                namespace: namespace.to_string(),
+                destination,
+            }),
+        }
+    }
+}
+
+/// A STATIC entry's endpoint for a connection to one of its addresses; else the address.
+fn static_target(
+    entry: &ServiceEntry,
+    port: &ServiceEntryPort,
+    dialled: SocketAddr,
+    pick: u64,
+) -> SocketAddr {
+    if entry.resolution != Resolution::Static {
+        return dialled;
+    }
+    let endpoints: Vec<(IpAddr, &ServiceEntryEndpoint)> = entry
+        .endpoints
+        .iter()
+        .filter_map(|endpoint| endpoint.ip().map(|ip| (ip, endpoint)))
+        .collect();
+    if endpoints.is_empty() {
+        return dialled;
+    }
+    let (ip, endpoint) = endpoints[(pick % endpoints.len() as u64) as usize];
+    let target_port = endpoint
+        .ports
+        .get(&port.name)
+        .copied()
+        .or(port.target_port)
+        .unwrap_or(port.number);
+    SocketAddr::new(ip, target_port)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(name: &str, addresses: &[&str], ports: &[u16]) -> ServiceEntry {
+        ServiceEntry {
+            namespace: "egress".into(),
+            name: name.into(),
+            hosts: vec![format!("{name}.example")],
+            addresses: addresses.iter().map(|a| a.parse().unwrap()).collect(),
+            ports: ports
+                .iter()
+                .map(|number| ServiceEntryPort {
+                    number: *number,
+                    name: format!("tcp-{number}"),
+                    protocol: "TCP".into(),
+                    target_port: None,
+                })
+                .collect(),
+            location: Location::MeshExternal,
+            resolution: Resolution::None,
+            endpoints: Vec::new(),
+            export_to: ExportTo::All,
+        }
+    }
+
+    fn egress(mode: OutboundMode) -> Egress {
+        let mut static_entry = entry("static", &["192.0.2.10/32"], &[80]);
+        static_entry.resolution = Resolution::Static;
+        static_entry.ports[0].target_port = Some(8080);
+        static_entry.endpoints = vec![
+            ServiceEntryEndpoint {
+                address: "10.1.0.1".into(),
+                ports: BTreeMap::new(),
+            },
+            ServiceEntryEndpoint {
+                address: "10.1.0.2".into(),
+                ports: [("tcp-80".to_string(), 9090)].into(),
+            },
+        ];
+        let mut private = entry("private", &["198.51.100.0/24"], &[443]);
+        private.export_to = ExportTo::Namespaces(["egress".to_string()].into());
+        Egress {
+            policy: OutboundTrafficPolicy {
+                mode,
+                namespaces: [("open".to_string(), OutboundMode::AllowAny)].into(),
+            },
+            service_entries: vec![
+                Arc::new(entry(
+                    "cidr",
+                    &["203.0.113.0/24", "2001:db8::/64"],
+                    &[443, 8443],
+                )),
+                Arc::new(static_entry),
+                Arc::new(private),
+            ],
+        }
+    }
+
+    /// What the decision came to, flattened for the table.
+    fn outcome(decision: EgressDecision) -> String {
+        match decision {
+            EgressDecision::ServiceEntry { entry, target } => format!("{} {target}", entry.name),
+            EgressDecision::AllowAny => "allow-any".into(),
+            EgressDecision::Blocked(blocked) => format!("blocked {}", blocked.destination),
+        }
+    }
+
+    #[test]
+    fn decision_table() {
+        use OutboundMode::{AllowAny, RegistryOnly};
+        let cases: &[(OutboundMode, &str, &str, u64, &str)] = &[
+            // mode, source namespace, destination, pick, outcome
+            (
+                RegistryOnly,
+                "app",
+                "203.0.113.7:443",
+                0,
+                "cidr 203.0.113.7:443",
+            ),
+            (
+                RegistryOnly,
+                "app",
+                "[2001:db8::5]:8443",
+                0,
+                "cidr [2001:db8::5]:8443",
+            ),
+            (
+                RegistryOnly,
+                "app",
+                "203.0.113.7:80",
+                0,
+                "blocked 203.0.113.7:80",
+            ),
+            (
+                RegistryOnly,
+                "app",
+                "203.0.114.1:443",
+                0,
+                "blocked 203.0.114.1:443",
+            ),
+            (RegistryOnly, "open", "203.0.114.1:443", 0, "allow-any"),
+            (AllowAny, "app", "203.0.114.1:443", 0, "allow-any"),
+            (
+                AllowAny,
+                "app",
+                "203.0.113.7:443",
+                0,
+                "cidr 203.0.113.7:443",
+            ),
+            // STATIC: the VIP goes to an endpoint, by targetPort or the endpoint's port map.
+            (
+                RegistryOnly,
+                "app",
+                "192.0.2.10:80",
+                0,
+                "static 10.1.0.1:8080",
+            ),
+            (
+                RegistryOnly,
+                "app",
+                "192.0.2.10:80",
+                1,
+                "static 10.1.0.2:9090",
+            ),
+            (
+                RegistryOnly,
+                "app",
+                "192.0.2.10:81",
+                0,
+                "blocked 192.0.2.10:81",
+            ),
+            // A STATIC endpoint dialled directly is registered too.
+            (RegistryOnly, "app", "10.1.0.2:80", 0, "static 10.1.0.2:80"),
+            (RegistryOnly, "app", "10.1.0.3:80", 0, "blocked 10.1.0.3:80"),
+            // exportTo: only its own namespace sees `private`.
+            (
+                RegistryOnly,
+                "egress",
+                "198.51.100.9:443",
+                0,
+                "private 198.51.100.9:443",
+            ),
+            (
+                RegistryOnly,
+                "app",
+                "198.51.100.9:443",
+                0,
+                "blocked 198.51.100.9:443",
+            ),
+        ];
+        for (mode, namespace, destination, pick, expected) in cases {
+            let decision = egress(*mode).decide(namespace, destination.parse().unwrap(), *pick);
+            assert_eq!(
+                outcome(decision),
+                *expected,
+                "{mode:?} {namespace} -> {destination}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_hostname_only_entry_matches_no_ip() {
+        let mut hostname_only = entry("api", &[], &[443]);
+        hostname_only.resolution = Resolution::Dns;
+        let egress = Egress {
+            policy: OutboundTrafficPolicy {
+                mode: OutboundMode::RegistryOnly,
+                namespaces: BTreeMap::new(),
+            },
+            service_entries: vec![Arc::new(hostname_only)],
+        };
+        let decision = egress.decide("app", "203.0.113.7:443".parse().unwrap(), 0);
+        assert_eq!(outcome(decision), "blocked 203.0.113.7:443");
+    }
+}
