@@ -128,6 +128,9 @@ impl Agent {
                 pool: settings.pool.clone(),
             }),
             metrics: metrics.clone(),
+            sources: crate::proxy::limits::SourceLimits::new(
+                settings.proxy.max_unauthenticated_per_source,
+            ),
         };
         let rules = settings.capture.install_rules.then_some(RedirectRules {
             mark: settings.proxy.packet_mark,

@@ -114,9 +114,9 @@ fn match_holds(m: &Match, subject: &Subject<'_>) -> bool {
     let destination_ip = subject.facts.destination_ip.to_canonical();
     let port = subject.facts.destination_port;
     field(&m.destination_ips, &m.not_destination_ips, |net| {
-        net.contains(&destination_ip)
+        net_contains(net, destination_ip)
     }) && field(&m.source_ips, &m.not_source_ips, |net| {
-        net.contains(&source_ip)
+        net_contains(net, source_ip)
     }) && field(&m.destination_ports, &m.not_destination_ports, |p| {
         *p == port
     }) && field(&m.service_accounts, &m.not_service_accounts, |sa| {
@@ -129,6 +129,23 @@ fn match_holds(m: &Match, subject: &Subject<'_>) -> bool {
     }) && field(&m.namespaces, &m.not_namespaces, |want| {
         want.matches(subject.namespace)
     })
+}
+
+/// Whether `net` contains the canonical address `ip`. A CIDR written in IPv4-mapped IPv6 form
+/// (`::ffff:a.b.c.d/96+n`) names IPv4 addresses, so it is compared as the IPv4 CIDR `/n`, as
+/// peers are: otherwise a DENY written that way would match no one.
+fn net_contains(net: &ipnet::IpNet, ip: std::net::IpAddr) -> bool {
+    if net.contains(&ip) {
+        return true;
+    }
+    match (net, ip) {
+        (ipnet::IpNet::V6(v6), std::net::IpAddr::V4(v4)) if v6.prefix_len() >= 96 => v6
+            .addr()
+            .to_ipv4_mapped()
+            .and_then(|mapped| ipnet::Ipv4Net::new(mapped, v6.prefix_len() - 96).ok())
+            .is_some_and(|as_v4| as_v4.contains(&v4)),
+        _ => false,
+    }
 }
 
 /// The first failing clause of `rule`, or `None` if the rule matches.

@@ -7,6 +7,10 @@
 //! of their own; pods that left are terminated (their listeners and connections cut, nothing
 //! else touched); a pod whose namespace changed is replaced. A pod that fails to start is
 //! reported with the reason and retried on the next reconcile; the others carry on.
+//!
+//! Pods are independent: each has an entry in one map, with a lock of its own that its start
+//! and stop hold. The map's lock is only taken for lookups and summaries, never across a start,
+//! so one slow pod (a replaced proxy draining, the listener thread, `nft`) delays nothing else.
 
 mod return_path;
 pub mod rules;

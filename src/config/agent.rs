@@ -190,6 +190,20 @@ impl AgentConfig {
                 MAX_HEADER_LIST_SIZE,
             ),
             (
+                "proxy",
+                "maxUnauthenticatedPerPod",
+                self.proxy.max_unauthenticated_per_pod,
+                1,
+                u32::MAX,
+            ),
+            (
+                "proxy",
+                "maxUnauthenticatedPerSource",
+                self.proxy.max_unauthenticated_per_source,
+                1,
+                u32::MAX,
+            ),
+            (
                 "pool",
                 "maxStreamsPerConnection",
                 self.pool.max_streams_per_connection,
@@ -495,6 +509,14 @@ pub struct ProxyConfig {
         with = "humantime_serde"
     )]
     pub connect_response_timeout: Duration,
+    /// Concurrent unauthenticated connections one pod may have on its three listeners
+    /// together (15001, 15006, and 15008 until its TLS handshake ends); more are reset.
+    #[serde(default = "defaults::max_unauthenticated_per_pod")]
+    pub max_unauthenticated_per_pod: u32,
+    /// Concurrent unauthenticated connections one source IP may have to this node's pods
+    /// (15006, and 15008 until its TLS handshake ends); more are reset.
+    #[serde(default = "defaults::max_unauthenticated_per_source")]
+    pub max_unauthenticated_per_source: u32,
     /// Connect to local apps from the client's own IP (transparent + freebind), so apps see
     /// the real client address. Needs the connmark return-path rules in the pod (installed by
     /// the agent with `capture.installRules`, or by istio-cni).
@@ -518,6 +540,8 @@ impl Default for ProxyConfig {
             handshake_timeout: defaults::handshake_timeout(),
             connection_idle_timeout: defaults::connection_idle_timeout(),
             connect_response_timeout: defaults::connect_response_timeout(),
+            max_unauthenticated_per_pod: defaults::max_unauthenticated_per_pod(),
+            max_unauthenticated_per_source: defaults::max_unauthenticated_per_source(),
             original_source: defaults::original_source(),
         }
     }
@@ -723,6 +747,12 @@ pub mod defaults {
     }
     pub(crate) fn handshake_timeout() -> Duration {
         Duration::from_secs(10)
+    }
+    pub(crate) fn max_unauthenticated_per_pod() -> u32 {
+        20_000
+    }
+    pub(crate) fn max_unauthenticated_per_source() -> u32 {
+        5_000
     }
     pub(crate) fn connection_idle_timeout() -> Duration {
         Duration::from_secs(600)

@@ -24,7 +24,7 @@ use prometheus_client::registry::Registry;
 pub use super::labels::{Peer, Reporter, ResponseFlag, TrafficLabels};
 use super::record::ByteCounters;
 use crate::state::TunnelProtocol;
-use agent::{AgentMetrics, ReasonLabels};
+use agent::{AgentMetrics, ReasonLabels, RefusalLabels};
 pub use agent::{AgentSample, RuntimeSample, WorkerSample};
 use authorization::DecisionCounters;
 pub use authorization::{DecisionAction, DecisionLabels, DecisionPhase, NO_POLICY};
@@ -397,6 +397,15 @@ impl Metrics {
     /// A workload proxy stopped (its pod was removed or replaced, or it failed to start).
     pub fn proxy_stopped(&self) {
         self.agent.proxies_stopped.inc();
+    }
+
+    /// A connection was refused at accept on `listener` (15001/15006/15008 by name) for `reason`
+    /// (`pod_limit`, `source_limit`).
+    pub fn connection_refused(&self, listener: &'static str, reason: &'static str) {
+        self.agent
+            .connections_refused
+            .get_or_create(&RefusalLabels { listener, reason })
+            .inc();
     }
 
     /// A certificate fetch failed; `reason` is one of a fixed few (the manager's error kinds).
