@@ -58,6 +58,9 @@ pub struct AgentConfig {
     /// Workload discovery from istiod (delta xDS); off unless `xds.address` is set.
     #[serde(default)]
     pub xds: XdsConfig,
+    /// The DNS proxy in every captured pod.
+    #[serde(default)]
+    pub dns: super::dns::DnsConfig,
     /// Who this agent is toward istiod (node id, token, cluster), for xDS and the Istio CA.
     #[serde(default)]
     pub istio: IstioConfig,
@@ -88,6 +91,7 @@ impl Default for AgentConfig {
             capture: CaptureConfig::default(),
             authorization: AuthorizationConfig::default(),
             xds: XdsConfig::default(),
+            dns: super::dns::DnsConfig::default(),
             istio: IstioConfig::default(),
             outbound_traffic_policy: Default::default(),
             drain_timeout: defaults::drain_timeout(),
@@ -136,6 +140,12 @@ impl AgentConfig {
                     );
                 }
             }
+        }
+        if !super::dns::valid_domain(&self.dns.cluster_domain) {
+            problems.push(
+                path.key("dns").key("clusterDomain"),
+                Invalid::DnsName(self.dns.cluster_domain.clone()),
+            );
         }
         if self.xds.max_message_size == 0 {
             problems.push(path.key("xds").key("maxMessageSize"), Invalid::ZeroSize);
@@ -212,6 +222,20 @@ impl AgentConfig {
             ),
             ("pool", "spreadAbove", self.pool.spread_above, 1, u32::MAX),
             (
+                "dns",
+                "maxForwardsPerPod",
+                self.dns.max_forwards_per_pod,
+                1,
+                65_535,
+            ),
+            (
+                "dns",
+                "maxTcpConnectionsPerPod",
+                self.dns.max_tcp_connections_per_pod,
+                1,
+                65_535,
+            ),
+            (
                 "pool",
                 "spreadConnections",
                 self.pool.spread_connections.unwrap_or(1),
@@ -274,6 +298,7 @@ impl AgentConfig {
             (Some("xds"), "reconnectMax", self.xds.reconnect_max),
             (Some("xds"), "connectTimeout", self.xds.connect_timeout),
             (Some("zds"), "reconnectMax", self.zds.reconnect_max),
+            (Some("dns"), "forwardTimeout", self.dns.forward_timeout),
             (Some("ca"), "workloadCertTtl", self.ca.workload_cert_ttl),
             (Some("istio"), "certificateTtl", self.istio.certificate_ttl),
             (None, "reloadInterval", self.reload_interval),

@@ -151,6 +151,7 @@ pub struct Metrics {
     /// connections share these labels instead of holding ~20 strings each.
     series: Mutex<HashMap<Arc<TrafficLabels>, [String; 2]>>,
     xds: super::xds::XdsMetrics,
+    dns: super::dns::DnsMetrics,
     protection: super::protection::ProtectionMetrics,
 }
 
@@ -181,6 +182,7 @@ impl Metrics {
         let decisions = DecisionCounters::default();
         let build = Family::<BuildLabels, Gauge>::default();
         let xds = super::xds::XdsMetrics::default();
+        let dns = super::dns::DnsMetrics::default();
         let protection = super::protection::ProtectionMetrics::default();
         protection.register(&mut registry);
         build
@@ -223,6 +225,7 @@ impl Metrics {
             );
             istio.register("build", "Istio component build info", build);
             xds.register(istio);
+            dns.register(istio);
         }
         agent.register(&mut registry);
         registry.register(
@@ -240,8 +243,14 @@ impl Metrics {
             live: Mutex::new(HashMap::new()),
             series: Mutex::new(HashMap::new()),
             xds,
+            dns,
             protection,
         }
+    }
+
+    /// The DNS proxy's metrics.
+    pub fn dns(&self) -> &super::dns::DnsMetrics {
+        &self.dns
     }
 
     /// Egress refusals, connection-limit refusals and outlier ejections.
