@@ -73,7 +73,7 @@ fn proxy_ztunnel_runs_istio_mode_and_names_what_it_does_not_support() {
         // Set through the chart's `env:` values, and not supported.
         ("KEEPALIVE_TIME", "60s".into()),
         ("XDS_ON_DEMAND", "true".into()),
-        ("ISTIO_META_DNS_CAPTURE", "true".into()),
+        ("ISTIO_META_DNS_PROXY_ADDR", "127.0.0.1:15053".into()),
     ];
     let mut agent = start(&netns, dir.path(), &env);
     let log_path = dir.path().join("agent.log");
@@ -122,7 +122,11 @@ fn proxy_ztunnel_runs_istio_mode_and_names_what_it_does_not_support() {
         starting.contains("workers=2"),
         "50% of ZTUNNEL_CPU_LIMIT=4: {starting}"
     );
-    for variable in ["KEEPALIVE_TIME", "XDS_ON_DEMAND", "ISTIO_META_DNS_CAPTURE"] {
+    for variable in [
+        "KEEPALIVE_TIME",
+        "XDS_ON_DEMAND",
+        "ISTIO_META_DNS_PROXY_ADDR",
+    ] {
         let reports = text
             .lines()
             .filter(|line| line.contains(&format!("{variable}=")) && line.contains("not supported"))

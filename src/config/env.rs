@@ -271,6 +271,10 @@ impl Environment {
         }
         for (key, value) in &proxy_config.proxy_metadata {
             let key = key.strip_prefix("ISTIO_META_").unwrap_or(key);
+            // ztunnel reads DNS_CAPTURE from the merged metadata; the variable wins.
+            if key == "DNS_CAPTURE" && self.get("ISTIO_META_DNS_CAPTURE").is_none() {
+                agent.dns.enabled = value.eq_ignore_ascii_case("true");
+            }
             agent
                 .istio
                 .metadata

@@ -35,100 +35,238 @@ use Treatment::{DefaultOnly, Honoured, Unsupported};
 
 /// ztunnel's variables (full names; the prefixed families are in [`PREFIXES`]).
 pub const VARIABLES: &[(&str, Treatment)] = &[
-    ("ALT_CA_HOSTNAME", Honoured("name istiod's CA certificate is verified against")),
-    ("ALT_XDS_HOSTNAME", Honoured("name istiod's xDS certificate is verified against")),
-    ("AUTH_TOKEN", Honoured("path of the node's token sent to istiod")),
-    ("CA_ADDRESS", Honoured("istiod's CA (empty: the built-in CA signs)")),
-    ("CA_ROOT_CA", Honoured("path of istiod's root for the CA connection")),
-    ("CLUSTER_DOMAIN", DefaultOnly {
-        default: "cluster.local",
-        reason: "service hostnames are taken from istiod as they are; there is no DNS proxy to apply another cluster domain",
-    }),
-    ("CLUSTER_ID", Honoured("cluster id sent to istiod (ISTIO_META_CLUSTER_ID wins)")),
-    ("CONNECTION_TERMINATION_DEADLINE", Honoured("drain deadline")),
-    ("ENABLE_ORIG_SRC", Honoured("original source towards local apps")),
-    ("ENABLE_PROXY", DefaultOnly {
-        default: "true",
-        reason: "the HBONE proxy always runs (a DNS-only agent is not supported)",
-    }),
-    ("FAKE_CA", Honoured("true: the built-in CA signs instead of istiod")),
-    ("HTTP2_CONNECTION_WINDOW_SIZE", Honoured("agent.proxy.connectionWindow")),
+    (
+        "ALT_CA_HOSTNAME",
+        Honoured("name istiod's CA certificate is verified against"),
+    ),
+    (
+        "ALT_XDS_HOSTNAME",
+        Honoured("name istiod's xDS certificate is verified against"),
+    ),
+    (
+        "AUTH_TOKEN",
+        Honoured("path of the node's token sent to istiod"),
+    ),
+    (
+        "CA_ADDRESS",
+        Honoured("istiod's CA (empty: the built-in CA signs)"),
+    ),
+    (
+        "CA_ROOT_CA",
+        Honoured("path of istiod's root for the CA connection"),
+    ),
+    ("CLUSTER_DOMAIN", Honoured("agent.dns.clusterDomain")),
+    (
+        "CLUSTER_ID",
+        Honoured("cluster id sent to istiod (ISTIO_META_CLUSTER_ID wins)"),
+    ),
+    (
+        "CONNECTION_TERMINATION_DEADLINE",
+        Honoured("drain deadline"),
+    ),
+    (
+        "ENABLE_ORIG_SRC",
+        Honoured("original source towards local apps"),
+    ),
+    (
+        "ENABLE_PROXY",
+        DefaultOnly {
+            default: "true",
+            reason: "the HBONE proxy always runs (a DNS-only agent is not supported)",
+        },
+    ),
+    (
+        "FAKE_CA",
+        Honoured("true: the built-in CA signs instead of istiod"),
+    ),
+    (
+        "HTTP2_CONNECTION_WINDOW_SIZE",
+        Honoured("agent.proxy.connectionWindow"),
+    ),
     ("HTTP2_FRAME_SIZE", Honoured("agent.proxy.frameSize")),
-    ("HTTP2_STREAM_WINDOW_SIZE", Honoured("agent.proxy.streamWindow")),
-    ("INPOD_ENABLED", DefaultOnly {
-        default: "true",
-        reason: "only in-pod redirection (istio-cni over ZDS) is supported",
-    }),
-    ("INPOD_PORT_REUSE", DefaultOnly {
-        default: "true",
-        reason: "in-pod listeners always use SO_REUSEPORT",
-    }),
+    (
+        "HTTP2_STREAM_WINDOW_SIZE",
+        Honoured("agent.proxy.streamWindow"),
+    ),
+    (
+        "INPOD_ENABLED",
+        DefaultOnly {
+            default: "true",
+            reason: "only in-pod redirection (istio-cni over ZDS) is supported",
+        },
+    ),
+    (
+        "INPOD_PORT_REUSE",
+        DefaultOnly {
+            default: "true",
+            reason: "in-pod listeners always use SO_REUSEPORT",
+        },
+    ),
     ("INPOD_UDS", Honoured("istio-cni's ZDS socket")),
-    ("INSTANCE_IP", Honoured("this agent's pod IP, sent to istiod")),
-    ("IPV6_ENABLED", Honoured("false: metrics and readiness listen on 0.0.0.0 instead of [::]")),
-    ("ISTIO_META_CLUSTER_ID", Honoured("cluster id sent to istiod")),
-    ("ISTIO_META_DNS_CAPTURE", DefaultOnly {
-        default: "false",
-        reason: "nodetunnel has no DNS proxy yet; pods' DNS is not answered on 15053",
-    }),
-    ("ISTIO_META_DNS_PROXY_ADDR", Unsupported("nodetunnel has no DNS proxy yet")),
-    ("KEEPALIVE_ENABLED", DefaultOnly {
-        default: "true",
-        reason: "TCP keepalive on proxied sockets is always on",
-    }),
-    ("KEEPALIVE_INTERVAL", Unsupported("TCP keepalive on proxied sockets has fixed timings")),
-    ("KEEPALIVE_RETRIES", Unsupported("TCP keepalive on proxied sockets has fixed timings")),
-    ("KEEPALIVE_TIME", Unsupported("TCP keepalive on proxied sockets has fixed timings")),
-    ("KUBERNETES_SERVICE_HOST", Honoured("istiod's default address is the in-cluster service")),
-    ("LOCALHOST_APP_TUNNEL", DefaultOnly {
-        default: "false",
-        reason: "delivery to an application tunnel uses the pod IP, not localhost",
-    }),
-    ("LOCAL_XDS", Honoured("inline local config (workloads, services, policies) merged with istiod's")),
-    ("LOCAL_XDS_PATH", Honoured("local config file merged with istiod's, hot-reloaded")),
-    ("LOG_FORMAT", Honoured("json: one JSON object per line, ztunnel's layout")),
+    (
+        "INSTANCE_IP",
+        Honoured("this agent's pod IP, sent to istiod"),
+    ),
+    (
+        "IPV6_ENABLED",
+        Honoured("false: metrics and readiness listen on 0.0.0.0 instead of [::]"),
+    ),
+    (
+        "ISTIO_META_CLUSTER_ID",
+        Honoured("cluster id sent to istiod"),
+    ),
+    (
+        "ISTIO_META_DNS_CAPTURE",
+        Honoured("agent.dns.enabled: the DNS proxy runs unless set to anything but true"),
+    ),
+    (
+        "ISTIO_META_DNS_PROXY_ADDR",
+        Unsupported("the DNS proxy listens on port 15053 of each pod"),
+    ),
+    (
+        "KEEPALIVE_ENABLED",
+        DefaultOnly {
+            default: "true",
+            reason: "TCP keepalive on proxied sockets is always on",
+        },
+    ),
+    (
+        "KEEPALIVE_INTERVAL",
+        Unsupported("TCP keepalive on proxied sockets has fixed timings"),
+    ),
+    (
+        "KEEPALIVE_RETRIES",
+        Unsupported("TCP keepalive on proxied sockets has fixed timings"),
+    ),
+    (
+        "KEEPALIVE_TIME",
+        Unsupported("TCP keepalive on proxied sockets has fixed timings"),
+    ),
+    (
+        "KUBERNETES_SERVICE_HOST",
+        Honoured("istiod's default address is the in-cluster service"),
+    ),
+    (
+        "LOCALHOST_APP_TUNNEL",
+        DefaultOnly {
+            default: "false",
+            reason: "delivery to an application tunnel uses the pod IP, not localhost",
+        },
+    ),
+    (
+        "LOCAL_XDS",
+        Honoured("inline local config (workloads, services, policies) merged with istiod's"),
+    ),
+    (
+        "LOCAL_XDS_PATH",
+        Honoured("local config file merged with istiod's, hot-reloaded"),
+    ),
+    (
+        "LOG_FORMAT",
+        Honoured("json: one JSON object per line, ztunnel's layout"),
+    ),
     ("NETWORK", Honoured("agent.network")),
     ("NODE_NAME", Honoured("agent.node")),
     ("PACKET_MARK", Honoured("agent.proxy.packetMark")),
     ("POD_NAME", Honoured("this agent's pod, sent to istiod")),
-    ("POD_NAMESPACE", Honoured("this agent's namespace, sent to istiod")),
-    ("POOL_MAX_STREAMS_PER_CONNECTION", Honoured("agent.pool.maxStreamsPerConnection")),
-    ("POOL_UNUSED_RELEASE_TIMEOUT", Honoured("agent.pool.idleTimeout")),
-    ("PREFERED_SERVICE_NAMESPACE", Unsupported("service endpoints are picked without a namespace preference")),
-    ("PROXY_CONFIG", Honoured("discoveryAddress, proxyAdminPort, statsPort, concurrency, proxyMetadata")),
-    ("PROXY_MODE", DefaultOnly {
-        default: "shared",
-        reason: "only the node-level (shared) mode is supported",
-    }),
-    ("PROXY_WORKLOAD_INFO", Unsupported("only the node-level (shared) mode is supported")),
-    ("RUST_BACKTRACE", Honoured("backtraces on panic (Rust runtime)")),
+    (
+        "POD_NAMESPACE",
+        Honoured("this agent's namespace, sent to istiod"),
+    ),
+    (
+        "POOL_MAX_STREAMS_PER_CONNECTION",
+        Honoured("agent.pool.maxStreamsPerConnection"),
+    ),
+    (
+        "POOL_UNUSED_RELEASE_TIMEOUT",
+        Honoured("agent.pool.idleTimeout"),
+    ),
+    (
+        "PREFERED_SERVICE_NAMESPACE",
+        Unsupported("service endpoints are picked without a namespace preference"),
+    ),
+    (
+        "PROXY_CONFIG",
+        Honoured("discoveryAddress, proxyAdminPort, statsPort, concurrency, proxyMetadata"),
+    ),
+    (
+        "PROXY_MODE",
+        DefaultOnly {
+            default: "shared",
+            reason: "only the node-level (shared) mode is supported",
+        },
+    ),
+    (
+        "PROXY_WORKLOAD_INFO",
+        Unsupported("only the node-level (shared) mode is supported"),
+    ),
+    (
+        "RUST_BACKTRACE",
+        Honoured("backtraces on panic (Rust runtime)"),
+    ),
     ("RUST_LOG", Honoured("log filter")),
-    ("SECRET_TTL", Honoured("certificate lifetime asked of istiod")),
-    ("SERVICE_ACCOUNT", Honoured("this agent's service account, sent to istiod")),
-    ("TERMINATION_GRACE_PERIOD_SECONDS", Honoured("drain deadline")),
-    ("TRANSPARENT_NETWORK_POLICIES", DefaultOnly {
-        default: "false",
-        reason: "HBONE always carries traffic to the destination's 15008",
-    }),
+    (
+        "SECRET_TTL",
+        Honoured("certificate lifetime asked of istiod"),
+    ),
+    (
+        "SERVICE_ACCOUNT",
+        Honoured("this agent's service account, sent to istiod"),
+    ),
+    (
+        "TERMINATION_GRACE_PERIOD_SECONDS",
+        Honoured("drain deadline"),
+    ),
+    (
+        "TRANSPARENT_NETWORK_POLICIES",
+        DefaultOnly {
+            default: "false",
+            reason: "HBONE always carries traffic to the destination's 15008",
+        },
+    ),
     ("TRUST_DOMAIN", Honoured("agent.trustDomain")),
-    ("UNSTABLE_ENABLE_SOCKS5", DefaultOnly {
-        default: "false",
-        reason: "there is no SOCKS5 listener",
-    }),
-    ("USER_TIMEOUT_ENABLED", DefaultOnly {
-        default: "false",
-        reason: "TCP_USER_TIMEOUT is not set on proxied sockets",
-    }),
+    (
+        "UNSTABLE_ENABLE_SOCKS5",
+        DefaultOnly {
+            default: "false",
+            reason: "there is no SOCKS5 listener",
+        },
+    ),
+    (
+        "USER_TIMEOUT_ENABLED",
+        DefaultOnly {
+            default: "false",
+            reason: "TCP_USER_TIMEOUT is not set on proxied sockets",
+        },
+    ),
     ("XDS_ADDRESS", Honoured("istiod's xDS (empty: no xDS)")),
-    ("XDS_ON_DEMAND", DefaultOnly {
-        default: "false",
-        reason: "the agent subscribes to every workload and service (no on-demand xDS)",
-    }),
-    ("XDS_ROOT_CA", Honoured("path of istiod's root for the xDS connection")),
-    ("ZTUNNEL_CPU_LIMIT", Honoured("CPU count behind a ZTUNNEL_WORKER_THREADS percentage")),
-    ("ZTUNNEL_RESOURCE_CPU_LIMIT", Honoured("worker threads when nothing else sets them")),
-    ("ZTUNNEL_RESOURCE_CPU_REQUEST", Honoured("lowest worker thread count when nothing else sets them")),
-    ("ZTUNNEL_WORKER_THREADS", Honoured("worker threads: a count or a percentage of the CPUs")),
+    (
+        "XDS_ON_DEMAND",
+        DefaultOnly {
+            default: "false",
+            reason: "the agent subscribes to every workload and service (no on-demand xDS)",
+        },
+    ),
+    (
+        "XDS_ROOT_CA",
+        Honoured("path of istiod's root for the xDS connection"),
+    ),
+    (
+        "ZTUNNEL_CPU_LIMIT",
+        Honoured("CPU count behind a ZTUNNEL_WORKER_THREADS percentage"),
+    ),
+    (
+        "ZTUNNEL_RESOURCE_CPU_LIMIT",
+        Honoured("worker threads when nothing else sets them"),
+    ),
+    (
+        "ZTUNNEL_RESOURCE_CPU_REQUEST",
+        Honoured("lowest worker thread count when nothing else sets them"),
+    ),
+    (
+        "ZTUNNEL_WORKER_THREADS",
+        Honoured("worker threads: a count or a percentage of the CPUs"),
+    ),
 ];
 
 /// Prefixed variable families ztunnel reads, all honoured.
@@ -249,14 +387,11 @@ fn proxy_config_unsupported(proxy_config: &ProxyConfig) -> Vec<UnsupportedVariab
         })
         .collect();
     for (key, value) in &proxy_config.proxy_metadata {
-        let name = key.strip_prefix("ISTIO_META_").unwrap_or(key);
-        let dns = (name == "DNS_CAPTURE" && !value.eq_ignore_ascii_case("false"))
-            || name == "DNS_PROXY_ADDR";
-        if dns {
+        if key.strip_prefix("ISTIO_META_").unwrap_or(key) == "DNS_PROXY_ADDR" {
             found.push(UnsupportedVariable {
                 variable: format!("PROXY_CONFIG.proxyMetadata.{key}"),
                 value: value.clone(),
-                reason: "nodetunnel has no DNS proxy yet".to_string(),
+                reason: "the DNS proxy listens on port 15053 of each pod".to_string(),
             });
         }
     }

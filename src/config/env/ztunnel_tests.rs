@@ -73,6 +73,20 @@ fn chart_variables_are_applied() {
             |a| a.istio.metadata.get("FOO") == Some(&serde_json::json!("env")),
         ),
         (&[("PROXY_CONFIG", "")], |a| *a == AgentConfig::default()),
+        (
+            &[(
+                "PROXY_CONFIG",
+                "proxyMetadata: {ISTIO_META_DNS_CAPTURE: \"false\"}",
+            )],
+            |a| !a.dns.enabled,
+        ),
+        (
+            &[
+                ("PROXY_CONFIG", "proxyMetadata: {DNS_CAPTURE: \"false\"}"),
+                ("ISTIO_META_DNS_CAPTURE", "true"),
+            ],
+            |a| a.dns.enabled,
+        ),
     ];
     for (pairs, check) in cases {
         let mut agent = AgentConfig::default();
@@ -110,6 +124,7 @@ fn unsupported_variables_are_reported_by_name_and_defaults_are_not() {
         ("ENABLE_PROXY", "TRUE"),
         ("NETWORK", "n"),
         ("ISTIO_META_DNS_CAPTURE", "false"),
+        ("CLUSTER_DOMAIN", "corp.example"),
         ("RUST_BACKTRACE", "1"),
         ("ZTUNNEL_CPU_LIMIT", "4"),
         ("XDS_ROOT_CA", "/var/run/secrets/istio/root-cert.pem"),
@@ -118,7 +133,6 @@ fn unsupported_variables_are_reported_by_name_and_defaults_are_not() {
         ("KEEPALIVE_TIME", "60s"),
         ("XDS_ON_DEMAND", "true"),
         ("CA_ROOT_CA", "SYSTEM"),
-        ("ISTIO_META_DNS_CAPTURE", "true"),
         (
             "PROXY_CONFIG",
             r#"{"concurrency": 2, "tracing": {"zipkin": {}}, "proxyMetadata": {"DNS_PROXY_ADDR": "127.0.0.1:15053"}}"#,
@@ -133,7 +147,6 @@ fn unsupported_variables_are_reported_by_name_and_defaults_are_not() {
         reported,
         [
             "CA_ROOT_CA",
-            "ISTIO_META_DNS_CAPTURE",
             "KEEPALIVE_TIME",
             "PROXY_CONFIG.proxyMetadata.DNS_PROXY_ADDR",
             "PROXY_CONFIG.tracing",
@@ -141,7 +154,7 @@ fn unsupported_variables_are_reported_by_name_and_defaults_are_not() {
             "XDS_ON_DEMAND",
         ]
     );
-    let line = environment.unsupported()[5].to_string();
+    let line = environment.unsupported()[4].to_string();
     assert!(
         line.starts_with(r#"PROXY_MODE="dedicated" is not supported"#),
         "{line}"
