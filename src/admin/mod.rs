@@ -62,10 +62,15 @@ pub struct AdminState {
 
 /// Serves the admin API until drain.
 pub async fn serve(listener: TcpListener, admin: AdminState, drain: Drain) {
-    node_http::serve(listener, drain, move |request| {
-        let admin = admin.clone();
-        async move { handle(admin, request).await }
-    })
+    node_http::serve(
+        listener,
+        drain,
+        node_http::ServerLimits::ADMIN,
+        move |request| {
+            let admin = admin.clone();
+            async move { handle(admin, request).await }
+        },
+    )
     .await
 }
 
