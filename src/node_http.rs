@@ -37,9 +37,11 @@ pub struct ServerLimits {
 }
 
 impl ServerLimits {
-    /// Metrics (15020) and readiness (15021): reachable from pods, answered at once.
+    /// Metrics (15020) and readiness (15021): reachable from pods, answered at once. The cap is
+    /// well above what a slowloris can hold within the header timeout from a few sources
+    /// while probes keep getting through; it bounds fds and hyper's buffers (~16 KiB each).
     pub const PROBES: ServerLimits = ServerLimits {
-        max_connections: 256,
+        max_connections: 1024,
         header_read_timeout: Duration::from_secs(10),
         connection_deadline: Duration::from_secs(30),
     };

@@ -21,6 +21,7 @@ use crate::identity::CertificateStatus;
 use crate::net::NetworkAddress;
 use crate::state::{GatewayAddress, GatewayDestination, Service, Snapshot, Workload};
 use crate::telemetry::metrics::OpenConnection;
+use crate::telemetry::Direction;
 
 /// Everything a dump is built from, taken once per request.
 pub(super) struct DumpInputs<'a> {
@@ -276,7 +277,7 @@ fn workload_state(
         })
         .collect();
     for open in connections {
-        let inbound = open.info.direction == "inbound";
+        let inbound = open.info.direction == Direction::Inbound;
         let owner = if inbound {
             &open.info.dst_workload
         } else {
