@@ -134,12 +134,16 @@ impl Egress {
     }
 
     fn metrics(&self) -> String {
+        self.get("127.0.0.1:15020", "/metrics")
+    }
+
+    /// A GET from node a's namespace (metrics, or the loopback-only admin API).
+    fn get(&self, address: &'static str, path: &'static str) -> String {
         self.topology
-            .run_in("a", || {
-                use std::io::{Read, Write};
-                let mut stream = std::net::TcpStream::connect("127.0.0.1:15020")?;
+            .run_in("a", move || {
+                let mut stream = std::net::TcpStream::connect(address)?;
                 stream.set_read_timeout(Some(IO_TIMEOUT))?;
-                stream.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
+                write!(stream, "GET {path} HTTP/1.0\r\n\r\n")?;
                 let mut text = String::new();
                 stream.read_to_string(&mut text)?;
                 Ok::<_, std::io::Error>(text)
@@ -212,6 +216,13 @@ fn registry_only_refuses_unknown_destinations_and_allows_service_entries() {
         metrics.contains("nodetunnel_egress_refusals_total{reason=\"registry_only\"} 1"),
         "{metrics}"
     );
+
+    let dump = egress.get("127.0.0.1:15000", "/config_dump");
+    assert!(
+        dump.contains("\"serviceEntries\"") && dump.contains("partner.example"),
+        "{dump}"
+    );
+    assert!(dump.contains("REGISTRY_ONLY"), "{dump}");
 
     // A namespace exception applies live, like a policy change.
     egress.reconfigure(&format!(

@@ -20,14 +20,19 @@ pub struct TcpPool {
     /// Open connections allowed to the service from one source pod; more are refused at once.
     pub max_connections: Option<u32>,
     /// Replaces `agent.proxy.connectTimeout` for connections to the service.
+    #[serde(with = "humantime_serde")]
     pub connect_timeout: Option<Duration>,
     /// Accepted and shown; not enforced at L4 by this agent.
+    #[serde(with = "humantime_serde")]
     pub idle_timeout: Option<Duration>,
     /// TCP keepalive on plain-TCP upstream sockets: idle time before probes.
+    #[serde(with = "humantime_serde")]
     pub tcp_keepalive_time: Option<Duration>,
     /// TCP keepalive interval between probes.
+    #[serde(with = "humantime_serde")]
     pub tcp_keepalive_interval: Option<Duration>,
     /// A connection to the service is closed after this long.
+    #[serde(with = "humantime_serde")]
     pub max_connection_duration: Option<Duration>,
 }
 
@@ -40,8 +45,10 @@ pub struct OutlierDetection {
     pub consecutive_errors: u32,
     /// How often ejections are re-examined: an ejected endpoint comes back at the first
     /// interval boundary after its ejection time (Istio's default 10 s).
+    #[serde(with = "humantime_serde")]
     pub interval: Duration,
     /// Ejection time, multiplied by how many times the endpoint was ejected (default 30 s).
+    #[serde(with = "humantime_serde")]
     pub base_ejection_time: Duration,
     /// At most this share of a service's endpoints is ejected at once, but always at least one
     /// (Istio's default 10 %).
