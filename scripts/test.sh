@@ -10,6 +10,7 @@ cd "$(dirname "$0")/.."
 # tool -> Debian package
 declare -A packages=(
   [nft]=nftables [tcpdump]=tcpdump [iperf3]=iperf3 [curl]=curl [ip]=iproute2 [ss]=iproute2
+  [dig]=dnsutils [getent]=libc-bin
 )
 missing=()
 for tool in "${!packages[@]}"; do

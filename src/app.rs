@@ -72,6 +72,8 @@ struct Agent {
     /// The istiod client when `xds.address` is set.
     xds: Option<Arc<XdsClient>>,
     pods: Arc<PodManager>,
+    /// The pods' DNS proxy settings, unless DNS is off.
+    dns: Option<Arc<crate::dns::DnsSettings>>,
     /// The whole agent: pods' scopes and the control tasks' scope are its children.
     drain: Drain,
     /// Servers, discovery clients, the config watcher and rotation.
@@ -125,21 +127,38 @@ impl Agent {
                 pool: settings.pool.clone(),
             }),
             metrics: metrics.clone(),
+            sources: crate::proxy::limits::SourceLimits::new(
+                settings.proxy.max_unauthenticated_per_source,
+            ),
         };
         let rules = settings.capture.install_rules.then_some(RedirectRules {
             mark: settings.proxy.packet_mark,
             outbound_port: crate::net::ports::OUTBOUND,
             inbound_plaintext_port: crate::net::ports::INBOUND_PLAINTEXT,
             hbone_port: crate::net::ports::HBONE,
+            dns_port: settings.dns.enabled.then_some(crate::dns::PORT),
         });
-        let pods = Arc::new(PodManager::new(
+        let dns = settings
+            .dns
+            .enabled
+            .then(|| Arc::new(crate::dns::DnsSettings::from_config(&settings.dns)));
+        let pods = PodManager::new(
             inputs,
             home,
             settings.proxy.packet_mark,
             rules,
             drain.child(),
-        ));
+        );
+        let pods = Arc::new(match &dns {
+            Some(dns) => pods.with_dns(crate::dns::DnsInputs {
+                state: state.clone(),
+                metrics: metrics.clone(),
+                settings: dns.clone(),
+            }),
+            None => pods,
+        });
         Ok(Agent {
+            dns,
             control: drain.child(),
             settings,
             state,
@@ -187,7 +206,7 @@ impl Agent {
                 certificates: self.certificates.clone(),
                 metrics: self.metrics.clone(),
                 logging: options.logging.clone(),
-                config: effective_config(config),
+                config: effective_config(config, self.dns.as_deref()),
                 shutdown: self.shutdown_requested.clone(),
             },
             control.clone(),
@@ -387,7 +406,10 @@ fn control_plane(
 }
 
 /// The configuration as `/config_dump` shows it.
-fn effective_config(config: &Config) -> crate::admin::EffectiveConfig {
+fn effective_config(
+    config: &Config,
+    dns: Option<&crate::dns::DnsSettings>,
+) -> crate::admin::EffectiveConfig {
     let agent = &config.agent;
     crate::admin::EffectiveConfig {
         node: agent.node.clone(),
@@ -402,6 +424,11 @@ fn effective_config(config: &Config) -> crate::admin::EffectiveConfig {
         xds_address: agent.xds.address.clone(),
         ca_address: agent.ca.address.clone(),
         cluster_id: agent.istio.cluster_id.clone(),
+        dns_proxy: dns.is_some(),
+        dns_proxy_addr: format!("localhost:{}", crate::dns::PORT),
+        cluster_domain: agent.dns.cluster_domain.clone(),
+        dns_upstreams: dns.map_or_else(Vec::new, |dns| dns.upstreams.to_vec()),
+        dns_forward_timeout: agent.dns.forward_timeout,
     }
 }
 

@@ -7,7 +7,7 @@
 //! Layers (a module uses only its own layer or lower):
 //! - L5 [`app`], [`admin`]: composition root, signals, node-level servers, admin API.
 //! - L4 [`capture`]: local pods and their per-pod listener sets.
-//! - L3 [`proxy`]: outbound, inbound, pool, route decision, copy.
+//! - L3 [`proxy`]: outbound, inbound, pool, route decision, copy; [`dns`]: the pods' DNS proxy.
 //! - L2 [`hbone`], [`tls`], [`identity`], [`authz`]: protocols and certificates.
 //! - L1 [`state`], [`config`], [`telemetry`]: the model, configuration, logging.
 //! - L0 [`sys`], [`socket`], [`drain`], [`net`], [`spiffe`]: syscalls, sockets, primitives.
@@ -18,6 +18,7 @@ pub mod authz;
 pub mod capture;
 pub mod config;
 pub mod control_plane;
+pub mod dns;
 pub mod drain;
 pub mod hbone;
 pub mod identity;

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, TcpKeepalive, Type};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream, UdpSocket};
 
 use crate::sys::Netns;
 
@@ -90,12 +90,24 @@ impl SocketFactory {
         }
     }
 
-    /// Creates a raw socket in the right namespace with the mark set, owned by `owner` (else
-    /// by the agent's own uid).
+    /// Creates a raw TCP socket in the right namespace with the mark set, owned by `owner`
+    /// (else by the agent's own uid).
     fn raw_socket(&self, domain: Domain, owner: Option<u32>) -> Result<Socket, io::Error> {
+        self.raw_socket_of(domain, Type::STREAM, Protocol::TCP, owner)
+    }
+
+    /// Creates a raw socket of `kind` in the right namespace with the mark set, owned by
+    /// `owner` (else by the agent's own uid).
+    fn raw_socket_of(
+        &self,
+        domain: Domain,
+        kind: Type,
+        protocol: Protocol,
+        owner: Option<u32>,
+    ) -> Result<Socket, io::Error> {
         // socket2 creates it close-on-exec already (SOCK_CLOEXEC), so no fcntl follows.
         let create = || {
-            let socket = || Socket::new(domain, Type::STREAM.nonblocking(), Some(Protocol::TCP));
+            let socket = || Socket::new(domain, kind.nonblocking(), Some(protocol));
             match owner {
                 Some(uid) => crate::sys::with_fsuid(uid, socket),
                 None => socket(),
@@ -155,6 +167,54 @@ impl SocketFactory {
                 source,
             }),
         }
+    }
+
+    /// A UDP socket bound to `addr`, owned by [`LISTENER_OWNER`] with port reuse on, as TCP
+    /// listeners are: a restarted agent can bind beside the old one and nothing else can.
+    pub fn udp_bind(&self, addr: SocketAddr) -> Result<UdpSocket, SocketError> {
+        let attempt = || -> io::Result<UdpSocket> {
+            let socket = self.raw_socket_of(
+                Domain::for_address(addr),
+                Type::DGRAM,
+                Protocol::UDP,
+                Some(LISTENER_OWNER),
+            )?;
+            warn_unless_owned(&socket, addr);
+            socket.set_reuse_address(true)?;
+            socket.set_reuse_port(true)?;
+            if addr.is_ipv6() {
+                socket.set_only_v6(true)?;
+            }
+            socket.bind(&addr.into())?;
+            UdpSocket::from_std(socket.into())
+        };
+        attempt().map_err(|source| SocketError::Io {
+            op: "bind udp",
+            addr,
+            source,
+        })
+    }
+
+    /// A UDP socket connected to `dst` from a fresh ephemeral port, so that only `dst` can
+    /// answer on it (the kernel drops datagrams from anyone else).
+    pub fn udp_connect(&self, dst: SocketAddr) -> Result<UdpSocket, SocketError> {
+        let attempt = || -> io::Result<UdpSocket> {
+            let domain = Domain::for_address(dst);
+            let socket = self.raw_socket_of(domain, Type::DGRAM, Protocol::UDP, None)?;
+            let any: IpAddr = if dst.is_ipv6() {
+                Ipv6Addr::UNSPECIFIED.into()
+            } else {
+                Ipv4Addr::UNSPECIFIED.into()
+            };
+            socket.bind(&SocketAddr::new(any, 0).into())?;
+            socket.connect(&dst.into())?;
+            UdpSocket::from_std(socket.into())
+        };
+        attempt().map_err(|source| SocketError::Io {
+            op: "connect udp",
+            addr: dst,
+            source,
+        })
     }
 
     /// Connects to `dst`. With `source` set, the socket is bound to that (foreign) IP with

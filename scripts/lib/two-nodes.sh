@@ -6,7 +6,7 @@
 # The caller sets BIN (nodetunnel), LOAD (nodetunnel-bench) and PREFIX (a short namespace-name
 # prefix), and may set BENCH_AGENT_YAML (extra lines under `agent:` for both agents). After
 # sourcing: $P-* namespaces exist, $WORK is a scratch directory, $SERVER the server pod's IP,
-# the iperf3 (5201) and echo (7000) servers run, and an EXIT trap cleans everything up.
+# the iperf3 (5201), echo (7000) and DNS (53/udp) servers run, and an EXIT trap cleans everything up.
 # Functions: nsx, write_configs, start_agents, stop_agents, agent_cpu, agent_rss, agent_fds,
 # settle.
 
@@ -70,6 +70,7 @@ agent:
   trustDomain: cluster.local
   pods:
     - {workload: default/$pod, netns: /run/netns/$P-$pod}
+  dns: {upstreams: ["$SERVER"]}
 ${BENCH_AGENT_YAML:-}
 $extra
 workloads:
@@ -77,7 +78,9 @@ workloads:
      workloadIps: [10.200.1.2], protocol: HBONE, node: node-a}
   - {uid: cluster1//Pod/default/server, name: server, namespace: default, serviceAccount: server,
      workloadIps: [$SERVER], protocol: HBONE, node: node-b}
-services: []
+services:
+  - {name: echo, namespace: default, hostname: echo.default.svc.cluster.local,
+     vips: [/10.96.0.10], ports: {80: 7000}}
 policies: []
 YAML
     "$BIN" check-config "$WORK/$n/config.yaml" >/dev/null
@@ -90,8 +93,11 @@ ip netns exec "$P-server" iperf3 -s -p 5201 >/dev/null 2>&1 &
 PIDS+=($!)
 ip netns exec "$P-server" "$LOAD" serve --listen 0.0.0.0:7000 &
 PIDS+=($!)
+ip netns exec "$P-server" "$LOAD" dns-serve --listen 0.0.0.0:53 &
+PIDS+=($!)
 for _ in $(seq 100); do
-  [[ $(nsx server ss -ltnH | grep -cE ':(5201|7000) ') -ge 2 ]] && break
+  [[ $(nsx server ss -ltnH | grep -cE ':(5201|7000) ') -ge 2 &&
+     $(nsx server ss -lunH | grep -cE ':53 ') -ge 1 ]] && break
   sleep 0.1
 done
 

@@ -316,6 +316,11 @@ fn effective_config() -> EffectiveConfig {
         xds_address: None,
         ca_address: None,
         cluster_id: "Kubernetes".to_string(),
+        dns_proxy: true,
+        dns_proxy_addr: "localhost:15053".to_string(),
+        cluster_domain: "cluster.local".to_string(),
+        dns_upstreams: vec!["10.96.0.10:53".parse().unwrap()],
+        dns_forward_timeout: Duration::from_secs(4),
     }
 }
 

@@ -331,4 +331,20 @@ pub struct EffectiveConfig {
     pub ca_address: Option<String>,
     /// The cluster id sent to istiod.
     pub cluster_id: String,
+    /// Whether every captured pod gets the DNS proxy (ztunnel's field). The DNS fields
+    /// default when absent, so the CLI still reads an agent from before the DNS proxy.
+    #[serde(default)]
+    pub dns_proxy: bool,
+    /// Where the DNS proxy listens inside each pod (ztunnel's field and form).
+    #[serde(default)]
+    pub dns_proxy_addr: String,
+    /// The cluster's DNS domain (ztunnel's field).
+    #[serde(default)]
+    pub cluster_domain: String,
+    /// Where names outside the mesh are forwarded.
+    #[serde(default)]
+    pub dns_upstreams: Vec<SocketAddr>,
+    /// Deadline of one forwarded query.
+    #[serde(default, with = "humantime_serde")]
+    pub dns_forward_timeout: Duration,
 }

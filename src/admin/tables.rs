@@ -8,7 +8,7 @@ use std::fmt::Write as _;
 
 use serde_json::Value;
 
-use super::schema::{ConfigDump, ConnectionDump, PodState};
+use super::schema::{ConfigDump, ConnectionDump, EffectiveConfig, PodState};
 use crate::capture::{PodSource, PodStatus};
 use crate::state::TunnelProtocol;
 
@@ -199,12 +199,35 @@ fn status(dump: &ConfigDump) -> String {
         ("services", dump.services.len().to_string()),
         ("policies", dump.policies.len().to_string()),
         ("certificates", dump.certificates.len().to_string()),
+        ("dns", config.map_or_else(|| "off".to_string(), dns_status)),
     ];
     let mut out = String::new();
     for (name, value) in rows {
         let _ = writeln!(out, "{:<14}{value}", format!("{name}:"));
     }
     out
+}
+
+/// `on (localhost:15053), domain cluster.local, upstreams 10.96.0.10:53`, or `off`.
+fn dns_status(config: &EffectiveConfig) -> String {
+    if !config.dns_proxy {
+        return "off".to_string();
+    }
+    let upstreams: Vec<String> = config
+        .dns_upstreams
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    format!(
+        "on ({}), domain {}, upstreams {}",
+        config.dns_proxy_addr,
+        config.cluster_domain,
+        if upstreams.is_empty() {
+            "none".to_string()
+        } else {
+            upstreams.join(",")
+        },
+    )
 }
 
 /// `nodetunnel pod list`: `/pods` (workload uid → [`PodStatus`]) as a table.
@@ -325,6 +348,19 @@ mod tests {
         assert!(status.contains("node:         node-a"), "{status}");
         assert!(
             status.contains("config:       /etc/nodetunnel.yaml"),
+            "{status}"
+        );
+        assert!(status.contains("dns:          off"), "{status}");
+        let mut with_dns = dump.clone();
+        with_dns["config"]["dnsProxy"] = Value::Bool(true);
+        with_dns["config"]["dnsProxyAddr"] = "localhost:15053".into();
+        with_dns["config"]["clusterDomain"] = "cluster.local".into();
+        with_dns["config"]["dnsUpstreams"] = serde_json::json!(["10.96.0.10:53"]);
+        let status = View::Status.render(&with_dns).unwrap();
+        assert!(
+            status.contains(
+                "dns:          on (localhost:15053), domain cluster.local, upstreams 10.96.0.10:53"
+            ),
             "{status}"
         );
         assert_eq!(

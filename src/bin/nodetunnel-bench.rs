@@ -9,6 +9,8 @@
 //! - `latency`: 1 KiB request/response at a fixed rate over one connection; p50/p90/p99.
 //! - `idle`: opens N connections (each echoes one byte, so the proxied path is set up end to
 //!   end), writes a ready file, holds until a release file exists, then closes them all.
+//! - `dns-serve`: a UDP DNS server answering every A query with one address at once (the
+//!   upstream of the DNS rows; dnsperf is the client).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -78,6 +80,15 @@ enum Mode {
         #[arg(long)]
         release_file: PathBuf,
     },
+    /// A UDP DNS server that answers every A query with `answer` (TTL 30), others empty.
+    DnsServe {
+        /// Address to listen on.
+        #[arg(long, default_value = "0.0.0.0:53")]
+        listen: SocketAddr,
+        /// The address every A answer carries.
+        #[arg(long, default_value = "10.96.9.9")]
+        answer: std::net::Ipv4Addr,
+    },
 }
 
 fn main() -> Result<()> {
@@ -105,6 +116,7 @@ fn main() -> Result<()> {
                 ready_file,
                 release_file,
             } => idle(target, count, &ready_file, &release_file).await,
+            Mode::DnsServe { listen, answer } => dns_serve(listen, answer).await,
         }
     })
 }
@@ -123,6 +135,35 @@ async fn serve(listen: SocketAddr) -> Result<()> {
     loop {
         let (stream, _) = listener.accept().await?;
         tokio::spawn(echo(stream));
+    }
+}
+
+async fn dns_serve(listen: SocketAddr, answer: std::net::Ipv4Addr) -> Result<()> {
+    use hickory_proto::op::{Message, MessageType};
+    use hickory_proto::rr::{rdata::A, RData, Record, RecordType};
+    let socket = tokio::net::UdpSocket::bind(listen).await?;
+    let mut buffer = vec![0u8; 4096];
+    loop {
+        let (length, peer) = socket.recv_from(&mut buffer).await?;
+        let Ok(query) = Message::from_vec(&buffer[..length]) else {
+            continue;
+        };
+        let mut response = Message::new();
+        response
+            .set_id(query.id())
+            .set_message_type(MessageType::Response)
+            .set_recursion_desired(query.recursion_desired())
+            .set_recursion_available(true)
+            .add_queries(query.queries().iter().cloned());
+        for question in query.queries() {
+            if question.query_type() == RecordType::A {
+                let record = Record::from_rdata(question.name().clone(), 30, RData::A(A(answer)));
+                response.add_answer(record);
+            }
+        }
+        if let Ok(bytes) = response.to_vec() {
+            let _ = socket.send_to(&bytes, peer).await;
+        }
     }
 }
 

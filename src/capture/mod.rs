@@ -7,6 +7,10 @@
 //! of their own; pods that left are terminated (their listeners and connections cut, nothing
 //! else touched); a pod whose namespace changed is replaced. A pod that fails to start is
 //! reported with the reason and retried on the next reconcile; the others carry on.
+//!
+//! Pods are independent: each has an entry in one map, with a lock of its own that its start
+//! and stop hold. The map's lock is only taken for lookups and summaries, never across a start,
+//! so one slow pod (a replaced proxy draining, the listener thread, `nft`) delays nothing else.
 
 mod return_path;
 pub mod rules;
@@ -16,6 +20,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+use crate::dns::{DnsInputs, DnsListeners, DnsProxy};
 use crate::drain::Drain;
 use crate::proxy::{Listeners, ProxyInputs, WorkloadProxy};
 use crate::socket::{SocketError, SocketFactory};
@@ -154,6 +159,8 @@ pub struct PodManager {
     mark: u32,
     /// Rules installed in config/API pods when the agent owns redirection (standalone).
     rules: Option<rules::RedirectRules>,
+    /// Every pod's DNS proxy (15053), unless DNS is off.
+    dns: Option<DnsInputs>,
     drain: Drain,
     /// Every known pod (running, starting or failed), by workload uid.
     pods: Mutex<HashMap<String, PodEntry>>,
@@ -181,12 +188,20 @@ impl PodManager {
             home,
             mark,
             rules,
+            dns: None,
             drain,
             pods: Mutex::new(HashMap::new()),
             config_synced: std::sync::atomic::AtomicBool::new(false),
             #[cfg(test)]
             start_hook: None,
         }
+    }
+
+    /// Gives every pod started from now on a DNS proxy on 15053 (in its listener set, drain
+    /// scope and socket factory).
+    pub fn with_dns(mut self, dns: DnsInputs) -> Self {
+        self.dns = Some(dns);
+        self
     }
 
     /// Brings the config-sourced pods in line with `desired`: pods not listed are removed, listed
@@ -372,11 +387,25 @@ impl PodManager {
         let path = netns.path().to_path_buf();
         let netns = Arc::new(netns);
         let sockets = SocketFactory::pod(netns.clone(), self.home.clone(), self.mark);
-        let listeners = bind_listeners(netns.clone(), sockets.clone()).await?;
+        let (listeners, dns_listeners) =
+            bind_listeners(netns.clone(), sockets.clone(), self.dns.is_some()).await?;
         let drain = self.drain.child();
-        let proxy =
-            WorkloadProxy::new(self.inputs.clone(), uid.to_string(), sockets, drain.clone());
+        let proxy = WorkloadProxy::new(
+            self.inputs.clone(),
+            uid.to_string(),
+            sockets.clone(),
+            drain.clone(),
+        );
         proxy.spawn(listeners);
+        if let (Some(inputs), Some(dns_listeners)) = (&self.dns, dns_listeners) {
+            DnsProxy::new(
+                inputs.clone(),
+                uid.to_string(),
+                sockets.clone(),
+                drain.clone(),
+            )
+            .spawn(dns_listeners);
+        }
         self.inputs.metrics.proxy_started();
         let rules = self.rules.clone().filter(|_| source != PodSource::Cni);
         let pod = RunningPod {
@@ -468,11 +497,13 @@ impl PodManager {
     }
 }
 
-/// Binds the pod's listeners on a thread inside its namespace, off the runtime's workers.
+/// Binds the pod's listeners (and its DNS listeners with `with_dns`) on a thread inside its
+/// namespace, off the runtime's workers.
 async fn bind_listeners(
     netns: Arc<Netns>,
     sockets: SocketFactory,
-) -> Result<Listeners, CaptureError> {
+    with_dns: bool,
+) -> Result<(Listeners, Option<DnsListeners>), CaptureError> {
     let path = netns.path().to_path_buf();
     // A blocking-pool thread has the runtime context that registering the sockets with tokio
     // needs; the namespace thread below enters it too.
@@ -480,7 +511,9 @@ async fn bind_listeners(
     let bound = tokio::task::spawn_blocking(move || {
         netns.run_on_thread(|| {
             let _context = runtime.enter();
-            Listeners::bind(&sockets)
+            let listeners = Listeners::bind(&sockets)?;
+            let dns = with_dns.then(|| DnsListeners::bind(&sockets)).transpose()?;
+            Ok::<_, SocketError>((listeners, dns))
         })
     })
     .await

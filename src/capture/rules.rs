@@ -67,6 +67,9 @@ pub struct RedirectRules {
     pub inbound_plaintext_port: u16,
     /// HBONE port (not redirected).
     pub hbone_port: u16,
+    /// The DNS proxy's port: the pod's DNS (UDP and TCP port 53 to anywhere but loopback)
+    /// goes there. `None`: DNS is left alone.
+    pub dns_port: Option<u16>,
 }
 
 impl RedirectRules {
@@ -74,6 +77,15 @@ impl RedirectRules {
     pub fn nft_script(&self) -> String {
         let mark = self.mark & MARK_MASK;
         let keep = !MARK_MASK;
+        // After the mark exemptions (the agent's own upstream queries must not loop back),
+        // before the TCP-only rules (DNS is mostly UDP). Loopback DNS (a local stub) is the
+        // pod's own business, as istio-cni leaves it.
+        let dns = self.dns_port.map_or(String::new(), |port| {
+            format!(
+                "\x20   oifname != \"lo\" udp dport 53 redirect to :{port}\n\
+                 \x20   oifname != \"lo\" tcp dport 53 redirect to :{port}\n"
+            )
+        });
         format!(
             "table inet {TABLE}\n\
              delete table inet {TABLE}\n\
@@ -88,9 +100,10 @@ impl RedirectRules {
              \x20 }}\n\
              \x20 chain output_nat {{\n\
              \x20   type nat hook output priority -100; policy accept;\n\
-             \x20   meta l4proto != tcp accept\n\
              \x20   meta mark & {MARK_MASK:#x} == {RETURN_MARK:#x} accept\n\
              \x20   meta mark & {MARK_MASK:#x} == {mark:#x} accept\n\
+             {dns}\
+             \x20   meta l4proto != tcp accept\n\
              \x20   oifname \"lo\" ip daddr != 127.0.0.1 accept\n\
              \x20   oifname \"lo\" ip6 daddr != ::1 accept\n\
              \x20   ip daddr 127.0.0.0/8 accept\n\
@@ -201,6 +214,7 @@ mod tests {
             outbound_port: 15001,
             inbound_plaintext_port: 15006,
             hbone_port: 15008,
+            dns_port: Some(15053),
         }
     }
 
@@ -227,6 +241,33 @@ mod tests {
         ] {
             assert!(script.contains(needle), "missing {needle:?} in\n{script}");
         }
+    }
+
+    /// The pod's DNS goes to the proxy, but only after the agent's own marked sockets are let
+    /// through (its upstream queries would loop otherwise), and loopback DNS is left alone.
+    #[test]
+    fn script_redirects_dns_after_the_mark_exemptions() {
+        let script = rules().nft_script();
+        let position = |needle: &str| {
+            script
+                .find(needle)
+                .unwrap_or_else(|| panic!("missing {needle:?} in\n{script}"))
+        };
+        let udp = position("oifname != \"lo\" udp dport 53 redirect to :15053");
+        let tcp = position("oifname != \"lo\" tcp dport 53 redirect to :15053");
+        let marked = position("meta mark & 0xfff == 0x539 accept");
+        let returning = position("meta mark & 0xfff == 0x111 accept");
+        let tcp_only = position("meta l4proto != tcp accept");
+        assert!(marked < udp && returning < udp, "{script}");
+        assert!(udp < tcp && tcp < tcp_only, "{script}");
+
+        let without = RedirectRules {
+            dns_port: None,
+            ..rules()
+        }
+        .nft_script();
+        assert!(!without.contains("dport 53"), "{without}");
+        assert_eq!(without.matches("redirect to").count(), 2, "{without}");
     }
 
     #[test]

@@ -53,6 +53,7 @@ fn manager() -> PodManager {
             pool: PoolConfig::default(),
         }),
         metrics: Arc::new(Metrics::new()),
+        sources: crate::proxy::limits::SourceLimits::new(u32::MAX),
     };
     let home = Arc::new(Netns::current().expect("own namespace"));
     PodManager::new(inputs, home, 0x539, None, Drain::new())

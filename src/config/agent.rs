@@ -58,6 +58,9 @@ pub struct AgentConfig {
     /// Workload discovery from istiod (delta xDS); off unless `xds.address` is set.
     #[serde(default)]
     pub xds: XdsConfig,
+    /// The DNS proxy in every captured pod.
+    #[serde(default)]
+    pub dns: super::dns::DnsConfig,
     /// Who this agent is toward istiod (node id, token, cluster), for xDS and the Istio CA.
     #[serde(default)]
     pub istio: IstioConfig,
@@ -88,6 +91,7 @@ impl Default for AgentConfig {
             capture: CaptureConfig::default(),
             authorization: AuthorizationConfig::default(),
             xds: XdsConfig::default(),
+            dns: super::dns::DnsConfig::default(),
             istio: IstioConfig::default(),
             outbound_traffic_policy: Default::default(),
             drain_timeout: defaults::drain_timeout(),
@@ -136,6 +140,12 @@ impl AgentConfig {
                     );
                 }
             }
+        }
+        if !super::dns::valid_domain(&self.dns.cluster_domain) {
+            problems.push(
+                path.key("dns").key("clusterDomain"),
+                Invalid::DnsName(self.dns.cluster_domain.clone()),
+            );
         }
         if self.xds.max_message_size == 0 {
             problems.push(path.key("xds").key("maxMessageSize"), Invalid::ZeroSize);
@@ -190,6 +200,20 @@ impl AgentConfig {
                 MAX_HEADER_LIST_SIZE,
             ),
             (
+                "proxy",
+                "maxUnauthenticatedPerPod",
+                self.proxy.max_unauthenticated_per_pod,
+                1,
+                u32::MAX,
+            ),
+            (
+                "proxy",
+                "maxUnauthenticatedPerSource",
+                self.proxy.max_unauthenticated_per_source,
+                1,
+                u32::MAX,
+            ),
+            (
                 "pool",
                 "maxStreamsPerConnection",
                 self.pool.max_streams_per_connection,
@@ -197,6 +221,20 @@ impl AgentConfig {
                 u32::MAX,
             ),
             ("pool", "spreadAbove", self.pool.spread_above, 1, u32::MAX),
+            (
+                "dns",
+                "maxForwardsPerPod",
+                self.dns.max_forwards_per_pod,
+                1,
+                65_535,
+            ),
+            (
+                "dns",
+                "maxTcpConnectionsPerPod",
+                self.dns.max_tcp_connections_per_pod,
+                1,
+                65_535,
+            ),
             (
                 "pool",
                 "spreadConnections",
@@ -260,6 +298,7 @@ impl AgentConfig {
             (Some("xds"), "reconnectMax", self.xds.reconnect_max),
             (Some("xds"), "connectTimeout", self.xds.connect_timeout),
             (Some("zds"), "reconnectMax", self.zds.reconnect_max),
+            (Some("dns"), "forwardTimeout", self.dns.forward_timeout),
             (Some("ca"), "workloadCertTtl", self.ca.workload_cert_ttl),
             (Some("istio"), "certificateTtl", self.istio.certificate_ttl),
             (None, "reloadInterval", self.reload_interval),
@@ -495,6 +534,14 @@ pub struct ProxyConfig {
         with = "humantime_serde"
     )]
     pub connect_response_timeout: Duration,
+    /// Concurrent unauthenticated connections one pod may have on its three listeners
+    /// together (15001, 15006, and 15008 until its TLS handshake ends); more are reset.
+    #[serde(default = "defaults::max_unauthenticated_per_pod")]
+    pub max_unauthenticated_per_pod: u32,
+    /// Concurrent unauthenticated connections one source IP may have to this node's pods
+    /// (15006, and 15008 until its TLS handshake ends); more are reset.
+    #[serde(default = "defaults::max_unauthenticated_per_source")]
+    pub max_unauthenticated_per_source: u32,
     /// Connect to local apps from the client's own IP (transparent + freebind), so apps see
     /// the real client address. Needs the connmark return-path rules in the pod (installed by
     /// the agent with `capture.installRules`, or by istio-cni).
@@ -518,6 +565,8 @@ impl Default for ProxyConfig {
             handshake_timeout: defaults::handshake_timeout(),
             connection_idle_timeout: defaults::connection_idle_timeout(),
             connect_response_timeout: defaults::connect_response_timeout(),
+            max_unauthenticated_per_pod: defaults::max_unauthenticated_per_pod(),
+            max_unauthenticated_per_source: defaults::max_unauthenticated_per_source(),
             original_source: defaults::original_source(),
         }
     }
@@ -723,6 +772,12 @@ pub mod defaults {
     }
     pub(crate) fn handshake_timeout() -> Duration {
         Duration::from_secs(10)
+    }
+    pub(crate) fn max_unauthenticated_per_pod() -> u32 {
+        20_000
+    }
+    pub(crate) fn max_unauthenticated_per_source() -> u32 {
+        5_000
     }
     pub(crate) fn connection_idle_timeout() -> Duration {
         Duration::from_secs(600)

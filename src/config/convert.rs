@@ -29,6 +29,9 @@ const DEFAULT_SERVICE_ACCOUNT: &str = "default";
 /// A semantic problem in the file; its `Display` is the message users read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Invalid {
+    /// A DNS domain that is not dot-separated labels of letters, digits and hyphens.
+    #[error("invalid DNS domain {0:?}: expected labels of a-z, 0-9 and '-' separated by dots")]
+    DnsName(String),
     /// A string that should be an IP address is not one.
     #[error("invalid IP address {0:?}")]
     Ip(String),

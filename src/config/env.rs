@@ -177,6 +177,13 @@ impl Environment {
                 ),
             }
         }
+        // As ztunnel: the DNS proxy runs unless DNS_CAPTURE is set to anything but "true".
+        if let Some(capture) = self.get("ISTIO_META_DNS_CAPTURE") {
+            agent.dns.enabled = capture.eq_ignore_ascii_case("true");
+        }
+        if let Some(domain) = text("CLUSTER_DOMAIN").filter(|domain| !domain.is_empty()) {
+            agent.dns.cluster_domain = domain;
+        }
         match drain_deadline(self) {
             Ok(Some(deadline)) => agent.drain_timeout = deadline,
             Ok(None) => {}
@@ -283,6 +290,26 @@ mod tests {
             Some(&serde_json::json!({"app": "ztunnel"}))
         );
         assert_eq!(agent.drain_timeout, Duration::from_secs(25));
+    }
+
+    #[test]
+    fn dns_capture_follows_ztunnel() {
+        let cases = [
+            (None, true),
+            (Some("true"), true),
+            (Some("TRUE"), true),
+            (Some("false"), false),
+            (Some(""), false),
+            (Some("yes"), false),
+        ];
+        for (value, enabled) in cases {
+            let mut pairs = vec![("CLUSTER_DOMAIN", "corp.example")];
+            pairs.extend(value.map(|value| ("ISTIO_META_DNS_CAPTURE", value)));
+            let (agent, problems) = applied(&pairs);
+            assert_eq!(problems, Vec::new());
+            assert_eq!(agent.dns.enabled, enabled, "DNS_CAPTURE={value:?}");
+            assert_eq!(agent.dns.cluster_domain, "corp.example");
+        }
     }
 
     #[test]

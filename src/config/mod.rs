@@ -13,6 +13,7 @@
 
 pub mod agent;
 mod convert;
+pub mod dns;
 pub mod env;
 pub mod istio;
 pub mod istio_networking;

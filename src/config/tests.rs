@@ -247,7 +247,7 @@ fn error_cases() -> Vec<(&'static str, String, Vec<&'static str>)> {
             "unknown agent field",
             "agent:\n  node: n1\n  nodes: [n2]\n".into(),
             vec![
-                "nodetunnel.yaml:3:3: agent.nodes: unknown field `nodes`, expected one of `node`, `trustDomain`, `network`, `ca`, `pods`, `zds`, `proxy`, `pool`, `listen`, `capture`, `authorization`, `xds`, `istio`, `outboundTrafficPolicy`, `drainTimeout`, `reloadInterval`",
+                "nodetunnel.yaml:3:3: agent.nodes: unknown field `nodes`, expected one of `node`, `trustDomain`, `network`, `ca`, `pods`, `zds`, `proxy`, `pool`, `listen`, `capture`, `authorization`, `xds`, `dns`, `istio`, `outboundTrafficPolicy`, `drainTimeout`, `reloadInterval`",
             ],
         ),
         (
@@ -384,11 +384,26 @@ fn error_cases() -> Vec<(&'static str, String, Vec<&'static str>)> {
             ],
         ),
         (
+            "DNS cluster domain that is not a domain, no forwards allowed",
+            "agent:\n  dns:\n    clusterDomain: \"a..b\"\n    maxForwardsPerPod: 0\n".into(),
+            vec![
+                "nodetunnel.yaml:3:20: agent.dns.clusterDomain: invalid DNS domain \"a..b\": expected labels of a-z, 0-9 and '-' separated by dots",
+                "nodetunnel.yaml:4:24: agent.dns.maxForwardsPerPod: 0 is out of range (1..=65535)",
+            ],
+        ),
+        (
+            "DNS upstream that is not an address",
+            "agent:\n  dns:\n    upstreams: [dns.example]\n".into(),
+            vec![
+                "nodetunnel.yaml:3:16: agent.dns.upstreams: invalid upstream \"dns.example\": expected IP, IP:port or [IPv6]:port",
+            ],
+        ),
+        (
             "zero durations that break what they time",
             "agent:\n  reloadInterval: 0s\n  proxy:\n    keepaliveTimeout: 0s\n    keepaliveInterval: 0s\n    \
              handshakeTimeout: 0s\n    connectTimeout: 0s\n    connectionIdleTimeout: 0s\n    \
              connectResponseTimeout: 0s\n  xds:\n    reconnectMax: 0s\n  zds:\n    reconnectMax: 0s\n  \
-             ca:\n    workloadCertTtl: 0s\n".into(),
+             dns:\n    forwardTimeout: 0s\n  ca:\n    workloadCertTtl: 0s\n".into(),
             vec![
                 "nodetunnel.yaml:2:19: agent.reloadInterval: must be longer than 0s",
                 "nodetunnel.yaml:4:23: agent.proxy.keepaliveTimeout: must be longer than 0s",
@@ -399,7 +414,8 @@ fn error_cases() -> Vec<(&'static str, String, Vec<&'static str>)> {
                 "nodetunnel.yaml:9:29: agent.proxy.connectResponseTimeout: must be longer than 0s",
                 "nodetunnel.yaml:11:19: agent.xds.reconnectMax: must be longer than 0s",
                 "nodetunnel.yaml:13:19: agent.zds.reconnectMax: must be longer than 0s",
-                "nodetunnel.yaml:15:22: agent.ca.workloadCertTtl: must be longer than 0s",
+                "nodetunnel.yaml:15:21: agent.dns.forwardTimeout: must be longer than 0s",
+                "nodetunnel.yaml:17:22: agent.ca.workloadCertTtl: must be longer than 0s",
             ],
         ),
         (

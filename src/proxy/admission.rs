@@ -16,6 +16,8 @@ use std::sync::Arc;
 use tokio::net::{TcpListener, TcpStream};
 
 use super::connections::{self, Denied, Registration, Revoked};
+use super::limits::Refusal;
+pub(super) use super::limits::{Admitted, ListenerKind};
 use super::WorkloadProxy;
 use crate::authz::ConnectionFacts;
 use crate::hbone::TraceParent;
@@ -56,15 +58,18 @@ impl AdmissionError {
 }
 
 /// Accepts until drain starts, spawning `handle` per connection in the proxy's drain scope.
+/// A connection over the pod's or its source's cap of unauthenticated connections is reset
+/// before any work; the others get their slot, to hold while they are unauthenticated.
 pub(super) async fn accept_loop<F, Fut>(
     proxy: &Arc<WorkloadProxy>,
     listener: TcpListener,
-    name: &str,
+    kind: ListenerKind,
     handle: F,
 ) where
-    F: Fn(Arc<WorkloadProxy>, TcpStream, SocketAddr) -> Fut,
+    F: Fn(Arc<WorkloadProxy>, TcpStream, SocketAddr, Admitted) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    let name = kind.name();
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -73,8 +78,19 @@ pub(super) async fn accept_loop<F, Fut>(
         match accepted {
             Ok((stream, peer)) => {
                 let peer = crate::sys::canonical(peer);
+                let admitted =
+                    match proxy
+                        .unauthenticated
+                        .admit(&proxy.inputs.sources, kind, peer.ip())
+                    {
+                        Ok(admitted) => admitted,
+                        Err(refusal) => {
+                            refuse(proxy, stream, peer, kind, refusal);
+                            continue;
+                        }
+                    };
                 // Boxed, so that the select below holds a pointer rather than a second copy.
-                let connection = Box::pin(handle(proxy.clone(), stream, peer));
+                let connection = Box::pin(handle(proxy.clone(), stream, peer, admitted));
                 let forced = proxy.drain.clone();
                 proxy.drain.spawn(async move {
                     tokio::select! {
@@ -90,6 +106,29 @@ pub(super) async fn accept_loop<F, Fut>(
             }
         }
     }
+}
+
+/// Resets a connection over a cap (RST: the client learns at once, and no FIN handshake keeps
+/// the fd), counts it, and warns once per burst.
+fn refuse(
+    proxy: &WorkloadProxy,
+    stream: TcpStream,
+    peer: SocketAddr,
+    kind: ListenerKind,
+    refusal: Refusal,
+) {
+    proxy
+        .inputs
+        .metrics
+        .connection_refused(kind.name(), refusal.reason());
+    if proxy.unauthenticated.first_refusal() {
+        tracing::warn!(workload = %proxy.workload_uid, listener = kind.name(), %peer, %refusal,
+            "refusing connections over the unauthenticated connection cap");
+    } else {
+        tracing::debug!(listener = kind.name(), %peer, %refusal, "connection refused");
+    }
+    let _ = socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO));
+    drop(stream);
 }
 
 /// A connection the pod's redirection rules sent to 15001 or 15006: who dialled, what they

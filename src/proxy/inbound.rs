@@ -23,7 +23,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
-use super::admission::{self, accept_loop, AdmissionError};
+use super::admission::{self, accept_loop, AdmissionError, Admitted, ListenerKind};
 use super::connections::Registration;
 use super::inbound_target::{self, TargetError};
 use super::{copy, WorkloadProxy};
@@ -35,7 +35,7 @@ use crate::spiffe::Identity;
 use crate::telemetry::{ConnectionRecord, Direction, ResponseFlag};
 
 pub(super) async fn serve(proxy: Arc<WorkloadProxy>, listener: TcpListener) {
-    accept_loop(&proxy, listener, "inbound", handle).await
+    accept_loop(&proxy, listener, ListenerKind::Hbone, handle).await
 }
 
 /// Why an HBONE connection (as a whole) could not be served.
@@ -56,9 +56,14 @@ enum ConnectionError {
     Server(#[from] hbone::server::ServerError),
 }
 
-async fn handle(proxy: Arc<WorkloadProxy>, stream: TcpStream, peer: SocketAddr) {
+async fn handle(
+    proxy: Arc<WorkloadProxy>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    admitted: Admitted,
+) {
     let span = tracing::debug_span!("inbound_hbone", peer = %peer);
-    if let Err(error) = serve_connection(proxy, stream, ClientAddr(peer))
+    if let Err(error) = serve_connection(proxy, stream, ClientAddr(peer), admitted)
         .instrument(span)
         .await
     {
@@ -67,10 +72,13 @@ async fn handle(proxy: Arc<WorkloadProxy>, stream: TcpStream, peer: SocketAddr) 
     }
 }
 
+/// One HBONE connection. It counts against the unauthenticated caps (`admitted`) until its
+/// TLS handshake has proved the peer.
 async fn serve_connection(
     proxy: Arc<WorkloadProxy>,
     stream: TcpStream,
     peer: ClientAddr,
+    admitted: Admitted,
 ) -> Result<(), ConnectionError> {
     // One deadline from accept to the first stream: certificate, TLS and HTTP/2 preface share
     // it, so a client that sends nothing holds its fds for this long at most, whatever the
@@ -91,6 +99,7 @@ async fn serve_connection(
         .await
         .map_err(|_| ConnectionError::HandshakeTimeout)?
         .map_err(ConnectionError::Tls)?;
+    drop(admitted);
     let peer_identity = crate::tls::peer_identity(tls.get_ref().1);
     let valid_until =
         crate::identity::connection_valid_until(&certificate, tls.get_ref().1.peer_certificates());

@@ -10,14 +10,14 @@ use std::sync::Arc;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument;
 
-use super::admission::{self, accept_loop, AdmissionError, Redirected};
+use super::admission::{self, accept_loop, AdmissionError, Admitted, ListenerKind, Redirected};
 use super::{copy, WorkloadProxy};
 use crate::authz::ConnectionFacts;
 use crate::net::ports;
 use crate::telemetry::{ConnectionRecord, Direction, ResponseFlag};
 
 pub(super) async fn serve(proxy: Arc<WorkloadProxy>, listener: TcpListener) {
-    accept_loop(&proxy, listener, "inbound_plaintext", handle).await
+    accept_loop(&proxy, listener, ListenerKind::InboundPlaintext, handle).await
 }
 
 /// Why a plaintext inbound connection was refused or failed, beyond the shared reasons.
@@ -41,7 +41,13 @@ impl PlaintextError {
     }
 }
 
-async fn handle(proxy: Arc<WorkloadProxy>, stream: TcpStream, peer: SocketAddr) {
+/// One plaintext connection; unauthenticated to the end, it holds its slot (`_admitted`).
+async fn handle(
+    proxy: Arc<WorkloadProxy>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    _admitted: Admitted,
+) {
     let redirected = Redirected::new(&stream, peer);
     let span = tracing::info_span!(
         "inbound_plaintext",

@@ -12,6 +12,7 @@ pub mod copy;
 mod inbound;
 mod inbound_plaintext;
 mod inbound_target;
+pub mod limits;
 mod outbound;
 pub mod pool;
 pub mod proxy_protocol;
@@ -50,6 +51,8 @@ pub struct ProxyInputs {
     pub settings: Arc<ProxySettings>,
     /// Where connection records report their metrics.
     pub metrics: Arc<crate::telemetry::Metrics>,
+    /// Node-wide counts of unauthenticated connections per source IP.
+    pub sources: Arc<limits::SourceLimits>,
 }
 
 /// The three listeners of a workload, bound inside its namespace.
@@ -86,6 +89,8 @@ pub struct WorkloadProxy {
     drain: Drain,
     /// Open inbound connections, re-evaluated on every policy change.
     connections: Arc<connections::Connections>,
+    /// This pod's unauthenticated connections, against `maxUnauthenticatedPerPod`.
+    unauthenticated: Arc<limits::PodLimit>,
 }
 
 impl WorkloadProxy {
@@ -109,8 +114,11 @@ impl WorkloadProxy {
             },
         );
         let connections = Arc::new(connections::Connections::new(inputs.metrics.clone()));
+        let unauthenticated =
+            limits::PodLimit::new(inputs.settings.proxy.max_unauthenticated_per_pod);
         Arc::new(WorkloadProxy {
             inputs,
+            unauthenticated,
             workload_uid,
             sockets,
             pool,

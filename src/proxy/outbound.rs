@@ -7,17 +7,23 @@ use std::sync::Arc;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument;
 
-use super::admission::{accept_loop, AdmissionError, Redirected};
+use super::admission::{accept_loop, AdmissionError, Admitted, ListenerKind, Redirected};
 use super::route::{self, HboneRoute, PassthroughRoute, Route};
 use super::{copy, WorkloadProxy};
 use crate::hbone::{self, Authority, ConnectRequest};
 use crate::telemetry::{ConnectionRecord, Direction, ResponseFlag};
 
 pub(super) async fn serve(proxy: Arc<WorkloadProxy>, listener: TcpListener) {
-    accept_loop(&proxy, listener, "outbound", handle).await
+    accept_loop(&proxy, listener, ListenerKind::Outbound, handle).await
 }
 
-async fn handle(proxy: Arc<WorkloadProxy>, stream: TcpStream, peer: SocketAddr) {
+/// One outbound connection; it holds its slot of the pod's cap (`_admitted`) to the end.
+async fn handle(
+    proxy: Arc<WorkloadProxy>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    _admitted: Admitted,
+) {
     let redirected = Redirected::new(&stream, peer);
     let span = tracing::info_span!(
         "outbound",

@@ -175,6 +175,10 @@ pub struct Snapshot {
     service_by_vip: HashMap<NetworkAddress, Arc<Service>>,
     /// Service key → the workloads backing it, in uid order (deterministic load balancing input).
     endpoints: HashMap<String, Vec<Arc<Workload>>>,
+    /// Lower-case hostname → services with it (one per namespace at most), for DNS.
+    services_by_hostname: HashMap<String, Vec<Arc<Service>>>,
+    /// Lower-case hostname → workloads that carry it, for DNS.
+    workloads_by_hostname: HashMap<String, Vec<Arc<Workload>>>,
     authorization: Authorization,
     egress: egress::Egress,
 }
@@ -230,6 +234,13 @@ impl Snapshot {
                     .or_default()
                     .push(workload.clone());
             }
+            if !workload.hostname.is_empty() {
+                snapshot
+                    .workloads_by_hostname
+                    .entry(hostname_key(&workload.hostname))
+                    .or_default()
+                    .push(workload.clone());
+            }
             snapshot.workloads.insert(workload.uid.clone(), workload);
         }
         for service in services {
@@ -237,6 +248,11 @@ impl Snapshot {
             for vip in &service.vips {
                 snapshot.service_by_vip.insert(vip.clone(), service.clone());
             }
+            snapshot
+                .services_by_hostname
+                .entry(hostname_key(&service.hostname))
+                .or_default()
+                .push(service.clone());
             snapshot.services.insert(service.key(), service);
         }
         snapshot.authorization = authorization;
@@ -272,6 +288,29 @@ impl Snapshot {
     /// The service with this `namespace/hostname` key.
     pub fn service(&self, key: &str) -> Option<&Arc<Service>> {
         self.services.get(key)
+    }
+
+    /// The services named `hostname` (any case, with or without the trailing dot), one per
+    /// namespace that defines it.
+    pub fn services_by_hostname(&self, hostname: &str) -> &[Arc<Service>] {
+        self.services_by_hostname
+            .get(&hostname_key(hostname))
+            .map_or(&[], Vec::as_slice)
+    }
+
+    /// The workloads whose `hostname` is `hostname` (any case, with or without the trailing
+    /// dot), in uid order.
+    pub fn workloads_by_hostname(&self, hostname: &str) -> &[Arc<Workload>] {
+        self.workloads_by_hostname
+            .get(&hostname_key(hostname))
+            .map_or(&[], Vec::as_slice)
+    }
+
+    /// Every workload backing `service` (healthy or not), in uid order.
+    pub fn service_workloads(&self, service: &Service) -> &[Arc<Workload>] {
+        self.endpoints
+            .get(&service.key())
+            .map_or(&[], Vec::as_slice)
     }
 
     /// All workloads, in no particular order.
@@ -330,6 +369,11 @@ impl Snapshot {
             })
             .collect()
     }
+}
+
+/// DNS names compare case-insensitively and a trailing dot names the same host.
+fn hostname_key(hostname: &str) -> String {
+    hostname.trim_end_matches('.').to_ascii_lowercase()
 }
 
 /// Holds the current snapshot. Readers are lock-free; a writer swaps the whole snapshot so a

@@ -24,7 +24,7 @@ use prometheus_client::registry::Registry;
 pub use super::labels::{Peer, Reporter, ResponseFlag, TrafficLabels};
 use super::record::ByteCounters;
 use crate::state::TunnelProtocol;
-use agent::{AgentMetrics, ReasonLabels};
+use agent::{AgentMetrics, ReasonLabels, RefusalLabels};
 pub use agent::{AgentSample, RuntimeSample, WorkerSample};
 use authorization::DecisionCounters;
 pub use authorization::{DecisionAction, DecisionLabels, DecisionPhase, NO_POLICY};
@@ -151,6 +151,7 @@ pub struct Metrics {
     /// connections share these labels instead of holding ~20 strings each.
     series: Mutex<HashMap<Arc<TrafficLabels>, [String; 2]>>,
     xds: super::xds::XdsMetrics,
+    dns: super::dns::DnsMetrics,
     protection: super::protection::ProtectionMetrics,
 }
 
@@ -181,6 +182,7 @@ impl Metrics {
         let decisions = DecisionCounters::default();
         let build = Family::<BuildLabels, Gauge>::default();
         let xds = super::xds::XdsMetrics::default();
+        let dns = super::dns::DnsMetrics::default();
         let protection = super::protection::ProtectionMetrics::default();
         protection.register(&mut registry);
         build
@@ -223,6 +225,7 @@ impl Metrics {
             );
             istio.register("build", "Istio component build info", build);
             xds.register(istio);
+            dns.register(istio);
         }
         agent.register(&mut registry);
         registry.register(
@@ -240,8 +243,14 @@ impl Metrics {
             live: Mutex::new(HashMap::new()),
             series: Mutex::new(HashMap::new()),
             xds,
+            dns,
             protection,
         }
+    }
+
+    /// The DNS proxy's metrics.
+    pub fn dns(&self) -> &super::dns::DnsMetrics {
+        &self.dns
     }
 
     /// Egress refusals, connection-limit refusals and outlier ejections.
@@ -397,6 +406,15 @@ impl Metrics {
     /// A workload proxy stopped (its pod was removed or replaced, or it failed to start).
     pub fn proxy_stopped(&self) {
         self.agent.proxies_stopped.inc();
+    }
+
+    /// A connection was refused at accept on `listener` (15001/15006/15008 by name) for `reason`
+    /// (`pod_limit`, `source_limit`).
+    pub fn connection_refused(&self, listener: &'static str, reason: &'static str) {
+        self.agent
+            .connections_refused
+            .get_or_create(&RefusalLabels { listener, reason })
+            .inc();
     }
 
     /// A certificate fetch failed; `reason` is one of a fixed few (the manager's error kinds).

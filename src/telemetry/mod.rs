@@ -6,6 +6,7 @@
 //! stderr never stalls the data path, and its filter can be changed at run time through
 //! [`LogControl`] (the admin API's `/logging`).
 
+pub mod dns;
 mod labels;
 pub mod metrics;
 pub mod protection;

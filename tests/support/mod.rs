@@ -24,6 +24,7 @@ pub mod agent;
 pub mod apps;
 pub mod capture;
 pub mod cluster;
+pub mod dns_server;
 pub mod fake_cni;
 pub mod fake_istiod;
 pub mod h2_raw;

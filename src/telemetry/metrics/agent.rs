@@ -28,6 +28,12 @@ pub(super) struct ReasonLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub(super) struct RefusalLabels {
+    pub(super) listener: &'static str,
+    pub(super) reason: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct WorkerLabels {
     worker: String,
 }
@@ -100,6 +106,7 @@ pub(super) struct AgentMetrics {
     pub(super) proxies_stopped: Counter,
     certificate_expiry: Family<IdentityLabels, Gauge>,
     pub(super) certificate_fetch_failures: Family<ReasonLabels, Counter>,
+    pub(super) connections_refused: Family<RefusalLabels, Counter>,
     open_fds: Gauge,
     max_fds: Gauge,
     resident_memory: Gauge,
@@ -144,6 +151,11 @@ impl AgentMetrics {
             "nodetunnel_certificate_fetch_failures",
             "Workload certificate fetches that failed, by reason",
             self.certificate_fetch_failures.clone(),
+        );
+        registry.register(
+            "nodetunnel_connections_refused",
+            "Connections refused at accept by a per-pod or per-source cap, by listener and reason",
+            self.connections_refused.clone(),
         );
         registry.register(
             "nodetunnel_log_dropped_lines",
