@@ -5,12 +5,18 @@
 //! SPIFFE identities. See `ARCHITECTURE.md` for the flow of a connection through the modules.
 //!
 //! Layers (a module uses only its own layer or lower):
-//! - L5 [`app`], [`admin`]: composition root, signals, node-level servers, admin API.
+//! - L5 [`app`] (composition only), [`admin`]: the admin API, metrics and readiness servers.
 //! - L4 [`capture`]: local pods and their per-pod listener sets.
 //! - L3 [`proxy`]: outbound, inbound, pool, route decision, copy; [`dns`]: the pods' DNS proxy.
-//! - L2 [`hbone`], [`tls`], [`identity`], [`authz`]: protocols and certificates.
-//! - L1 [`state`], [`config`], [`telemetry`]: the model, configuration, logging.
-//! - L0 [`sys`], [`socket`], [`drain`], [`net`], [`spiffe`]: syscalls, sockets, primitives.
+//! - L2 [`hbone`], [`tls`], [`identity`], [`authz`], [`xds`], [`control_plane`], [`proto`]:
+//!   protocols, certificates, policy evaluation, istiod.
+//! - L1 [`state`] (with the merge of the model's sources and the rules both follow),
+//!   [`config`] (with the Istio policy translation), [`telemetry`]: the model, configuration,
+//!   logging.
+//! - L0 [`sys`], [`socket`], [`drain`], [`net`], [`spiffe`], [`node_http`]: syscalls, sockets,
+//!   primitives, the node-level servers' HTTP/1 loop.
+//!
+//! `scripts/import-cycles` checks that no two files or modules import each other.
 
 pub mod admin;
 pub mod app;

@@ -2,25 +2,33 @@
 //! ServiceEntry enforced by the client's agent.
 //!
 //! Topology: node `a` runs the agent and `client` (captured, HBONE, namespace `default`); node
-//! `b` has no agent and two pods that are not in the mesh model, `partner` and `stranger`, each
-//! running an echo server. To the client's agent both are outside destinations; they are
-//! addresses of namespaces this test made, never outside ones. Whether something reached a
-//! server is read from the server's own counters.
+//! `b` has no agent and three pods: `partner` and `stranger` run echo servers, `dead` runs
+//! nothing (connections to it are refused). For the egress tests none of them is in the mesh
+//! model, so to the client's agent they are outside destinations (addresses of namespaces this
+//! test made, never outside ones). For the DestinationRule tests `partner` and `dead` are plain
+//! TCP workloads behind services. Whether something reached a server is read from the server's
+//! own counters.
 //!
 //! Needs root. Without it these tests fail loudly unless `NODETUNNEL_SKIP_NETNS_TESTS=1`.
 
 #[macro_use]
 mod support;
 
-use std::io::ErrorKind;
-use std::net::SocketAddr;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::time::Duration;
 
-use support::agent::{Agent, Ca, Mesh, Protocol, WorkloadSpec};
+use support::agent::{Agent, Ca, Mesh, Protocol, ServiceSpec, WorkloadSpec};
 use support::apps::{self, EchoServer, Reply};
 use support::netns::Topology;
 
 const APP_PORT: u16 = 8080;
+const SERVICE_PORT: u16 = 80;
+
+/// The VIP of the `index`th service (never routed: the agent translates it).
+fn vip(index: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 96, 16, 10 + index as u8)
+}
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
 const LOG_TIMEOUT: Duration = Duration::from_secs(10);
 const RELOAD_TIMEOUT: Duration = Duration::from_secs(15);
@@ -36,11 +44,16 @@ struct Egress {
 }
 
 impl Egress {
-    /// Starts everything; `extra` gives the config additions for the topology's addresses.
-    fn start(extra: impl Fn(&Topology) -> String) -> Egress {
-        let topology =
-            Topology::linked_pair(&[("a", "client"), ("b", "partner"), ("b", "stranger")]);
-        let mesh = Mesh {
+    /// Starts everything; `extra` gives the config additions for the topology's addresses,
+    /// `services` the services of the model (their endpoints join the model as TCP workloads).
+    fn start(services: &[(&str, &[&str])], extra: impl Fn(&Topology) -> String) -> Egress {
+        let topology = Topology::linked_pair(&[
+            ("a", "client"),
+            ("b", "partner"),
+            ("b", "stranger"),
+            ("b", "dead"),
+        ]);
+        let mut mesh = Mesh {
             workloads: vec![WorkloadSpec::new(
                 "client",
                 topology.pod("client").ip,
@@ -49,6 +62,18 @@ impl Egress {
             )],
             services: Vec::new(),
         };
+        for (index, (name, endpoints)) in services.iter().enumerate() {
+            let service = ServiceSpec::new(name, vip(index), SERVICE_PORT, APP_PORT);
+            for endpoint in *endpoints {
+                let ip = topology.pod(endpoint).ip;
+                let mut workload = WorkloadSpec::new(endpoint, ip, "b", Protocol::Tcp);
+                workload
+                    .services
+                    .push((service.key(), SERVICE_PORT, APP_PORT));
+                mesh.workloads.push(workload);
+            }
+            mesh.services.push(service);
+        }
         topology
             .install_redirect("client")
             .expect("redirection rules");
@@ -66,6 +91,21 @@ impl Egress {
             mesh,
             topology,
         }
+    }
+
+    /// Opens a connection from the client to `target` and proves it reached a server by one
+    /// echo round trip; the connection stays open.
+    fn open(&self, target: SocketAddr) -> anyhow::Result<TcpStream> {
+        self.topology
+            .run_in("client", move || -> anyhow::Result<TcpStream> {
+                let mut stream = TcpStream::connect_timeout(&target, IO_TIMEOUT)?;
+                stream.set_read_timeout(Some(IO_TIMEOUT))?;
+                stream.write_all(b"ping")?;
+                let mut reply = [0u8; 4];
+                stream.read_exact(&mut reply)?;
+                anyhow::ensure!(&reply == b"ping", "unexpected reply {reply:?}");
+                Ok(stream)
+            })?
     }
 
     fn target(&self, pod: &str) -> SocketAddr {
@@ -94,12 +134,16 @@ impl Egress {
     }
 
     fn metrics(&self) -> String {
+        self.get("127.0.0.1:15020", "/metrics")
+    }
+
+    /// A GET from node a's namespace (metrics, or the loopback-only admin API).
+    fn get(&self, address: &'static str, path: &'static str) -> String {
         self.topology
-            .run_in("a", || {
-                use std::io::{Read, Write};
-                let mut stream = std::net::TcpStream::connect("127.0.0.1:15020")?;
+            .run_in("a", move || {
+                let mut stream = std::net::TcpStream::connect(address)?;
                 stream.set_read_timeout(Some(IO_TIMEOUT))?;
-                stream.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
+                write!(stream, "GET {path} HTTP/1.0\r\n\r\n")?;
                 let mut text = String::new();
                 stream.read_to_string(&mut text)?;
                 Ok::<_, std::io::Error>(text)
@@ -133,7 +177,7 @@ fn service_entry(name: &str, ip: std::net::Ipv4Addr) -> String {
 #[test]
 fn registry_only_refuses_unknown_destinations_and_allows_service_entries() {
     require_netns!("registry_only_refuses_unknown_destinations_and_allows_service_entries");
-    let egress = Egress::start(|topology| {
+    let egress = Egress::start(&[], |topology| {
         format!(
             "  outboundTrafficPolicy: {{mode: REGISTRY_ONLY}}\n---\n{}",
             service_entry("partner", topology.pod("partner").ip)
@@ -148,17 +192,7 @@ fn registry_only_refuses_unknown_destinations_and_allows_service_entries() {
     let refused = egress
         .exchange("stranger", "blocked")
         .expect_err("an unknown destination must be refused");
-    let kind = refused
-        .chain()
-        .find_map(|cause| cause.downcast_ref::<std::io::Error>())
-        .map(std::io::Error::kind);
-    assert!(
-        matches!(
-            kind,
-            Some(ErrorKind::ConnectionReset | ErrorKind::ConnectionRefused | ErrorKind::BrokenPipe)
-        ),
-        "the app must see a reset, not a hang or an empty answer: {refused:#}"
-    );
+    assert_refused(&refused);
     assert_eq!(
         egress.stranger.accepted(),
         0,
@@ -183,6 +217,13 @@ fn registry_only_refuses_unknown_destinations_and_allows_service_entries() {
         "{metrics}"
     );
 
+    let dump = egress.get("127.0.0.1:15000", "/config_dump");
+    assert!(
+        dump.contains("\"serviceEntries\"") && dump.contains("partner.example"),
+        "{dump}"
+    );
+    assert!(dump.contains("REGISTRY_ONLY"), "{dump}");
+
     // A namespace exception applies live, like a policy change.
     egress.reconfigure(&format!(
         "  outboundTrafficPolicy: {{mode: REGISTRY_ONLY, namespaces: {{default: ALLOW_ANY}}}}\n---\n{}",
@@ -193,4 +234,119 @@ fn registry_only_refuses_unknown_destinations_and_allows_service_entries() {
     })
     .expect("the namespace's ALLOW_ANY applies on reload");
     assert!(egress.partner.accepted() >= 1);
+}
+
+/// The app saw a reset or refusal: not a hang (a timeout) and not an orderly empty answer.
+fn assert_refused(error: &anyhow::Error) {
+    let kind = error
+        .chain()
+        .find_map(|cause| cause.downcast_ref::<std::io::Error>())
+        .map(std::io::Error::kind);
+    assert!(
+        matches!(
+            kind,
+            Some(ErrorKind::ConnectionReset | ErrorKind::ConnectionRefused | ErrorKind::BrokenPipe)
+        ),
+        "the app must see a reset, not a hang or an empty answer: {error:#}"
+    );
+}
+
+/// A DestinationRule for service `name` of namespace default.
+fn destination_rule(name: &str, traffic_policy: &str) -> String {
+    format!(
+        "istioResources:\n\
+         - apiVersion: networking.istio.io/v1\n  kind: DestinationRule\n  \
+         metadata: {{name: {name}, namespace: default}}\n  \
+         spec:\n    host: {name}\n    trafficPolicy: {traffic_policy}\n"
+    )
+}
+
+#[test]
+fn max_connections_refuses_the_third_connection_until_one_closes() {
+    require_netns!("max_connections_refuses_the_third_connection_until_one_closes");
+    let egress = Egress::start(&[("limited", &["partner"])], |_| {
+        format!(
+            "---\n{}",
+            destination_rule("limited", "{connectionPool: {tcp: {maxConnections: 2}}}")
+        )
+    });
+    let service = SocketAddr::from((vip(0), SERVICE_PORT));
+    let first = egress.open(service).expect("first connection");
+    let _second = egress.open(service).expect("second connection");
+    let accepted = egress.partner.accepted();
+    let refused = egress
+        .open(service)
+        .expect_err("the third connection is over the limit");
+    assert_refused(&refused);
+    assert_eq!(
+        egress.partner.accepted(),
+        accepted,
+        "the refused one never reached the server"
+    );
+    egress
+        .agent
+        .wait_for_event("the overflow access log", LOG_TIMEOUT, |event| {
+            event.is_access()
+                && event.field("response_flags").as_deref() == Some("UPSTREAM_OVERFLOW")
+                && event
+                    .field("error")
+                    .is_some_and(|error| error.contains("maxConnections"))
+        })
+        .expect("access log");
+    assert!(egress
+        .metrics()
+        .contains("nodetunnel_connection_limit_refusals_total{reason=\"max_connections\"} 1"));
+
+    drop(first);
+    support::wait_for("a slot after one connection closed", IO_TIMEOUT, || {
+        egress.open(service).ok()
+    })
+    .expect("a connection is admitted again once one closed");
+}
+
+#[test]
+fn an_endpoint_that_refuses_connections_is_ejected() {
+    require_netns!("an_endpoint_that_refuses_connections_is_ejected");
+    let egress = Egress::start(&[("flaky", &["partner", "dead"])], |_| {
+        format!(
+            "---\n{}",
+            destination_rule(
+                "flaky",
+                "{outlierDetection: {consecutiveGatewayErrors: 1, interval: 1s, \
+                 baseEjectionTime: 5m, maxEjectionPercent: 50}}"
+            )
+        )
+    });
+    let service = SocketAddr::from((vip(0), SERVICE_PORT));
+    // Load balancing is random: keep connecting until the dead endpoint was picked once and
+    // ejected (each pick has even odds, so 40 tries leave ~1e-12 to chance).
+    let mut failures = 0;
+    for _ in 0..40 {
+        if egress.open(service).is_err() {
+            failures += 1;
+        }
+        if egress.metrics().contains(
+            "nodetunnel_outlier_ejections_total{reason=\"consecutive_connect_failures\"} 1",
+        ) {
+            break;
+        }
+    }
+    assert_eq!(failures, 1, "one failed connect ejects the dead endpoint");
+    // From now on every connection goes to the healthy endpoint.
+    let before = egress.partner.accepted();
+    for round in 0..10 {
+        egress
+            .open(service)
+            .unwrap_or_else(|error| panic!("connection {round} after the ejection: {error:#}"));
+    }
+    assert_eq!(egress.partner.accepted(), before + 10);
+    egress
+        .agent
+        .wait_for_event("the ejection warning", LOG_TIMEOUT, |event| {
+            event.message.contains("ejected by outlier detection")
+                && event
+                    .field("endpoint")
+                    .is_some_and(|uid| uid.ends_with("/dead"))
+        })
+        .expect("ejection logged");
 }

@@ -21,6 +21,7 @@ use crate::identity::CertificateStatus;
 use crate::net::NetworkAddress;
 use crate::state::{GatewayAddress, GatewayDestination, Service, Snapshot, Workload};
 use crate::telemetry::metrics::OpenConnection;
+use crate::telemetry::Direction;
 
 /// Everything a dump is built from, taken once per request.
 pub(super) struct DumpInputs<'a> {
@@ -82,6 +83,7 @@ pub(super) fn build(inputs: DumpInputs<'_>) -> ConfigDump {
         peer_authentications: authorization.peer_authentications.clone(),
         certificates: inputs.certificates.iter().map(certificate_dump).collect(),
         workload_state: workload_state(snapshot, inputs.pods, &inputs.connections),
+        egress: Some(egress_dump(snapshot.egress())),
         config: Some(inputs.config.clone()),
         version: Some(VersionDump {
             version: env!("CARGO_PKG_VERSION").to_string(),
@@ -93,6 +95,16 @@ pub(super) fn build(inputs: DumpInputs<'_>) -> ConfigDump {
             .to_string(),
         }),
     }
+}
+
+/// The egress model as JSON; a value that cannot be serialized (none of its types can fail)
+/// would show as `null` rather than hide the rest of the dump.
+fn egress_dump(egress: &crate::state::egress::Egress) -> serde_json::Value {
+    serde_json::json!({
+        "outboundTrafficPolicy": egress.policy,
+        "serviceEntries": egress.service_entries.iter().map(|entry| entry.as_ref()).collect::<Vec<_>>(),
+        "destinationRules": egress.destination_rules.0.iter().map(|rule| rule.as_ref()).collect::<Vec<_>>(),
+    })
 }
 
 fn workload_dump(workload: &Workload) -> WorkloadDump {
@@ -276,7 +288,7 @@ fn workload_state(
         })
         .collect();
     for open in connections {
-        let inbound = open.info.direction == "inbound";
+        let inbound = open.info.direction == Direction::Inbound;
         let owner = if inbound {
             &open.info.dst_workload
         } else {

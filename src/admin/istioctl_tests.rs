@@ -28,6 +28,7 @@ use crate::identity::ca::BuiltinCa;
 use crate::identity::{CertificateState, CertificateStatus};
 use crate::state::TunnelProtocol;
 use crate::telemetry::metrics::{ConnectionInfo, OpenConnection};
+use crate::telemetry::Direction;
 
 /// A Go `string`: `null` or missing decodes to the zero value.
 type GoString = Option<String>;
@@ -326,7 +327,7 @@ fn effective_config() -> EffectiveConfig {
 
 /// An open connection of `workload` (`direction` from its point of view).
 fn open(
-    direction: &str,
+    direction: Direction,
     src: &str,
     original: &str,
     actual: &str,
@@ -334,7 +335,7 @@ fn open(
 ) -> OpenConnection {
     OpenConnection {
         info: ConnectionInfo {
-            direction: direction.to_string(),
+            direction,
             src_addr: src.to_string(),
             dst_addr: actual.to_string(),
             original_dst: original.to_string(),
@@ -397,14 +398,14 @@ fn dump_text() -> String {
     let client_uid = "Kubernetes//Pod/app/client";
     let connections = vec![
         open(
-            "inbound",
+            Direction::Inbound,
             "10.0.1.2:40000",
             "echo.app.svc.cluster.local",
             "10.0.2.7:8080",
             [client_uid, server_uid],
         ),
         open(
-            "outbound",
+            Direction::Outbound,
             "10.0.2.7:41000",
             "10.96.0.10:80",
             "10.0.3.9:15008",

@@ -37,10 +37,15 @@ pub struct MetricsSources {
 
 /// Serves the metrics endpoints until drain.
 pub async fn serve(listener: TcpListener, sources: MetricsSources, drain: Drain) {
-    node_http::serve(listener, drain, move |request| {
-        let sources = sources.clone();
-        async move { handle(&sources, &request) }
-    })
+    node_http::serve(
+        listener,
+        drain,
+        node_http::ServerLimits::PROBES,
+        move |request| {
+            let sources = sources.clone();
+            async move { handle(&sources, &request) }
+        },
+    )
     .await
 }
 

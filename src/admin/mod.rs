@@ -62,10 +62,15 @@ pub struct AdminState {
 
 /// Serves the admin API until drain.
 pub async fn serve(listener: TcpListener, admin: AdminState, drain: Drain) {
-    node_http::serve(listener, drain, move |request| {
-        let admin = admin.clone();
-        async move { handle(admin, request).await }
-    })
+    node_http::serve(
+        listener,
+        drain,
+        node_http::ServerLimits::ADMIN,
+        move |request| {
+            let admin = admin.clone();
+            async move { handle(admin, request).await }
+        },
+    )
     .await
 }
 
@@ -162,19 +167,35 @@ fn explain(admin: &AdminState, query: &BTreeMap<String, String>) -> Response<Bod
     }
 }
 
+/// Why a workload named in a request cannot be captured or released here.
+#[derive(Debug, thiserror::Error)]
+enum WorkloadLookupError {
+    /// No workload has that uid or `namespace/name`.
+    #[error("no workload {0:?} in the configuration")]
+    Unknown(String),
+    /// The workload runs on another node.
+    #[error("workload {workload:?} is on node {node:?}, not this node {this_node:?}")]
+    Elsewhere {
+        workload: String,
+        node: String,
+        this_node: String,
+    },
+}
+
 /// Resolves `workload` (uid or `namespace/name`) to a uid of a workload on this node.
-fn resolve_workload(admin: &AdminState, workload: &str) -> Result<String, String> {
+fn resolve_workload(admin: &AdminState, workload: &str) -> Result<String, WorkloadLookupError> {
     let snapshot = admin.state.snapshot();
     let found = snapshot.workloads().find(|candidate| {
         candidate.uid == workload
             || format!("{}/{}", candidate.namespace, candidate.name) == workload
     });
     match found {
-        None => Err(format!("no workload {workload:?} in the configuration")),
-        Some(found) if found.node != admin.node => Err(format!(
-            "workload {workload:?} is on node {:?}, not this node {:?}",
-            found.node, admin.node
-        )),
+        None => Err(WorkloadLookupError::Unknown(workload.to_string())),
+        Some(found) if found.node != admin.node => Err(WorkloadLookupError::Elsewhere {
+            workload: workload.to_string(),
+            node: found.node.clone(),
+            this_node: admin.node.clone(),
+        }),
         Some(found) => Ok(found.uid.clone()),
     }
 }
@@ -188,7 +209,7 @@ async fn add_pod(admin: &AdminState, query: &BTreeMap<String, String>) -> Respon
     };
     let uid = match resolve_workload(admin, workload) {
         Ok(uid) => uid,
-        Err(reason) => return message(StatusCode::NOT_FOUND, &reason),
+        Err(reason) => return message(StatusCode::NOT_FOUND, &reason.to_string()),
     };
     let path = PathBuf::from(netns);
     let netns = match Netns::open(&path) {
@@ -222,7 +243,7 @@ async fn remove_pod(admin: &AdminState, query: &BTreeMap<String, String>) -> Res
     };
     let uid = match resolve_workload(admin, workload) {
         Ok(uid) => uid,
-        Err(reason) => return message(StatusCode::NOT_FOUND, &reason),
+        Err(reason) => return message(StatusCode::NOT_FOUND, &reason.to_string()),
     };
     if admin.pods.remove(&uid).await {
         json(

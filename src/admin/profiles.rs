@@ -40,13 +40,23 @@ enum ProfileError {
     Profiler(#[source] pprof::Error),
 }
 
+/// A query parameter that is not an integer in its range.
+#[derive(Debug, thiserror::Error)]
+#[error("{name} must be an integer from {min} to {max}, not {value:?}")]
+struct BadParameter {
+    name: String,
+    min: u32,
+    max: u32,
+    value: String,
+}
+
 /// A query parameter that must be an integer in `range`; `default` when absent.
 fn bounded(
     query: &BTreeMap<String, String>,
     name: &str,
     default: u32,
     range: std::ops::RangeInclusive<u32>,
-) -> Result<u32, String> {
+) -> Result<u32, BadParameter> {
     let Some(value) = query.get(name) else {
         return Ok(default);
     };
@@ -54,12 +64,11 @@ fn bounded(
         .parse::<u32>()
         .ok()
         .filter(|parsed| range.contains(parsed))
-        .ok_or_else(|| {
-            format!(
-                "{name} must be an integer from {} to {}, not {value:?}",
-                range.start(),
-                range.end()
-            )
+        .ok_or_else(|| BadParameter {
+            name: name.to_string(),
+            min: *range.start(),
+            max: *range.end(),
+            value: value.clone(),
         })
 }
 
@@ -69,7 +78,7 @@ pub(super) async fn cpu(query: &BTreeMap<String, String>) -> Response<Body> {
         .and_then(|seconds| Ok((seconds, bounded(query, "frequency", 100, 1..=1000)?)));
     let (seconds, frequency) = match parsed {
         Ok(parsed) => parsed,
-        Err(reason) => return message(StatusCode::BAD_REQUEST, &reason),
+        Err(reason) => return message(StatusCode::BAD_REQUEST, &reason.to_string()),
     };
     // The sampler's guard is not Send and symbolizing takes a while: both stay on a blocking
     // thread. It waits on `stop`, whose sender lives in this future, so a client that goes away

@@ -24,24 +24,29 @@ pub struct Pending {
 
 /// Serves `/healthz/ready` until drain.
 pub async fn serve(listener: TcpListener, pods: Arc<PodManager>, sources: Pending, drain: Drain) {
-    node_http::serve(listener, drain, move |request| {
-        let pods = pods.clone();
-        let sources = sources.clone();
-        async move {
-            if request.uri().path() != "/healthz/ready" {
-                return text(StatusCode::NOT_FOUND, "not found\n");
+    node_http::serve(
+        listener,
+        drain,
+        node_http::ServerLimits::PROBES,
+        move |request| {
+            let pods = pods.clone();
+            let sources = sources.clone();
+            async move {
+                if request.uri().path() != "/healthz/ready" {
+                    return text(StatusCode::NOT_FOUND, "not found\n");
+                }
+                let pending = pending(&pods, &sources);
+                if pending.is_empty() {
+                    text(StatusCode::OK, "ready\n")
+                } else {
+                    text(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        format!("not ready, pending: {}\n", pending.join(", ")),
+                    )
+                }
             }
-            let pending = pending(&pods, &sources);
-            if pending.is_empty() {
-                text(StatusCode::OK, "ready\n")
-            } else {
-                text(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    format!("not ready, pending: {}\n", pending.join(", ")),
-                )
-            }
-        }
-    })
+        },
+    )
     .await
 }
 

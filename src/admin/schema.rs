@@ -41,6 +41,10 @@ pub struct ConfigDump {
     pub certificates: Vec<CertificateDump>,
     /// Per captured pod (by workload uid): its state, who it is, its open connections.
     pub workload_state: BTreeMap<String, WorkloadStateDump>,
+    /// The outbound traffic policy, ServiceEntries and DestinationRules in force (ours:
+    /// ztunnel enforces none of them).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub egress: Option<serde_json::Value>,
     /// The effective agent configuration.
     pub config: Option<EffectiveConfig>,
     /// This agent's version.

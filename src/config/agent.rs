@@ -10,11 +10,11 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::convert::{Invalid, Problems};
 use super::locate::FieldPath;
+use super::problem::{Problems, SemanticError};
 
 fn default_trust_domain() -> String {
-    "cluster.local".to_string()
+    crate::state::rules::DEFAULT_TRUST_DOMAIN.to_string()
 }
 
 /// Settings of this agent, as opposed to the mesh model (workloads, services, policies).
@@ -107,21 +107,21 @@ impl AgentConfig {
         if crate::spiffe::Identity::new(&self.trust_domain, "namespace", "account").is_err() {
             problems.push(
                 path.key("trustDomain"),
-                Invalid::IdentityPart(self.trust_domain.clone()),
+                SemanticError::IdentityPart(self.trust_domain.clone()),
             );
         }
         let ca = path.key("ca");
         match (&self.ca.cert_file, &self.ca.key_file) {
             (Some(_), None) => problems.push(
                 ca.key("certFile"),
-                Invalid::CaPairIncomplete {
+                SemanticError::CaPairIncomplete {
                     present: "certFile",
                     missing: "keyFile",
                 },
             ),
             (None, Some(_)) => problems.push(
                 ca.key("keyFile"),
-                Invalid::CaPairIncomplete {
+                SemanticError::CaPairIncomplete {
                     present: "keyFile",
                     missing: "certFile",
                 },
@@ -133,7 +133,7 @@ impl AgentConfig {
                 if let Err(reason) = address.parse::<crate::net::HttpsAddress>() {
                     problems.push(
                         path.key(section).key("address"),
-                        Invalid::ControlPlaneAddress {
+                        SemanticError::ControlPlaneAddress {
                             address: address.clone(),
                             reason,
                         },
@@ -144,20 +144,23 @@ impl AgentConfig {
         if !super::dns::valid_domain(&self.dns.cluster_domain) {
             problems.push(
                 path.key("dns").key("clusterDomain"),
-                Invalid::DnsName(self.dns.cluster_domain.clone()),
+                SemanticError::DnsName(self.dns.cluster_domain.clone()),
             );
         }
         if self.xds.max_message_size == 0 {
-            problems.push(path.key("xds").key("maxMessageSize"), Invalid::ZeroSize);
+            problems.push(
+                path.key("xds").key("maxMessageSize"),
+                SemanticError::ZeroSize,
+            );
         }
         if !self.listen.admin.ip().is_loopback() {
             problems.push(
                 path.key("listen").key("admin"),
-                Invalid::AdminNotLoopback(self.listen.admin),
+                SemanticError::AdminNotLoopback(self.listen.admin),
             );
         }
         if self.proxy.hbone_port == 0 {
-            problems.push(path.key("proxy").key("hbonePort"), Invalid::PortZero);
+            problems.push(path.key("proxy").key("hbonePort"), SemanticError::PortZero);
         }
         self.check_durations(path, problems);
         // HTTP/2 bounds (RFC 9113 §6.5.2); h2 would panic on a frame size outside them. Streams
@@ -245,7 +248,7 @@ impl AgentConfig {
         ];
         for (section, field, value, min, max) in ranges {
             if !(min..=max).contains(&value) {
-                let invalid = Invalid::OutOfRange {
+                let invalid = SemanticError::OutOfRange {
                     value: value.into(),
                     min: min.into(),
                     max: max.into(),
@@ -309,7 +312,7 @@ impl AgentConfig {
                     Some(section) => path.key(section).key(field),
                     None => path.key(field),
                 };
-                problems.push(at, Invalid::ZeroDuration);
+                problems.push(at, SemanticError::ZeroDuration);
             }
         }
     }

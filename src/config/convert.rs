@@ -14,190 +14,16 @@ use super::local::{
     LocalTunnelProtocol, LocalWorkload, NetworkMode, Port, PortMap,
 };
 use super::locate::FieldPath;
-use crate::net::{NetworkAddress, NetworkAddressError};
-use crate::spiffe::{Identity, IdentityError};
+use super::problem::{Problems, SemanticError};
+use crate::net::NetworkAddress;
+use crate::spiffe::Identity;
+use crate::state::rules::{
+    check_service_key, derived_uid, or_default, DEFAULT_CLUSTER_ID, DEFAULT_SERVICE_ACCOUNT,
+};
 use crate::state::{
     ApplicationTunnel, ApplicationTunnelProtocol, GatewayAddress, GatewayDestination, HealthStatus,
     Policy, Service, TunnelProtocol, Workload,
 };
-
-/// Istio's default cluster id, used in derived uids and as the workload's `clusterId`.
-const DEFAULT_CLUSTER_ID: &str = "Kubernetes";
-/// Istio's default service account.
-const DEFAULT_SERVICE_ACCOUNT: &str = "default";
-
-/// A semantic problem in the file; its `Display` is the message users read.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum Invalid {
-    /// A DNS domain that is not dot-separated labels of letters, digits and hyphens.
-    #[error("invalid DNS domain {0:?}: expected labels of a-z, 0-9 and '-' separated by dots")]
-    DnsName(String),
-    /// A string that should be an IP address is not one.
-    #[error("invalid IP address {0:?}")]
-    Ip(String),
-    /// A `network/IP` string that is malformed.
-    #[error("invalid network address: {0}")]
-    NetworkAddress(#[from] NetworkAddressError),
-    /// A waypoint or gateway destination that is neither `network/IP` nor `namespace/hostname`.
-    #[error("invalid destination {0:?}: expected \"network/IP\" or \"namespace/hostname\"")]
-    Destination(String),
-    /// A SPIFFE identity string that does not parse.
-    #[error("invalid identity: {0}")]
-    Identity(#[from] IdentityError),
-    /// One part of a workload's identity (trust domain, namespace, service account) is invalid.
-    #[error("{0:?} cannot be part of a SPIFFE identity (allowed: A-Z a-z 0-9 . - _, at most 253)")]
-    IdentityPart(String),
-    /// Two workloads share a uid, the key of the model.
-    #[error("duplicate uid {uid:?} (also used by {first})")]
-    DuplicateUid {
-        /// The uid.
-        uid: String,
-        /// Where it was first used.
-        first: FieldPath,
-    },
-    /// Two workloads in one network claim one IP, so traffic to it would be ambiguous.
-    #[error("address {address} is already claimed by {first}")]
-    AddressClaimed {
-        /// The `network/IP`.
-        address: NetworkAddress,
-        /// The workload that claimed it first.
-        first: FieldPath,
-    },
-    /// A workload of this node without an address cannot be captured or reached.
-    #[error("workload runs on this node ({0:?}) but has no workloadIps")]
-    LocalWithoutIps(String),
-    /// A key of a workload's `services` map that is not `namespace/hostname`.
-    #[error("service reference {0:?} is not \"namespace/hostname\"")]
-    ServiceReference(String),
-    /// Port 0 where a real port is needed.
-    #[error("port 0 is not a usable port here")]
-    PortZero,
-    /// A number outside the range the setting allows.
-    #[error("{value} is out of range ({min}..={max})")]
-    OutOfRange {
-        /// The value given.
-        value: u64,
-        /// Smallest allowed.
-        min: u64,
-        /// Largest allowed.
-        max: u64,
-    },
-    /// A required string is empty.
-    #[error("must not be empty")]
-    Empty,
-    /// A workload with neither `uid` nor `name`: nothing could refer to it.
-    #[error("a workload needs a uid or a name")]
-    Unnamed,
-    /// Two services share `namespace/hostname`.
-    #[error("duplicate service {key:?} (also defined by {first})")]
-    DuplicateService {
-        /// `namespace/hostname`.
-        key: String,
-        /// Where it was first defined.
-        first: FieldPath,
-    },
-    /// Two services (or one twice) claim one VIP.
-    #[error("VIP {vip} is already claimed by {first}")]
-    DuplicateVip {
-        /// The VIP.
-        vip: NetworkAddress,
-        /// Where it was first claimed.
-        first: FieldPath,
-    },
-    /// Two policies share `namespace/name`.
-    #[error("duplicate policy {key:?} (also defined by {first})")]
-    DuplicatePolicy {
-        /// `namespace/name`.
-        key: String,
-        /// Where it was first defined.
-        first: FieldPath,
-    },
-    /// A pod entry names a workload that is not in the file.
-    #[error("no workload has uid or namespace/name {0:?}")]
-    UnknownPodWorkload(String),
-    /// A pod entry names a workload that runs on another node.
-    #[error("workload {workload:?} runs on node {node:?}, not on this node {agent_node:?}")]
-    PodNotLocal {
-        /// The pod's workload reference.
-        workload: String,
-        /// The workload's node.
-        node: String,
-        /// This agent's node.
-        agent_node: String,
-    },
-    /// Two pod entries for one workload or one network namespace.
-    #[error("duplicate pod entry {value:?} (also listed by {first})")]
-    DuplicatePod {
-        /// The repeated workload or netns.
-        value: String,
-        /// The first entry.
-        first: FieldPath,
-    },
-    /// Pods are listed, but without a node name no workload can be matched to this node.
-    #[error("pods are listed but the node name is empty (set agent.node or --node)")]
-    NodeMissing,
-    /// Half of a CA key pair.
-    #[error("{present} is set but {missing} is not; both are needed")]
-    CaPairIncomplete {
-        /// The field that is set.
-        present: &'static str,
-        /// The field that is missing.
-        missing: &'static str,
-    },
-    /// The admin API is unauthenticated, so it must not be reachable from the network.
-    #[error("admin address {0} is not a loopback address")]
-    AdminNotLoopback(std::net::SocketAddr),
-    /// An istiod (xDS or CA) address that cannot be used.
-    #[error("control plane address {address:?}: {reason}")]
-    ControlPlaneAddress {
-        /// The address as written.
-        address: String,
-        /// What is wrong with it.
-        reason: crate::net::HttpsAddressError,
-    },
-    /// A size limit of zero would refuse everything.
-    #[error("must be greater than 0")]
-    ZeroSize,
-    /// A duration of zero that breaks what it times (a zero keepalive timeout closes every
-    /// HBONE connection; a zero interval spins).
-    #[error("must be longer than 0s")]
-    ZeroDuration,
-}
-
-/// A problem and the field it is about.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Problem {
-    /// The field.
-    pub path: FieldPath,
-    /// The problem is the mapping key at the end of `path`, not its value.
-    pub at_key: bool,
-    /// What is wrong.
-    pub invalid: Invalid,
-}
-
-/// Problems collected during conversion, in the order found.
-#[derive(Debug, Default)]
-pub struct Problems(pub Vec<Problem>);
-
-impl Problems {
-    /// Records `invalid` at `path`.
-    pub fn push(&mut self, path: FieldPath, invalid: Invalid) {
-        self.0.push(Problem {
-            path,
-            at_key: false,
-            invalid,
-        });
-    }
-
-    /// Records `invalid` about the mapping key at the end of `path`.
-    pub fn push_key(&mut self, path: FieldPath, invalid: Invalid) {
-        self.0.push(Problem {
-            path,
-            at_key: true,
-            invalid,
-        });
-    }
-}
 
 /// The model converted from a file, and every problem found on the way. The model parts are
 /// only meaningful when there are no problems.
@@ -242,32 +68,16 @@ pub fn convert(file: &LocalFile, problems: &mut Problems) -> Converted {
     converted
 }
 
-/// The uid Istio would give this pod: `<clusterId>//Pod/<namespace>/<name>`.
-fn derived_uid(raw: &LocalWorkload) -> String {
-    format!("{}//Pod/{}/{}", cluster_id(raw), raw.namespace, raw.name)
-}
-
 fn cluster_id(raw: &LocalWorkload) -> &str {
-    if raw.cluster_id.is_empty() {
-        DEFAULT_CLUSTER_ID
-    } else {
-        &raw.cluster_id
-    }
+    or_default(&raw.cluster_id, DEFAULT_CLUSTER_ID)
 }
 
+/// The uid as written, else the one Istio would give this pod.
 fn uid(raw: &LocalWorkload) -> String {
     if raw.uid.is_empty() {
-        derived_uid(raw)
+        derived_uid(cluster_id(raw), &raw.namespace, &raw.name)
     } else {
         raw.uid.clone()
-    }
-}
-
-fn or_default<'a>(value: &'a str, default: &'a str) -> &'a str {
-    if value.is_empty() {
-        default
-    } else {
-        value
     }
 }
 
@@ -291,18 +101,21 @@ fn workload(
         ("serviceAccount", service_account),
     ] {
         if !identity_part_ok(part) {
-            problems.push(path.key(field), Invalid::IdentityPart(part.to_string()));
+            problems.push(
+                path.key(field),
+                SemanticError::IdentityPart(part.to_string()),
+            );
         }
     }
     if raw.uid.is_empty() && raw.name.is_empty() {
-        problems.push(path.key("name"), Invalid::Unnamed);
+        problems.push(path.key("name"), SemanticError::Unnamed);
     }
     let identity = Identity::new(trust_domain, &raw.namespace, service_account).ok();
     let workload_ips = ips(&path.key("workloadIps"), &raw.workload_ips, problems);
     if !agent.node.is_empty() && raw.node == agent.node && raw.workload_ips.is_empty() {
         problems.push(
             path.key("workloadIps"),
-            Invalid::LocalWithoutIps(raw.node.clone()),
+            SemanticError::LocalWithoutIps(raw.node.clone()),
         );
     }
     let waypoint = raw
@@ -315,9 +128,8 @@ fn workload(
     let mut services = BTreeMap::new();
     for (key, ports) in &raw.services {
         let key_path = path.key("services").key(key.as_str());
-        if !matches!(key.split_once('/'), Some((namespace, host)) if !namespace.is_empty() && !host.is_empty())
-        {
-            problems.push_key(key_path.clone(), Invalid::ServiceReference(key.clone()));
+        if let Err(error) = check_service_key(key) {
+            problems.push_key(key_path.clone(), error.into());
         }
         services.insert(key.clone(), port_map(&key_path, ports, problems));
     }
@@ -368,7 +180,7 @@ fn ips(path: &FieldPath, raw: &[String], problems: &mut Problems) -> Vec<IpAddr>
     for (index, text) in raw.iter().enumerate() {
         match text.parse() {
             Ok(ip) => parsed.push(ip),
-            Err(_) => problems.push(path.index(index), Invalid::Ip(text.clone())),
+            Err(_) => problems.push(path.index(index), SemanticError::Ip(text.clone())),
         }
     }
     parsed
@@ -377,7 +189,7 @@ fn ips(path: &FieldPath, raw: &[String], problems: &mut Problems) -> Vec<IpAddr>
 /// Service ports must be real; a target port of 0 means "the endpoint's own mapping".
 fn port_map(path: &FieldPath, raw: &PortMap, problems: &mut Problems) -> BTreeMap<u16, u16> {
     if raw.contains_key(&Port(0)) {
-        problems.push_key(path.key("0"), Invalid::PortZero);
+        problems.push_key(path.key("0"), SemanticError::PortZero);
     }
     raw.iter().map(|(from, to)| (from.0, to.0)).collect()
 }
@@ -388,30 +200,13 @@ fn gateway_address(
     problems: &mut Problems,
 ) -> Option<GatewayAddress> {
     if raw.hbone_mtls_port == 0 {
-        problems.push(path.key("hboneMtlsPort"), Invalid::PortZero);
+        problems.push(path.key("hboneMtlsPort"), SemanticError::PortZero);
     }
-    let destination = if let Ok(address) = raw.destination.parse::<NetworkAddress>() {
-        GatewayDestination::Address(address)
-    } else {
-        match raw.destination.split_once('/') {
-            Some((namespace, hostname))
-                if !namespace.is_empty()
-                    && !hostname.is_empty()
-                    && !hostname.contains('/')
-                    && hostname.parse::<IpAddr>().is_err() =>
-            {
-                GatewayDestination::Hostname {
-                    namespace: namespace.to_string(),
-                    hostname: hostname.to_string(),
-                }
-            }
-            _ => {
-                problems.push(
-                    path.key("destination"),
-                    Invalid::Destination(raw.destination.clone()),
-                );
-                return None;
-            }
+    let destination = match raw.destination.parse::<GatewayDestination>() {
+        Ok(destination) => destination,
+        Err(error) => {
+            problems.push(path.key("destination"), error.into());
+            return None;
         }
     };
     Some(GatewayAddress {
@@ -431,7 +226,7 @@ fn check_workload_uniqueness(file: &LocalFile, path: &FieldPath, problems: &mut 
         if let Some(first) = uids.get(&uid) {
             problems.push(
                 workload_path.key("uid"),
-                Invalid::DuplicateUid {
+                SemanticError::DuplicateUid {
                     uid,
                     first: first.clone(),
                 },
@@ -451,7 +246,7 @@ fn check_workload_uniqueness(file: &LocalFile, path: &FieldPath, problems: &mut 
             match addresses.get(&address) {
                 Some(first) if *first != workload_path => problems.push(
                     workload_path.key("workloadIps").index(ip_index),
-                    Invalid::AddressClaimed {
+                    SemanticError::AddressClaimed {
                         address,
                         first: first.clone(),
                     },
@@ -472,7 +267,7 @@ fn service(path: &FieldPath, raw: &LocalService, problems: &mut Problems) -> Ser
         ("hostname", &raw.hostname),
     ] {
         if value.is_empty() {
-            problems.push(path.key(field), Invalid::Empty);
+            problems.push(path.key(field), SemanticError::Empty);
         }
     }
     let mut vips = Vec::with_capacity(raw.vips.len());
@@ -545,7 +340,7 @@ fn check_service_uniqueness(services: &[Service], path: &FieldPath, problems: &m
         if let Some(first) = keys.get(&key) {
             problems.push(
                 service_path.key("hostname"),
-                Invalid::DuplicateService {
+                SemanticError::DuplicateService {
                     key,
                     first: first.clone(),
                 },
@@ -558,7 +353,7 @@ fn check_service_uniqueness(services: &[Service], path: &FieldPath, problems: &m
             if let Some(first) = vips.get(vip) {
                 problems.push(
                     vip_path,
-                    Invalid::DuplicateVip {
+                    SemanticError::DuplicateVip {
                         vip: vip.clone(),
                         first: first.clone(),
                     },
@@ -576,14 +371,14 @@ fn check_policies(policies: &[Policy], path: &FieldPath, problems: &mut Problems
         let policy_path = path.index(index);
         for (field, value) in [("name", &policy.name), ("namespace", &policy.namespace)] {
             if value.is_empty() {
-                problems.push(policy_path.key(field), Invalid::Empty);
+                problems.push(policy_path.key(field), SemanticError::Empty);
             }
         }
         let key = policy.key();
         if let Some(first) = keys.get(&key) {
             problems.push(
                 policy_path.key("name"),
-                Invalid::DuplicatePolicy {
+                SemanticError::DuplicatePolicy {
                     key,
                     first: first.clone(),
                 },
@@ -601,7 +396,7 @@ fn check_pods(file: &LocalFile, path: &FieldPath, problems: &mut Problems) {
         return;
     }
     if agent.node.is_empty() {
-        problems.push(path.clone(), Invalid::NodeMissing);
+        problems.push(path.clone(), SemanticError::NodeMissing);
     }
     let mut seen: HashMap<String, FieldPath> = HashMap::new();
     for (index, pod) in agent.pods.iter().enumerate() {
@@ -612,11 +407,11 @@ fn check_pods(file: &LocalFile, path: &FieldPath, problems: &mut Problems) {
         match found {
             None => problems.push(
                 pod_path.key("workload"),
-                Invalid::UnknownPodWorkload(pod.workload.clone()),
+                SemanticError::UnknownPodWorkload(pod.workload.clone()),
             ),
             Some(raw) if !agent.node.is_empty() && raw.node != agent.node => problems.push(
                 pod_path.key("workload"),
-                Invalid::PodNotLocal {
+                SemanticError::PodNotLocal {
                     workload: pod.workload.clone(),
                     node: raw.node.clone(),
                     agent_node: agent.node.clone(),
@@ -635,7 +430,7 @@ fn check_pods(file: &LocalFile, path: &FieldPath, problems: &mut Problems) {
             if let Some(first) = seen.get(&entry_key) {
                 problems.push(
                     pod_path.key(field),
-                    Invalid::DuplicatePod {
+                    SemanticError::DuplicatePod {
                         value: written,
                         first: first.clone(),
                     },

@@ -64,6 +64,8 @@ pub struct IstioResources {
     pub peer_authentications: Vec<PeerAuthentication>,
     /// Translated ServiceEntries (`networking.istio.io`), same order.
     pub service_entries: Vec<ServiceEntry>,
+    /// Translated DestinationRules, same order.
+    pub destination_rules: Vec<crate::state::traffic_policy::DestinationRule>,
     /// Everything not applied as written.
     pub findings: Vec<PolicyFinding>,
 }
@@ -80,6 +82,7 @@ pub struct PolicyFile {
 impl IstioResources {
     fn absorb_networking(&mut self, translation: NetworkingTranslation, location: &str) {
         self.service_entries.extend(translation.service_entries);
+        self.destination_rules.extend(translation.destination_rules);
         for error in translation.errors {
             self.findings.push(PolicyFinding {
                 location: location.to_string(),

@@ -1,5 +1,7 @@
 //! Istio `networking.istio.io` resources → the egress model (layer L1, pure): `ServiceEntry`
-//! (v1, v1beta1, v1alpha3 share the shape).
+//! and `DestinationRule` (v1, v1beta1, v1alpha3 share the shape). Of a DestinationRule only
+//! what applies at L4 is read (`trafficPolicy.connectionPool.tcp`, `outlierDetection`); its
+//! HTTP, TLS, load-balancer, subset and port-level settings are accepted and ignored.
 //!
 //! They come from the same places as the security resources (`istioResources` and the files of
 //! `agent.authorization.policyDirs`) and follow the same rule: a resource that cannot be
@@ -16,9 +18,12 @@ use serde::Deserialize;
 use serde_yaml::Value;
 
 use super::istio_policy::{expand, is_networking, ResourceId};
+use std::time::Duration;
+
 use crate::state::egress::{
     ExportTo, Location, Resolution, ServiceEntry, ServiceEntryEndpoint, ServiceEntryPort,
 };
+use crate::state::traffic_policy::{DestinationRule, OutlierDetection, TcpPool};
 
 const API_VERSIONS: [&str; 3] = [
     "networking.istio.io/v1",
@@ -48,6 +53,8 @@ impl fmt::Display for NetworkingError {
 pub struct NetworkingTranslation {
     /// ServiceEntries, in input order.
     pub service_entries: Vec<ServiceEntry>,
+    /// DestinationRules, in input order.
+    pub destination_rules: Vec<DestinationRule>,
     /// Resources left out.
     pub errors: Vec<NetworkingError>,
 }
@@ -73,9 +80,14 @@ pub fn translate(documents: impl IntoIterator<Item = Value>) -> NetworkingTransl
         if !is_networking(&resource) {
             continue;
         }
-        match service_entry(&resource) {
-            Ok(entry) => translation.service_entries.push(entry),
-            Err(error) => translation.errors.push(error),
+        let result = match text(&resource, &["kind"]) {
+            Some("DestinationRule") => {
+                destination_rule(&resource).map(|rule| translation.destination_rules.push(rule))
+            }
+            _ => service_entry(&resource).map(|entry| translation.service_entries.push(entry)),
+        };
+        if let Err(error) = result {
+            translation.errors.push(error);
         }
     }
     translation
@@ -123,7 +135,8 @@ struct EndpointSpec {
     service_account: Option<String>,
 }
 
-fn service_entry(resource: &Value) -> Result<ServiceEntry, NetworkingError> {
+/// Names the resource and checks what every networking resource needs; returns its spec.
+fn header(resource: &Value) -> Result<(ResourceId, Value), NetworkingError> {
     let id = ResourceId {
         kind: text(resource, &["kind"]).unwrap_or("<no kind>").to_string(),
         namespace: text(resource, &["metadata", "namespace"])
@@ -145,24 +158,46 @@ fn service_entry(resource: &Value) -> Result<ServiceEntry, NetworkingError> {
             format!("unsupported {api_version:?} (expected networking.istio.io/v1, v1beta1 or v1alpha3)"),
         ));
     }
-    if id.kind != "ServiceEntry" {
+    if !matches!(id.kind.as_str(), "ServiceEntry" | "DestinationRule") {
         return Err(fail(
             "kind",
-            "unsupported networking kind (expected ServiceEntry)".to_string(),
+            "unsupported networking kind (expected ServiceEntry or DestinationRule)".to_string(),
         ));
     }
     if !text(resource, &["metadata", "name"]).is_some_and(|name| !name.is_empty()) {
         return Err(fail("metadata.name", "missing".to_string()));
     }
     let spec = resource.get("spec").cloned().unwrap_or(Value::Null);
-    let spec: ServiceEntrySpec = if spec.is_null() {
-        ServiceEntrySpec::default()
-    } else {
-        serde_yaml::from_value(spec).map_err(|error| fail("spec", error.to_string()))?
-    };
-    let checked =
-        check_service_entry(&id, spec).map_err(|(field, problem)| fail(&field, problem))?;
-    Ok(checked)
+    Ok((id, spec))
+}
+
+fn spec_of<T: serde::de::DeserializeOwned + Default>(spec: Value) -> Result<T, Problem> {
+    if spec.is_null() {
+        return Ok(T::default());
+    }
+    serde_yaml::from_value(spec).map_err(|error| ("spec".to_string(), error.to_string()))
+}
+
+fn rejected(id: &ResourceId) -> impl Fn(Problem) -> NetworkingError + '_ {
+    move |(field, problem)| NetworkingError {
+        resource: id.clone(),
+        field,
+        problem,
+    }
+}
+
+fn service_entry(resource: &Value) -> Result<ServiceEntry, NetworkingError> {
+    let (id, spec) = header(resource)?;
+    spec_of(spec)
+        .and_then(|spec| check_service_entry(&id, spec))
+        .map_err(rejected(&id))
+}
+
+fn destination_rule(resource: &Value) -> Result<DestinationRule, NetworkingError> {
+    let (id, spec) = header(resource)?;
+    spec_of(spec)
+        .and_then(|spec| check_destination_rule(&id, spec))
+        .map_err(rejected(&id))
 }
 
 type Problem = (String, String);
@@ -342,6 +377,189 @@ fn export_to(namespace: &str, values: &[String]) -> Result<ExportTo, Problem> {
         }
     }
     Ok(ExportTo::Namespaces(namespaces))
+}
+
+/// `DestinationRule.spec`.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+struct DestinationRuleSpec {
+    host: String,
+    traffic_policy: Option<TrafficPolicySpec>,
+    subsets: Vec<Value>,
+    export_to: Vec<String>,
+    workload_selector: Option<Value>,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+struct TrafficPolicySpec {
+    connection_pool: Option<ConnectionPoolSpec>,
+    outlier_detection: Option<OutlierDetectionSpec>,
+    load_balancer: Option<Value>,
+    tls: Option<Value>,
+    port_level_settings: Vec<Value>,
+    tunnel: Option<Value>,
+    proxy_protocol: Option<Value>,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+struct ConnectionPoolSpec {
+    tcp: Option<TcpSpec>,
+    http: Option<Value>,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+struct TcpSpec {
+    max_connections: Option<i64>,
+    #[serde(with = "humantime_serde")]
+    connect_timeout: Option<Duration>,
+    #[serde(with = "humantime_serde")]
+    idle_timeout: Option<Duration>,
+    tcp_keepalive: Option<KeepaliveSpec>,
+    #[serde(with = "humantime_serde")]
+    max_connection_duration: Option<Duration>,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+struct KeepaliveSpec {
+    probes: Option<u32>,
+    #[serde(with = "humantime_serde")]
+    time: Option<Duration>,
+    #[serde(with = "humantime_serde")]
+    interval: Option<Duration>,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+struct OutlierDetectionSpec {
+    consecutive_gateway_errors: Option<i64>,
+    consecutive_5xx_errors: Option<i64>,
+    consecutive_local_origin_failures: Option<i64>,
+    split_external_local_origin_errors: Option<bool>,
+    #[serde(with = "humantime_serde")]
+    interval: Option<Duration>,
+    #[serde(with = "humantime_serde")]
+    base_ejection_time: Option<Duration>,
+    max_ejection_percent: Option<i64>,
+    min_health_percent: Option<i64>,
+}
+
+fn check_destination_rule(
+    id: &ResourceId,
+    spec: DestinationRuleSpec,
+) -> Result<DestinationRule, Problem> {
+    if spec.host.is_empty() {
+        return Err(("spec.host".into(), "required".into()));
+    }
+    if spec.workload_selector.is_some() {
+        return Err((
+            "spec.workloadSelector".into(),
+            "client-selecting DestinationRules are not supported by the node agent".into(),
+        ));
+    }
+    let policy = spec.traffic_policy.unwrap_or_default();
+    let tcp = check_tcp(policy.connection_pool.and_then(|pool| pool.tcp))?;
+    let outlier_detection = policy.outlier_detection.map(check_outlier).transpose()?;
+    // Istio completes a short host in the rule's namespace.
+    let host = if spec.host.contains('.') || spec.host == "*" {
+        spec.host
+    } else {
+        format!("{}.{}.svc.cluster.local", spec.host, id.namespace)
+    };
+    Ok(DestinationRule {
+        namespace: id.namespace.clone(),
+        name: id.name.clone(),
+        host,
+        tcp,
+        outlier_detection,
+        export_to: export_to(&id.namespace, &spec.export_to)?,
+    })
+}
+
+fn positive_duration(value: Option<Duration>, field: &str) -> Result<Option<Duration>, Problem> {
+    match value {
+        Some(duration) if duration.is_zero() => {
+            Err((field.to_string(), "must be longer than 0".into()))
+        }
+        other => Ok(other),
+    }
+}
+
+fn check_tcp(spec: Option<TcpSpec>) -> Result<TcpPool, Problem> {
+    let Some(spec) = spec else {
+        return Ok(TcpPool::default());
+    };
+    let field = "spec.trafficPolicy.connectionPool.tcp";
+    let max_connections = spec
+        .max_connections
+        .map(|value| {
+            u32::try_from(value).ok().filter(|value| *value > 0).ok_or((
+                format!("{field}.maxConnections"),
+                format!("{value} is not 1 or more"),
+            ))
+        })
+        .transpose()?;
+    let keepalive = spec.tcp_keepalive.unwrap_or_default();
+    Ok(TcpPool {
+        max_connections,
+        connect_timeout: positive_duration(
+            spec.connect_timeout,
+            &format!("{field}.connectTimeout"),
+        )?,
+        idle_timeout: positive_duration(spec.idle_timeout, &format!("{field}.idleTimeout"))?,
+        tcp_keepalive_time: positive_duration(
+            keepalive.time,
+            &format!("{field}.tcpKeepalive.time"),
+        )?,
+        tcp_keepalive_interval: positive_duration(
+            keepalive.interval,
+            &format!("{field}.tcpKeepalive.interval"),
+        )?,
+        max_connection_duration: positive_duration(
+            spec.max_connection_duration,
+            &format!("{field}.maxConnectionDuration"),
+        )?,
+    })
+}
+
+fn check_outlier(spec: OutlierDetectionSpec) -> Result<OutlierDetection, Problem> {
+    let field = "spec.trafficPolicy.outlierDetection";
+    let defaults = OutlierDetection::default();
+    let count = |value: i64, name: &str| {
+        u32::try_from(value).ok().filter(|value| *value > 0).ok_or((
+            format!("{field}.{name}"),
+            format!("{value} is not 1 or more"),
+        ))
+    };
+    let consecutive_errors = match (spec.consecutive_gateway_errors, spec.consecutive_5xx_errors) {
+        (Some(value), _) => count(value, "consecutiveGatewayErrors")?,
+        (None, Some(value)) => count(value, "consecutive5xxErrors")?,
+        (None, None) => defaults.consecutive_errors,
+    };
+    let max_ejection_percent = match spec.max_ejection_percent {
+        None => defaults.max_ejection_percent,
+        Some(value @ 0..=100) => value as u32,
+        Some(value) => {
+            return Err((
+                format!("{field}.maxEjectionPercent"),
+                format!("{value} is not 0-100"),
+            ))
+        }
+    };
+    Ok(OutlierDetection {
+        consecutive_errors,
+        interval: positive_duration(spec.interval, &format!("{field}.interval"))?
+            .unwrap_or(defaults.interval),
+        base_ejection_time: positive_duration(
+            spec.base_ejection_time,
+            &format!("{field}.baseEjectionTime"),
+        )?
+        .unwrap_or(defaults.base_ejection_time),
+        max_ejection_percent,
+    })
 }
 
 #[cfg(test)]

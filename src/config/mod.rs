@@ -20,6 +20,7 @@ pub mod istio_networking;
 pub mod istio_policy;
 mod local;
 pub mod locate;
+mod problem;
 pub mod watch;
 
 #[cfg(test)]
@@ -30,8 +31,8 @@ use std::path::{Path, PathBuf};
 
 use crate::state;
 
-pub use convert::Invalid;
 use locate::{FieldPath, Locator, Position};
+pub use problem::SemanticError;
 
 /// A loaded, checked configuration. Every invariant `parse` checks holds for it, so consumers
 /// (the state store, the pod registry, the CA) can trust it without re-validating.
@@ -74,6 +75,14 @@ impl Config {
                 .cloned()
                 .map(std::sync::Arc::new)
                 .collect(),
+            destination_rules: state::traffic_policy::DestinationRules(
+                self.istio
+                    .destination_rules
+                    .iter()
+                    .cloned()
+                    .map(std::sync::Arc::new)
+                    .collect(),
+            ),
         }
     }
 
@@ -276,7 +285,7 @@ pub fn parse(path: &Path, text: &str, overrides: &Overrides) -> Result<Config, C
                 .collect(),
         ));
     }
-    let mut problems = convert::Problems::default();
+    let mut problems = problem::Problems::default();
     file.agent
         .check(&FieldPath::default().key("agent"), &mut problems);
     let converted = convert::convert(&file, &mut problems);
@@ -299,7 +308,7 @@ pub fn parse(path: &Path, text: &str, overrides: &Overrides) -> Result<Config, C
 
 /// Positions each problem and sorts them in file order (stable, so problems at one position
 /// keep the order they were found in).
-fn located(path: &Path, text: &str, problems: convert::Problems) -> ConfigErrors {
+fn located(path: &Path, text: &str, problems: problem::Problems) -> ConfigErrors {
     let locator = Locator::new(text);
     let mut errors: Vec<ConfigError> = problems
         .0

@@ -114,12 +114,16 @@ impl DnsProxy {
         let name = forward.question.name().to_string();
         match result {
             Ok(answer) => {
+                // ANCOUNT, straight from the header (the answer was parsed when accepted).
+                let answers = answer.get(6..8).map_or(0, |count| {
+                    usize::from(u16::from_be_bytes([count[0], count[1]]))
+                });
                 log_query(
                     source.as_deref(),
                     &labels.request_query_type,
                     &name,
                     "forwarded",
-                    0,
+                    answers,
                 );
                 forward.relay(answer)
             }

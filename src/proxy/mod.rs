@@ -7,6 +7,7 @@
 //! hands every connection to a named `handle` function in its own tracked task.
 
 mod admission;
+mod circuit;
 mod connections;
 pub mod copy;
 mod inbound;
@@ -91,6 +92,8 @@ pub struct WorkloadProxy {
     connections: Arc<connections::Connections>,
     /// This pod's unauthenticated connections, against `maxUnauthenticatedPerPod`.
     unauthenticated: Arc<limits::PodLimit>,
+    /// DestinationRule limits and outlier detection for this pod's outbound connections.
+    circuit: Arc<circuit::Circuit>,
 }
 
 impl WorkloadProxy {
@@ -125,6 +128,7 @@ impl WorkloadProxy {
             h2,
             drain,
             connections,
+            circuit: Arc::default(),
         })
     }
 

@@ -8,9 +8,12 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument;
 
 use super::admission::{accept_loop, AdmissionError, Admitted, ListenerKind, Redirected};
+use super::circuit::Breaker;
 use super::route::{self, HboneRoute, PassthroughRoute, Route};
 use super::{copy, WorkloadProxy};
 use crate::hbone::{self, Authority, ConnectRequest};
+use crate::state::{Service, Workload};
+use crate::telemetry::protection::LimitReason;
 use crate::telemetry::{ConnectionRecord, Direction, ResponseFlag};
 
 pub(super) async fn serve(proxy: Arc<WorkloadProxy>, listener: TcpListener) {
@@ -56,6 +59,10 @@ enum OutboundError {
     Pool(#[from] super::pool::PoolError),
     #[error(transparent)]
     Socket(#[from] crate::socket::SocketError),
+    #[error(transparent)]
+    OverLimit(#[from] super::circuit::OverLimit),
+    #[error("no connection within the DestinationRule's connectTimeout of {0:?}")]
+    ConnectTimeout(std::time::Duration),
 }
 
 impl OutboundError {
@@ -67,6 +74,7 @@ impl OutboundError {
             OutboundError::Route(route::RouteError::EgressBlocked(_)) => {
                 ResponseFlag::EgressBlocked
             }
+            OutboundError::OverLimit(_) => ResponseFlag::Overflow,
             _ => ResponseFlag::Connect,
         }
     }
@@ -75,76 +83,137 @@ impl OutboundError {
 async fn proxy_connection(
     proxy: &WorkloadProxy,
     stream: TcpStream,
-    Redirected {
-        client,
-        destination,
-        trace,
-    }: Redirected,
+    redirected: Redirected,
     record: &mut ConnectionRecord,
 ) -> Result<(), OutboundError> {
     let (snapshot, source) = proxy.local_view()?;
     record.src_workload = Some(source.clone());
     let hbone_port = proxy.inputs.settings.proxy.hbone_port;
-    let decision = route::decide(&snapshot, &source, destination, hbone_port, rand::random());
-    drop(snapshot);
+    let now = tokio::time::Instant::now();
+    let circuit = &proxy.circuit;
+    let ejected = |service: &Service, workload: &Workload| {
+        circuit.is_ejected(&service.key(), &workload.uid, now)
+    };
+    let decision = route::decide_avoiding(
+        &snapshot,
+        &source,
+        redirected.destination,
+        hbone_port,
+        rand::random(),
+        &ejected,
+    );
     let decision = refuse_blocked(proxy, &stream, decision)?;
+    let port = redirected.destination.0.port();
+    let breaker = Breaker::admit(&proxy.circuit, &snapshot, &source, &decision, port);
+    drop(snapshot);
+    let breaker = match breaker {
+        Ok(breaker) => breaker,
+        Err(over) => {
+            refuse(&stream);
+            let protection = proxy.inputs.metrics.protection();
+            protection.limit_refused(LimitReason::MaxConnections);
+            return Err(over.into());
+        }
+    };
     match decision {
         Route::Hbone(route) => {
-            let HboneRoute {
-                peer,
-                authority,
-                destination: target,
-                service,
-                expected_identities,
-            } = route;
-            // Identities are logged only for mTLS; dst.addr is the L4 peer, as Istio logs it.
-            record.src_identity = Some(source.identity.clone());
-            record.dst_workload = Some(target.clone());
-            record.dst_identity = Some(target.identity.clone());
-            record.dst_addr = peer.to_string();
-            record.dst_service = service.clone();
-            record.dst_hbone_addr = Some(authority.to_string());
-            // The request and key live in this block only, so that their space is not kept
-            // through the copy.
-            let tunnel = {
-                let request = ConnectRequest {
-                    authority: Authority::Address(authority),
-                    client,
-                    service_host: service.as_ref().map(|s| s.hostname.clone()),
-                    baggage: hbone::baggage(&source),
-                    traceparent: trace,
-                };
-                let key = super::pool::PoolKey {
-                    source_identity: source.identity.clone(),
-                    expected_identities,
-                    peer,
-                    source_ip: client.0.ip(),
-                };
-                // Boxed: the CONNECT exchange's state would otherwise stay in this
-                // connection's task for its whole life.
-                Box::pin(proxy.pool.connect(&key, &request)).await?
-            };
-            record.connected();
-            copy::tunnel(stream, tunnel, &record.bytes.sent, &record.bytes.received)
-                .await
-                .map_err(|error| AdmissionError::Copy(error).into())
+            hbone_connection(proxy, stream, route, &source, redirected, record, breaker).await
         }
-        Route::Passthrough(PassthroughRoute {
-            target,
-            destination: known,
-            service,
-            service_entry: _,
-        }) => {
-            record.dst_workload = known;
-            record.dst_service = service;
-            let timeout = proxy.inputs.settings.proxy.connect_timeout;
-            let upstream = proxy.sockets.connect(target.0, None, timeout).await?;
-            record.connected();
-            copy::bidirectional(stream, upstream, &record.bytes.sent, &record.bytes.received)
-                .await
-                .map_err(|error| AdmissionError::Copy(error).into())
+        Route::Passthrough(route) => {
+            passthrough_connection(proxy, stream, route, record, breaker).await
         }
     }
+}
+
+async fn hbone_connection(
+    proxy: &WorkloadProxy,
+    stream: TcpStream,
+    route: HboneRoute,
+    source: &Workload,
+    Redirected { client, trace, .. }: Redirected,
+    record: &mut ConnectionRecord,
+    breaker: Breaker,
+) -> Result<(), OutboundError> {
+    let HboneRoute {
+        peer,
+        authority,
+        destination: target,
+        service,
+        expected_identities,
+    } = route;
+    // Identities are logged only for mTLS; dst.addr is the L4 peer, as Istio logs it.
+    record.src_identity = Some(source.identity.clone());
+    record.dst_workload = Some(target.clone());
+    record.dst_identity = Some(target.identity.clone());
+    record.dst_addr = peer.to_string();
+    record.dst_service = service.clone();
+    record.dst_hbone_addr = Some(authority.to_string());
+    // The request and key live in this block only, so that their space is not kept through
+    // the copy.
+    let tunnel = {
+        let request = ConnectRequest {
+            authority: Authority::Address(authority),
+            client,
+            service_host: service.as_ref().map(|s| s.hostname.clone()),
+            baggage: hbone::baggage(source),
+            traceparent: trace,
+        };
+        let key = super::pool::PoolKey {
+            source_identity: source.identity.clone(),
+            expected_identities,
+            peer,
+            source_ip: client.0.ip(),
+        };
+        // Boxed: the CONNECT exchange's state would otherwise stay in this connection's task
+        // for its whole life.
+        let connect = Box::pin(proxy.pool.connect(&key, &request));
+        let result = match breaker.connect_timeout() {
+            Some(limit) => match tokio::time::timeout(limit, connect).await {
+                Ok(result) => result.map_err(OutboundError::from),
+                Err(_) => Err(OutboundError::ConnectTimeout(limit)),
+            },
+            None => connect.await.map_err(OutboundError::from),
+        };
+        breaker.report(&proxy.inputs.metrics, &target, result.is_ok());
+        result?
+    };
+    record.connected();
+    let copy = copy::tunnel(stream, tunnel, &record.bytes.sent, &record.bytes.received);
+    breaker
+        .bounded(copy)
+        .await
+        .map_err(|error| AdmissionError::Copy(error).into())
+}
+
+async fn passthrough_connection(
+    proxy: &WorkloadProxy,
+    stream: TcpStream,
+    PassthroughRoute {
+        target,
+        destination: known,
+        service,
+        service_entry: _,
+    }: PassthroughRoute,
+    record: &mut ConnectionRecord,
+    breaker: Breaker,
+) -> Result<(), OutboundError> {
+    record.dst_workload = known.clone();
+    record.dst_service = service;
+    let timeout = breaker
+        .connect_timeout()
+        .unwrap_or(proxy.inputs.settings.proxy.connect_timeout);
+    let upstream = proxy.sockets.connect(target.0, None, timeout).await;
+    if let Some(endpoint) = &known {
+        breaker.report(&proxy.inputs.metrics, endpoint, upstream.is_ok());
+    }
+    let upstream = upstream?;
+    breaker.keepalive(&upstream);
+    record.connected();
+    let copy = copy::bidirectional(stream, upstream, &record.bytes.sent, &record.bytes.received);
+    breaker
+        .bounded(copy)
+        .await
+        .map_err(|error| AdmissionError::Copy(error).into())
 }
 
 /// Passes a route through; an egress refusal also resets the app's connection and is counted.

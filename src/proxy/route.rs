@@ -105,6 +105,21 @@ pub fn decide(
     hbone_port: u16,
     pick: u64,
 ) -> Result<Route, RouteError> {
+    decide_avoiding(snapshot, source, destination, hbone_port, pick, &|_, _| {
+        false
+    })
+}
+
+/// [`decide`], with load balancing skipping the endpoints `ejected` names (outlier detection:
+/// service, endpoint). When every endpoint is ejected, all are candidates again, as in Envoy.
+pub fn decide_avoiding(
+    snapshot: &Snapshot,
+    source: &Workload,
+    destination: OriginalDst,
+    hbone_port: u16,
+    pick: u64,
+    ejected: &dyn Fn(&Service, &Workload) -> bool,
+) -> Result<Route, RouteError> {
     let dst = destination.0;
     let is_own_address = dst.ip().is_loopback() || source.workload_ips.contains(&dst.ip());
     if is_own_address && ports::is_agent_port(dst.port()) {
@@ -122,7 +137,13 @@ pub fn decide(
             };
             return to_waypoint(snapshot, gateway, source, dst, via);
         }
-        let endpoints = snapshot.endpoints(service, dst.port());
+        let mut endpoints = snapshot.endpoints(service, dst.port());
+        if endpoints
+            .iter()
+            .any(|endpoint| !ejected(service, &endpoint.workload))
+        {
+            endpoints.retain(|endpoint| !ejected(service, &endpoint.workload));
+        }
         if endpoints.is_empty() {
             return Err(RouteError::NoHealthyUpstream {
                 service: service.key(),

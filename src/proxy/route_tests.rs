@@ -451,6 +451,7 @@ fn registry_only_refuses_only_what_is_outside_the_registry() {
             namespaces: Default::default(),
         },
         service_entries: vec![std::sync::Arc::new(entry)],
+        ..Egress::default()
     });
     let blocked = "192.0.2.99:443 is not in the registry and outboundTrafficPolicy for namespace \
                    default is REGISTRY_ONLY (no workload, service or ServiceEntry matches)";
@@ -468,4 +469,28 @@ fn registry_only_refuses_only_what_is_outside_the_registry() {
         let got = summarize(decide(&snapshot, &client, destination, 15008, 0));
         assert_eq!(got, want.expected(), "dst {dst}");
     }
+}
+
+#[test]
+fn ejected_endpoints_are_skipped_until_all_are() {
+    let (snapshot, client) = snapshot();
+    let destination = OriginalDst("10.96.0.10:80".parse().unwrap());
+    let picked = |ejected: &dyn Fn(&Service, &Workload) -> bool| {
+        (0..8)
+            .filter_map(|pick| {
+                match decide_avoiding(&snapshot, &client, destination, 15008, pick, ejected) {
+                    Ok(Route::Hbone(route)) => Some(route.destination.name.clone()),
+                    _ => None,
+                }
+            })
+            .collect::<std::collections::BTreeSet<String>>()
+    };
+    let names = |list: &[&str]| list.iter().map(ToString::to_string).collect();
+    assert_eq!(picked(&|_, _| false), names(&["echo-a", "echo-b"]));
+    assert_eq!(
+        picked(&|_, workload| workload.name == "echo-a"),
+        names(&["echo-b"])
+    );
+    // Every endpoint ejected: all are used again rather than none.
+    assert_eq!(picked(&|_, _| true), names(&["echo-a", "echo-b"]));
 }

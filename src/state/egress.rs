@@ -192,6 +192,8 @@ pub struct Egress {
     pub policy: OutboundTrafficPolicy,
     /// ServiceEntries in configuration order (the first match wins).
     pub service_entries: Vec<Arc<ServiceEntry>>,
+    /// DestinationRules (connection limits, outlier detection), in configuration order.
+    pub destination_rules: super::traffic_policy::DestinationRules,
 }
 
 /// How a ServiceEntry matched.
@@ -356,6 +358,7 @@ mod tests {
                 Arc::new(static_entry),
                 Arc::new(private),
             ],
+            ..Egress::default()
         }
     }
 
@@ -471,6 +474,7 @@ mod tests {
                 namespaces: BTreeMap::new(),
             },
             service_entries: vec![Arc::new(hostname_only)],
+            ..Egress::default()
         };
         let decision = egress.decide("app", "203.0.113.7:443".parse().unwrap(), 0);
         assert_eq!(outcome(decision), "blocked 203.0.113.7:443");

@@ -124,7 +124,7 @@ mod tests {
                     mode: crate::state::egress::OutboundMode::RegistryOnly,
                     namespaces: BTreeMap::new(),
                 },
-                service_entries: Vec::new(),
+                ..crate::state::egress::Egress::default()
             },
         };
         let shadowed = Workload {

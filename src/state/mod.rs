@@ -8,6 +8,8 @@
 pub mod egress;
 pub mod merge;
 pub mod policy;
+pub mod rules;
+pub mod traffic_policy;
 pub mod waypoint;
 
 use std::collections::{BTreeMap, HashMap};

@@ -1,7 +1,7 @@
 //! Istio's traffic labels (layer L1): who reports, who talks to whom, and how it ended, built
 //! purely from what a connection record knows, with `unknown` for anything not known.
 
-use std::fmt::Write as _;
+use std::fmt::{self, Write as _};
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 
@@ -203,6 +203,52 @@ impl TrafficLabels {
             request_protocol: "tcp".to_string(),
             response_flags: flag.as_str().to_string(),
             connection_security_policy: if mutual_tls { "mutual_tls" } else { UNKNOWN }.to_string(),
+        }
+    }
+}
+
+/// Which way a connection goes relative to the workload this agent serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    /// From a local workload to somewhere else.
+    Outbound,
+    /// To a local workload.
+    Inbound,
+}
+
+impl Direction {
+    /// Outbound connections are reported by the source, inbound ones by the destination.
+    pub fn reporter(self) -> Reporter {
+        match self {
+            Direction::Outbound => Reporter::Source,
+            Direction::Inbound => Reporter::Destination,
+        }
+    }
+}
+
+impl fmt::Display for Direction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Direction::Outbound => "outbound",
+            Direction::Inbound => "inbound",
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn direction_reads_the_same_in_json_logs_and_reporter() {
+        for (direction, word, reporter) in [
+            (Direction::Inbound, "inbound", Reporter::Destination),
+            (Direction::Outbound, "outbound", Reporter::Source),
+        ] {
+            assert_eq!(serde_json::to_value(direction).ok(), Some(word.into()));
+            assert_eq!(direction.to_string(), word);
+            assert_eq!(direction.reporter(), reporter);
         }
     }
 }

@@ -21,8 +21,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-pub use super::labels::{Peer, Reporter, ResponseFlag, TrafficLabels};
-use super::record::ByteCounters;
+pub use super::labels::{Direction, Peer, Reporter, ResponseFlag, TrafficLabels};
 use crate::state::TunnelProtocol;
 use agent::{AgentMetrics, ReasonLabels, RefusalLabels};
 pub use agent::{AgentSample, RuntimeSample, WorkerSample};
@@ -63,12 +62,21 @@ impl TrafficCounters {
     }
 }
 
+/// Live byte counters of one connection, shared with the copy loop.
+#[derive(Debug, Default)]
+pub struct ByteCounters {
+    /// Bytes from the source towards the destination.
+    pub sent: AtomicU64,
+    /// Bytes from the destination back to the source.
+    pub received: AtomicU64,
+}
+
 /// Who an open connection connects, for the admin API's `/connections`.
 #[derive(Debug, Clone, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ConnectionInfo {
-    /// `inbound` or `outbound`.
-    pub direction: String,
+    /// Which way it goes (`inbound` or `outbound` in JSON).
+    pub direction: Direction,
     /// The client's address.
     pub src_addr: String,
     /// The destination address.

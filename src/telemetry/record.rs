@@ -7,13 +7,13 @@
 //! failure, drain or panic alike — so no connection goes unreported.
 
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::metrics::{
-    ConnectionInfo, LiveHandle, Metrics, Peer, Reporter, ResponseFlag, TrafficLabels,
-};
+use super::labels::Direction;
+use super::metrics::ByteCounters;
+use super::metrics::{ConnectionInfo, LiveHandle, Metrics, Peer, ResponseFlag, TrafficLabels};
 use crate::spiffe::Identity;
 use crate::state::{Service, TunnelProtocol, Workload};
 
@@ -43,43 +43,6 @@ macro_rules! access_event {
             $message
         )
     };
-}
-
-/// Which way a connection goes relative to the workload this agent serves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Direction {
-    /// From a local workload to somewhere else.
-    Outbound,
-    /// To a local workload.
-    Inbound,
-}
-
-impl Direction {
-    /// Outbound connections are reported by the source, inbound ones by the destination.
-    pub fn reporter(self) -> Reporter {
-        match self {
-            Direction::Outbound => Reporter::Source,
-            Direction::Inbound => Reporter::Destination,
-        }
-    }
-}
-
-impl fmt::Display for Direction {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Direction::Outbound => "outbound",
-            Direction::Inbound => "inbound",
-        })
-    }
-}
-
-/// Live byte counters of one connection, shared with the copy loop.
-#[derive(Debug, Default)]
-pub struct ByteCounters {
-    /// Bytes from the source towards the destination.
-    pub sent: AtomicU64,
-    /// Bytes from the destination back to the source.
-    pub received: AtomicU64,
 }
 
 /// What is known about one proxied connection; logs itself once when dropped.
@@ -206,7 +169,7 @@ impl ConnectionRecord {
             _ => self.original_dst.clone(),
         };
         ConnectionInfo {
-            direction: self.direction.to_string(),
+            direction: self.direction,
             src_addr: self.src_addr.clone(),
             dst_addr: self.dst_addr.clone(),
             original_dst,

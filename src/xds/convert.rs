@@ -16,29 +16,28 @@ use crate::spiffe::Identity;
 use crate::state::policy::{
     Match, Policy, PolicyAction, PolicyScope, ServiceAccountMatch, StringMatch,
 };
+use crate::state::rules::{
+    check_service_key, or_default, HostnameError, DEFAULT_CLUSTER_ID, DEFAULT_SERVICE_ACCOUNT,
+    DEFAULT_TRUST_DOMAIN,
+};
 use crate::state::{
     ApplicationTunnel, ApplicationTunnelProtocol, GatewayAddress, GatewayDestination, HealthStatus,
     Service, TunnelProtocol, Workload,
 };
 
-/// Istio's defaults for fields istiod leaves empty.
-const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
-const DEFAULT_SERVICE_ACCOUNT: &str = "default";
-const DEFAULT_CLUSTER_ID: &str = "Kubernetes";
-
 /// Why one resource was refused: the field (a path inside the resource) and the reason. Shown
 /// in the NACK as `<resource name>: <field>: <reason>`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{field}: {reason}")]
-pub struct Invalid {
+pub struct FieldError {
     /// Path of the offending field, e.g. `workload.addresses[1]`.
     pub field: String,
     /// What is wrong with it.
     pub reason: String,
 }
 
-fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Invalid {
-    Invalid {
+fn invalid(field: impl Into<String>, reason: impl Into<String>) -> FieldError {
+    FieldError {
         field: field.into(),
         reason: reason.into(),
     }
@@ -58,7 +57,7 @@ pub enum AddressResource {
 pub fn address_resource(
     name: &str,
     resource: Option<&prost_types::Any>,
-) -> Result<AddressResource, Invalid> {
+) -> Result<AddressResource, FieldError> {
     let bytes = payload(resource, ADDRESS_TYPE)?;
     let address = wl::Address::decode(bytes).map_err(|error| {
         invalid(
@@ -98,7 +97,7 @@ pub fn address_resource(
 pub fn authorization_resource(
     name: &str,
     resource: Option<&prost_types::Any>,
-) -> Result<Policy, Invalid> {
+) -> Result<Policy, FieldError> {
     let bytes = payload(resource, AUTHORIZATION_TYPE)?;
     let raw = security::Authorization::decode(bytes).map_err(|error| {
         invalid(
@@ -122,7 +121,7 @@ pub fn authorization_resource(
 fn payload<'a>(
     resource: Option<&'a prost_types::Any>,
     type_url: &str,
-) -> Result<&'a [u8], Invalid> {
+) -> Result<&'a [u8], FieldError> {
     let any = resource.ok_or_else(|| invalid("resource", "missing"))?;
     if any.type_url != type_url {
         return Err(invalid(
@@ -133,7 +132,7 @@ fn payload<'a>(
     Ok(&any.value)
 }
 
-fn required(field: &str, value: String) -> Result<String, Invalid> {
+fn required(field: &str, value: String) -> Result<String, FieldError> {
     if value.is_empty() {
         Err(invalid(field, "must not be empty"))
     } else {
@@ -141,15 +140,7 @@ fn required(field: &str, value: String) -> Result<String, Invalid> {
     }
 }
 
-fn or_default(value: String, default: &str) -> String {
-    if value.is_empty() {
-        default.to_string()
-    } else {
-        value
-    }
-}
-
-fn ip(field: &str, bytes: &[u8]) -> Result<IpAddr, Invalid> {
+fn ip(field: &str, bytes: &[u8]) -> Result<IpAddr, FieldError> {
     if let Ok(octets) = <[u8; 4]>::try_from(bytes) {
         return Ok(IpAddr::V4(Ipv4Addr::from(octets)));
     }
@@ -162,11 +153,11 @@ fn ip(field: &str, bytes: &[u8]) -> Result<IpAddr, Invalid> {
     ))
 }
 
-fn port(field: &str, value: u32) -> Result<u16, Invalid> {
+fn port(field: &str, value: u32) -> Result<u16, FieldError> {
     u16::try_from(value).map_err(|_| invalid(field, format!("{value} is not a port")))
 }
 
-fn nonzero_port(field: &str, value: u32) -> Result<u16, Invalid> {
+fn nonzero_port(field: &str, value: u32) -> Result<u16, FieldError> {
     match port(field, value)? {
         0 => Err(invalid(field, "must not be 0")),
         port => Ok(port),
@@ -174,12 +165,12 @@ fn nonzero_port(field: &str, value: u32) -> Result<u16, Invalid> {
 }
 
 /// Converts a workload. Public for the fuzz target and tests.
-pub fn workload(raw: wl::Workload) -> Result<Workload, Invalid> {
+pub fn workload(raw: wl::Workload) -> Result<Workload, FieldError> {
     let uid = required("workload.uid", raw.uid)?;
     let name = required("workload.name", raw.name)?;
     let namespace = required("workload.namespace", raw.namespace)?;
-    let trust_domain = or_default(raw.trust_domain, DEFAULT_TRUST_DOMAIN);
-    let service_account = or_default(raw.service_account, DEFAULT_SERVICE_ACCOUNT);
+    let trust_domain = or_default(&raw.trust_domain, DEFAULT_TRUST_DOMAIN).to_string();
+    let service_account = or_default(&raw.service_account, DEFAULT_SERVICE_ACCOUNT).to_string();
     let identity = Identity::new(&trust_domain, &namespace, &service_account)
         .map_err(|error| invalid("workload.service_account", error.to_string()))?;
     let mut workload_ips = Vec::with_capacity(raw.addresses.len());
@@ -204,7 +195,7 @@ pub fn workload(raw: wl::Workload) -> Result<Workload, Invalid> {
         .transpose()?;
     let application_tunnel = raw
         .application_tunnel
-        .map(|tunnel| -> Result<ApplicationTunnel, Invalid> {
+        .map(|tunnel| -> Result<ApplicationTunnel, FieldError> {
             let protocol = match wl::application_tunnel::Protocol::try_from(tunnel.protocol) {
                 Ok(wl::application_tunnel::Protocol::None) => ApplicationTunnelProtocol::None,
                 Ok(wl::application_tunnel::Protocol::Proxy) => ApplicationTunnelProtocol::Proxy,
@@ -225,9 +216,7 @@ pub fn workload(raw: wl::Workload) -> Result<Workload, Invalid> {
     let mut services = BTreeMap::new();
     for (key, list) in raw.services {
         let field = format!("workload.services[{key:?}]");
-        if !matches!(key.split_once('/'), Some((ns, host)) if !ns.is_empty() && !host.is_empty()) {
-            return Err(invalid(field, "key is not namespace/hostname"));
-        }
+        check_service_key(&key).map_err(|error| invalid(&field, error.to_string()))?;
         let mut ports = BTreeMap::new();
         for (index, entry) in list.ports.iter().enumerate() {
             let service_port = nonzero_port(
@@ -265,7 +254,7 @@ pub fn workload(raw: wl::Workload) -> Result<Workload, Invalid> {
         canonical_revision: raw.canonical_revision,
         workload_name: raw.workload_name,
         workload_type,
-        cluster_id: or_default(raw.cluster_id, DEFAULT_CLUSTER_ID),
+        cluster_id: or_default(&raw.cluster_id, DEFAULT_CLUSTER_ID).to_string(),
         authorization_policies: raw.authorization_policies,
         status: if raw.status == wl::WorkloadStatus::Unhealthy as i32 {
             HealthStatus::Unhealthy
@@ -275,22 +264,27 @@ pub fn workload(raw: wl::Workload) -> Result<Workload, Invalid> {
     })
 }
 
-fn network_address(field: &str, raw: wl::NetworkAddress) -> Result<NetworkAddress, Invalid> {
+fn network_address(field: &str, raw: wl::NetworkAddress) -> Result<NetworkAddress, FieldError> {
     Ok(NetworkAddress {
         network: raw.network,
         ip: ip(&format!("{field}.address"), &raw.address)?,
     })
 }
 
-fn gateway_address(field: &str, raw: wl::GatewayAddress) -> Result<GatewayAddress, Invalid> {
+fn gateway_address(field: &str, raw: wl::GatewayAddress) -> Result<GatewayAddress, FieldError> {
     let destination = match raw.destination {
         Some(wl::gateway_address::Destination::Address(address)) => {
             GatewayDestination::Address(network_address(field, address)?)
         }
-        Some(wl::gateway_address::Destination::Hostname(named)) => GatewayDestination::Hostname {
-            namespace: required(&format!("{field}.hostname.namespace"), named.namespace)?,
-            hostname: required(&format!("{field}.hostname.hostname"), named.hostname)?,
-        },
+        Some(wl::gateway_address::Destination::Hostname(named)) => {
+            GatewayDestination::hostname(named.namespace, named.hostname).map_err(|error| {
+                let part = match error {
+                    HostnameError::NoNamespace => "namespace",
+                    HostnameError::NoHostname => "hostname",
+                };
+                invalid(format!("{field}.hostname.{part}"), "must not be empty")
+            })?
+        }
         None => return Err(invalid(field, "has no destination")),
     };
     // istiod always sets it; 0 would be an unreachable waypoint, so take HBONE's port.
@@ -305,7 +299,7 @@ fn gateway_address(field: &str, raw: wl::GatewayAddress) -> Result<GatewayAddres
 }
 
 /// Converts a service. Public for the fuzz target and tests.
-pub fn service(raw: wl::Service) -> Result<Service, Invalid> {
+pub fn service(raw: wl::Service) -> Result<Service, FieldError> {
     let name = required("service.name", raw.name)?;
     let namespace = required("service.namespace", raw.namespace)?;
     let hostname = required("service.hostname", raw.hostname)?;
@@ -362,7 +356,7 @@ pub fn service(raw: wl::Service) -> Result<Service, Invalid> {
 }
 
 /// Converts an authorization policy. Public for the fuzz target and tests.
-pub fn authorization(raw: security::Authorization) -> Result<Policy, Invalid> {
+pub fn authorization(raw: security::Authorization) -> Result<Policy, FieldError> {
     let name = required("authorization.name", raw.name)?;
     let namespace = required("authorization.namespace", raw.namespace)?;
     let scope = match security::Scope::try_from(raw.scope) {
@@ -411,20 +405,20 @@ pub fn authorization(raw: security::Authorization) -> Result<Policy, Invalid> {
     })
 }
 
-fn policy_match(field: &str, raw: security::Match) -> Result<Match, Invalid> {
-    let strings = |name: &str, list: Vec<security::StringMatch>| -> Result<_, Invalid> {
+fn policy_match(field: &str, raw: security::Match) -> Result<Match, FieldError> {
+    let strings = |name: &str, list: Vec<security::StringMatch>| -> Result<_, FieldError> {
         list.into_iter()
             .enumerate()
             .map(|(index, item)| string_match(&format!("{field}.{name}[{index}]"), item))
             .collect::<Result<Vec<_>, _>>()
     };
-    let nets = |name: &str, list: Vec<security::Address>| -> Result<_, Invalid> {
+    let nets = |name: &str, list: Vec<security::Address>| -> Result<_, FieldError> {
         list.into_iter()
             .enumerate()
             .map(|(index, item)| cidr(&format!("{field}.{name}[{index}]"), item))
             .collect::<Result<Vec<_>, _>>()
     };
-    let ports = |name: &str, list: Vec<u32>| -> Result<_, Invalid> {
+    let ports = |name: &str, list: Vec<u32>| -> Result<_, FieldError> {
         list.into_iter()
             .enumerate()
             .map(|(index, item)| nonzero_port(&format!("{field}.{name}[{index}]"), item))
@@ -454,7 +448,7 @@ fn policy_match(field: &str, raw: security::Match) -> Result<Match, Invalid> {
     })
 }
 
-fn string_match(field: &str, raw: security::StringMatch) -> Result<StringMatch, Invalid> {
+fn string_match(field: &str, raw: security::StringMatch) -> Result<StringMatch, FieldError> {
     use security::string_match::MatchType;
     match raw.match_type {
         Some(MatchType::Exact(value)) => Ok(StringMatch::Exact(value)),
@@ -469,7 +463,7 @@ fn string_match(field: &str, raw: security::StringMatch) -> Result<StringMatch, 
     }
 }
 
-fn cidr(field: &str, raw: security::Address) -> Result<IpNet, Invalid> {
+fn cidr(field: &str, raw: security::Address) -> Result<IpNet, FieldError> {
     let address = ip(&format!("{field}.address"), &raw.address)?;
     let length = u8::try_from(raw.length).ok();
     length
@@ -484,22 +478,22 @@ fn cidr(field: &str, raw: security::Address) -> Result<IpNet, Invalid> {
 }
 
 impl TryFrom<wl::Workload> for Workload {
-    type Error = Invalid;
-    fn try_from(raw: wl::Workload) -> Result<Self, Invalid> {
+    type Error = FieldError;
+    fn try_from(raw: wl::Workload) -> Result<Self, FieldError> {
         workload(raw)
     }
 }
 
 impl TryFrom<wl::Service> for Service {
-    type Error = Invalid;
-    fn try_from(raw: wl::Service) -> Result<Self, Invalid> {
+    type Error = FieldError;
+    fn try_from(raw: wl::Service) -> Result<Self, FieldError> {
         service(raw)
     }
 }
 
 impl TryFrom<security::Authorization> for Policy {
-    type Error = Invalid;
-    fn try_from(raw: security::Authorization) -> Result<Self, Invalid> {
+    type Error = FieldError;
+    fn try_from(raw: security::Authorization) -> Result<Self, FieldError> {
         authorization(raw)
     }
 }

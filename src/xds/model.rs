@@ -9,7 +9,7 @@ use crate::proto::{ADDRESS_TYPE, AUTHORIZATION_TYPE};
 use crate::state::merge::PushedModel;
 use crate::state::{Policy, Service, Workload};
 
-use super::convert::{self, AddressResource, Invalid};
+use super::convert::{self, AddressResource, FieldError};
 
 /// The accepted resources of every subscribed type. Cloned and replaced as a whole per
 /// response, so a reader never sees half of a push.
@@ -29,7 +29,7 @@ pub struct Rejected {
     /// The resource name.
     pub name: String,
     /// What was wrong.
-    pub reason: Invalid,
+    pub reason: FieldError,
 }
 
 /// The outcome of applying one response.
@@ -129,10 +129,10 @@ impl XdsModel {
         Ok(applied)
     }
 
-    fn apply_resource(&mut self, type_url: &str, resource: &Resource) -> Result<(), Invalid> {
+    fn apply_resource(&mut self, type_url: &str, resource: &Resource) -> Result<(), FieldError> {
         let name = resource.name.as_str();
         if name.is_empty() {
-            return Err(Invalid {
+            return Err(FieldError {
                 field: "name".to_string(),
                 reason: "must not be empty".to_string(),
             });

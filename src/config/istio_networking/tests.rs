@@ -104,7 +104,7 @@ fn bad_resources_are_rejected_by_field_and_the_others_apply() {
 fn unknown_fields_kinds_and_versions_are_named() {
     let cases: &[(&str, &str)] = &[
         ("apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: se}\nspec: {hosts: [a], ports: [{number: 1}], adresses: []}", "ServiceEntry default/se: spec: unknown field `adresses`"),
-        ("apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: se}", "Sidecar default/se: kind: unsupported networking kind (expected ServiceEntry)"),
+        ("apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: se}", "Sidecar default/se: kind: unsupported networking kind (expected ServiceEntry or DestinationRule)"),
         ("apiVersion: networking.istio.io/v2\nkind: ServiceEntry\nmetadata: {name: se}", "ServiceEntry default/se: apiVersion: unsupported \"networking.istio.io/v2\" (expected networking.istio.io/v1, v1beta1 or v1alpha3)"),
         ("apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {namespace: x}", "ServiceEntry x/<unnamed>: metadata.name: missing"),
     ];
@@ -113,4 +113,92 @@ fn unknown_fields_kinds_and_versions_are_named() {
         assert_eq!(errors.len(), 1, "{yaml}: {errors:?}");
         assert!(errors[0].starts_with(expected), "{yaml}: {errors:?}");
     }
+}
+
+const RULE: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: echo-limits, namespace: shop}
+spec:
+  host: echo
+  exportTo: ["."]
+  trafficPolicy:
+    loadBalancer: {simple: ROUND_ROBIN}
+    connectionPool:
+      tcp:
+        maxConnections: 2
+        connectTimeout: 250ms
+        idleTimeout: 1h
+        tcpKeepalive: {time: 30s, interval: 5s, probes: 3}
+        maxConnectionDuration: 10m
+      http: {http1MaxPendingRequests: 1}
+    outlierDetection:
+      consecutive5xxErrors: 7
+      consecutiveGatewayErrors: 2
+      interval: 5s
+      baseEjectionTime: 1m
+      maxEjectionPercent: 50
+"#;
+
+#[test]
+fn a_destination_rule_keeps_its_l4_settings() {
+    let translation = parse(RULE);
+    assert_eq!(translation.errors, vec![]);
+    let [rule] = translation.destination_rules.as_slice() else {
+        panic!("one rule expected: {translation:?}");
+    };
+    assert_eq!(rule.key(), "shop/echo-limits");
+    assert_eq!(rule.host, "echo.shop.svc.cluster.local");
+    assert_eq!(rule.tcp.max_connections, Some(2));
+    assert_eq!(rule.tcp.connect_timeout, Some(Duration::from_millis(250)));
+    assert_eq!(rule.tcp.tcp_keepalive_time, Some(Duration::from_secs(30)));
+    assert_eq!(
+        rule.tcp.max_connection_duration,
+        Some(Duration::from_secs(600))
+    );
+    let outlier = rule.outlier_detection.clone().unwrap();
+    // consecutiveGatewayErrors wins over consecutive5xxErrors: both count connect failures.
+    assert_eq!(outlier.consecutive_errors, 2);
+    assert_eq!(outlier.interval, Duration::from_secs(5));
+    assert_eq!(outlier.base_ejection_time, Duration::from_secs(60));
+    assert_eq!(outlier.max_ejection_percent, 50);
+    assert!(!rule.export_to.includes("other"));
+
+    let defaults = parse(
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d}\n\
+         spec: {host: echo.shop.svc.cluster.local, trafficPolicy: {outlierDetection: {}}}",
+    );
+    let rule = &defaults.destination_rules[0];
+    assert_eq!(rule.outlier_detection, Some(OutlierDetection::default()));
+    assert_eq!(rule.tcp, TcpPool::default());
+}
+
+#[test]
+fn bad_destination_rules_name_the_field() {
+    let cases: &[(&str, &str)] = &[
+        ("trafficPolicy: {}", "DestinationRule default/dr: spec.host: required"),
+        ("host: a\ntrafficPolicy: {connectionPool: {tcp: {maxConnections: 0}}}", "DestinationRule default/dr: spec.trafficPolicy.connectionPool.tcp.maxConnections: 0 is not 1 or more"),
+        ("host: a\ntrafficPolicy: {connectionPool: {tcp: {connectTimeout: 0s}}}", "DestinationRule default/dr: spec.trafficPolicy.connectionPool.tcp.connectTimeout: must be longer than 0"),
+        ("host: a\ntrafficPolicy: {outlierDetection: {consecutiveGatewayErrors: -1}}", "DestinationRule default/dr: spec.trafficPolicy.outlierDetection.consecutiveGatewayErrors: -1 is not 1 or more"),
+        ("host: a\ntrafficPolicy: {outlierDetection: {maxEjectionPercent: 101}}", "DestinationRule default/dr: spec.trafficPolicy.outlierDetection.maxEjectionPercent: 101 is not 0-100"),
+        ("host: a\ntrafficPolicy: {outlierDetection: {interval: 0s}}", "DestinationRule default/dr: spec.trafficPolicy.outlierDetection.interval: must be longer than 0"),
+        ("host: a\nworkloadSelector: {matchLabels: {app: a}}", "DestinationRule default/dr: spec.workloadSelector: client-selecting DestinationRules are not supported by the node agent"),
+    ];
+    for (spec, expected) in cases {
+        let indented: String = spec.lines().map(|line| format!("  {line}\n")).collect();
+        let yaml = format!(
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: dr}}\nspec:\n{indented}---\n{RULE}"
+        );
+        let translation = parse(&yaml);
+        let errors: Vec<String> = translation.errors.iter().map(ToString::to_string).collect();
+        assert_eq!(errors, vec![expected.to_string()], "{spec}");
+        assert_eq!(translation.destination_rules.len(), 1, "{spec}");
+    }
+    let typo = parse("apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: dr}\nspec: {host: a, trafficPolicy: {connectionPool: {tcp: {maxConection: 1}}}}");
+    assert!(
+        typo.errors[0]
+            .to_string()
+            .contains("unknown field `maxConection`"),
+        "{typo:?}"
+    );
 }

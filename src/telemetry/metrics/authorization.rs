@@ -9,13 +9,12 @@
 //! [`super::Metrics::retain_workloads`]), as the traffic series of departed workloads are.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Mutex, PoisonError};
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 
-use super::lock;
 use crate::state::Workload;
 
 /// The `policy` label when no policy decided (Istio's default allow, "no allow policy
@@ -116,14 +115,16 @@ pub(super) struct DecisionCounters {
 impl DecisionCounters {
     pub(super) fn record(&self, labels: DecisionLabels, destination_uid: &str) {
         self.decisions.get_or_create(&labels).inc();
-        lock(&self.series)
+        self.series
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
             .entry(labels)
             .or_insert_with(|| destination_uid.to_string());
     }
 
     /// Removes the series for which `stale(labels, destination uid)` holds; returns how many.
     pub(super) fn remove_where(&self, stale: impl Fn(&DecisionLabels, &str) -> bool) -> usize {
-        let mut series = lock(&self.series);
+        let mut series = self.series.lock().unwrap_or_else(PoisonError::into_inner);
         let before = series.len();
         series.retain(|labels, uid| {
             let remove = stale(labels, uid);

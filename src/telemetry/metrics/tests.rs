@@ -148,7 +148,7 @@ fn sample_value(text: &str, metric: &str, must_contain: &str) -> Option<u64> {
 
 fn info(source: &Workload) -> ConnectionInfo {
     ConnectionInfo {
-        direction: "outbound".to_string(),
+        direction: Direction::Outbound,
         src_addr: "10.0.0.1:40000".to_string(),
         dst_addr: "10.0.0.2:8080".to_string(),
         original_dst: "10.0.0.2:8080".to_string(),

@@ -1,0 +1,343 @@
+//! Client-side circuit breaking for one source pod (layer L3): DestinationRule
+//! `connectionPool.tcp.maxConnections` and `outlierDetection`, per destination service.
+//!
+//! The outbound handler asks [`Circuit::admit`] for a slot before it connects (refused at once
+//! over the limit; the slot is given back when the connection ends), tells
+//! [`Circuit::report`] whether the connect to the chosen endpoint worked, and passes
+//! [`Circuit::is_ejected`] to the route decision so load balancing skips ejected endpoints.
+//! Connect failures are the errors counted (`consecutiveGatewayErrors` /
+//! `consecutive5xxErrors`): at L4 a failed connect is what a 502/503/504 is to an HTTP proxy.
+//! Time comes from tokio's clock, so tests drive ejection and return with a paused clock.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::route::Route;
+use crate::state::traffic_policy::{DestinationRule, OutlierDetection};
+use crate::state::{Snapshot, Workload};
+use crate::telemetry::Metrics;
+
+/// A connection over a service's `maxConnections`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{open} connections to {service} are open, its DestinationRule allows {max} (connectionPool.tcp.maxConnections)")]
+pub struct OverLimit {
+    /// `namespace/hostname`.
+    pub service: String,
+    /// Open now.
+    pub open: u32,
+    /// The limit.
+    pub max: u32,
+}
+
+#[derive(Debug, Default)]
+struct EndpointHealth {
+    consecutive_failures: u32,
+    ejections: u32,
+    ejected_until: Option<Instant>,
+}
+
+/// Per-service counters and per-endpoint health of one source pod.
+#[derive(Debug, Default)]
+pub struct Circuit {
+    open: Mutex<HashMap<String, u32>>,
+    /// Service key → workload uid → health.
+    endpoints: Mutex<HashMap<String, HashMap<String, EndpointHealth>>>,
+}
+
+/// An admitted connection's place under its service's limit; given back on drop.
+#[derive(Debug)]
+pub struct ConnectionSlot {
+    circuit: Arc<Circuit>,
+    service: String,
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let mut open = lock(&self.circuit.open);
+        if let Some(count) = open.get_mut(&self.service) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                open.remove(&self.service);
+            }
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Plain counters: still consistent after a panic elsewhere.
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Circuit {
+    /// Takes a slot for a new connection to `service` (`namespace/hostname`), or refuses it
+    /// when `max` are already open.
+    pub fn admit(self: &Arc<Self>, service: &str, max: u32) -> Result<ConnectionSlot, OverLimit> {
+        let mut open = lock(&self.open);
+        let count = open.entry(service.to_string()).or_default();
+        if *count >= max {
+            return Err(OverLimit {
+                service: service.to_string(),
+                open: *count,
+                max,
+            });
+        }
+        *count += 1;
+        Ok(ConnectionSlot {
+            circuit: self.clone(),
+            service: service.to_string(),
+        })
+    }
+
+    /// Whether the endpoint `uid` of `service` is ejected now.
+    pub fn is_ejected(&self, service: &str, uid: &str, now: Instant) -> bool {
+        let endpoints = lock(&self.endpoints);
+        endpoints
+            .get(service)
+            .and_then(|service| service.get(uid))
+            .and_then(|health| health.ejected_until)
+            .is_some_and(|until| until > now)
+    }
+
+    /// Records a connect to endpoint `uid` of `service` (which has `endpoint_count`
+    /// endpoints); returns `true` when this failure ejected the endpoint.
+    pub fn report(
+        &self,
+        service: &str,
+        uid: &str,
+        connected: bool,
+        policy: &OutlierDetection,
+        endpoint_count: usize,
+        now: Instant,
+    ) -> bool {
+        let mut endpoints = lock(&self.endpoints);
+        if connected {
+            let health = endpoints
+                .get_mut(service)
+                .and_then(|service| service.get_mut(uid));
+            if let Some(health) = health {
+                health.consecutive_failures = 0;
+            }
+            return false;
+        }
+        let service = endpoints.entry(service.to_string()).or_default();
+        let ejected_now = service
+            .values()
+            .filter(|health| health.ejected_until.is_some_and(|until| until > now))
+            .count();
+        let health = service.entry(uid.to_string()).or_default();
+        if health.ejected_until.is_some_and(|until| until > now) {
+            return false;
+        }
+        health.consecutive_failures += 1;
+        if health.consecutive_failures < policy.consecutive_errors {
+            return false;
+        }
+        // Envoy's rule: maxEjectionPercent caps the ejected share, but one endpoint may always
+        // be ejected.
+        let allowed = (endpoint_count * policy.max_ejection_percent as usize / 100).max(1);
+        if ejected_now >= allowed {
+            return false;
+        }
+        health.consecutive_failures = 0;
+        health.ejections += 1;
+        let ejection = policy.base_ejection_time * health.ejections;
+        health.ejected_until = Some(now + round_up(ejection, policy.interval));
+        true
+    }
+}
+
+/// The DestinationRule in force for one outbound connection, if any, and its slot under the
+/// service's `maxConnections` (given back when the breaker drops with the connection).
+#[derive(Debug, Default)]
+pub struct Breaker {
+    rule: Option<(Arc<DestinationRule>, Arc<Circuit>)>,
+    service: String,
+    endpoint_count: usize,
+    _slot: Option<ConnectionSlot>,
+}
+
+impl Breaker {
+    /// The breaker of a connection routed by `route` (dialled port `port`) from `source`:
+    /// takes a slot when the service's rule has `maxConnections`, or refuses.
+    pub fn admit(
+        circuit: &Arc<Circuit>,
+        snapshot: &Snapshot,
+        source: &Workload,
+        route: &Route,
+        port: u16,
+    ) -> Result<Breaker, OverLimit> {
+        let service = match route {
+            Route::Hbone(route) => route.service.as_ref(),
+            Route::Passthrough(route) => route.service.as_ref(),
+        };
+        let Some(service) = service else {
+            return Ok(Breaker::default());
+        };
+        let rules = &snapshot.egress().destination_rules;
+        let Some(rule) = rules.for_service(&source.namespace, service) else {
+            return Ok(Breaker::default());
+        };
+        let key = service.key();
+        let slot = match rule.tcp.max_connections {
+            Some(max) => Some(circuit.admit(&key, max)?),
+            None => None,
+        };
+        Ok(Breaker {
+            rule: Some((rule.clone(), circuit.clone())),
+            endpoint_count: snapshot.endpoints(service, port).len(),
+            service: key,
+            _slot: slot,
+        })
+    }
+
+    /// The rule's `connectTimeout`.
+    pub fn connect_timeout(&self) -> Option<Duration> {
+        self.rule
+            .as_ref()
+            .and_then(|(rule, _)| rule.tcp.connect_timeout)
+    }
+
+    /// Records whether connecting to `endpoint` worked, for outlier detection (only when the
+    /// endpoint backs the service: a waypoint in front of it is not one of its endpoints).
+    pub fn report(&self, metrics: &Metrics, endpoint: &Workload, connected: bool) {
+        let Some((rule, circuit)) = &self.rule else {
+            return;
+        };
+        let Some(policy) = &rule.outlier_detection else {
+            return;
+        };
+        if !endpoint.services.contains_key(&self.service) {
+            return;
+        }
+        let now = Instant::now();
+        let count = self.endpoint_count;
+        if circuit.report(&self.service, &endpoint.uid, connected, policy, count, now) {
+            metrics.protection().ejected("consecutive_connect_failures");
+            tracing::warn!(
+                service = %self.service,
+                endpoint = %endpoint.uid,
+                rule = %rule.key(),
+                "endpoint ejected by outlier detection after consecutive connect failures"
+            );
+        }
+    }
+
+    /// TCP keepalive from the rule's `tcpKeepalive` on a plain upstream socket.
+    pub fn keepalive(&self, upstream: &tokio::net::TcpStream) {
+        let Some((rule, _)) = &self.rule else {
+            return;
+        };
+        let Some(time) = rule.tcp.tcp_keepalive_time else {
+            return;
+        };
+        let mut keepalive = socket2::TcpKeepalive::new().with_time(time);
+        if let Some(interval) = rule.tcp.tcp_keepalive_interval {
+            keepalive = keepalive.with_interval(interval);
+        }
+        if let Err(error) = socket2::SockRef::from(upstream).set_tcp_keepalive(&keepalive) {
+            tracing::debug!(%error, "cannot set TCP keepalive from the DestinationRule");
+        }
+    }
+
+    /// Runs `copy`, ending it after the rule's `maxConnectionDuration`.
+    pub async fn bounded(
+        &self,
+        copy: impl std::future::Future<Output = std::io::Result<()>>,
+    ) -> std::io::Result<()> {
+        let limit = self
+            .rule
+            .as_ref()
+            .and_then(|(rule, _)| rule.tcp.max_connection_duration);
+        match limit {
+            Some(limit) => tokio::time::timeout(limit, copy).await.unwrap_or(Ok(())),
+            None => copy.await,
+        }
+    }
+}
+
+/// `duration` rounded up to a whole number of `interval`s: ejections are re-examined once per
+/// interval, so an endpoint returns at the first check after its ejection time.
+fn round_up(duration: Duration, interval: Duration) -> Duration {
+    let interval_nanos = interval.as_nanos().max(1);
+    let intervals = duration.as_nanos().div_ceil(interval_nanos);
+    Duration::from_nanos(u64::try_from(intervals * interval_nanos).unwrap_or(u64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(consecutive_errors: u32, max_ejection_percent: u32) -> OutlierDetection {
+        OutlierDetection {
+            consecutive_errors,
+            interval: Duration::from_secs(10),
+            base_ejection_time: Duration::from_secs(25),
+            max_ejection_percent,
+        }
+    }
+
+    #[test]
+    fn max_connections_refuses_at_the_limit_and_frees_on_drop() {
+        let circuit = Arc::new(Circuit::default());
+        let first = circuit.admit("shop/echo", 2).unwrap();
+        let _second = circuit.admit("shop/echo", 2).unwrap();
+        let refused = circuit.admit("shop/echo", 2).unwrap_err();
+        assert_eq!((refused.open, refused.max), (2, 2));
+        // Another service has a limit of its own.
+        let _other = circuit.admit("shop/other", 2).unwrap();
+        drop(first);
+        let _third = circuit.admit("shop/echo", 2).expect("a slot came free");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn consecutive_failures_eject_for_a_growing_time_rounded_to_the_interval() {
+        let circuit = Circuit::default();
+        let policy = policy(2, 50);
+        let service = "shop/echo";
+        let now = Instant::now;
+        assert!(!circuit.report(service, "a", false, &policy, 2, now()));
+        // A success in between resets the count.
+        assert!(!circuit.report(service, "a", true, &policy, 2, now()));
+        assert!(!circuit.report(service, "a", false, &policy, 2, now()));
+        assert!(circuit.report(service, "a", false, &policy, 2, now()));
+        assert!(circuit.is_ejected(service, "a", now()));
+        assert!(!circuit.is_ejected(service, "b", now()));
+        assert!(!circuit.is_ejected("shop/other", "a", now()));
+        // 25 s rounds up to 30 s (three 10 s intervals).
+        tokio::time::advance(Duration::from_secs(29)).await;
+        assert!(circuit.is_ejected(service, "a", now()));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(!circuit.is_ejected(service, "a", now()));
+        // The second ejection lasts twice as long (50 s → 50 s).
+        assert!(!circuit.report(service, "a", false, &policy, 2, now()));
+        assert!(circuit.report(service, "a", false, &policy, 2, now()));
+        tokio::time::advance(Duration::from_secs(49)).await;
+        assert!(circuit.is_ejected(service, "a", now()));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(!circuit.is_ejected(service, "a", now()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn max_ejection_percent_caps_ejections_but_allows_one() {
+        let circuit = Circuit::default();
+        let now = Instant::now();
+        // 10 % of 3 endpoints rounds to 0, yet one may be ejected.
+        let policy = policy(1, 10);
+        assert!(circuit.report("shop/echo", "a", false, &policy, 3, now));
+        assert!(!circuit.report("shop/echo", "b", false, &policy, 3, now));
+        assert!(!circuit.is_ejected("shop/echo", "b", now));
+        // 100 %: every failing endpoint goes.
+        let all = policy_all();
+        assert!(circuit.report("shop/api", "a", false, &all, 2, now));
+        assert!(circuit.report("shop/api", "b", false, &all, 2, now));
+    }
+
+    fn policy_all() -> OutlierDetection {
+        policy(1, 100)
+    }
+}
