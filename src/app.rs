@@ -91,16 +91,19 @@ struct NodeListeners {
 }
 
 impl NodeListeners {
+    /// Readiness and metrics through [`crate::socket::bind_node_listener`] (`[::]` is
+    /// dual-stack, with an IPv4 fallback on nodes without IPv6); admin on its loopback address.
     async fn bind(listen: &ListenConfig) -> anyhow::Result<Self> {
-        let bind = |name: &'static str, address: SocketAddr| async move {
-            TcpListener::bind(address)
-                .await
+        let node = |name: &'static str, address: SocketAddr| {
+            crate::socket::bind_node_listener(address)
                 .with_context(|| format!("bind {name} {address}"))
         };
         Ok(NodeListeners {
-            readiness: bind("readiness", listen.readiness).await?,
-            admin: bind("admin", listen.admin).await?,
-            metrics: bind("metrics", listen.metrics).await?,
+            readiness: node("readiness", listen.readiness)?,
+            admin: TcpListener::bind(listen.admin)
+                .await
+                .with_context(|| format!("bind admin {}", listen.admin))?,
+            metrics: node("metrics", listen.metrics)?,
         })
     }
 }

@@ -47,6 +47,18 @@ enum Command {
         #[command(flatten)]
         overrides: OverrideArgs,
     },
+    /// Run as Istio's ztunnel is run (`args: [proxy, ztunnel]` in Istio's Helm chart): Istio
+    /// mode, configured by ztunnel's environment variables alone, as `run` without `--config`.
+    /// Variables nodetunnel does not support are reported by name at start-up.
+    Proxy {
+        /// The proxy kind; only `ztunnel` (a node agent) is supported.
+        #[arg(value_enum)]
+        kind: ProxyKind,
+        /// Where state is kept (only with `FAKE_CA=true` or no `CA_ADDRESS`: the built-in CA's
+        /// root). Istio's chart mounts a writable `/tmp` and nothing else.
+        #[arg(long, default_value = "/tmp/nodetunnel")]
+        state_dir: PathBuf,
+    },
     /// Validate a config file; prints every error and exits 64 if there are any.
     CheckConfig {
         /// The config file.
@@ -96,6 +108,13 @@ enum Command {
         #[command(subcommand)]
         command: CaCommand,
     },
+}
+
+/// What `nodetunnel proxy` runs as (Istio's `pilot-agent proxy` kinds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ProxyKind {
+    /// The node agent of Istio's ambient mode.
+    Ztunnel,
 }
 
 #[derive(Debug, Subcommand)]
@@ -219,45 +238,92 @@ fn main() -> ExitCode {
             config: path,
             state_dir,
             overrides,
+        } => run_agent(path, state_dir, overrides.into(), &logging),
+        Command::Proxy {
+            kind: ProxyKind::Ztunnel,
+            state_dir,
         } => {
-            let overrides: Overrides = overrides.into();
-            // Validate before anything binds.
-            let loaded = match &path {
-                Some(path) => config::load(path, &overrides),
-                None => config::from_environment(&overrides),
+            let overrides = Overrides {
+                env: config::env::Environment::capture(),
+                ..Overrides::default()
             };
-            let config = match loaded {
-                Ok(config) => config,
-                Err(errors) => {
-                    eprintln!("{errors}");
-                    return ExitCode::from(EXIT_CONFIG);
-                }
-            };
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .thread_name("nodetunnel")
-                .enable_all()
-                .build()
-            {
-                Ok(runtime) => runtime,
-                Err(error) => {
-                    eprintln!("error: cannot start the runtime: {error}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            let options = nodetunnel::app::RunOptions {
-                watch_config: path.is_some(),
-                state_dir,
-                overrides,
-                logging: Some(logging.control.clone()),
-            };
-            match runtime.block_on(nodetunnel::app::run(config, options)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(error) => {
-                    tracing::error!("{error:#}");
-                    eprintln!("error: {error:#}");
-                    ExitCode::FAILURE
-                }
-            }
+            run_agent(None, state_dir, overrides, &logging)
+        }
+    }
+}
+
+/// `run` and `proxy ztunnel`: reports what of the environment has no effect, raises the
+/// open-file limit, validates the config before anything binds, then runs the agent on a
+/// runtime with the worker count ztunnel's variables ask for.
+fn run_agent(
+    path: Option<PathBuf>,
+    state_dir: PathBuf,
+    overrides: Overrides,
+    logging: &telemetry::LoggingGuard,
+) -> ExitCode {
+    for unsupported in overrides.env.unsupported() {
+        tracing::warn!(variable = %unsupported.variable, "{unsupported}");
+    }
+    match nodetunnel::sys::raise_open_files_limit() {
+        Ok((old, new)) if old != new => {
+            tracing::info!(from = old, to = new, "raised the open-file limit");
+        }
+        Ok(_) => {}
+        Err(error) => tracing::warn!(%error, "cannot raise the open-file limit"),
+    }
+    let istio_mode = path.is_none();
+    // Reloads of LOCAL_XDS_PATH must start from the same Istio-mode defaults.
+    let overrides = Overrides {
+        istio_defaults: istio_mode,
+        ..overrides
+    };
+    let loaded = match &path {
+        Some(path) => config::load(path, &overrides),
+        None => config::from_environment(&overrides),
+    };
+    let config = match loaded {
+        Ok(config) => config,
+        Err(errors) => {
+            eprintln!("{errors}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    let workers = match overrides.env.worker_threads(cpus, istio_mode) {
+        Ok(workers) => workers,
+        Err(problem) => {
+            eprintln!("environment: {}: {}", problem.variable, problem.message);
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(workers) = workers {
+        builder.worker_threads(workers);
+    }
+    let runtime = match builder.thread_name("nodetunnel").enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing::info!(
+        mode = if istio_mode { "istio" } else { "config file" },
+        workers = workers.unwrap_or(cpus),
+        "starting"
+    );
+    let options = nodetunnel::app::RunOptions {
+        watch_config: path.is_some() || overrides.env.local_config_file().is_some(),
+        state_dir,
+        overrides,
+        logging: Some(logging.control.clone()),
+    };
+    match runtime.block_on(nodetunnel::app::run(config, options)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("{error:#}");
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
         }
     }
 }

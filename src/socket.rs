@@ -273,6 +273,43 @@ fn warn_unless_owned(socket: &Socket, addr: SocketAddr) {
     }
 }
 
+/// A node-level listener (metrics, readiness) on `addr` in the current namespace. The wildcard
+/// `[::]` is dual-stack, so IPv4-only, IPv6-only and dual-stack clusters can all reach it; on
+/// a node without IPv6 it falls back to `0.0.0.0` and says so.
+pub fn bind_node_listener(addr: SocketAddr) -> Result<TcpListener, SocketError> {
+    let attempt = |addr: SocketAddr| -> io::Result<TcpListener> {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        socket.set_reuse_address(true)?;
+        if addr.is_ipv6() {
+            socket.set_only_v6(false)?;
+        }
+        socket.set_nonblocking(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(LISTEN_BACKLOG)?;
+        TcpListener::from_std(socket.into())
+    };
+    let io_error = |addr, source| SocketError::Io {
+        op: "listen",
+        addr,
+        source,
+    };
+    match attempt(addr) {
+        Ok(listener) => Ok(listener),
+        Err(error)
+            if addr.ip() == IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+                && matches!(
+                    error.raw_os_error(),
+                    Some(libc::EAFNOSUPPORT | libc::EADDRNOTAVAIL)
+                ) =>
+        {
+            let v4 = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), addr.port());
+            tracing::info!(%error, listen = %v4, "IPv6 is disabled on this node; listening on IPv4 only");
+            attempt(v4).map_err(|source| io_error(v4, source))
+        }
+        Err(source) => Err(io_error(addr, source)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -112,6 +112,18 @@ pub fn original_destination(stream: &impl AsFd, local: SocketAddr) -> SocketAddr
     canonical(local)
 }
 
+/// Raises the soft limit on open files to the hard limit, as Istio's ztunnel does at start-up:
+/// every proxied connection holds two or more descriptors, and distributions start processes
+/// with a soft limit of 1024. Returns the (old, new) soft limit.
+pub fn raise_open_files_limit() -> io::Result<(u64, u64)> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(io::Error::from)?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard).map_err(io::Error::from)?;
+    }
+    Ok((soft, hard.max(soft)))
+}
+
 /// `::ffff:a.b.c.d` → `a.b.c.d`; dual-stack listeners report IPv4 peers in mapped form.
 pub fn canonical(addr: SocketAddr) -> SocketAddr {
     SocketAddr::new(canonical_ip(addr.ip()), addr.port())
@@ -227,4 +239,23 @@ pub fn register_async_fd(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<Own
     // SAFETY: an `OwnedFd` is a valid open fd that only its owner can close, and its
     // `as_raw_fd` always returns that same fd; the `AsyncFd` owns it until it is dropped.
     unsafe { tokio::io::unix::AsyncFd::register(fd) }.map_err(|error| error.into_parts().1)
+}
+
+#[cfg(test)]
+mod tests {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+
+    #[test]
+    fn the_open_file_soft_limit_is_raised_to_the_hard_limit() {
+        let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
+        // Lowered to half, not to a small number: other tests of this process open sockets.
+        let lowered = (hard / 2).max(1024).min(hard);
+        setrlimit(Resource::RLIMIT_NOFILE, lowered, hard).expect("setrlimit");
+        let (old, new) = super::raise_open_files_limit().expect("raise");
+        assert_eq!((old, new), (lowered, hard));
+        assert_eq!(
+            getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit"),
+            (hard, hard)
+        );
+    }
 }

@@ -157,12 +157,12 @@ fn harness_redirect_rules_send_outbound_tcp_to_15001() {
 #[test]
 fn log_reader_finds_access_events_and_keeps_other_lines() {
     let text = concat!(
-        r#"{"timestamp":"t","level":"INFO","fields":{"message":"connection complete","#,
+        r#"{"level":"info","time":"t","scope":"access","message":"connection complete","#,
         r#""direction":"inbound","src.identity":"spiffe://cluster.local/ns/a/sa/b","#,
-        r#""bytes_sent":12},"target":"access"}"#,
+        r#""bytes_sent":12}"#,
         "\n",
         "thread 'main' panicked at src/main.rs\n",
-        r#"{"level":"WARN","fields":{"message":"reload rejected"},"target":"nodetunnel"}"#,
+        r#"{"level":"warn","time":"t","scope":"nodetunnel","message":"reload rejected"}"#,
     );
     let log = Log::parse(text);
     let inbound = log.access("inbound");

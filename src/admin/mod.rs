@@ -87,7 +87,7 @@ async fn handle(admin: AdminState, request: Request<hyper::body::Incoming>) -> R
         (&Method::POST, "/logging") => logging(&admin, &query),
         (_, "/logging") => message(
             StatusCode::METHOD_NOT_ALLOWED,
-            "use POST /logging (current level), ?level=<directives> (e.g. info or access=debug,info), or ?reset",
+            "use POST /logging (current level), ?level=<level> or ?level=<target>=<level>,... (e.g. debug or access=debug), or ?reset",
         ),
         (_, "/explain") => explain(&admin, &query),
         (&Method::POST, "/quitquitquit") => {
@@ -113,7 +113,7 @@ fn index() -> Response<Body> {
         "nodetunnel admin\n\
          /config_dump      workloads, services, policies, certificates, pods, config\n\
          /connections      open connections\n\
-         /logging          POST: read or change the log filter (?level=..., ?reset)\n\
+         /logging          POST: read or change the log filter (?level=debug, ?level=access=debug, ?reset)\n\
          /explain          ?from=<source>&to=<destination>: the policy decision\n\
          /pods             GET list, POST ?workload=&netns= capture, DELETE ?workload= release\n\
          /quitquitquit     POST: drain and exit\n\
@@ -123,7 +123,9 @@ fn index() -> Response<Body> {
     )
 }
 
-/// `POST /logging`: no parameter reads the filter, `?level=` replaces it, `?reset` restores it.
+/// `POST /logging`, as ztunnel's: no parameter reads the filter; `?level=` adds a level or
+/// `target=level` clauses to it (400 if one does not parse); `?reset` restores the start-up
+/// filter first.
 fn logging(admin: &AdminState, query: &BTreeMap<String, String>) -> Response<Body> {
     let Some(logging) = &admin.logging else {
         return message(
@@ -131,12 +133,11 @@ fn logging(admin: &AdminState, query: &BTreeMap<String, String>) -> Response<Bod
             "logging is not controllable here",
         );
     };
-    let result = if query.contains_key("reset") {
-        logging.reset()
-    } else if let Some(level) = query.get("level") {
-        logging.set(level)
-    } else {
-        logging.current()
+    let level = query.get("level").map(String::as_str);
+    let result = match (query.contains_key("reset"), level) {
+        (true, level) => logging.reset(level),
+        (false, Some(level)) if !level.is_empty() => logging.set(level),
+        (false, _) => logging.current(),
     };
     match result {
         Ok(level) => {

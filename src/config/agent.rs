@@ -800,13 +800,15 @@ pub mod defaults {
     pub(crate) fn admin_addr() -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], ports::ADMIN))
     }
+    /// `[::]`: dual-stack, as ztunnel binds it (IPv6-only clusters probe over IPv6).
     pub(crate) fn metrics_addr() -> SocketAddr {
-        SocketAddr::from(([0, 0, 0, 0], ports::METRICS))
+        SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, ports::METRICS))
     }
     pub(crate) fn root_namespace() -> String {
         "istio-system".to_string()
     }
+    /// `[::]`, like the metrics address.
     pub(crate) fn readiness_addr() -> SocketAddr {
-        SocketAddr::from(([0, 0, 0, 0], ports::READINESS))
+        SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, ports::READINESS))
     }
 }

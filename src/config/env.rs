@@ -2,7 +2,13 @@
 //! ztunnel's environment unchanged. Precedence: config file < environment < command-line flags.
 //!
 //! The environment is captured once ([`Environment::capture`]) and then treated as data, so
-//! parsing stays pure and tests pass their own variables.
+//! parsing stays pure and tests pass their own variables. Every variable Istio's ztunnel reads
+//! is either applied here (or, for the worker count, by [`Environment::worker_threads`]) or
+//! reported by [`Environment::unsupported`]: the table is in `env/ztunnel.rs`.
+
+mod ztunnel;
+
+pub use ztunnel::{Treatment, UnsupportedVariable, PREFIXES, VARIABLES};
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -84,6 +90,9 @@ impl Environment {
         if let Some(node) = text("NODE_NAME") {
             agent.node = node;
         }
+        if let Some(network) = text("NETWORK") {
+            agent.network = network;
+        }
         if let Some(domain) = text("TRUST_DOMAIN") {
             agent.trust_domain = domain;
         }
@@ -148,6 +157,8 @@ impl Environment {
                 _ => problem("ENABLE_ORIG_SRC", format!("{value:?} is not true or false")),
             }
         }
+        self.apply_proxy_settings(agent, &mut problem);
+        self.apply_proxy_config(agent, &mut problem);
         for (name, value) in self.with_prefix("XDS_HEADER_") {
             agent
                 .xds
@@ -191,6 +202,150 @@ impl Environment {
         }
         problems
     }
+}
+
+impl Environment {
+    /// ztunnel's data-path variables: mark, pool, HTTP/2 windows, the CA and IPv6 switches.
+    fn apply_proxy_settings(
+        &self,
+        agent: &mut AgentConfig,
+        problem: &mut impl FnMut(&str, String),
+    ) {
+        if let Some(mark) = self.parsed::<u32>("PACKET_MARK", "a mark like 1337", problem) {
+            agent.proxy.packet_mark = mark;
+        }
+        let pool_streams = "a stream count from 1";
+        if let Some(streams) =
+            self.parsed::<u32>("POOL_MAX_STREAMS_PER_CONNECTION", pool_streams, problem)
+        {
+            agent.pool.max_streams_per_connection = streams;
+        }
+        if let Some(timeout) = self.get("POOL_UNUSED_RELEASE_TIMEOUT") {
+            match humantime::parse_duration(timeout) {
+                Ok(timeout) => agent.pool.idle_timeout = timeout,
+                Err(_) => problem(
+                    "POOL_UNUSED_RELEASE_TIMEOUT",
+                    format!("{timeout:?} is not a duration like 5m"),
+                ),
+            }
+        }
+        let bytes = "a size in bytes";
+        if let Some(size) = self.parsed::<u32>("HTTP2_STREAM_WINDOW_SIZE", bytes, problem) {
+            agent.proxy.stream_window = size;
+        }
+        if let Some(size) = self.parsed::<u32>("HTTP2_CONNECTION_WINDOW_SIZE", bytes, problem) {
+            agent.proxy.connection_window = size;
+        }
+        if let Some(size) = self.parsed::<u32>("HTTP2_FRAME_SIZE", bytes, problem) {
+            agent.proxy.frame_size = size;
+        }
+        // ztunnel's FAKE_CA makes its own self-signed CA; ours is the built-in CA.
+        if self.flag("FAKE_CA", problem) == Some(true) {
+            agent.ca.address = None;
+        }
+        if self.flag("IPV6_ENABLED", problem) == Some(false) {
+            for listen in [&mut agent.listen.metrics, &mut agent.listen.readiness] {
+                if listen.ip() == std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED) {
+                    listen.set_ip(std::net::Ipv4Addr::UNSPECIFIED.into());
+                }
+            }
+        }
+    }
+
+    /// The parts of `PROXY_CONFIG` ztunnel reads. `XDS_ADDRESS` wins over `discoveryAddress`,
+    /// and `ISTIO_META_*` variables over `proxyMetadata` (applied after).
+    fn apply_proxy_config(&self, agent: &mut AgentConfig, problem: &mut impl FnMut(&str, String)) {
+        let proxy_config = match self.proxy_config() {
+            Ok(Some(proxy_config)) => proxy_config,
+            Ok(None) => return,
+            Err(error) => return problem(&error.variable, error.message),
+        };
+        if let (Some(address), None) = (&proxy_config.discovery_address, self.get("XDS_ADDRESS")) {
+            agent.xds.address = Some(address.clone()).filter(|address| !address.is_empty());
+        }
+        if let Some(port) = proxy_config.proxy_admin_port {
+            agent.listen.admin.set_port(port);
+        }
+        if let Some(port) = proxy_config.stats_port {
+            agent.listen.metrics.set_port(port);
+        }
+        for (key, value) in &proxy_config.proxy_metadata {
+            let key = key.strip_prefix("ISTIO_META_").unwrap_or(key);
+            // ztunnel reads DNS_CAPTURE from the merged metadata; the variable wins.
+            if key == "DNS_CAPTURE" && self.get("ISTIO_META_DNS_CAPTURE").is_none() {
+                agent.dns.enabled = value.eq_ignore_ascii_case("true");
+            }
+            agent
+                .istio
+                .metadata
+                .insert(key.to_string(), serde_json::Value::String(value.clone()));
+        }
+    }
+
+    /// A variable parsed with `FromStr`; a bad value is a problem naming `expected`.
+    fn parsed<T: std::str::FromStr>(
+        &self,
+        name: &str,
+        expected: &str,
+        problem: &mut impl FnMut(&str, String),
+    ) -> Option<T> {
+        let value = self.get(name)?;
+        match value.trim().parse() {
+            Ok(parsed) => Some(parsed),
+            Err(_) => {
+                problem(name, format!("{value:?} is not {expected}"));
+                None
+            }
+        }
+    }
+
+    /// A boolean variable (`true`/`false`/`1`/`0`); unset or empty is `None`.
+    fn flag(&self, name: &str, problem: &mut impl FnMut(&str, String)) -> Option<bool> {
+        let value = self.get(name).filter(|value| !value.is_empty())?;
+        match value.to_ascii_lowercase().as_str() {
+            "true" | "1" => Some(true),
+            "false" | "0" => Some(false),
+            _ => {
+                problem(name, format!("{value:?} is not true or false"));
+                None
+            }
+        }
+    }
+
+    /// The local config file of Istio mode (`LOCAL_XDS_PATH`), which the agent watches.
+    pub fn local_config_file(&self) -> Option<std::path::PathBuf> {
+        match self.local_config() {
+            Ok(LocalConfig::File(path)) => Some(path),
+            _ => None,
+        }
+    }
+
+    /// Where the Istio-mode local config comes from (`LOCAL_XDS_PATH` or `LOCAL_XDS`, as in
+    /// ztunnel; both at once is a problem).
+    pub(crate) fn local_config(&self) -> Result<LocalConfig, EnvProblem> {
+        let path = self.get("LOCAL_XDS_PATH").filter(|path| !path.is_empty());
+        let inline = self.get("LOCAL_XDS").filter(|text| !text.is_empty());
+        match (path, inline) {
+            (Some(_), Some(_)) => Err(EnvProblem {
+                variable: "LOCAL_XDS".to_string(),
+                message: "only one of LOCAL_XDS_PATH or LOCAL_XDS may be set".to_string(),
+            }),
+            (Some(path), None) => Ok(LocalConfig::File(path.into())),
+            (None, Some(text)) => Ok(LocalConfig::Inline(text.to_string())),
+            (None, None) => Ok(LocalConfig::None),
+        }
+    }
+}
+
+/// The local config (workloads, services, policies) of an agent started without `--config`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum LocalConfig {
+    /// Only istiod's.
+    None,
+    /// `LOCAL_XDS_PATH`: a file, watched like `--config`.
+    File(std::path::PathBuf),
+    /// `LOCAL_XDS`: the text itself.
+    Inline(String),
 }
 
 /// Istio's drain deadline rule: `CONNECTION_TERMINATION_DEADLINE` if set; else from

@@ -208,13 +208,27 @@ impl fmt::Display for ConfigErrors {
 }
 
 /// The configuration of an agent started without a config file (Istio mode): Istio-mode
-/// defaults, then the environment and flags in `overrides`.
+/// defaults, then the environment and flags in `overrides`. Workloads, services and policies
+/// come from istiod, plus ztunnel's local config if `LOCAL_XDS_PATH` (a file, read like a
+/// config file) or `LOCAL_XDS` (the text) is set.
 pub fn from_environment(overrides: &Overrides) -> Result<Config, ConfigErrors> {
     let overrides = Overrides {
         istio_defaults: true,
         ..overrides.clone()
     };
-    parse(Path::new("environment"), "", &overrides)
+    let environment = Path::new("environment");
+    match overrides.env.local_config() {
+        Ok(env::LocalConfig::None) => parse(environment, "", &overrides),
+        Ok(env::LocalConfig::Inline(text)) => parse(Path::new("LOCAL_XDS"), &text, &overrides),
+        Ok(env::LocalConfig::File(path)) => load(&path, &overrides),
+        Err(problem) => Err(ConfigErrors(vec![ConfigError {
+            file: environment.to_path_buf(),
+            line: 0,
+            column: 0,
+            field: problem.variable.clone(),
+            message: format!("{}: {}", problem.variable, problem.message),
+        }])),
+    }
 }
 
 /// Reads and parses the config file at `path`, then the policy directories it names.

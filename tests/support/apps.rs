@@ -43,7 +43,8 @@ pub struct Counters {
     pub received: Mutex<Vec<u8>>,
 }
 
-/// A TCP echo server bound to `0.0.0.0:<port>` inside a pod namespace; stops on drop.
+/// A TCP echo server bound to `[::]:<port>` (IPv4 and IPv6) inside a pod namespace; stops on
+/// drop. Peers are recorded in their plain form (`10.0.0.1`, not `::ffff:10.0.0.1`).
 pub struct EchoServer {
     /// Shared counters.
     pub counters: Arc<Counters>,
@@ -59,7 +60,8 @@ impl EchoServer {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (thread_counters, thread_stop) = (counters.clone(), stop.clone());
         let handle = topology.spawn_in(role, move || -> Result<()> {
-            let listener = match TcpListener::bind(("0.0.0.0", port)) {
+            // `[::]` is dual-stack: IPv4 and IPv6 clients (IPv4 ones as mapped addresses).
+            let listener = match TcpListener::bind(("::", port)) {
                 Ok(listener) => listener,
                 Err(error) => {
                     let _ = ready_tx.send(Err(anyhow::anyhow!("bind :{port}: {error}")));
@@ -135,7 +137,7 @@ fn serve(
                     .peers
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .push(peer);
+                    .push(SocketAddr::new(canonical(peer.ip()), peer.port()));
                 let (reply, counters) = (reply.clone(), counters.clone());
                 handlers.push(std::thread::spawn(move || handle(stream, reply, counters)));
             }
@@ -242,4 +244,14 @@ pub fn payload(marker: &[u8], len: usize, seed: u64) -> Vec<u8> {
     }
     data.truncate(len.max(marker.len()));
     data
+}
+
+/// `::ffff:a.b.c.d` as `a.b.c.d`: how a dual-stack listener reports an IPv4 peer.
+fn canonical(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip {
+        std::net::IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4),
+        v4 => v4,
+    }
 }

@@ -1,5 +1,5 @@
-//! Reader for the agent's JSON logs (`--log-format json`, tracing-subscriber's JSON layout):
-//! one object per line, `{"timestamp", "level", "fields": {"message", ...}, "target", ...}`.
+//! Reader for the agent's JSON logs (`--log-format json`, Istio's layout as ztunnel writes it):
+//! one object per line, `{"level": "info", "time", "scope", "message", <fields>...}`.
 //! Lines that are not JSON (a panic message, say) are kept as raw text for failure reports.
 
 use std::path::Path;
@@ -9,13 +9,13 @@ use serde_json::{Map, Value};
 /// One log event.
 #[derive(Debug, Clone)]
 pub struct LogEvent {
-    /// `INFO`, `WARN`, ...
+    /// `INFO`, `WARN`, ... (upper-cased from the line's `level`).
     pub level: String,
-    /// The tracing target (`access` for access-log events).
+    /// The line's `scope`: the tracing target (`access` for access-log events).
     pub target: String,
-    /// `fields.message`.
+    /// `message`.
     pub message: String,
-    /// All of `fields`, including `message`.
+    /// Every key but `level`, `time` and `scope`, including `message`.
     pub fields: Map<String, Value>,
     /// The whole line, for error messages.
     pub raw: String,
@@ -100,19 +100,27 @@ impl Log {
     }
 }
 
+/// Istio's layout: `level`, `time`, `scope` and the event's fields at the top level, span fields
+/// as objects under the span's name.
 fn parse_line(line: &str) -> Option<LogEvent> {
     let value: Value = serde_json::from_str(line).ok()?;
-    let object = value.as_object()?;
-    let fields = object
-        .get("fields")
-        .and_then(Value::as_object)
-        .cloned()
-        .unwrap_or_default();
-    let text = |value: Option<&Value>| value.and_then(Value::as_str).unwrap_or("").to_string();
+    let mut fields = value.as_object()?.clone();
+    let mut take = |key: &str| match fields.remove(key) {
+        Some(Value::String(text)) => text,
+        _ => String::new(),
+    };
+    let level = take("level").to_ascii_uppercase();
+    let target = take("scope");
+    take("time");
+    let message = fields
+        .get("message")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
     Some(LogEvent {
-        level: text(object.get("level")),
-        target: text(object.get("target")),
-        message: text(fields.get("message")),
+        level,
+        target,
+        message,
         fields,
         raw: line.to_string(),
     })

@@ -7,12 +7,17 @@
 //!   route to the pod's `/32`), and per linked node a veth `l-<other>` with `10.199.<k>.1|2/24`
 //!   and a route to the other node's pod subnet `10.200.<n>.0/24` across it.
 //!
+//! IPv6 (on request, [`Topology::enable_ipv6`] and [`Topology::add_pod_ipv6`]): pod `j` of node `i`
+//! gets `fd00:200:<i>::<j>/128` with gateway `fd00:200:<i>::1`, links get `fd00:199:<k>::1|2/64` and
+//! routes to the other node's `fd00:200:<n>::/64`. Addresses are added with `nodad`, so they are
+//! usable at once (no duplicate address detection delay).
+//!
 //! Nothing leaves these namespaces: no interface is connected to the host's namespace, and nodes
 //! have no default route.
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::thread::JoinHandle;
@@ -41,8 +46,12 @@ pub struct Pod {
     pub netns: String,
     /// The node it hangs off.
     pub node: String,
-    /// Its address on `eth0`.
+    /// Its IPv4 address on `eth0` (configured only if `ipv4`).
     pub ip: Ipv4Addr,
+    /// Whether `ip` is configured (false for an IPv6-only pod).
+    pub ipv4: bool,
+    /// Its IPv6 address on `eth0`, if it has one.
+    pub ip6: Option<Ipv6Addr>,
 }
 
 /// A link between two nodes.
@@ -195,6 +204,8 @@ impl Topology {
             netns,
             node: node_role.to_string(),
             ip,
+            ipv4: true,
+            ip6: None,
         };
         Ok(self.pods.entry(role.to_string()).or_insert(pod))
     }
@@ -248,6 +259,104 @@ impl Topology {
         };
         self.links.push(link.clone());
         Ok(link)
+    }
+
+    /// IPv6 between the nodes: forwarding on every node, and on every link so far an IPv6
+    /// address per end and a route to the other node's IPv6 pod range. Call after the links.
+    pub fn enable_ipv6(&mut self) -> Result<()> {
+        for node in self.nodes.values() {
+            self.exec(
+                &node.netns,
+                &["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"],
+            )?;
+        }
+        for (subnet, link) in self.links.iter().enumerate() {
+            let subnet = subnet + 1;
+            let ends = [
+                (&link.ends.0, &link.interfaces.0, 1, &link.ends.1, 2),
+                (&link.ends.1, &link.interfaces.1, 2, &link.ends.0, 1),
+            ];
+            for (node, interface, host, other, other_host) in ends {
+                let netns = &self.node(node).netns;
+                let address = format!("fd00:199:{subnet}::{host}/64");
+                let via = format!("fd00:199:{subnet}::{other_host}");
+                let other_range = format!("fd00:200:{}::/64", self.node(other).index);
+                self.exec(
+                    netns,
+                    &[
+                        "ip", "-6", "addr", "add", &address, "dev", interface, "nodad",
+                    ],
+                )?;
+                self.exec(
+                    netns,
+                    &["ip", "-6", "route", "add", &other_range, "via", &via],
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds a pod like [`Topology::add_pod`] that also has an IPv6 address (see the module
+    /// header); with `keep_ipv4` false its IPv4 address and routes are removed, so it is
+    /// IPv6-only.
+    pub fn add_pod_ipv6(&mut self, node_role: &str, role: &str, keep_ipv4: bool) -> Result<&Pod> {
+        let pod = self.add_pod(node_role, role)?.clone();
+        let node = self.node(node_role).clone();
+        let host = pod.ip.octets()[3];
+        let ip6 = Ipv6Addr::new(
+            0xfd00,
+            0x200,
+            u16::from(node.index),
+            0,
+            0,
+            0,
+            0,
+            u16::from(host),
+        );
+        let gateway = Ipv6Addr::new(0xfd00, 0x200, u16::from(node.index), 0, 0, 0, 0, 1);
+        let (pod_cidr, gateway_cidr) = (format!("{ip6}/128"), format!("{gateway}/128"));
+        let gateway_text = gateway.to_string();
+        if !keep_ipv4 {
+            self.exec(&pod.netns, &["ip", "-4", "route", "flush", "dev", "eth0"])?;
+            self.exec(&pod.netns, &["ip", "-4", "addr", "flush", "dev", "eth0"])?;
+        }
+        for step in [
+            vec!["ip", "-6", "addr", "add", &pod_cidr, "dev", "eth0", "nodad"],
+            vec!["ip", "-6", "route", "add", &gateway_text, "dev", "eth0"],
+            vec![
+                "ip",
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &gateway_text,
+                "dev",
+                "eth0",
+            ],
+        ] {
+            self.exec(&pod.netns, &step)?;
+        }
+        let node_side = interface_name("v-", role);
+        for step in [
+            vec![
+                "ip",
+                "-6",
+                "addr",
+                "add",
+                &gateway_cidr,
+                "dev",
+                &node_side,
+                "nodad",
+            ],
+            vec!["ip", "-6", "route", "add", &pod_cidr, "dev", &node_side],
+        ] {
+            self.exec(&node.netns, &step)?;
+        }
+        let entry = self.pods.get_mut(role).context("pod just added")?;
+        entry.ip6 = Some(ip6);
+        entry.ipv4 = keep_ipv4;
+        Ok(entry)
     }
 
     /// The node with this role.
