@@ -6,7 +6,7 @@
 # local corpus (fuzz/corpus/<target>, git-ignored, where new inputs go). Every target runs even
 # after one fails; the script exits 1 if any crashed, leaked, ran out of memory or hung for
 # more than 10 s on one input (the input is saved under fuzz/artifacts/<target>/).
-# Needs the nightly toolchain and `cargo install cargo-fuzz`.
+# Needs the nightly toolchain and `cargo install cargo-fuzz`. FUZZ_BUILD_FLAGS: see below.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,9 +23,17 @@ else
 fi
 
 # Build once, then run the binaries: `cargo fuzz run` would rebuild whenever src/ changed in
-# between, eating the time budget of the targets after it.
-cargo +nightly fuzz build
-bin="fuzz/target/$(rustc +nightly -vV | sed -n 's/^host: //p')/release"
+# between, eating the time budget of the targets after it. FUZZ_BUILD_FLAGS go to
+# `cargo fuzz build` (e.g. `--dev`: unoptimised, much quicker to build, slower to run).
+read -r -a build_flags <<<"${FUZZ_BUILD_FLAGS:-}"
+started=$SECONDS
+cargo +nightly fuzz build "${build_flags[@]}"
+echo "fuzz.sh: built in $((SECONDS - started))s"
+profile=release
+for flag in "${build_flags[@]}"; do
+  [[ $flag == --dev || $flag == -D ]] && profile=debug
+done
+bin="fuzz/target/$(rustc +nightly -vV | sed -n 's/^host: //p')/$profile"
 failed=()
 for target in "${targets[@]}"; do
   echo "fuzz.sh: $target for ${seconds}s"
