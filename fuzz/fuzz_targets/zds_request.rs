@@ -10,7 +10,7 @@
 use std::os::fd::OwnedFd;
 
 use libfuzzer_sys::fuzz_target;
-use nodetunnel::capture::zds::proto::decode_response;
+use nodetunnel::capture::zds::proto::{decode_response, Nack};
 use nodetunnel::capture::zds::{decode_request, encode_response, Request};
 
 fuzz_target!(|data: &[u8]| {
@@ -39,7 +39,7 @@ fuzz_target!(|data: &[u8]| {
     let answer = decode_response(&encode_response(nack.as_deref())).expect("our response decodes");
     match (nack, answer) {
         (None, Ok(())) => {}
-        (Some(reason), Err(text)) => {
+        (Some(reason), Err(Nack(text))) => {
             assert!(!text.is_empty(), "a NACK must not read as an ACK");
             if !reason.is_empty() {
                 assert_eq!(text, reason);

@@ -92,30 +92,9 @@ where
     H: Fn(Request<RecvStream>, SendResponse<Bytes>) -> F,
     F: Future<Output = ()> + Send + 'static,
 {
-    let expiry = async {
-        match limits.valid_until {
-            Some(at) => {
-                let left = at
-                    .duration_since(std::time::SystemTime::now())
-                    .unwrap_or_default();
-                tokio::time::sleep(left).await;
-            }
-            None => std::future::pending().await,
-        }
-    };
+    let expiry = expiry(limits.valid_until);
     tokio::pin!(expiry);
-    let handshake = h2::server::Builder::new()
-        .initial_window_size(settings.stream_window)
-        .initial_connection_window_size(settings.connection_window)
-        .max_frame_size(settings.frame_size)
-        .max_header_list_size(settings.max_header_list_size)
-        .max_concurrent_streams(settings.max_concurrent_streams)
-        .max_send_buffer_size(SERVER_SEND_BUFFER)
-        .handshake::<_, Bytes>(io);
-    let mut connection = tokio::time::timeout_at(limits.first_stream_by, handshake)
-        .await
-        .map_err(|_| ServerError::FirstStreamTimeout)?
-        .map_err(ServerError::Handshake)?;
+    let mut connection = handshake(io, settings, limits.first_stream_by).await?;
     let keepalive = super::keepalive(connection.ping_pong(), settings.keepalive());
     tokio::pin!(keepalive);
     let handlers = Handlers::new(settings.max_concurrent_streams);
@@ -130,19 +109,10 @@ where
     loop {
         tokio::select! {
             next = connection.accept() => match next {
-                Some(Ok((request, mut respond))) => {
+                Some(Ok((request, respond))) => {
                     any_stream = true;
                     idle_armed = false;
-                    match handlers.slot() {
-                        Some(slot) => {
-                            // A combinator, not an async block, which would hold the handler
-                            // twice (see `Drain::spawn`).
-                            drain.spawn(handle(request, respond).map(move |()| drop(slot)));
-                        }
-                        // REFUSED_STREAM tells the client nothing was done, so it may retry
-                        // (RFC 9113 §8.7).
-                        None => respond.send_reset(h2::Reason::REFUSED_STREAM),
-                    }
+                    dispatch(&handlers, drain, &handle, request, respond);
                 }
                 Some(Err(error)) => {
                     tracing::debug!(%error, "HBONE server connection error");
@@ -160,20 +130,9 @@ where
                 if closing_idle {
                     break;
                 }
-                if any_stream {
-                    tracing::debug!(timeout = ?settings.idle_timeout, "HBONE connection idle; closing it");
-                } else {
-                    tracing::debug!("no HBONE stream before the connection's deadline; closing it");
-                }
-                connection.graceful_shutdown();
                 goaway_sent = true;
                 closing_idle = true;
-                idle.as_mut().reset(Instant::now() + CLOSE_GRACE);
-                if !any_stream {
-                    // Let h2 write the GOAWAY, then report why the connection ended.
-                    let _ = tokio::time::timeout(CLOSE_GRACE, connection.accept()).await;
-                    return Err(ServerError::FirstStreamTimeout);
-                }
+                close_idle(&mut connection, idle.as_mut(), any_stream, settings.idle_timeout).await?;
             }
             _ = drain.draining(), if !goaway_sent => {
                 connection.graceful_shutdown();
@@ -193,6 +152,90 @@ where
             }
             _ = drain.forced() => break,
         }
+    }
+    Ok(())
+}
+
+/// Completes once `valid_until` has passed; never without one.
+async fn expiry(valid_until: Option<std::time::SystemTime>) {
+    match valid_until {
+        Some(at) => {
+            let left = at
+                .duration_since(std::time::SystemTime::now())
+                .unwrap_or_default();
+            tokio::time::sleep(left).await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// The HTTP/2 preface counts against the first-stream deadline.
+async fn handshake<IO>(
+    io: IO,
+    settings: &H2Settings,
+    first_stream_by: Instant,
+) -> Result<h2::server::Connection<IO, Bytes>, ServerError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    let handshake = h2::server::Builder::new()
+        .initial_window_size(settings.stream_window)
+        .initial_connection_window_size(settings.connection_window)
+        .max_frame_size(settings.frame_size)
+        .max_header_list_size(settings.max_header_list_size)
+        .max_concurrent_streams(settings.max_concurrent_streams)
+        .max_send_buffer_size(SERVER_SEND_BUFFER)
+        .handshake::<_, Bytes>(io);
+    tokio::time::timeout_at(first_stream_by, handshake)
+        .await
+        .map_err(|_| ServerError::FirstStreamTimeout)?
+        .map_err(ServerError::Handshake)
+}
+
+fn dispatch<H, F>(
+    handlers: &Handlers,
+    drain: &Drain,
+    handle: &H,
+    request: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+) where
+    H: Fn(Request<RecvStream>, SendResponse<Bytes>) -> F,
+    F: Future<Output = ()> + Send + 'static,
+{
+    match handlers.slot() {
+        Some(slot) => {
+            // A combinator, not an async block, which would hold the handler
+            // twice (see `Drain::spawn`).
+            drain.spawn(handle(request, respond).map(move |()| drop(slot)));
+        }
+        // REFUSED_STREAM tells the client nothing was done, so it may retry
+        // (RFC 9113 §8.7).
+        None => respond.send_reset(h2::Reason::REFUSED_STREAM),
+    }
+}
+
+/// Sends GOAWAY and re-arms `idle` for the grace period. A connection that never had a stream
+/// ends here, with [`ServerError::FirstStreamTimeout`], so the caller learns why.
+async fn close_idle<IO>(
+    connection: &mut h2::server::Connection<IO, Bytes>,
+    idle: std::pin::Pin<&mut tokio::time::Sleep>,
+    any_stream: bool,
+    idle_timeout: Duration,
+) -> Result<(), ServerError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    if any_stream {
+        tracing::debug!(timeout = ?idle_timeout, "HBONE connection idle; closing it");
+    } else {
+        tracing::debug!("no HBONE stream before the connection's deadline; closing it");
+    }
+    connection.graceful_shutdown();
+    idle.reset(Instant::now() + CLOSE_GRACE);
+    if !any_stream {
+        // Let h2 write the GOAWAY, then report why the connection ended.
+        let _ = tokio::time::timeout(CLOSE_GRACE, connection.accept()).await;
+        return Err(ServerError::FirstStreamTimeout);
     }
     Ok(())
 }

@@ -173,15 +173,7 @@ pub fn workload(raw: wl::Workload) -> Result<Workload, FieldError> {
     let service_account = or_default(&raw.service_account, DEFAULT_SERVICE_ACCOUNT).to_string();
     let identity = Identity::new(&trust_domain, &namespace, &service_account)
         .map_err(|error| invalid("workload.service_account", error.to_string()))?;
-    let mut workload_ips = Vec::with_capacity(raw.addresses.len());
-    for (index, bytes) in raw.addresses.iter().enumerate() {
-        workload_ips.push(ip(&format!("workload.addresses[{index}]"), bytes)?);
-    }
-    // Host-network workloads share the node's IP with every other host-network pod; indexing
-    // them by it would send traffic for the node to one of them.
-    if raw.network_mode == wl::NetworkMode::HostNetwork as i32 {
-        workload_ips.clear();
-    }
+    let workload_ips = workload_ips(&raw.addresses, raw.network_mode)?;
     let protocol = if raw.tunnel_protocol == wl::TunnelProtocol::Hbone as i32 {
         TunnelProtocol::Hbone
     } else {
@@ -193,44 +185,8 @@ pub fn workload(raw: wl::Workload) -> Result<Workload, FieldError> {
         .waypoint
         .map(|gateway| gateway_address("workload.waypoint", gateway))
         .transpose()?;
-    let application_tunnel = raw
-        .application_tunnel
-        .map(|tunnel| -> Result<ApplicationTunnel, FieldError> {
-            let protocol = match wl::application_tunnel::Protocol::try_from(tunnel.protocol) {
-                Ok(wl::application_tunnel::Protocol::None) => ApplicationTunnelProtocol::None,
-                Ok(wl::application_tunnel::Protocol::Proxy) => ApplicationTunnelProtocol::Proxy,
-                Err(_) => {
-                    return Err(invalid(
-                        "workload.application_tunnel.protocol",
-                        format!("unknown protocol {}", tunnel.protocol),
-                    ))
-                }
-            };
-            let port = port("workload.application_tunnel.port", tunnel.port)?;
-            Ok(ApplicationTunnel {
-                protocol,
-                port: Some(port).filter(|port| *port != 0),
-            })
-        })
-        .transpose()?;
-    let mut services = BTreeMap::new();
-    for (key, list) in raw.services {
-        let field = format!("workload.services[{key:?}]");
-        check_service_key(&key).map_err(|error| invalid(&field, error.to_string()))?;
-        let mut ports = BTreeMap::new();
-        for (index, entry) in list.ports.iter().enumerate() {
-            let service_port = nonzero_port(
-                &format!("{field}.ports[{index}].service_port"),
-                entry.service_port,
-            )?;
-            let target_port = port(
-                &format!("{field}.ports[{index}].target_port"),
-                entry.target_port,
-            )?;
-            ports.insert(service_port, target_port);
-        }
-        services.insert(key, ports);
-    }
+    let application_tunnel = raw.application_tunnel.map(application_tunnel).transpose()?;
+    let services = workload_services(raw.services)?;
     let workload_type = wl::WorkloadType::try_from(raw.workload_type)
         .map(|kind| kind.as_str_name().to_ascii_lowercase())
         .unwrap_or_else(|_| "unknown".to_string());
@@ -262,6 +218,61 @@ pub fn workload(raw: wl::Workload) -> Result<Workload, FieldError> {
             HealthStatus::Healthy
         },
     })
+}
+
+fn workload_ips(addresses: &[Vec<u8>], network_mode: i32) -> Result<Vec<IpAddr>, FieldError> {
+    let mut workload_ips = Vec::with_capacity(addresses.len());
+    for (index, bytes) in addresses.iter().enumerate() {
+        workload_ips.push(ip(&format!("workload.addresses[{index}]"), bytes)?);
+    }
+    // Host-network workloads share the node's IP with every other host-network pod; indexing
+    // them by it would send traffic for the node to one of them.
+    if network_mode == wl::NetworkMode::HostNetwork as i32 {
+        workload_ips.clear();
+    }
+    Ok(workload_ips)
+}
+
+fn application_tunnel(tunnel: wl::ApplicationTunnel) -> Result<ApplicationTunnel, FieldError> {
+    let protocol = match wl::application_tunnel::Protocol::try_from(tunnel.protocol) {
+        Ok(wl::application_tunnel::Protocol::None) => ApplicationTunnelProtocol::None,
+        Ok(wl::application_tunnel::Protocol::Proxy) => ApplicationTunnelProtocol::Proxy,
+        Err(_) => {
+            return Err(invalid(
+                "workload.application_tunnel.protocol",
+                format!("unknown protocol {}", tunnel.protocol),
+            ))
+        }
+    };
+    let port = port("workload.application_tunnel.port", tunnel.port)?;
+    Ok(ApplicationTunnel {
+        protocol,
+        port: Some(port).filter(|port| *port != 0),
+    })
+}
+
+fn workload_services(
+    raw: std::collections::HashMap<String, wl::PortList>,
+) -> Result<BTreeMap<String, BTreeMap<u16, u16>>, FieldError> {
+    let mut services = BTreeMap::new();
+    for (key, list) in raw {
+        let field = format!("workload.services[{key:?}]");
+        check_service_key(&key).map_err(|error| invalid(&field, error.to_string()))?;
+        let mut ports = BTreeMap::new();
+        for (index, entry) in list.ports.iter().enumerate() {
+            let service_port = nonzero_port(
+                &format!("{field}.ports[{index}].service_port"),
+                entry.service_port,
+            )?;
+            let target_port = port(
+                &format!("{field}.ports[{index}].target_port"),
+                entry.target_port,
+            )?;
+            ports.insert(service_port, target_port);
+        }
+        services.insert(key, ports);
+    }
+    Ok(services)
 }
 
 fn network_address(field: &str, raw: wl::NetworkAddress) -> Result<NetworkAddress, FieldError> {

@@ -188,7 +188,7 @@ impl CniConnection {
             .with_context(|| format!("answer to {what}"))?;
         let answer = match decode_response(&response) {
             Some(Ok(())) => Answer::Ack,
-            Some(Err(reason)) => Answer::Nack(reason),
+            Some(Err(nack)) => Answer::Nack(nack.0),
             None => bail!("the answer to {what} is not a WorkloadResponse with an ack"),
         };
         self.answers.push((what.to_string(), answer.clone()));

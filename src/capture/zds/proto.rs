@@ -305,16 +305,24 @@ pub fn encode_response(nack: Option<&str>) -> Vec<u8> {
     prost::Message::encode_to_vec(&response)
 }
 
+/// A NACK: the agent refused a request. Displays as the reason, unchanged.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Nack(
+    /// The reason the agent gave; never empty (an empty one would read as an ACK).
+    pub String,
+);
+
 /// Decodes a response, as istio-cni does (used by the fake istio-cni of the tests and by the
-/// fuzz target): `Some(Ok(()))` for an ACK, `Some(Err(reason))` for a NACK, `None` if the bytes
+/// fuzz target): `Some(Ok(()))` for an ACK, `Some(Err(nack))` for a NACK, `None` if the bytes
 /// are not a response with an ack.
-pub fn decode_response(bytes: &[u8]) -> Option<Result<(), String>> {
+pub fn decode_response(bytes: &[u8]) -> Option<Result<(), Nack>> {
     let response = <WorkloadResponse as prost::Message>::decode(bytes).ok()?;
     let workload_response::Payload::Ack(ack) = response.payload?;
     Some(if ack.error.is_empty() {
         Ok(())
     } else {
-        Err(ack.error)
+        Err(Nack(ack.error))
     })
 }
 

@@ -211,7 +211,7 @@ fn responses_round_trip_and_never_encode_an_empty_nack() {
     assert_eq!(decode_response(&encode_response(None)), Some(Ok(())));
     assert_eq!(
         decode_response(&encode_response(Some("bad fd"))),
-        Some(Err("bad fd".to_string()))
+        Some(Err(Nack("bad fd".to_string())))
     );
     assert_eq!(decode_response(&[]), None, "no ack");
     assert_eq!(decode_response(&[0xff]), None, "not protobuf");

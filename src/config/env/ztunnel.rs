@@ -422,7 +422,7 @@ impl Environment {
         if let Some(value) = self.get("ZTUNNEL_WORKER_THREADS") {
             return worker_count(value, || self.cpu_limit(available_cpus))
                 .map(Some)
-                .map_err(|message| problem("ZTUNNEL_WORKER_THREADS", message));
+                .map_err(|error| problem("ZTUNNEL_WORKER_THREADS", error.to_string()));
         }
         if let Some(concurrency) = self.proxy_config()?.and_then(|config| config.concurrency) {
             let threads = if concurrency == 0 {
@@ -446,11 +446,11 @@ impl Environment {
         ))
     }
 
-    fn cpu_limit(&self, available_cpus: usize) -> Result<usize, String> {
+    fn cpu_limit(&self, available_cpus: usize) -> Result<usize, CpuValueError> {
         match self.get("ZTUNNEL_CPU_LIMIT") {
             None => Ok(available_cpus),
             Some(value) => {
-                parse_cpus(value).map_err(|message| format!("ZTUNNEL_CPU_LIMIT: {message}"))
+                parse_cpus(value).map_err(|error| CpuValueError::CpuLimit(Box::new(error)))
             }
         }
     }
@@ -458,44 +458,61 @@ impl Environment {
     fn cpu_quantity(&self, name: &str) -> Result<Option<usize>, EnvProblem> {
         self.get(name)
             .map(|value| {
-                parse_cpus(value).map_err(|message| EnvProblem {
+                parse_cpus(value).map_err(|error| EnvProblem {
                     variable: name.to_string(),
-                    message,
+                    message: error.to_string(),
                 })
             })
             .transpose()
     }
 }
 
+/// Why a CPU count or worker count was refused. The messages end up in [`EnvProblem`], in front
+/// of operators, so they quote the value as it was given.
+#[derive(Debug, thiserror::Error)]
+enum CpuValueError {
+    /// Neither whole cores nor millicores, or zero.
+    #[error("{0:?} is not a CPU count like 2 or 1500m")]
+    NotCpuCount(String),
+    /// `ZTUNNEL_CPU_LIMIT` is invalid; a worker percentage needs it.
+    #[error("ZTUNNEL_CPU_LIMIT: {0}")]
+    CpuLimit(Box<CpuValueError>),
+    /// A `%` suffix after something that is not a number.
+    #[error("{0:?} is not a percentage like 50%")]
+    NotPercentage(String),
+    /// A percentage of 0 or below, or above 100.
+    #[error("{0:?}: the percentage must be above 0 and at most 100")]
+    PercentageOutOfRange(String),
+    /// Neither a whole number from 1 nor a percentage.
+    #[error("{0:?} is not a worker count (a whole number from 1, or a percentage like 50%)")]
+    NotWorkerCount(String),
+}
+
 /// `ZTUNNEL_WORKER_THREADS`: a whole number, or a percentage of the CPU count.
 fn worker_count(
     value: &str,
-    cpus: impl FnOnce() -> Result<usize, String>,
-) -> Result<usize, String> {
+    cpus: impl FnOnce() -> Result<usize, CpuValueError>,
+) -> Result<usize, CpuValueError> {
     if let Some(percent) = value.strip_suffix('%') {
         let percent: f64 = percent
             .trim()
             .parse()
-            .map_err(|_| format!("{value:?} is not a percentage like 50%"))?;
+            .map_err(|_| CpuValueError::NotPercentage(value.to_string()))?;
         if !(percent > 0.0 && percent <= 100.0) {
-            return Err(format!(
-                "{value:?}: the percentage must be above 0 and at most 100"
-            ));
+            return Err(CpuValueError::PercentageOutOfRange(value.to_string()));
         }
         let threads = (cpus()? as f64 * percent / 100.0).ceil() as usize;
         return Ok(threads.max(1));
     }
     match value.trim().parse::<usize>() {
-        Ok(0) | Err(_) => Err(format!(
-            "{value:?} is not a worker count (a whole number from 1, or a percentage like 50%)"
-        )),
+        Ok(0) | Err(_) => Err(CpuValueError::NotWorkerCount(value.to_string())),
         Ok(threads) => Ok(threads),
     }
 }
 
 /// A CPU count as the downward API writes it: whole cores (`2`), or millicores (`1500m`, rounded
 /// up to whole cores).
-fn parse_cpus(value: &str) -> Result<usize, String> {
+fn parse_cpus(value: &str) -> Result<usize, CpuValueError> {
     let value = value.trim();
     let cores = match value.strip_suffix('m') {
         Some(millis) => millis
@@ -506,7 +523,7 @@ fn parse_cpus(value: &str) -> Result<usize, String> {
     };
     match cores {
         Some(cores) if cores > 0 => Ok(cores),
-        _ => Err(format!("{value:?} is not a CPU count like 2 or 1500m")),
+        _ => Err(CpuValueError::NotCpuCount(value.to_string())),
     }
 }
 
