@@ -14,12 +14,14 @@
 //! Hostname-only ServiceEntries (no addresses, no endpoint IPs) cannot match an IP here: an L4
 //! agent learns which IPs a name stands for only from DNS answers it serves itself.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use ipnet::IpNet;
+
+pub use super::traffic_policy::ExportTo;
 
 /// Istio's `meshConfig.outboundTrafficPolicy.mode`.
 #[derive(
@@ -83,27 +85,6 @@ pub enum Resolution {
     Static,
     /// The application resolved the host itself; connect to the address dialled.
     Dns,
-}
-
-/// Which namespaces see a resource (`exportTo`).
-#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize)]
-#[serde(rename_all = "camelCase")]
-pub enum ExportTo {
-    /// `*` or no `exportTo`.
-    #[default]
-    All,
-    /// These namespaces (`.` already replaced by the resource's own; `~` is the empty set).
-    Namespaces(BTreeSet<String>),
-}
-
-impl ExportTo {
-    /// Whether pods of `namespace` see the resource.
-    pub fn includes(&self, namespace: &str) -> bool {
-        match self {
-            ExportTo::All => true,
-            ExportTo::Namespaces(namespaces) => namespaces.contains(namespace),
-        }
-    }
 }
 
 /// One `ServiceEntry.spec.ports[]` item.

@@ -7,10 +7,10 @@
 //! endpoints that fail to connect `consecutiveGatewayErrors` times in a row are ejected from load
 //! balancing (`proxy::circuit`).
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::egress::ExportTo;
 use super::Service;
 
 /// `connectionPool.tcp`.
@@ -109,6 +109,27 @@ impl DestinationRules {
             .find(|rule| rule.namespace == namespace)
             .or_else(|| candidates().find(|rule| rule.namespace == service.namespace))
             .or_else(|| candidates().next())
+    }
+}
+
+/// Which namespaces see a resource (`exportTo`).
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ExportTo {
+    /// `*` or no `exportTo`.
+    #[default]
+    All,
+    /// These namespaces (`.` already replaced by the resource's own; `~` is the empty set).
+    Namespaces(BTreeSet<String>),
+}
+
+impl ExportTo {
+    /// Whether pods of `namespace` see the resource.
+    pub fn includes(&self, namespace: &str) -> bool {
+        match self {
+            ExportTo::All => true,
+            ExportTo::Namespaces(namespaces) => namespaces.contains(namespace),
+        }
     }
 }
 
