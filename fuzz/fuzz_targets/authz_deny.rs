@@ -75,7 +75,7 @@ impl GenString {
             GenString::Exact(index) => StringMatch::Exact(word(*index).to_string()),
             GenString::Prefix(index) => StringMatch::Prefix(word(*index)[..2].to_string()),
             GenString::Suffix(index) => StringMatch::Suffix(word(*index)[2..].to_string()),
-            GenString::Presence => StringMatch::Presence(serde_yaml::Value::Null),
+            GenString::Presence => StringMatch::Presence,
         }
     }
 }
@@ -348,7 +348,7 @@ fn derived(how: &GenString, value: &str) -> StringMatch {
         GenString::Prefix(at) => StringMatch::Prefix(value[..cut(*at)].to_string()),
         GenString::Suffix(at) => StringMatch::Suffix(value[cut(*at)..].to_string()),
         GenString::Presence if value.is_empty() => StringMatch::Exact(String::new()),
-        GenString::Presence => StringMatch::Presence(serde_yaml::Value::Null),
+        GenString::Presence => StringMatch::Presence,
     }
 }
 

@@ -19,7 +19,14 @@ use rtnetlink::packet_route::route::{
 use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
 use rtnetlink::{Handle, IpVersion, RouteMessageBuilder, RuleAddRequest};
 
-use super::rules::{MARK_MASK, RETURN_MARK, ROUTE_TABLE, RULE_PRIORITY};
+/// Connmark/fwmark value for replies of original-source connections (as Istio uses).
+pub const RETURN_MARK: u32 = 0x111;
+/// Bits of the mark we own.
+pub const MARK_MASK: u32 = 0xfff;
+/// Routing table for the return path.
+pub const ROUTE_TABLE: u32 = 100;
+/// Priority of our `ip rule`.
+pub const RULE_PRIORITY: u32 = 32764;
 
 /// Why the return path could not be changed.
 #[derive(Debug, thiserror::Error)]

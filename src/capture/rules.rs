@@ -15,19 +15,11 @@
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-use super::return_path::{self, Family, ReturnPathError};
+use super::return_path::{self, Family, ReturnPathError, MARK_MASK, RETURN_MARK};
 use crate::sys::Netns;
 
 /// Name of our nftables table in each pod.
 pub const TABLE: &str = "nodetunnel";
-/// Connmark/fwmark value for replies of original-source connections (as Istio uses).
-pub const RETURN_MARK: u32 = 0x111;
-/// Bits of the mark we own.
-pub const MARK_MASK: u32 = 0xfff;
-/// Routing table for the return path.
-pub const ROUTE_TABLE: u32 = 100;
-/// Priority of our `ip rule`.
-pub const RULE_PRIORITY: u32 = 32764;
 
 /// Why rules could not be changed.
 #[derive(Debug, thiserror::Error)]

@@ -86,7 +86,22 @@ impl Environment {
                 message,
             })
         };
-        let text = |name: &str| self.get(name).map(str::to_string);
+        self.apply_names(agent);
+        self.apply_pod_settings(agent, &mut problem);
+        self.apply_proxy_settings(agent, &mut problem);
+        self.apply_proxy_config(agent, &mut problem);
+        self.apply_headers_and_metadata(agent, &mut problem);
+        self.apply_dns_and_drain(agent, &mut problem);
+        problems
+    }
+
+    fn text(&self, name: &str) -> Option<String> {
+        self.get(name).map(str::to_string)
+    }
+
+    /// Variables taken as they are, so no value of theirs is a problem.
+    fn apply_names(&self, agent: &mut AgentConfig) {
+        let text = |name: &str| self.text(name);
         if let Some(node) = text("NODE_NAME") {
             agent.node = node;
         }
@@ -131,6 +146,9 @@ impl Environment {
         if let Some(account) = text("SERVICE_ACCOUNT") {
             agent.istio.service_account = account;
         }
+    }
+
+    fn apply_pod_settings(&self, agent: &mut AgentConfig, problem: &mut impl FnMut(&str, String)) {
         if let Some(ip) = self.get("INSTANCE_IP").filter(|ip| !ip.is_empty()) {
             match ip.parse() {
                 Ok(ip) => agent.istio.instance_ip = Some(ip),
@@ -157,8 +175,13 @@ impl Environment {
                 _ => problem("ENABLE_ORIG_SRC", format!("{value:?} is not true or false")),
             }
         }
-        self.apply_proxy_settings(agent, &mut problem);
-        self.apply_proxy_config(agent, &mut problem);
+    }
+
+    fn apply_headers_and_metadata(
+        &self,
+        agent: &mut AgentConfig,
+        problem: &mut impl FnMut(&str, String),
+    ) {
         for (name, value) in self.with_prefix("XDS_HEADER_") {
             agent
                 .xds
@@ -188,6 +211,10 @@ impl Environment {
                 ),
             }
         }
+    }
+
+    fn apply_dns_and_drain(&self, agent: &mut AgentConfig, problem: &mut impl FnMut(&str, String)) {
+        let text = |name: &str| self.text(name);
         // As ztunnel: the DNS proxy runs unless DNS_CAPTURE is set to anything but "true".
         if let Some(capture) = self.get("ISTIO_META_DNS_CAPTURE") {
             agent.dns.enabled = capture.eq_ignore_ascii_case("true");
@@ -200,7 +227,6 @@ impl Environment {
             Ok(None) => {}
             Err((variable, message)) => problem(variable, message),
         }
-        problems
     }
 }
 
