@@ -185,14 +185,13 @@ kill -INT "$TCPDUMP"; wait "$TCPDUMP" 2>/dev/null || true
 echo
 echo "== who talked to whom (agents' access logs)"
 for n in a b; do
-  jq -r --arg node "node-$n" 'select(.target=="access" and .fields.message=="connection complete")
-    | .fields
+  jq -rR --arg node "node-$n" 'fromjson? | select(.scope=="access" and .message=="connection complete")
     | def id(f): (f // "") | if . == "" then "no identity: plain TCP" else . end;
       "\($node) \(.direction): \(.["src.workload"] // "?") [\(id(.["src.identity"]))]"
       + " -> \(.["dst.workload"] // "?") [\(id(.["dst.identity"]))] via \(.["dst.addr"])"
       + "  sent=\(.bytes_sent) recv=\(.bytes_recv)"
       + (if (.error // "") != "" then "  error=\(.error)" else "" end)' \
-    "$WORK/$n/agent.log" 2>/dev/null || true
+    "$WORK/$n/agent.log"
 done
 
 echo
