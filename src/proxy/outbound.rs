@@ -174,13 +174,18 @@ async fn hbone_connection(
             },
             None => connect.await.map_err(OutboundError::from),
         };
-        breaker.report(&proxy.inputs.metrics, &target, result.is_ok());
+        let reachable = match &result {
+            Ok(_) => true,
+            Err(OutboundError::Pool(error)) => error.refused_by_peer(),
+            Err(_) => false,
+        };
+        breaker.report(&proxy.inputs.metrics, &target, reachable);
         result?
     };
     record.connected();
     let copy = copy::tunnel(stream, tunnel, &record.bytes.sent, &record.bytes.received);
     breaker
-        .bounded(copy)
+        .bounded(copy, &record.bytes)
         .await
         .map_err(|error| AdmissionError::Copy(error).into())
 }
@@ -211,7 +216,7 @@ async fn passthrough_connection(
     record.connected();
     let copy = copy::bidirectional(stream, upstream, &record.bytes.sent, &record.bytes.received);
     breaker
-        .bounded(copy)
+        .bounded(copy, &record.bytes)
         .await
         .map_err(|error| AdmissionError::Copy(error).into())
 }
