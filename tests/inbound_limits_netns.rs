@@ -178,7 +178,8 @@ fn an_inbound_rate_limit_refuses_a_burst_from_one_identity_while_another_passes(
 
 /// Plaintext (15006) is limited per source IP: with `maxConnections: 2` the third concurrent
 /// connection from the same IP is reset at once, before anything reaches the app, and is
-/// admitted again once one of the two closes.
+/// admitted again once one of the two closes. A mesh client is limited per identity, with a
+/// 429 on its third stream.
 #[test]
 fn an_inbound_concurrency_cap_resets_the_third_plaintext_connection_of_a_source() {
     require_netns!("an_inbound_concurrency_cap_resets_the_third_plaintext_connection_of_a_source");
@@ -204,8 +205,18 @@ fn an_inbound_concurrency_cap_resets_the_third_plaintext_connection_of_a_source(
         accepted,
         "the refused one never reached the app"
     );
-    // The HBONE identities are other sources, with caps of their own.
-    open(&cluster, "client").expect("a mesh client is another source");
+    // A mesh identity is another source, with a cap of its own: two streams pass, the third
+    // gets 429 while the two carry on.
+    let mut streams: Vec<TcpStream> = (0..2)
+        .map(|index| {
+            open(&cluster, "client")
+                .unwrap_or_else(|error| panic!("HBONE stream {index} of the client: {error}"))
+        })
+        .collect();
+    open(&cluster, "client").expect_err("the client's third open stream is over the cap");
+    for stream in &mut streams {
+        round_trip(stream, "carry on").expect("the open streams carry on");
+    }
 
     cluster
         .agent("b")
@@ -220,7 +231,7 @@ fn an_inbound_concurrency_cap_resets_the_third_plaintext_connection_of_a_source(
     let metrics = get(&cluster, "b", "127.0.0.1:15020", "/metrics");
     assert!(
         metrics.contains(
-            "nodetunnel_connection_limit_refusals_total{reason=\"inbound_concurrency\"} 1"
+            "nodetunnel_connection_limit_refusals_total{reason=\"inbound_concurrency\"} 2"
         ),
         "{metrics}"
     );
