@@ -12,6 +12,7 @@ mod circuit;
 mod connections;
 pub mod copy;
 mod inbound;
+pub mod inbound_limits;
 mod inbound_plaintext;
 mod inbound_target;
 pub mod limits;
@@ -97,6 +98,8 @@ pub struct WorkloadProxy {
     unauthenticated: Arc<limits::PodLimit>,
     /// DestinationRule limits and outlier detection for this pod's outbound connections.
     circuit: Arc<circuit::Circuit>,
+    /// Per-source state of the `inboundLimits` rule for this workload.
+    inbound_limiter: Arc<inbound_limits::InboundLimiter>,
 }
 
 impl WorkloadProxy {
@@ -133,6 +136,7 @@ impl WorkloadProxy {
             drain,
             connections,
             circuit: Arc::default(),
+            inbound_limiter: Arc::default(),
         })
     }
 
