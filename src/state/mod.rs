@@ -6,6 +6,7 @@
 //! view even while a reload swaps in the next snapshot.
 
 pub mod egress;
+pub mod learned;
 pub mod merge;
 pub mod policy;
 pub mod rules;

@@ -121,6 +121,8 @@ impl AgentConfig {
             (Some("xds"), "connectTimeout", self.xds.connect_timeout),
             (Some("zds"), "reconnectMax", self.zds.reconnect_max),
             (Some("dns"), "forwardTimeout", self.dns.forward_timeout),
+            (Some("dns"), "learnedTtlMin", self.dns.learned_ttl_min),
+            (Some("dns"), "learnedTtlMax", self.dns.learned_ttl_max),
             (Some("ca"), "workloadCertTtl", self.ca.workload_cert_ttl),
             (Some("istio"), "certificateTtl", self.istio.certificate_ttl),
             (None, "reloadInterval", self.reload_interval),
@@ -208,7 +210,7 @@ impl AgentConfig {
         ]
     }
 
-    fn limit_ranges(&self) -> [Range; 5] {
+    fn limit_ranges(&self) -> [Range; 6] {
         [
             (
                 "pool",
@@ -231,6 +233,13 @@ impl AgentConfig {
                 self.dns.max_tcp_connections_per_pod,
                 1,
                 65_535,
+            ),
+            (
+                "dns",
+                "maxLearnedPerPod",
+                self.dns.max_learned_per_pod,
+                1,
+                1_000_000,
             ),
             (
                 "pool",
