@@ -24,7 +24,8 @@ use crate::state::egress::{
     ExportTo, Location, Resolution, ServiceEntry, ServiceEntryEndpoint, ServiceEntryPort,
 };
 use crate::state::traffic_policy::{DestinationRule, OutlierDetection, TcpPool};
-use crate::state::{GatewayAddress, GatewayDestination};
+
+mod waypoint;
 
 const API_VERSIONS: [&str; 3] = [
     "networking.istio.io/v1",
@@ -196,48 +197,12 @@ fn service_entry(
     options: &IstioOptions,
 ) -> Result<ServiceEntry, NetworkingError> {
     let (id, spec) = header(resource)?;
-    let waypoint = use_waypoint(resource, &id, options).map_err(rejected(&id))?;
+    let waypoint = waypoint::use_waypoint(resource, &id, options).map_err(rejected(&id))?;
     spec_of(spec)
         .and_then(|spec| check_service_entry(&id, spec))
         .map(|entry| ServiceEntry { waypoint, ..entry })
         .map_err(rejected(&id))
 }
-
-/// Istio ambient's waypoint binding of a ServiceEntry: the label `istio.io/use-waypoint` names
-/// the waypoint (a Gateway, whose service is `<name>.<namespace>.svc.<clusterDomain>`), in the
-/// entry's namespace unless `istio.io/use-waypoint-namespace` names another; `none` means no
-/// waypoint, as in Istio.
-fn use_waypoint(
-    resource: &Value,
-    id: &ResourceId,
-    options: &IstioOptions,
-) -> Result<Option<GatewayAddress>, Problem> {
-    let label = |key: &str| text(resource, &["metadata", "labels", key]);
-    let Some(name) = label(USE_WAYPOINT).filter(|name| *name != "none") else {
-        return Ok(None);
-    };
-    let namespace = label(USE_WAYPOINT_NAMESPACE).unwrap_or(&id.namespace);
-    for (key, value) in [(USE_WAYPOINT, name), (USE_WAYPOINT_NAMESPACE, namespace)] {
-        if !super::dns::valid_domain(value) || value.contains('.') {
-            return Err((
-                format!("metadata.labels[{key}]"),
-                format!("{value:?} is not a Kubernetes name"),
-            ));
-        }
-    }
-    Ok(Some(GatewayAddress {
-        destination: GatewayDestination::Hostname {
-            namespace: namespace.to_string(),
-            hostname: format!("{name}.{namespace}.svc.{}", options.cluster_domain),
-        },
-        hbone_mtls_port: crate::net::ports::HBONE,
-    }))
-}
-
-/// Istio ambient's label binding a resource to a waypoint.
-const USE_WAYPOINT: &str = "istio.io/use-waypoint";
-/// The waypoint's namespace, when not the resource's.
-const USE_WAYPOINT_NAMESPACE: &str = "istio.io/use-waypoint-namespace";
 
 fn destination_rule(resource: &Value) -> Result<DestinationRule, NetworkingError> {
     let (id, spec) = header(resource)?;

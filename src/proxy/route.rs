@@ -188,6 +188,18 @@ pub fn decide_avoiding(
         return to_workload(workload, dst.port(), None, source, dst, hbone_port);
     }
     // Not in the registry: the outbound traffic policy and ServiceEntries decide.
+    outside(snapshot, source, dst, pick, context)
+}
+
+/// A destination outside the registry: allowed by a ServiceEntry (straight out, to a STATIC
+/// endpoint, or through the entry's egress gateway), passed through, or refused.
+fn outside(
+    snapshot: &Snapshot,
+    source: &Workload,
+    dst: SocketAddr,
+    pick: u64,
+    context: &RouteContext<'_>,
+) -> Result<Route, RouteError> {
     let egress = snapshot.egress();
     let (target, service_entry) = match egress.decide(&source.namespace, dst, pick, context.learned)
     {

@@ -1,4 +1,5 @@
 use super::*;
+use crate::state::GatewayDestination;
 
 fn parse(yaml: &str) -> NetworkingTranslation {
     super::parse(yaml, &IstioOptions::default())
