@@ -12,6 +12,7 @@ mod connections;
 pub mod copy;
 pub mod explain;
 mod inbound;
+pub mod inbound_limits;
 mod inbound_plaintext;
 mod inbound_target;
 pub mod limits;
@@ -99,6 +100,8 @@ pub struct WorkloadProxy {
     /// What the pod resolved through its DNS proxy under a ServiceEntry host (shared with the
     /// pod's DNS proxy, which fills it).
     learned: Arc<LearnedDestinations>,
+    /// Per-source state of the `inboundLimits` rule for this workload.
+    inbound_limiter: Arc<inbound_limits::InboundLimiter>,
 }
 
 impl WorkloadProxy {
@@ -136,6 +139,7 @@ impl WorkloadProxy {
             connections,
             circuit: Arc::default(),
             learned,
+            inbound_limiter: Arc::default(),
         })
     }
 
