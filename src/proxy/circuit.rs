@@ -475,6 +475,34 @@ mod tests {
         policy(1, 100)
     }
 
+    /// Traffic more often than the timeout keeps a connection; once quiet, it is idle after
+    /// the timeout, at most a quarter of it late (the sampling period).
+    #[tokio::test(start_paused = true)]
+    async fn until_idle_returns_only_after_a_quiet_timeout() {
+        let bytes = ByteCounters::default();
+        let timeout = Duration::from_secs(4);
+        let idle = until_idle(&bytes, timeout);
+        tokio::pin!(idle);
+        for round in 0..6 {
+            tokio::select! {
+                () = &mut idle => panic!("idle while traffic flows (round {round})"),
+                () = tokio::time::sleep(Duration::from_secs(3)) => {}
+            }
+            if round % 2 == 0 {
+                bytes.sent.fetch_add(1, Ordering::Relaxed);
+            } else {
+                bytes.received.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let quiet_from = Instant::now();
+        idle.await;
+        let quiet = quiet_from.elapsed();
+        assert!(
+            quiet >= timeout && quiet <= timeout + timeout / 4,
+            "idle after {quiet:?} of quiet"
+        );
+    }
+
     /// A model with `shop/echo` backed by workloads `a` and `b`.
     fn model() -> (Snapshot, String, [String; 2]) {
         let hostname = "echo.shop.svc.cluster.local";

@@ -28,7 +28,7 @@ use crate::telemetry::protection::LimitReason;
 use crate::telemetry::ResponseFlag;
 
 /// Sources one destination workload keeps state for. Bounds the table's memory (an entry is
-/// ~150 bytes) whatever a peer rotating source IPs does.
+/// about 200 bytes, so under 2 MiB) whatever a peer rotating source IPs does.
 pub const MAX_TRACKED_SOURCES: usize = 8192;
 /// How often sources at rest are swept from the table.
 pub const SWEEP_INTERVAL: Duration = Duration::from_secs(30);
