@@ -14,11 +14,12 @@ P="$PREFIX$(printf '%x' $$)"       # unique prefix for this run's namespaces
 WORK=$(mktemp -d)
 PIDS=()
 AGENTS=()
+EXTRA_PODS=()   # pods a caller added with `pod`, deleted on exit too
 cleanup() {
   set +e
   for pid in "${AGENTS[@]}" "${PIDS[@]}"; do kill "$pid" 2>/dev/null; done
   for pid in "${AGENTS[@]}" "${PIDS[@]}"; do wait "$pid" 2>/dev/null; done
-  for ns in client server a b; do ip netns del "$P-$ns" 2>/dev/null; done
+  for ns in client server "${EXTRA_PODS[@]}" a b; do ip netns del "$P-$ns" 2>/dev/null; done
   rm -rf "$WORK"
 }
 trap cleanup EXIT INT TERM

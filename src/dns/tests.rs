@@ -135,6 +135,7 @@ async fn proxy(upstream: SocketAddr, max_forwards: usize, forward_timeout: Durat
             forward_timeout,
             max_forwards_per_pod: max_forwards,
             max_tcp_connections_per_pod: 2,
+            learned: crate::state::learned::LearnedLimits::default(),
         }),
     };
     let sockets = SocketFactory::node();
@@ -142,7 +143,8 @@ async fn proxy(upstream: SocketAddr, max_forwards: usize, forward_timeout: Durat
     let udp = listeners.udp[0].local_addr().expect("udp address");
     let tcp = listeners.tcp[0].local_addr().expect("tcp address");
     let drain = Drain::new();
-    DnsProxy::new(inputs, CLIENT.to_string(), sockets, drain.clone()).spawn(listeners);
+    let learned = Arc::new(crate::state::learned::LearnedDestinations::default());
+    DnsProxy::new(inputs, CLIENT.to_string(), sockets, drain.clone(), learned).spawn(listeners);
     Proxy {
         udp,
         tcp,
