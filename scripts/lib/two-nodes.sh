@@ -78,7 +78,8 @@ workloads:
   - {uid: cluster1//Pod/default/client, name: client, namespace: default, serviceAccount: client,
      workloadIps: [10.200.1.2], protocol: HBONE, node: node-a}
   - {uid: cluster1//Pod/default/server, name: server, namespace: default, serviceAccount: server,
-     workloadIps: [$SERVER], protocol: HBONE, node: node-b}
+     workloadIps: [$SERVER], protocol: HBONE, node: node-b,
+     services: {default/echo.default.svc.cluster.local: {80: 7000}}}
 services:
   - {name: echo, namespace: default, hostname: echo.default.svc.cluster.local,
      vips: [/10.96.0.10], ports: {80: 7000}}
