@@ -783,15 +783,15 @@ fn http2_floods_are_contained_and_the_stream_limit_holds() {
         });
     }
 
-    // A peer that never opens its window: the app's 3 MiB answer (the echo of what we send,
-    // within the 4 MiB stream window we were given) stalls in the agent's bounded send buffer
+    // A peer that never opens its window: the app's 768 KiB answer (the echo of what we send,
+    // within the 1 MiB stream window we were given) stalls in the agent's bounded send buffer
     // and TCP backpressure, not in memory.
     let auth = authority.clone();
     attack(&mut target, "zero-window peer", move |session| {
         session.start_acknowledged(&[(h2_raw::SETTINGS_INITIAL_WINDOW_SIZE, 0)])?;
         session.send(&h2_raw::connect(1, &auth, &[]))?;
         let chunk = frame(h2_raw::DATA, 0, 1, &[b'w'; 16 * 1024]);
-        for _ in 0..(3 * 1024 / 16) {
+        for _ in 0..(768 / 16) {
             session.send(&chunk)?;
         }
         Ok(session.read_until(Duration::from_secs(3), |_| false))
