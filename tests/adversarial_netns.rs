@@ -1027,6 +1027,50 @@ fn slowloris_on_node_ports_does_not_block_readiness_or_metrics() {
     drop(held);
 }
 
+/// Slowloris on 15020/15021 is also cut off: connections that never finish their request head
+/// are closed by a header-read timeout, so they cannot pile up until the fds run out.
+#[test]
+fn slowloris_connections_on_node_ports_are_closed() {
+    require_netns!("slowloris_connections_on_node_ports_are_closed");
+    let target = Target::start(PROXY_SETTINGS);
+    let still_open = target.from("b", || {
+        let mut streams = Vec::new();
+        for port in [15021, 15020] {
+            for mut stream in idle_connections(addr(Ipv4Addr::LOCALHOST, port), 20) {
+                let _ = stream.write_all(b"GET /healthz/ready HTTP/1.1\r\nHost: x\r\n");
+                streams.push((port, stream));
+            }
+        }
+        // Poll them all, non-blocking, for up to 30 s.
+        for (_, stream) in &streams {
+            let _ = stream.set_nonblocking(true);
+        }
+        let mut open: Vec<(u16, TcpStream)> = streams;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !open.is_empty() && std::time::Instant::now() < deadline {
+            open.retain_mut(|(_, stream)| {
+                let mut chunk = [0u8; 512];
+                loop {
+                    match stream.read(&mut chunk) {
+                        Ok(0) => return false,
+                        Ok(_) => continue,
+                        Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
+                            return true
+                        }
+                        Err(_) => return false,
+                    }
+                }
+            });
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        open.into_iter().map(|(port, _)| port).collect::<Vec<_>>()
+    });
+    assert!(
+        still_open.is_empty(),
+        "stalled request heads still open after 30 s on ports {still_open:?}"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Faults
 
