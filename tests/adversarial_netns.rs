@@ -1240,3 +1240,92 @@ fn kill_9_and_restart_rebinds_without_duplicate_rules() {
     );
     target.assert_serves("after kill -9 and restart");
 }
+/// SIGTERM while a new agent takes over the same pod (the DaemonSet rollout): the new agent
+/// binds the pod's ports beside the old one (it runs in another node namespace here, as a new
+/// agent pod has its own), then the old one drains. New HBONE connections opened every 50 ms
+/// through the whole overlap all succeed, the old agent's live tunnel keeps flowing until its
+/// drain, and after the old agent exits the pod's redirection rules (now the new agent's) are
+/// still in place.
+#[test]
+fn sigterm_while_a_new_agent_takes_over_refuses_nothing() {
+    require_netns!("sigterm_while_a_new_agent_takes_over_refuses_nothing");
+    let mut target = Target::start(PROXY_SETTINGS);
+    let (hbone, auth) = (target.hbone(), target.authority());
+    let cert = target.cert(Validity::Current);
+    let live = target.from("intruder", move || -> anyhow::Result<Session> {
+        let mut session = Session::connect(hbone, TlsOptions::mesh(Some(cert)))?;
+        session.start_acknowledged(&[])?;
+        session.send(&h2_raw::connect(1, &auth, &[]))?;
+        h2_raw::expect_status("live tunnel", session.answer(1, IO_TIMEOUT), 200)?;
+        Ok(session)
+    });
+    let mut live = live.expect("live tunnel");
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (auth, cert) = (target.authority(), target.cert(Validity::Current));
+    let cert_for = move || ClientCert {
+        chain: cert.chain.clone(),
+        key: cert.key.clone_key(),
+    };
+    let flag = stop.clone();
+    let connector = target.topology.spawn_in("bystander", move || {
+        let (mut ok, mut failed) = (0usize, Vec::new());
+        while !flag.load(std::sync::atomic::Ordering::SeqCst) {
+            let attempt = (|| -> anyhow::Result<()> {
+                let mut session = Session::connect(hbone, TlsOptions::mesh(Some(cert_for())))?;
+                session.start(&[])?;
+                session.send(&h2_raw::connect(1, &auth, &[]))?;
+                h2_raw::expect_status("handover connect", session.answer(1, IO_TIMEOUT), 200)
+            })();
+            match attempt {
+                Ok(()) => ok += 1,
+                Err(error) => failed.push(format!("{error:#}")),
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        (ok, failed)
+    });
+
+    let successor = Agent::start(&target.topology, "a", &target.ca, &target.config)
+        .expect("the new agent is ready beside the old one");
+    target.agent.terminate();
+    live.send(&frame(h2_raw::DATA, 0, 1, b"DURING-DRAIN"))
+        .expect("the live tunnel accepts bytes during the drain");
+    let echoed = live.read_until(IO_TIMEOUT, |frame| {
+        support::apps::contains(&frame.payload, b"DURING-DRAIN")
+    });
+    assert!(
+        support::apps::contains(&stream_data(&echoed, 1).0, b"DURING-DRAIN"),
+        "the live tunnel stopped at SIGTERM"
+    );
+    let status = target.agent.stop(Duration::from_secs(15));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "old agent exit: {status:?}"
+    );
+    // Keep connecting a little after the old agent is gone.
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (ok, failed) = connector
+        .join()
+        .expect("connector thread")
+        .expect("connector namespace");
+    let ruleset = target
+        .topology
+        .exec_role("server", &["nft", "list", "ruleset"])
+        .expect("nft list ruleset");
+    let ruleset = String::from_utf8_lossy(&ruleset.stdout);
+    assert_eq!(
+        ruleset.matches("table inet nodetunnel").count(),
+        1,
+        "the pod's rules after the old agent left:\n{ruleset}"
+    );
+    assert!(
+        failed.is_empty(),
+        "{} of {} connects failed: {failed:?}",
+        failed.len(),
+        ok + failed.len()
+    );
+    assert!(ok >= 10, "only {ok} connects in the overlap");
+    target.agent = successor;
+}
