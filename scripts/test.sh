@@ -66,34 +66,7 @@ if [[ $status -eq 124 ]]; then
 fi
 [[ $(id -u) -eq 0 ]] && remove_stale_namespaces
 
-# Fuzzing: every target under fuzz/ builds and runs briefly, so a dependency bump or a parser
-# change that breaks a target, or a crash its seeds reach, fails CI. scripts/fuzz.sh runs them
-# longer. FUZZ_CI_SECONDS per target (default 10); FUZZ_CI_SECONDS=0 skips the stage;
-# FUZZ_BUILD_FLAGS (default --dev) go to `cargo fuzz build`.
-fuzz_stage() {
-  if ! rustup run nightly rustc --version >/dev/null 2>&1; then
-    echo "test.sh: the nightly toolchain is missing; installing it for the fuzz targets"
-    rustup toolchain install nightly --profile minimal >/dev/null || {
-      echo "test.sh: FUZZ STAGE FAILED: no nightly toolchain (cargo-fuzz needs it:" \
-        "rustup toolchain install nightly)" >&2
-      return 1
-    }
-  fi
-  if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
-    echo "test.sh: installing cargo-fuzz"
-    cargo install cargo-fuzz --locked || {
-      echo "test.sh: FUZZ STAGE FAILED: could not install cargo-fuzz" >&2
-      return 1
-    }
-  fi
-  local started=$SECONDS
-  # Unoptimised (--dev): the optimised, sanitizer-instrumented build of the whole agent takes
-  # many minutes; for a brief run from the seeds, build time is what counts.
-  FUZZ_BUILD_FLAGS=${FUZZ_BUILD_FLAGS:---dev} bash scripts/fuzz.sh "$fuzz_seconds" || return 1
-  echo "test.sh: fuzz stage took $((SECONDS - started))s"
-}
-fuzz_seconds=${FUZZ_CI_SECONDS:-10}
-if ((fuzz_seconds > 0)); then
-  fuzz_stage || status=1
-fi
+# Fuzzing: every target under fuzz/ builds and runs for FUZZ_CI_SECONDS (10) each from its
+# seeds; FUZZ_CI_SECONDS=0 skips it. See scripts/fuzz-ci.sh.
+bash scripts/fuzz-ci.sh || status=1
 exit "$status"
