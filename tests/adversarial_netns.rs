@@ -1240,14 +1240,31 @@ fn kill_9_and_restart_rebinds_without_duplicate_rules() {
     );
     target.assert_serves("after kill -9 and restart");
 }
+/// How many connector threads keep opening HBONE connections through a hand-over: several, so
+/// that connections sit in the old agent's accept queues when it closes its listeners.
+const HANDOVER_CONNECTORS: usize = 4;
+
+/// Opens one HBONE connection and tunnel to the app, as a mesh client would.
+fn tunnel_once(hbone: SocketAddr, authority: &str, cert: ClientCert) -> anyhow::Result<()> {
+    let mut session = Session::connect(hbone, TlsOptions::mesh(Some(cert)))?;
+    session.start(&[])?;
+    session.send(&h2_raw::connect(1, authority, &[]))?;
+    h2_raw::expect_status("hand-over connect", session.answer(1, IO_TIMEOUT), 200)
+}
+
 /// SIGTERM while a new agent takes over the same pod (the DaemonSet rollout): the new agent
 /// binds the pod's ports beside the old one (it runs in another node namespace here, as a new
-/// agent pod has its own), then the old one drains. New HBONE connections opened every 50 ms
-/// through the whole overlap all succeed, the old agent's live tunnel keeps flowing until its
-/// drain, and after the old agent exits the pod's redirection rules (now the new agent's) are
-/// still in place.
+/// agent pod has its own) and replaces the pod's redirection rules, then the old one drains and
+/// exits. Connector threads open new HBONE connections through the whole overlap, and none may
+/// fail: the old agent's listeners close while the new one's serve, and the connections the
+/// kernel had queued on the old listeners go to the new ones instead of being reset. The old
+/// agent's live tunnel keeps flowing during its drain. Once the old agent is gone, the pod's
+/// nftables table (the new agent's) is still there, once, and plaintext to the app is still
+/// captured by the new agent: the old agent's shutdown removed nothing it no longer owned.
 #[test]
 fn sigterm_while_a_new_agent_takes_over_refuses_nothing() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
     require_netns!("sigterm_while_a_new_agent_takes_over_refuses_nothing");
     let mut target = Target::start(PROXY_SETTINGS);
     let (hbone, auth) = (target.hbone(), target.authority());
@@ -1261,33 +1278,41 @@ fn sigterm_while_a_new_agent_takes_over_refuses_nothing() {
     });
     let mut live = live.expect("live tunnel");
 
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (auth, cert) = (target.authority(), target.cert(Validity::Current));
-    let cert_for = move || ClientCert {
-        chain: cert.chain.clone(),
-        key: cert.key.clone_key(),
+    let stop = Arc::new(AtomicBool::new(false));
+    let made = Arc::new(AtomicUsize::new(0));
+    let connectors: Vec<_> = (0..HANDOVER_CONNECTORS)
+        .map(|_| {
+            let (stop, made) = (stop.clone(), made.clone());
+            let (auth, cert) = (target.authority(), target.cert(Validity::Current));
+            target.topology.spawn_in("bystander", move || {
+                let mut failed = Vec::new();
+                while !stop.load(Ordering::SeqCst) {
+                    let cert = ClientCert {
+                        chain: cert.chain.clone(),
+                        key: cert.key.clone_key(),
+                    };
+                    if let Err(error) = tunnel_once(hbone, &auth, cert) {
+                        failed.push(format!("{error:#}"));
+                    }
+                    made.fetch_add(1, Ordering::SeqCst);
+                }
+                failed
+            })
+        })
+        .collect();
+    // Progress, not time: wait until the connectors have made `more` connections from now.
+    let connects_more = |more: usize, phase: &str| {
+        let goal = made.load(Ordering::SeqCst) + more;
+        support::wait_for(phase, Duration::from_secs(60), || {
+            (made.load(Ordering::SeqCst) >= goal).then_some(())
+        })
+        .unwrap_or_else(|error| panic!("{phase}: {error}"));
     };
-    let flag = stop.clone();
-    let connector = target.topology.spawn_in("bystander", move || {
-        let (mut ok, mut failed) = (0usize, Vec::new());
-        while !flag.load(std::sync::atomic::Ordering::SeqCst) {
-            let attempt = (|| -> anyhow::Result<()> {
-                let mut session = Session::connect(hbone, TlsOptions::mesh(Some(cert_for())))?;
-                session.start(&[])?;
-                session.send(&h2_raw::connect(1, &auth, &[]))?;
-                h2_raw::expect_status("handover connect", session.answer(1, IO_TIMEOUT), 200)
-            })();
-            match attempt {
-                Ok(()) => ok += 1,
-                Err(error) => failed.push(format!("{error:#}")),
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        (ok, failed)
-    });
+    connects_more(20, "connections to the old agent alone");
 
     let successor = Agent::start(&target.topology, "a", &target.ca, &target.config)
         .expect("the new agent is ready beside the old one");
+    connects_more(40, "connections while both agents serve");
     target.agent.terminate();
     live.send(&frame(h2_raw::DATA, 0, 1, b"DURING-DRAIN"))
         .expect("the live tunnel accepts bytes during the drain");
@@ -1298,18 +1323,30 @@ fn sigterm_while_a_new_agent_takes_over_refuses_nothing() {
         support::apps::contains(&stream_data(&echoed, 1).0, b"DURING-DRAIN"),
         "the live tunnel stopped at SIGTERM"
     );
-    let status = target.agent.stop(Duration::from_secs(15));
+    connects_more(20, "connections while the old agent drains");
+    let status = target.agent.stop(Duration::from_secs(30));
     assert!(
         status.is_some_and(|s| s.success()),
         "old agent exit: {status:?}"
     );
-    // Keep connecting a little after the old agent is gone.
-    std::thread::sleep(Duration::from_secs(1));
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    let (ok, failed) = connector
-        .join()
-        .expect("connector thread")
-        .expect("connector namespace");
+    connects_more(20, "connections to the new agent alone");
+    stop.store(true, Ordering::SeqCst);
+    let failed: Vec<String> = connectors
+        .into_iter()
+        .flat_map(|connector| {
+            connector
+                .join()
+                .expect("connector thread")
+                .expect("connector namespace")
+        })
+        .collect();
+    let total = made.load(Ordering::SeqCst);
+    assert!(
+        failed.is_empty(),
+        "{} of {total} connects failed in the hand-over: {failed:?}",
+        failed.len()
+    );
+
     let ruleset = target
         .topology
         .exec_role("server", &["nft", "list", "ruleset"])
@@ -1320,12 +1357,38 @@ fn sigterm_while_a_new_agent_takes_over_refuses_nothing() {
         1,
         "the pod's rules after the old agent left:\n{ruleset}"
     );
+    let rules = target
+        .topology
+        .exec_role("server", &["ip", "rule", "list"])
+        .expect("ip rule list");
+    let rules = String::from_utf8_lossy(&rules.stdout);
     assert!(
-        failed.is_empty(),
-        "{} of {} connects failed: {failed:?}",
-        failed.len(),
-        ok + failed.len()
+        rules.contains("lookup 100"),
+        "the return path the new agent shares was removed:\n{rules}"
     );
-    assert!(ok >= 10, "only {ok} connects in the overlap");
+    // Plaintext to the app is still redirected, now to the new agent: its access log has the
+    // connection (a bypass would reach the app with no agent in between).
+    let app = addr(target.server_ip(), APP_PORT);
+    let client = target.from("bystander", move || -> anyhow::Result<String> {
+        let mut stream = TcpStream::connect_timeout(&app, IO_TIMEOUT)?;
+        stream.set_read_timeout(Some(IO_TIMEOUT))?;
+        let local = stream.local_addr()?.to_string();
+        stream.write_all(b"CAPTURED-AFTER-HANDOVER")?;
+        stream.shutdown(std::net::Shutdown::Write)?;
+        let mut echoed = Vec::new();
+        stream.read_to_end(&mut echoed)?;
+        anyhow::ensure!(echoed == b"CAPTURED-AFTER-HANDOVER", "echo: {echoed:?}");
+        Ok(local)
+    });
+    let client = client.expect("plaintext to the app after the hand-over");
+    successor
+        .wait_for_event(
+            "the new agent's record of the plaintext connection",
+            IO_TIMEOUT,
+            |event| {
+                event.is_access() && event.field("src.addr").as_deref() == Some(client.as_str())
+            },
+        )
+        .expect("plaintext to the pod is captured by the new agent");
     target.agent = successor;
 }
