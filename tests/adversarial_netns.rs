@@ -829,29 +829,41 @@ fn http2_floods_are_contained_and_the_stream_limit_holds() {
 }
 
 /// Rapid reset (CVE-2023-44487): CONNECT then RST_STREAM at once, 2000 times on one
-/// connection. The agent must not start an upstream connect for every reset stream (at most a
-/// small fraction reach the app) and must keep serving honest peers.
+/// connection, each pair in one write and so in one TLS record: the agent never sees a stream's
+/// HEADERS without its reset. h2 handles every frame that has arrived before it hands out a
+/// stream, and a handler looks at its stream's reset before doing anything
+/// (`hbone::server::until_reset`), so no reset stream may start a check or an upstream
+/// connect: none reaches the app, whatever the machine's speed. The agent keeps serving honest
+/// peers within its memory budget (`attack`).
 #[test]
 fn rapid_reset_does_not_fan_out_to_the_app() {
     require_netns!("rapid_reset_does_not_fan_out_to_the_app");
     let mut target = Target::start(PROXY_SETTINGS);
     let authority = target.authority();
     let before = target.app.accepted();
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = sent.clone();
     attack(&mut target, "rapid reset", move |session| {
         session.start(&[])?;
-        let mut out = Vec::new();
         for stream in (1..4000u32).step_by(2) {
-            out.extend(h2_raw::connect(stream, &authority, &[]));
-            out.extend(h2_raw::rst_stream(stream, 0x8));
+            let mut pair = h2_raw::connect(stream, &authority, &[]);
+            pair.extend(h2_raw::rst_stream(stream, 0x8));
+            // The agent may close the connection first (h2 allows few resets of streams not
+            // yet accepted); the pairs it took were still all reset ones.
+            if session.send(&pair).is_err() {
+                break;
+            }
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
-        let _ = session.send(&out);
         Ok(session.read_until(Duration::from_secs(3), |_| false))
     });
     // Upstream connects of reset streams, if any, have happened by now (the control ran).
     let fanned_out = target.app.accepted() - before - 1;
-    assert!(
-        fanned_out <= 100,
-        "{fanned_out} of 2000 reset streams still opened a connection to the app"
+    let sent = sent.load(std::sync::atomic::Ordering::SeqCst);
+    eprintln!("rapid reset: {sent} HEADERS + RST_STREAM pairs sent before the agent closed");
+    assert_eq!(
+        fanned_out, 0,
+        "{fanned_out} of {sent} reset streams still opened a connection to the app"
     );
 }
 
