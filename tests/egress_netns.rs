@@ -350,3 +350,46 @@ fn an_endpoint_that_refuses_connections_is_ejected() {
         })
         .expect("ejection logged");
 }
+
+/// `idleTimeout` closes a proxied connection on which no byte moved for that long, and leaves
+/// alone one that keeps talking for longer than the timeout. The close is awaited with a
+/// generous bound; nothing asserts how fast it came.
+#[test]
+fn idle_timeout_closes_an_idle_connection_but_not_an_active_one() {
+    require_netns!("idle_timeout_closes_an_idle_connection_but_not_an_active_one");
+    let egress = Egress::start(&[("sleepy", &["partner"])], |_| {
+        format!(
+            "---\n{}",
+            destination_rule("sleepy", "{connectionPool: {tcp: {idleTimeout: 2s}}}")
+        )
+    });
+    let service = SocketAddr::from((vip(0), SERVICE_PORT));
+    let mut idle = egress.open(service).expect("idle connection");
+    let mut active = egress.open(service).expect("active connection");
+    // The active one talks every 200 ms for three idle timeouts.
+    for round in 0..30 {
+        std::thread::sleep(Duration::from_millis(200));
+        active
+            .write_all(b"tick")
+            .unwrap_or_else(|error| panic!("active write {round}: {error}"));
+        let mut echoed = [0u8; 4];
+        active
+            .read_exact(&mut echoed)
+            .unwrap_or_else(|error| panic!("active read {round}: {error}"));
+    }
+    // Meanwhile the idle one was closed: its read ends (EOF or reset) instead of timing out.
+    idle.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("read timeout");
+    let mut byte = [0u8; 1];
+    match idle.read(&mut byte) {
+        Ok(0) => {}
+        Ok(_) => panic!("the idle connection received bytes"),
+        Err(error) => assert!(
+            !matches!(error.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut),
+            "the idle connection was not closed: {error}"
+        ),
+    }
+    let mut echoed = [0u8; 4];
+    active.write_all(b"last").expect("active still open");
+    active.read_exact(&mut echoed).expect("active still echoes");
+}

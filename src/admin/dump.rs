@@ -84,6 +84,12 @@ pub(super) fn build(inputs: DumpInputs<'_>) -> ConfigDump {
         certificates: inputs.certificates.iter().map(certificate_dump).collect(),
         workload_state: workload_state(snapshot, inputs.pods, &inputs.connections),
         egress: Some(egress_dump(snapshot.egress())),
+        inbound_limits: snapshot
+            .inbound_limits()
+            .0
+            .iter()
+            .map(|limit| limit.as_ref().clone())
+            .collect(),
         config: Some(inputs.config.clone()),
         version: Some(VersionDump {
             version: env!("CARGO_PKG_VERSION").to_string(),

@@ -45,6 +45,8 @@ pub struct ConfigDump {
     /// ztunnel enforces none of them).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub egress: Option<serde_json::Value>,
+    /// `agent.inboundLimits` in force, in order (ours: ztunnel has no inbound limits).
+    pub inbound_limits: Vec<crate::state::inbound_limits::InboundLimit>,
     /// The effective agent configuration.
     pub config: Option<EffectiveConfig>,
     /// This agent's version.

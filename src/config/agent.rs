@@ -68,6 +68,10 @@ pub struct AgentConfig {
     /// or `REGISTRY_ONLY`), and `namespaces` with a mode per namespace.
     #[serde(default)]
     pub outbound_traffic_policy: crate::state::egress::OutboundTrafficPolicy,
+    /// Limits per source on inbound connections, per destination workload (selected by
+    /// namespace and labels; the first rule that selects a workload applies). Off when empty.
+    #[serde(default)]
+    pub inbound_limits: Vec<crate::state::inbound_limits::InboundLimit>,
     /// How long open connections may finish after a shutdown signal before they are cut.
     #[serde(default = "defaults::drain_timeout", with = "humantime_serde")]
     pub drain_timeout: Duration,
@@ -94,6 +98,7 @@ impl Default for AgentConfig {
             dns: super::dns::DnsConfig::default(),
             istio: IstioConfig::default(),
             outbound_traffic_policy: Default::default(),
+            inbound_limits: Vec::new(),
             drain_timeout: defaults::drain_timeout(),
             reload_interval: defaults::reload_interval(),
         }

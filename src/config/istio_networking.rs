@@ -509,7 +509,8 @@ fn check_tcp(spec: Option<TcpSpec>) -> Result<TcpPool, Problem> {
             spec.connect_timeout,
             &format!("{field}.connectTimeout"),
         )?,
-        idle_timeout: positive_duration(spec.idle_timeout, &format!("{field}.idleTimeout"))?,
+        // Istio: `0s` turns the idle timeout off.
+        idle_timeout: spec.idle_timeout.filter(|timeout| !timeout.is_zero()),
         tcp_keepalive_time: positive_duration(
             keepalive.time,
             &format!("{field}.tcpKeepalive.time"),

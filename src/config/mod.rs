@@ -62,6 +62,19 @@ impl Config {
             self.authorization(),
         )
         .with_egress(self.egress())
+        .with_inbound_limits(self.inbound_limits())
+    }
+
+    /// The agent's inbound limits, for the snapshot.
+    pub fn inbound_limits(&self) -> state::inbound_limits::InboundLimits {
+        state::inbound_limits::InboundLimits(
+            self.agent
+                .inbound_limits
+                .iter()
+                .cloned()
+                .map(std::sync::Arc::new)
+                .collect(),
+        )
     }
 
     /// The outbound traffic policy and the ServiceEntries, for the snapshot.
@@ -93,6 +106,7 @@ impl Config {
             services: self.services.clone(),
             authorization: self.authorization(),
             egress: self.egress(),
+            inbound_limits: self.inbound_limits(),
         }
     }
 

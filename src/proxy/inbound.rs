@@ -1,8 +1,9 @@
 //! Inbound HBONE (15008): mTLS with the pod's own certificate, then one CONNECT stream per
 //! tunnelled connection. A stream is answered 200 only after the upstream connect to the app
-//! succeeded; 400 for a malformed request or an authority that is not this pod; 401 when
-//! authorization denies it (decided after the target is resolved, before connecting to the app);
-//! 503 when the target is an agent port or the app cannot be reached. Errors stay inside their
+//! succeeded; 400 for a malformed request or an authority that is not this pod; 429 when the
+//! workload's per-source inbound limits refuse it; 401 when authorization denies it (both
+//! decided after the target is resolved, before connecting to the app); 503 when the target is
+//! an agent port or the app cannot be reached. Errors stay inside their
 //! stream. A stream that a policy change denies later is reset ("policy changed").
 //!
 //! Waypoints: a local workload that is the waypoint of a service or workload also accepts
@@ -23,8 +24,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
-use super::admission::{self, accept_loop, AdmissionError, Admitted, ListenerKind};
-use super::connections::Registration;
+use super::admission::{
+    self, accept_loop, AdmissionError, Admitted, InboundAdmission, ListenerKind,
+};
 use super::inbound_target::{self, TargetError};
 use super::{copy, WorkloadProxy};
 use crate::authz::ConnectionFacts;
@@ -164,6 +166,7 @@ impl StreamError {
             )
             | StreamError::Upstream(_) => StatusCode::SERVICE_UNAVAILABLE,
             StreamError::Admission(AdmissionError::Denied(_)) => StatusCode::UNAUTHORIZED,
+            StreamError::Admission(AdmissionError::Limited(_)) => StatusCode::TOO_MANY_REQUESTS,
             StreamError::Reset(_)
             | StreamError::Respond(_)
             | StreamError::Admission(AdmissionError::Copy(_) | AdmissionError::Revoked(_)) => {
@@ -233,7 +236,7 @@ async fn tunnel(
     let Some(pending) = respond.as_mut() else {
         return Ok(());
     };
-    let (upstream, registration) =
+    let (upstream, admission) =
         hbone::server::until_reset(pending, prepare(proxy, client, authority, record))
             .await
             .map_err(StreamError::Reset)??;
@@ -254,17 +257,17 @@ async fn tunnel(
         &record.bytes.sent,
     ));
     // Dropping the copy on revocation resets the stream (h2 CANCEL) and closes the app socket.
-    Ok(admission::copy_until_revoked(copy, &registration).await?)
+    Ok(admission::copy_until_revoked(copy, &admission).await?)
 }
 
-/// Everything before the answer: the target check, authorization (registering the stream for
-/// re-evaluation), the connect to the app and its PROXY header.
+/// Everything before the answer: the target check, the per-source limits and authorization
+/// (registering the stream for re-evaluation), the connect to the app and its PROXY header.
 async fn prepare(
     proxy: &WorkloadProxy,
     (peer, peer_identity): (ClientAddr, Option<Identity>),
     authority: Authority,
     record: &mut ConnectionRecord,
-) -> Result<(TcpStream, Registration), StreamError> {
+) -> Result<(TcpStream, InboundAdmission), StreamError> {
     let (snapshot, local) = proxy.local_view()?;
     record.dst_workload = Some(local.clone());
     record.dst_identity = Some(local.identity.clone());
@@ -282,7 +285,7 @@ async fn prepare(
         destination_ip: target.ip(),
         destination_port: target.port(),
     };
-    let registration = proxy.authorize(&snapshot, &local, facts)?;
+    let admission = proxy.admit_inbound(&snapshot, &local, facts)?;
     drop(snapshot);
     // Original source: the app sees the HBONE peer's IP (proven by the connection, unlike the
     // client-supplied `forwarded` header), unless client and app share the pod.
@@ -301,5 +304,5 @@ async fn prepare(
             .await
             .map_err(AdmissionError::Copy)?;
     }
-    Ok((upstream, registration))
+    Ok((upstream, admission))
 }

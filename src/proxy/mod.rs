@@ -11,6 +11,7 @@ mod circuit;
 mod connections;
 pub mod copy;
 mod inbound;
+pub mod inbound_limits;
 mod inbound_plaintext;
 mod inbound_target;
 pub mod limits;
@@ -94,6 +95,8 @@ pub struct WorkloadProxy {
     unauthenticated: Arc<limits::PodLimit>,
     /// DestinationRule limits and outlier detection for this pod's outbound connections.
     circuit: Arc<circuit::Circuit>,
+    /// Per-source state of the `inboundLimits` rule for this workload.
+    inbound_limiter: Arc<inbound_limits::InboundLimiter>,
 }
 
 impl WorkloadProxy {
@@ -129,6 +132,7 @@ impl WorkloadProxy {
             drain,
             connections,
             circuit: Arc::default(),
+            inbound_limiter: Arc::default(),
         })
     }
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument;
 
-use super::admission::{accept_loop, AdmissionError, Admitted, ListenerKind, Redirected};
+use super::admission::{self, accept_loop, AdmissionError, Admitted, ListenerKind, Redirected};
 use super::circuit::Breaker;
 use super::route::{self, HboneRoute, PassthroughRoute, Route};
 use super::{copy, WorkloadProxy};
@@ -109,7 +109,7 @@ async fn proxy_connection(
     let breaker = match breaker {
         Ok(breaker) => breaker,
         Err(over) => {
-            refuse(&stream);
+            admission::reset_on_close(&stream);
             let protection = proxy.inputs.metrics.protection();
             protection.limit_refused(LimitReason::MaxConnections);
             return Err(over.into());
@@ -174,13 +174,18 @@ async fn hbone_connection(
             },
             None => connect.await.map_err(OutboundError::from),
         };
-        breaker.report(&proxy.inputs.metrics, &target, result.is_ok());
+        let reachable = match &result {
+            Ok(_) => true,
+            Err(OutboundError::Pool(error)) => error.refused_by_peer(),
+            Err(_) => false,
+        };
+        breaker.report(&proxy.inputs.metrics, &target, reachable);
         result?
     };
     record.connected();
     let copy = copy::tunnel(stream, tunnel, &record.bytes.sent, &record.bytes.received);
     breaker
-        .bounded(copy)
+        .bounded(copy, &record.bytes)
         .await
         .map_err(|error| AdmissionError::Copy(error).into())
 }
@@ -211,7 +216,7 @@ async fn passthrough_connection(
     record.connected();
     let copy = copy::bidirectional(stream, upstream, &record.bytes.sent, &record.bytes.received);
     breaker
-        .bounded(copy)
+        .bounded(copy, &record.bytes)
         .await
         .map_err(|error| AdmissionError::Copy(error).into())
 }
@@ -223,17 +228,9 @@ fn refuse_blocked(
     decision: Result<Route, route::RouteError>,
 ) -> Result<Route, route::RouteError> {
     if let Err(route::RouteError::EgressBlocked(_)) = &decision {
-        refuse(stream);
+        admission::reset_on_close(stream);
         let protection = proxy.inputs.metrics.protection();
         protection.egress_refused("registry_only");
     }
     decision
-}
-
-/// Makes the close of `stream` a reset (SO_LINGER 0), so that the application learns at once
-/// that its connection was refused instead of reading an orderly, empty end of stream.
-fn refuse(stream: &TcpStream) {
-    if let Err(error) = socket2::SockRef::from(stream).set_linger(Some(std::time::Duration::ZERO)) {
-        tracing::debug!(%error, "cannot set SO_LINGER 0; the refusal closes normally");
-    }
 }

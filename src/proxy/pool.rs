@@ -94,6 +94,13 @@ impl PoolError {
             PoolError::Hbone(_) => ResponseFlag::Connect,
         }
     }
+
+    /// Whether the peer answered the CONNECT with a refusal of its own (4xx: malformed,
+    /// denied, rate limited): the endpoint is up, so outlier detection must not count this as
+    /// a failed connect.
+    pub fn refused_by_peer(&self) -> bool {
+        matches!(self, PoolError::Hbone(ClientError::Status(status)) if status.is_client_error())
+    }
 }
 
 /// Settings the pool needs.
