@@ -2,7 +2,7 @@
 # The fuzz stage of CI (scripts/test.sh runs it after the tests): every target under fuzz/
 # builds and runs briefly from its seeds, so a dependency bump or a parser change that breaks a
 # target, or a crash its seeds reach, fails CI. scripts/fuzz.sh runs them longer.
-#   scripts/fuzz-ci.sh            # FUZZ_CI_SECONDS per target (default 10)
+#   scripts/fuzz-ci.sh            # FUZZ_CI_SECONDS per target (default 5)
 # Installs what is missing: the nightly toolchain (cargo-fuzz needs it; minimal profile) and
 # cargo-fuzz (a pinned version, built with its own lockfile). FUZZ_BUILD_FLAGS (default --dev)
 # go to `cargo fuzz build`, which builds every target in one cargo invocation.
@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 CARGO_FUZZ_VERSION=0.13.2
-seconds=${FUZZ_CI_SECONDS:-10}
+seconds=${FUZZ_CI_SECONDS:-5}
 [[ $seconds =~ ^[0-9]+$ ]] || { echo "fuzz-ci: FUZZ_CI_SECONDS must be a number, got '$seconds'" >&2; exit 2; }
 ((seconds > 0)) || { echo "fuzz-ci: FUZZ_CI_SECONDS=0, skipped"; exit 0; }
 

@@ -66,7 +66,7 @@ if [[ $status -eq 124 ]]; then
 fi
 [[ $(id -u) -eq 0 ]] && remove_stale_namespaces
 
-# Fuzzing: every target under fuzz/ builds and runs for FUZZ_CI_SECONDS (10) each from its
+# Fuzzing: every target under fuzz/ builds and runs for FUZZ_CI_SECONDS (5) each from its
 # seeds; FUZZ_CI_SECONDS=0 skips it. See scripts/fuzz-ci.sh.
 bash scripts/fuzz-ci.sh || status=1
 exit "$status"
