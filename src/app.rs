@@ -299,6 +299,8 @@ impl Agent {
                 state: self.state.clone(),
                 certificates: self.certificates.clone(),
                 node: self.settings.node.clone(),
+                dns_enabled: self.dns.is_some(),
+                warned_dns_off: std::sync::atomic::AtomicBool::new(false),
             },
             self.pods.clone(),
             control.clone(),
@@ -459,6 +461,10 @@ struct ModelPublisher {
     state: Arc<StateStore>,
     certificates: Arc<CertificateManager>,
     node: String,
+    /// Whether pods have a DNS proxy, the only way a ServiceEntry host allows anything.
+    dns_enabled: bool,
+    /// Set once the "hostnames allow nothing without the DNS proxy" warning was logged.
+    warned_dns_off: std::sync::atomic::AtomicBool,
 }
 
 impl ModelPublisher {
@@ -470,6 +476,18 @@ impl ModelPublisher {
         if xds.is_some() && !self.node.is_empty() {
             self.certificates
                 .prefetch_only(snapshot.mesh_identities_on(&self.node));
+        }
+        if !self.dns_enabled
+            && snapshot.egress().has_hostname_only_entries()
+            && !self
+                .warned_dns_off
+                .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            tracing::warn!(
+                "the DNS proxy is off (agent.dns.enabled false or ISTIO_META_DNS_CAPTURE not \
+                 true): ServiceEntry hosts allow no address, so under REGISTRY_ONLY a \
+                 hostname-only ServiceEntry allows nothing"
+            );
         }
         self.state.replace(snapshot);
     }

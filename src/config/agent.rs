@@ -454,6 +454,17 @@ impl Default for AuthorizationConfig {
     }
 }
 
+impl AgentConfig {
+    /// The options Istio resources are translated with: the authorization section's, and the
+    /// cluster domain (waypoint hostnames of `istio.io/use-waypoint`).
+    pub fn istio_options(&self) -> super::istio_policy::IstioOptions {
+        super::istio_policy::IstioOptions {
+            cluster_domain: self.dns.cluster_domain.trim_end_matches('.').to_string(),
+            ..self.authorization.istio_options()
+        }
+    }
+}
+
 impl AuthorizationConfig {
     /// The options `authz` evaluates with.
     pub fn options(&self) -> crate::state::policy::AuthzOptions {
@@ -466,6 +477,7 @@ impl AuthorizationConfig {
     pub fn istio_options(&self) -> super::istio_policy::IstioOptions {
         super::istio_policy::IstioOptions {
             root_namespace: self.root_namespace.clone(),
+            ..super::istio_policy::IstioOptions::default()
         }
     }
 }

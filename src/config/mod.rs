@@ -128,7 +128,7 @@ impl Config {
 
     /// Adds the resources of policy-directory files (read by [`load`] or the watcher).
     pub fn add_policy_files(&mut self, files: &[istio::PolicyFile]) {
-        let options = self.agent.authorization.istio_options();
+        let options = self.agent.istio_options();
         self.istio.add_files(files, &options);
         self.istio.drop_duplicates(&self.policies);
     }
@@ -320,7 +320,7 @@ pub fn parse(path: &Path, text: &str, overrides: &Overrides) -> Result<Config, C
     if !problems.0.is_empty() {
         return Err(located(path, text, problems));
     }
-    let istio_options = file.agent.authorization.istio_options();
+    let istio_options = file.agent.istio_options();
     let mut istio =
         istio::IstioResources::from_file(path, text, &file.istio_resources, &istio_options);
     istio.drop_duplicates(&converted.policies);

@@ -91,17 +91,25 @@ async fn proxy_connection(
     let hbone_port = proxy.inputs.settings.proxy.hbone_port;
     let now = tokio::time::Instant::now();
     let circuit = &proxy.circuit;
-    let ejected = |service: &Service, workload: &Workload| {
-        circuit.is_ejected(&service.key(), &workload.uid, now)
+    // The lookups live in this block only: they are not `Send`, and the task awaits below.
+    let decision = {
+        let ejected = |service: &Service, workload: &Workload| {
+            circuit.is_ejected(&service.key(), &workload.uid, now)
+        };
+        let learned = |ip| proxy.learned.grants(ip, now);
+        let context = route::RouteContext {
+            ejected: &ejected,
+            learned: &learned,
+        };
+        route::decide_avoiding(
+            &snapshot,
+            &source,
+            redirected.destination,
+            hbone_port,
+            rand::random(),
+            &context,
+        )
     };
-    let decision = route::decide_avoiding(
-        &snapshot,
-        &source,
-        redirected.destination,
-        hbone_port,
-        rand::random(),
-        &ejected,
-    );
     let decision = refuse_blocked(proxy, &stream, decision)?;
     let port = redirected.destination.0.port();
     let breaker = Breaker::admit(&proxy.circuit, &snapshot, &source, &decision, port);
@@ -227,10 +235,10 @@ fn refuse_blocked(
     stream: &TcpStream,
     decision: Result<Route, route::RouteError>,
 ) -> Result<Route, route::RouteError> {
-    if let Err(route::RouteError::EgressBlocked(_)) = &decision {
+    if let Err(route::RouteError::EgressBlocked(blocked)) = &decision {
         admission::reset_on_close(stream);
         let protection = proxy.inputs.metrics.protection();
-        protection.egress_refused("registry_only");
+        protection.egress_refused(blocked.reason.label());
     }
     decision
 }

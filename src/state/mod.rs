@@ -7,6 +7,7 @@
 
 pub mod egress;
 pub mod inbound_limits;
+pub mod learned;
 pub mod merge;
 pub mod policy;
 pub mod rules;

@@ -162,6 +162,8 @@ impl AgentConfig {
             (Some("xds"), "connectTimeout", self.xds.connect_timeout),
             (Some("zds"), "reconnectMax", self.zds.reconnect_max),
             (Some("dns"), "forwardTimeout", self.dns.forward_timeout),
+            (Some("dns"), "learnedTtlMin", self.dns.learned_ttl_min),
+            (Some("dns"), "learnedTtlMax", self.dns.learned_ttl_max),
             (Some("ca"), "workloadCertTtl", self.ca.workload_cert_ttl),
             (Some("istio"), "certificateTtl", self.istio.certificate_ttl),
             (None, "reloadInterval", self.reload_interval),
@@ -249,7 +251,7 @@ impl AgentConfig {
         ]
     }
 
-    fn limit_ranges(&self) -> [Range; 5] {
+    fn limit_ranges(&self) -> [Range; 6] {
         [
             (
                 "pool",
@@ -272,6 +274,13 @@ impl AgentConfig {
                 self.dns.max_tcp_connections_per_pod,
                 1,
                 65_535,
+            ),
+            (
+                "dns",
+                "maxLearnedPerPod",
+                self.dns.max_learned_per_pod,
+                1,
+                1_000_000,
             ),
             (
                 "pool",
