@@ -69,6 +69,8 @@ struct Agent {
     state: Arc<StateStore>,
     metrics: Arc<Metrics>,
     certificates: Arc<CertificateManager>,
+    /// The node-wide HBONE memory budget every pod's proxy reserves from.
+    memory: Arc<crate::proxy::budget::MemoryBudget>,
     /// The istiod client when `xds.address` is set.
     xds: Option<Arc<XdsClient>>,
     pods: Arc<PodManager>,
@@ -122,6 +124,7 @@ impl Agent {
         let state = Arc::new(StateStore::new(config.snapshot()));
         let drain = Drain::new();
         let xds = xds_client(&settings, &metrics)?;
+        let memory = crate::proxy::budget::MemoryBudget::new(settings.proxy.memory_budget);
         let inputs = ProxyInputs {
             state: state.clone(),
             certificates: certificates.clone(),
@@ -133,6 +136,7 @@ impl Agent {
             sources: crate::proxy::limits::SourceLimits::new(
                 settings.proxy.max_unauthenticated_per_source,
             ),
+            memory: memory.clone(),
         };
         let rules = settings.capture.install_rules.then_some(RedirectRules {
             mark: settings.proxy.packet_mark,
@@ -167,6 +171,7 @@ impl Agent {
             state,
             metrics,
             certificates,
+            memory,
             xds,
             pods,
             drain,
@@ -222,6 +227,7 @@ impl Agent {
                 certificates: self.certificates.clone(),
                 logging: options.logging.clone(),
                 runtime: tokio::runtime::Handle::current(),
+                memory: self.memory.clone(),
             },
             control.clone(),
         ));

@@ -440,16 +440,24 @@ fn a_hostname_entry_allows_only_the_address_the_pod_resolved_until_it_expires() 
         "{metrics}"
     );
 
-    // The live learned set is in the dump, under the client pod.
-    resolve(topology, dns_ip, "api.partner.example");
-    let dump = egress.get("127.0.0.1:15000", "/config_dump");
-    assert!(dump.contains("\"learnedDestinations\""), "{dump}");
-    assert!(
-        dump.contains(&format!("\"address\": \"{partner_ip}\""))
+    // The live learned set is in the dump, under the client pod (resolved again right before:
+    // the entry lasts only 2 s).
+    let shows_learned = |dump: &str| {
+        dump.contains("\"learnedDestinations\"")
+            && dump.contains(&format!("\"address\": \"{partner_ip}\""))
             && dump.contains("\"serviceEntry\": \"default/partner-api\"")
-            && dump.contains("\"host\": \"api.partner.example\""),
-        "{dump}"
-    );
+            && dump.contains("\"host\": \"api.partner.example\"")
+    };
+    support::wait_for(
+        "the learned address in /config_dump",
+        RELOAD_TIMEOUT,
+        || {
+            resolve(topology, dns_ip, "api.partner.example");
+            let dump = egress.get("127.0.0.1:15000", "/config_dump");
+            shows_learned(&dump).then_some(())
+        },
+    )
+    .expect("/config_dump shows the pod's learned address");
 
     // Once the learned entry expires (the 2 s cap), the address is refused again.
     support::wait_for("the learned address expires", RELOAD_TIMEOUT, || {

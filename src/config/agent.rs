@@ -306,6 +306,12 @@ pub struct ProxyConfig {
     /// HTTP/2 maximum frame size.
     #[serde(default = "defaults::frame_size")]
     pub frame_size: u32,
+    /// Bytes the node's HBONE connections may reserve together for their receive windows and
+    /// send buffers (each connection reserves twice its connection window; see
+    /// `proxy::budget`). Under pressure new connections get smaller windows, never fewer
+    /// than HTTP/2's default.
+    #[serde(default = "defaults::memory_budget")]
+    pub memory_budget: u64,
     /// Interval of HTTP/2 PINGs on idle HBONE connections.
     #[serde(default = "defaults::keepalive_interval", with = "humantime_serde")]
     pub keepalive_interval: Duration,
@@ -357,6 +363,7 @@ impl Default for ProxyConfig {
             stream_window: defaults::stream_window(),
             connection_window: defaults::connection_window(),
             frame_size: defaults::frame_size(),
+            memory_budget: defaults::memory_budget(),
             keepalive_interval: defaults::keepalive_interval(),
             keepalive_timeout: defaults::keepalive_timeout(),
             handshake_timeout: defaults::handshake_timeout(),

@@ -392,6 +392,15 @@ fn error_cases() -> Vec<(&'static str, String, Vec<&'static str>)> {
             ],
         ),
         (
+            "a learned egress set that holds nothing or lasts no time",
+            "agent:\n  dns:\n    maxLearnedPerPod: 0\n    learnedTtlMin: 0s\n    learnedTtlMax: 0s\n".into(),
+            vec![
+                "nodetunnel.yaml:3:23: agent.dns.maxLearnedPerPod: 0 is out of range (1..=1000000)",
+                "nodetunnel.yaml:4:20: agent.dns.learnedTtlMin: must be longer than 0s",
+                "nodetunnel.yaml:5:20: agent.dns.learnedTtlMax: must be longer than 0s",
+            ],
+        ),
+        (
             "DNS upstream that is not an address",
             "agent:\n  dns:\n    upstreams: [dns.example]\n".into(),
             vec![

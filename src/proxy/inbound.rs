@@ -27,6 +27,7 @@ use tracing::Instrument;
 use super::admission::{
     self, accept_loop, AdmissionError, Admitted, InboundAdmission, ListenerKind,
 };
+use super::budget::SendAllowance;
 use super::inbound_target::{self, TargetError};
 use super::{copy, WorkloadProxy};
 use crate::authz::ConnectionFacts;
@@ -102,6 +103,9 @@ async fn serve_connection(
         .map_err(|_| ConnectionError::HandshakeTimeout)?
         .map_err(ConnectionError::Tls)?;
     drop(admitted);
+    // Reserved once the peer is proven, for the connection's whole life.
+    let memory = proxy.inputs.memory.reserve(proxy.h2.connection_window);
+    let allowance = memory.send_allowance();
     let peer_identity = crate::tls::peer_identity(tls.get_ref().1);
     let valid_until =
         crate::identity::connection_valid_until(&certificate, tls.get_ref().1.peer_certificates());
@@ -113,20 +117,17 @@ async fn serve_connection(
     };
     hbone::server::serve_until(
         tls,
-        &proxy.h2,
+        &memory.h2_settings(&proxy.h2),
         &proxy.drain,
         limits,
         move |request, respond| {
-            handle_stream(
-                stream_proxy.clone(),
-                peer,
-                peer_identity.clone(),
-                request,
-                respond,
-            )
+            let client = (peer, peer_identity.clone(), allowance.clone());
+            handle_stream(stream_proxy.clone(), client, request, respond)
         },
     )
     .await?;
+    // Held until here: stream tasks outliving the connection keep only their allowance.
+    drop(memory);
     Ok(())
 }
 
@@ -182,8 +183,7 @@ impl StreamError {
 /// which is what an idle tunnel costs).
 fn handle_stream(
     proxy: Arc<WorkloadProxy>,
-    peer: ClientAddr,
-    peer_identity: Option<Identity>,
+    (peer, peer_identity, allowance): (ClientAddr, Option<Identity>, SendAllowance),
     request: Request<RecvStream>,
     respond: SendResponse<Bytes>,
 ) -> impl std::future::Future<Output = ()> + Send {
@@ -207,7 +207,8 @@ fn handle_stream(
         let result = match target {
             Ok(target) => {
                 let client = (peer, peer_identity);
-                tunnel(&proxy, client, target, body, &mut respond, &mut record).await
+                let stream = (body, &allowance);
+                tunnel(&proxy, client, target, stream, &mut respond, &mut record).await
             }
             Err(error) => Err(StreamError::from(error)),
         };
@@ -229,7 +230,7 @@ async fn tunnel(
     proxy: &WorkloadProxy,
     client: (ClientAddr, Option<Identity>),
     authority: Authority,
-    body: RecvStream,
+    (body, allowance): (RecvStream, &SendAllowance),
     respond: &mut Option<SendResponse<Bytes>>,
     record: &mut ConnectionRecord,
 ) -> Result<(), StreamError> {
@@ -253,6 +254,7 @@ async fn tunnel(
     let copy = Box::pin(copy::tunnel(
         upstream,
         tunnel,
+        allowance,
         &record.bytes.received,
         &record.bytes.sent,
     ));

@@ -7,6 +7,7 @@
 //! hands every connection to a named `handle` function in its own tracked task.
 
 mod admission;
+pub mod budget;
 mod circuit;
 mod connections;
 pub mod copy;
@@ -57,6 +58,8 @@ pub struct ProxyInputs {
     pub metrics: Arc<crate::telemetry::Metrics>,
     /// Node-wide counts of unauthenticated connections per source IP.
     pub sources: Arc<limits::SourceLimits>,
+    /// The node-wide memory budget HBONE connections reserve their windows from.
+    pub memory: Arc<budget::MemoryBudget>,
 }
 
 /// The three listeners of a workload, bound inside its namespace.
@@ -115,7 +118,7 @@ impl WorkloadProxy {
         learned: Arc<LearnedDestinations>,
     ) -> Arc<Self> {
         let h2 = H2Settings::from(&inputs.settings.proxy);
-        let pool = pool::Pool::new(
+        let pool = pool::Pool::budgeted(
             sockets.clone(),
             inputs.certificates.clone(),
             pool::PoolSettings {
@@ -124,6 +127,7 @@ impl WorkloadProxy {
                 connect_timeout: inputs.settings.proxy.connect_timeout,
                 handshake_timeout: inputs.settings.proxy.handshake_timeout,
             },
+            inputs.memory.clone(),
         );
         let connections = Arc::new(connections::Connections::new(inputs.metrics.clone()));
         let unauthenticated =

@@ -174,7 +174,7 @@ async fn hbone_connection(
         };
         // Boxed: the CONNECT exchange's state would otherwise stay in this connection's task
         // for its whole life.
-        let connect = Box::pin(proxy.pool.connect(&key, &request));
+        let connect = Box::pin(proxy.pool.connect_tunnel(&key, &request));
         let result = match breaker.connect_timeout() {
             Some(limit) => match tokio::time::timeout(limit, connect).await {
                 Ok(result) => result.map_err(OutboundError::from),
@@ -191,7 +191,13 @@ async fn hbone_connection(
         result?
     };
     record.connected();
-    let copy = copy::tunnel(stream, tunnel, &record.bytes.sent, &record.bytes.received);
+    let copy = copy::tunnel(
+        stream,
+        tunnel.stream,
+        &tunnel.allowance,
+        &record.bytes.sent,
+        &record.bytes.received,
+    );
     breaker
         .bounded(copy, &record.bytes)
         .await
