@@ -69,6 +69,8 @@ struct Agent {
     state: Arc<StateStore>,
     metrics: Arc<Metrics>,
     certificates: Arc<CertificateManager>,
+    /// The node-wide HBONE memory budget every pod's proxy reserves from.
+    memory: Arc<crate::proxy::budget::MemoryBudget>,
     /// The istiod client when `xds.address` is set.
     xds: Option<Arc<XdsClient>>,
     pods: Arc<PodManager>,
@@ -122,6 +124,7 @@ impl Agent {
         let state = Arc::new(StateStore::new(config.snapshot()));
         let drain = Drain::new();
         let xds = xds_client(&settings, &metrics)?;
+        let memory = crate::proxy::budget::MemoryBudget::new(settings.proxy.memory_budget);
         let inputs = ProxyInputs {
             state: state.clone(),
             certificates: certificates.clone(),
@@ -133,6 +136,7 @@ impl Agent {
             sources: crate::proxy::limits::SourceLimits::new(
                 settings.proxy.max_unauthenticated_per_source,
             ),
+            memory: memory.clone(),
         };
         let rules = settings.capture.install_rules.then_some(RedirectRules {
             mark: settings.proxy.packet_mark,
@@ -167,6 +171,7 @@ impl Agent {
             state,
             metrics,
             certificates,
+            memory,
             xds,
             pods,
             drain,
@@ -222,6 +227,7 @@ impl Agent {
                 certificates: self.certificates.clone(),
                 logging: options.logging.clone(),
                 runtime: tokio::runtime::Handle::current(),
+                memory: self.memory.clone(),
             },
             control.clone(),
         ));
@@ -299,6 +305,8 @@ impl Agent {
                 state: self.state.clone(),
                 certificates: self.certificates.clone(),
                 node: self.settings.node.clone(),
+                dns_enabled: self.dns.is_some(),
+                warned_dns_off: std::sync::atomic::AtomicBool::new(false),
             },
             self.pods.clone(),
             control.clone(),
@@ -459,6 +467,10 @@ struct ModelPublisher {
     state: Arc<StateStore>,
     certificates: Arc<CertificateManager>,
     node: String,
+    /// Whether pods have a DNS proxy, the only way a ServiceEntry host allows anything.
+    dns_enabled: bool,
+    /// Set once the "hostnames allow nothing without the DNS proxy" warning was logged.
+    warned_dns_off: std::sync::atomic::AtomicBool,
 }
 
 impl ModelPublisher {
@@ -470,6 +482,18 @@ impl ModelPublisher {
         if xds.is_some() && !self.node.is_empty() {
             self.certificates
                 .prefetch_only(snapshot.mesh_identities_on(&self.node));
+        }
+        if !self.dns_enabled
+            && snapshot.egress().has_hostname_only_entries()
+            && !self
+                .warned_dns_off
+                .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            tracing::warn!(
+                "the DNS proxy is off (agent.dns.enabled false or ISTIO_META_DNS_CAPTURE not \
+                 true): ServiceEntry hosts allow no address, so under REGISTRY_ONLY a \
+                 hostname-only ServiceEntry allows nothing"
+            );
         }
         self.state.replace(snapshot);
     }

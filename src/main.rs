@@ -76,7 +76,10 @@ enum Command {
         /// The client: a workload (name, namespace/name or uid), an IP, or a SPIFFE id.
         #[arg(long)]
         from: String,
-        /// The destination: ip:port of a workload, or workload:port.
+        /// The destination: ip:port of a workload, or workload:port (the destination's
+        /// authorization); or a service VIP, an outside IP, or a hostname, with its port (the
+        /// client's egress: registry, ServiceEntry, outbound traffic policy, waypoint,
+        /// DestinationRule limits).
         #[arg(long)]
         to: String,
         /// Print the answer as JSON (the admin API's shape).
@@ -344,7 +347,11 @@ fn explain(path: &std::path::Path, from: &str, to: &str, json: bool) -> ExitCode
         }
     };
     print_policy_findings(&config);
-    let explained = match nodetunnel::authz::explain(&config.snapshot(), from, to) {
+    let snapshot = config.snapshot();
+    if !nodetunnel::authz::explain::names_workload(&snapshot, to) {
+        return explain_outbound(&snapshot, from, to, json);
+    }
+    let explained = match nodetunnel::authz::explain(&snapshot, from, to) {
         Ok(explained) => explained,
         Err(error) => {
             eprintln!("error: {error}");
@@ -363,6 +370,38 @@ fn explain(path: &std::path::Path, from: &str, to: &str, json: bool) -> ExitCode
         println!("{explained}");
     }
     if explained.decision.is_allowed() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// `explain` for a destination that is not a workload: the source agent's outbound decision.
+fn explain_outbound(
+    snapshot: &nodetunnel::state::Snapshot,
+    from: &str,
+    to: &str,
+    json: bool,
+) -> ExitCode {
+    let explained = match nodetunnel::proxy::explain::explain_outbound(snapshot, from, to) {
+        Ok(explained) => explained,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if json {
+        match serde_json::to_string_pretty(&explained) {
+            Ok(text) => println!("{text}"),
+            Err(error) => {
+                eprintln!("error: {error}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        print!("{explained}");
+    }
+    if explained.allowed {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

@@ -15,6 +15,8 @@
 mod support;
 
 use std::io::{Read, Write};
+
+use anyhow::Context;
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::time::Duration;
 
@@ -109,13 +111,22 @@ impl Target {
 
     /// Resident memory of the agent, KiB.
     fn agent_rss_kib(&self) -> u64 {
+        self.agent_status_kib("VmRSS:")
+    }
+
+    /// The most resident memory the agent ever had, KiB.
+    fn agent_peak_rss_kib(&self) -> u64 {
+        self.agent_status_kib("VmHWM:")
+    }
+
+    fn agent_status_kib(&self, field: &str) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.agent_pid()))
             .expect("agent status");
         status
             .lines()
-            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .find_map(|line| line.strip_prefix(field))
             .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
-            .expect("VmRSS")
+            .unwrap_or_else(|| panic!("{field} in the agent's status"))
     }
 
     /// The agent still runs and an honest peer (from `bystander`) still gets a tunnel through
@@ -1195,4 +1206,117 @@ fn kill_9_and_restart_rebinds_without_duplicate_rules() {
         "rules after kill -9 and restart:\n{ruleset}"
     );
     target.assert_serves("after kill -9 and restart");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Memory budget
+
+/// The node-wide budget of the next test (`proxy.memoryBudget`), bytes.
+const MEMORY_BUDGET: u64 = 4 * 1024 * 1024;
+/// What each stream's app writes at once in that test.
+const FLOOD_PER_STREAM: usize = 384 * 1024;
+/// Streams per connection in that test.
+const FLOOD_STREAMS: u32 = 64;
+/// The app port that floods.
+const FLOOD_PORT: u16 = 8081;
+
+/// A peer that never reads while its streams' apps write (issue 15): 2 connections x 64 streams
+/// whose app each writes 384 KiB at once (48 MiB in all), with the peer's windows wide open.
+/// Before the budget the agent read every app's answer into memory (up to 256 KiB read plus
+/// 400 KiB of h2 send buffer per stream); now a connection's tunnels hold at most its share of
+/// `memoryBudget` (the first connection gets a 2 MiB window and allowance, the second only
+/// HTTP/2's 64 KiB floor), the rest waits in the apps' sockets. The agent's peak RSS grows by
+/// less than the budget plus the per-stream state, and once the peer reads, every stream
+/// delivers all of its app's bytes: throttled, nothing lost.
+#[test]
+fn a_peer_that_never_reads_is_held_to_the_memory_budget() {
+    require_netns!("a_peer_that_never_reads_is_held_to_the_memory_budget");
+    let settings = format!("{PROXY_SETTINGS}    memoryBudget: {MEMORY_BUDGET}\n");
+    let mut target = Target::start(&settings);
+    let flood = EchoServer::start(
+        &target.topology,
+        "server",
+        FLOOD_PORT,
+        Reply::Flood(FLOOD_PER_STREAM),
+    )
+    .expect("flooding app");
+    target.assert_serves("before");
+    let peak_before = target.agent_peak_rss_kib();
+    let hbone = target.hbone();
+    let certs = [
+        target.cert(Validity::Current),
+        target.cert(Validity::Current),
+    ];
+    let authority = addr(target.server_ip(), FLOOD_PORT).to_string();
+    let app = flood.counters.clone();
+    let delivered = target.from("intruder", move || -> anyhow::Result<Vec<Vec<usize>>> {
+        const WIDE_OPEN: u32 = 0x7fff_ffff;
+        let mut sessions = Vec::new();
+        for cert in certs {
+            let mut session = Session::connect(hbone, TlsOptions::mesh(Some(cert)))?;
+            // Not `start_acknowledged`: a connection held to HTTP/2's default window gets no
+            // connection WINDOW_UPDATE to wait for.
+            session
+                .start(&[(h2_raw::SETTINGS_INITIAL_WINDOW_SIZE, WIDE_OPEN)])
+                .context("HTTP/2 start")?;
+            let mut out = h2_raw::window_update(0, WIDE_OPEN - 65_535);
+            for index in 0..FLOOD_STREAMS {
+                out.extend(h2_raw::connect(2 * index + 1, &authority, &[]));
+            }
+            session.send(&out).context("sending the CONNECTs")?;
+            sessions.push(session);
+        }
+        let streams = 2 * FLOOD_STREAMS as usize;
+        support::wait_for("every stream's app connection", IO_TIMEOUT, || {
+            (app.accepted.load(std::sync::atomic::Ordering::SeqCst) >= streams).then_some(())
+        })?;
+        // The attack itself: nobody reads while the apps write. Time is the subject here (how
+        // long the peer stalls), not something asserted.
+        std::thread::sleep(Duration::from_secs(3));
+        let mut delivered = Vec::new();
+        for session in &mut sessions {
+            delivered.push(read_all_streams(session)?);
+        }
+        Ok(delivered)
+    });
+    let delivered = delivered.unwrap_or_else(|error| panic!("stalled peer: {error:#}"));
+    let grown = target.agent_peak_rss_kib().saturating_sub(peak_before);
+    // The budget, plus per-stream state (tasks, h2 streams, TLS and socket buffers) of 128
+    // streams and the allocator's slack.
+    let bound = MEMORY_BUDGET / 1024 + 12 * 1024;
+    eprintln!("agent peak RSS grew by {grown} KiB (bound {bound} KiB)");
+    assert!(
+        grown < bound,
+        "agent peak RSS grew by {grown} KiB with a stalled peer (bound {bound} KiB)"
+    );
+    for (connection, streams) in delivered.iter().enumerate() {
+        for (index, bytes) in streams.iter().enumerate() {
+            assert_eq!(
+                *bytes, FLOOD_PER_STREAM,
+                "connection {connection}, stream {index}: every byte of the app's answer"
+            );
+        }
+    }
+    target.assert_serves("after the stalled peer");
+}
+
+/// Reads until every stream of the test above delivered its app's whole answer (or a minute
+/// passed); returns the bytes per stream.
+fn read_all_streams(session: &mut Session) -> anyhow::Result<Vec<usize>> {
+    let mut bytes = vec![0usize; FLOOD_STREAMS as usize];
+    let mut complete = 0;
+    session.read_until(Duration::from_secs(60), |frame| {
+        if frame.kind == h2_raw::DATA && frame.stream % 2 == 1 {
+            let index = (frame.stream / 2) as usize;
+            if let Some(count) = bytes.get_mut(index) {
+                let before = *count;
+                *count += frame.payload.len();
+                if before < FLOOD_PER_STREAM && *count >= FLOOD_PER_STREAM {
+                    complete += 1;
+                }
+            }
+        }
+        complete == FLOOD_STREAMS
+    });
+    Ok(bytes)
 }

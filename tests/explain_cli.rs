@@ -202,7 +202,6 @@ fn explain_refuses_what_it_cannot_resolve() {
         ("client", "server", "needs a port"),
         ("client", "10.0.0.2", "needs a port"),
         ("client", "server:http", "the port must be a number"),
-        ("client", "10.9.9.9:80", "no workload has IP 10.9.9.9"),
         (
             "client",
             "server:80",
@@ -255,4 +254,120 @@ fn explain_with_a_bad_config_exits_64_naming_the_problem() {
         "{}",
         answer.stderr
     );
+}
+
+const EGRESS_CONFIG: &str = r#"agent:
+  node: node-a
+  outboundTrafficPolicy: {mode: REGISTRY_ONLY, namespaces: {open: ALLOW_ANY}}
+workloads:
+  - {name: client, namespace: default, serviceAccount: client, workloadIps: [10.0.0.1], protocol: HBONE}
+  - {name: free, namespace: open, serviceAccount: free, workloadIps: [10.0.0.5], protocol: HBONE}
+  - {name: echo-0, namespace: default, serviceAccount: echo, workloadIps: [10.0.0.2], protocol: HBONE,
+     services: {default/echo.default.svc.cluster.local: {80: 8080}}}
+  - {name: egress-gw, namespace: default, serviceAccount: egress-gw, workloadIps: [10.0.0.9], protocol: HBONE,
+     services: {default/egress-gw.default.svc.cluster.local: {15008: 15008}}}
+services:
+  - {name: echo, namespace: default, hostname: echo.default.svc.cluster.local, vips: [/10.96.0.10], ports: {80: 8080}}
+  - {name: egress-gw, namespace: default, hostname: egress-gw.default.svc.cluster.local, vips: [/10.96.0.9], ports: {15008: 15008}}
+istioResources:
+  - apiVersion: networking.istio.io/v1
+    kind: ServiceEntry
+    metadata: {name: partner, namespace: default}
+    spec: {hosts: ["*.partner.example"], ports: [{number: 443, name: tls}], resolution: DNS}
+  - apiVersion: networking.istio.io/v1
+    kind: ServiceEntry
+    metadata: {name: payments, namespace: default, labels: {istio.io/use-waypoint: egress-gw}}
+    spec: {hosts: [pay.example], addresses: [203.0.113.0/24], ports: [{number: 443, name: tls}]}
+  - apiVersion: networking.istio.io/v1
+    kind: DestinationRule
+    metadata: {name: echo, namespace: default}
+    spec: {host: echo, trafficPolicy: {connectionPool: {tcp: {maxConnections: 10}}}}
+"#;
+
+#[test]
+fn explain_answers_outbound_questions_about_egress() {
+    let files = Files::new(EGRESS_CONFIG);
+    // (from, to, exit code, lines stdout must contain)
+    let cases: &[(&str, &str, i32, &[&str])] = &[
+        (
+            "client",
+            "api.partner.example:443",
+            ALLOW,
+            &[
+                "outboundTrafficPolicy: REGISTRY_ONLY",
+                "decision: ALLOW (allowed by ServiceEntry default/partner (host *.partner.example) for the addresses the pod resolves api.partner.example to through its DNS proxy",
+            ],
+        ),
+        (
+            "client",
+            "api.partner.example:80",
+            DENY,
+            &[
+                "decision: DENY (blocked by REGISTRY_ONLY: no service, workload or ServiceEntry exported to namespace default has host api.partner.example on port 80)",
+                "note: ServiceEntry default/partner matches api.partner.example but allows only ports 443",
+            ],
+        ),
+        (
+            "client",
+            "198.51.100.1:443",
+            DENY,
+            &["decision: DENY (198.51.100.1:443 is not in the registry and outboundTrafficPolicy for namespace default is REGISTRY_ONLY"],
+        ),
+        (
+            "free",
+            "198.51.100.1:443",
+            ALLOW,
+            &["decision: ALLOW (not in the registry; passed through under ALLOW_ANY)", "route: TCP to 198.51.100.1:443"],
+        ),
+        (
+            "client",
+            "203.0.113.5:443",
+            ALLOW,
+            &[
+                "decision: ALLOW (allowed by ServiceEntry default/payments)",
+                "route: HBONE to default/egress-gw at 10.0.0.9:15008 (authority 203.0.113.5:443)",
+                "via waypoint: default/egress-gw",
+            ],
+        ),
+        (
+            "client",
+            "echo.default.svc.cluster.local:80",
+            ALLOW,
+            &[
+                "decision: ALLOW (in the registry: service default/echo.default.svc.cluster.local)",
+                "destination rule: default/echo: maxConnections 10 per pod",
+            ],
+        ),
+        (
+            "client",
+            "10.96.0.10:80",
+            ALLOW,
+            &["destination rule: default/echo: maxConnections 10 per pod"],
+        ),
+    ];
+    for (from, to, code, lines) in cases {
+        let answer = explain(&files.config(), from, to, &[]);
+        assert_eq!(
+            answer.code, *code,
+            "--from {from} --to {to}: {}{}",
+            answer.stdout, answer.stderr
+        );
+        for line in *lines {
+            assert!(
+                answer.stdout.contains(line),
+                "--from {from} --to {to}: {line:?} not in\n{}",
+                answer.stdout
+            );
+        }
+    }
+    let json = explain(
+        &files.config(),
+        "client",
+        "api.partner.example:443",
+        &["--json"],
+    );
+    let value: serde_json::Value = serde_json::from_str(&json.stdout).expect("json");
+    assert_eq!(value["allowed"], true);
+    assert_eq!(value["serviceEntry"], "default/partner");
+    assert_eq!(value["outboundTrafficPolicy"], "REGISTRY_ONLY");
 }

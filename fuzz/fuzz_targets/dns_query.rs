@@ -1,6 +1,7 @@
 //! Fuzzes the DNS proxy's query handler: `dns::handle` (message in, decision out, no network)
 //! over a small fixed model, for UDP and TCP and for a known and an unknown pod, plus
-//! `Forward::relay` and `dns::check_answer` fed the same bytes as an upstream answer.
+//! `Forward::relay`, `dns::check_answer` and `dns::learn::answered_addresses` (what an
+//! answer teaches the pod's egress check) fed the same bytes as an upstream answer.
 //!
 //! Input: one raw DNS message (the bytes of a UDP datagram or of a TCP message without its
 //! length prefix); seeds are queries `dig` would send and broken variants.
@@ -8,7 +9,9 @@
 //! Properties: nothing panics; every reply decodes as a DNS response carrying the input's
 //! transaction id, and fits the transport (a UDP reply never exceeds the client's EDNS size,
 //! or 512 bytes without EDNS); a forward carries the input unchanged with its id; `relay` of
-//! any bytes carries the client's id and fits the client's limit; `error` decodes.
+//! any bytes carries the client's id and fits the client's limit; `error` decodes; an answer
+//! teaches at most `MAX_ADDRESSES_PER_ANSWER` distinct addresses, and learning them keeps a
+//! pod's set within its cap and every TTL within the floor and the cap.
 #![no_main]
 
 use std::path::Path;
@@ -18,7 +21,13 @@ use hickory_proto::op::{Message, MessageType, ResponseCode};
 use libfuzzer_sys::fuzz_target;
 use nodetunnel::config::{parse, Overrides};
 use nodetunnel::dns::{check_answer, handle, Context, Domains, Handled, Transport};
+use nodetunnel::dns::learn::answered_addresses;
+use nodetunnel::state::learned::{
+    EntryRef, LearnedDestinations, LearnedLimits, MAX_ADDRESSES_PER_ANSWER,
+};
 use nodetunnel::state::Snapshot;
+use std::time::Duration;
+use tokio::time::Instant;
 
 const MODEL: &str = r#"
 agent: {node: node-a}
@@ -92,6 +101,38 @@ fn check(data: &[u8], handled: &Handled, transport: Transport) {
             let servfail = Message::from_vec(&forward.error(ResponseCode::ServFail))
                 .expect("SERVFAIL decodes");
             assert_eq!(servfail.id(), forward.id);
+            learn(data, forward.question.name());
+        }
+    }
+}
+
+/// The bytes as an upstream answer for `asked`: what they teach, and the learned set after.
+fn learn(data: &[u8], asked: &hickory_proto::rr::Name) {
+    let addresses = answered_addresses(data, asked);
+    assert!(addresses.len() <= MAX_ADDRESSES_PER_ANSWER);
+    for (index, address) in addresses.iter().enumerate() {
+        assert!(
+            addresses[..index].iter().all(|other| other.ip != address.ip),
+            "an address is learned once per answer"
+        );
+    }
+    let limits = LearnedLimits {
+        ttl_min: Duration::from_secs(30),
+        ttl_max: Duration::from_secs(3600),
+        max_per_pod: 8,
+    };
+    let learned = LearnedDestinations::new(limits);
+    let entry = EntryRef {
+        namespace: "default".into(),
+        name: "api".into(),
+    };
+    let now = Instant::now();
+    learned.learn("api.example.com", &[entry], &addresses, now);
+    assert!(learned.len() <= limits.max_per_pod);
+    for (_, grants) in learned.entries(now) {
+        for grant in grants {
+            let lasts = grant.expires - now;
+            assert!(lasts >= limits.ttl_min && lasts <= limits.ttl_max);
         }
     }
 }

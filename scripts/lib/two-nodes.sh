@@ -14,11 +14,12 @@ P="$PREFIX$(printf '%x' $$)"       # unique prefix for this run's namespaces
 WORK=$(mktemp -d)
 PIDS=()
 AGENTS=()
+EXTRA_PODS=()   # pods a caller added with `pod`, deleted on exit too
 cleanup() {
   set +e
   for pid in "${AGENTS[@]}" "${PIDS[@]}"; do kill "$pid" 2>/dev/null; done
   for pid in "${AGENTS[@]}" "${PIDS[@]}"; do wait "$pid" 2>/dev/null; done
-  for ns in client server a b; do ip netns del "$P-$ns" 2>/dev/null; done
+  for ns in client server "${EXTRA_PODS[@]}" a b; do ip netns del "$P-$ns" 2>/dev/null; done
   rm -rf "$WORK"
 }
 trap cleanup EXIT INT TERM
@@ -77,7 +78,8 @@ workloads:
   - {uid: cluster1//Pod/default/client, name: client, namespace: default, serviceAccount: client,
      workloadIps: [10.200.1.2], protocol: HBONE, node: node-a}
   - {uid: cluster1//Pod/default/server, name: server, namespace: default, serviceAccount: server,
-     workloadIps: [$SERVER], protocol: HBONE, node: node-b}
+     workloadIps: [$SERVER], protocol: HBONE, node: node-b,
+     services: {default/echo.default.svc.cluster.local: {80: 7000}}}
 services:
   - {name: echo, namespace: default, hostname: echo.default.svc.cluster.local,
      vips: [/10.96.0.10], ports: {80: 7000}}

@@ -12,13 +12,14 @@ use rustls::pki_types::CertificateDer;
 
 use super::schema::{
     ApplicationTunnelDump, CertificateDump, CertificateInfo, ConfigDump, ConnectionDump,
-    EffectiveConfig, EndpointDump, GatewayDump, PodInfo, PodState, PolicyDump, ServiceDump,
-    VersionDump, WorkloadDump, WorkloadStateDump,
+    EffectiveConfig, EgressDump, EndpointDump, GatewayDump, LearnedAddressDump, LearnedGrantDump,
+    PodInfo, PodState, PolicyDump, ServiceDump, VersionDump, WorkloadDump, WorkloadStateDump,
 };
 use super::AdminState;
 use crate::capture::PodStatus;
 use crate::identity::CertificateStatus;
 use crate::net::NetworkAddress;
+use crate::state::learned::LearnedDestinations;
 use crate::state::{GatewayAddress, GatewayDestination, Service, Snapshot, Workload};
 use crate::telemetry::metrics::OpenConnection;
 use crate::telemetry::Direction;
@@ -35,6 +36,8 @@ pub(super) struct DumpInputs<'a> {
     pub connections: Vec<OpenConnection>,
     /// The effective configuration.
     pub config: &'a EffectiveConfig,
+    /// Every captured pod's DNS-learned allow set, by workload uid.
+    pub learned: BTreeMap<String, Vec<LearnedAddressDump>>,
 }
 
 /// `/config_dump` of the running agent.
@@ -46,7 +49,42 @@ pub(super) fn config_dump(admin: &AdminState) -> ConfigDump {
         pods: admin.pods.status(),
         connections: admin.metrics.connections(),
         config: &admin.config,
+        learned: learned_dump(&admin.pods.learned(), tokio::time::Instant::now()),
     })
+}
+
+/// The learned sets as they stand at `now` (expired grants left out, empty pods too).
+pub(super) fn learned_dump(
+    sets: &BTreeMap<String, std::sync::Arc<LearnedDestinations>>,
+    now: tokio::time::Instant,
+) -> BTreeMap<String, Vec<LearnedAddressDump>> {
+    sets.iter()
+        .map(|(uid, set)| {
+            let addresses: Vec<LearnedAddressDump> = set
+                .entries(now)
+                .into_iter()
+                .map(|(address, grants)| LearnedAddressDump {
+                    address: Some(address),
+                    grants: grants
+                        .iter()
+                        .map(|grant| LearnedGrantDump {
+                            service_entry: format!(
+                                "{}/{}",
+                                grant.entry.namespace, grant.entry.name
+                            ),
+                            host: grant.host.to_string(),
+                            expires_in_seconds: grant
+                                .expires
+                                .saturating_duration_since(now)
+                                .as_secs(),
+                        })
+                        .collect(),
+                })
+                .collect();
+            (uid.clone(), addresses)
+        })
+        .filter(|(_, addresses)| !addresses.is_empty())
+        .collect()
 }
 
 /// `/connections` of the running agent.
@@ -83,7 +121,13 @@ pub(super) fn build(inputs: DumpInputs<'_>) -> ConfigDump {
         peer_authentications: authorization.peer_authentications.clone(),
         certificates: inputs.certificates.iter().map(certificate_dump).collect(),
         workload_state: workload_state(snapshot, inputs.pods, &inputs.connections),
-        egress: Some(egress_dump(snapshot.egress())),
+        egress: Some(egress_dump(snapshot.egress(), inputs.learned)),
+        inbound_limits: snapshot
+            .inbound_limits()
+            .0
+            .iter()
+            .map(|limit| limit.as_ref().clone())
+            .collect(),
         config: Some(inputs.config.clone()),
         version: Some(VersionDump {
             version: env!("CARGO_PKG_VERSION").to_string(),
@@ -97,14 +141,31 @@ pub(super) fn build(inputs: DumpInputs<'_>) -> ConfigDump {
     }
 }
 
-/// The egress model as JSON; a value that cannot be serialized (none of its types can fail)
-/// would show as `null` rather than hide the rest of the dump.
-fn egress_dump(egress: &crate::state::egress::Egress) -> serde_json::Value {
-    serde_json::json!({
-        "outboundTrafficPolicy": egress.policy,
-        "serviceEntries": egress.service_entries.iter().map(|entry| entry.as_ref()).collect::<Vec<_>>(),
-        "destinationRules": egress.destination_rules.0.iter().map(|rule| rule.as_ref()).collect::<Vec<_>>(),
-    })
+/// The egress model; a value that cannot be serialized (none of its types can fail) would
+/// show as `null` rather than hide the rest of the dump.
+fn egress_dump(
+    egress: &crate::state::egress::Egress,
+    learned: BTreeMap<String, Vec<LearnedAddressDump>>,
+) -> EgressDump {
+    EgressDump {
+        outbound_traffic_policy: json(&egress.policy),
+        service_entries: egress
+            .service_entries
+            .iter()
+            .map(|entry| json(entry.as_ref()))
+            .collect(),
+        destination_rules: egress
+            .destination_rules
+            .0
+            .iter()
+            .map(|rule| json(rule.as_ref()))
+            .collect(),
+        learned_destinations: learned,
+    }
+}
+
+fn json<T: serde::Serialize>(value: &T) -> serde_json::Value {
+    serde_json::to_value(value).unwrap_or(serde_json::Value::Null)
 }
 
 fn workload_dump(workload: &Workload) -> WorkloadDump {

@@ -419,6 +419,7 @@ fn dump_text() -> String {
         pods,
         connections,
         config: &effective,
+        learned: BTreeMap::new(),
     });
     serde_json::to_string_pretty(&dump).unwrap()
 }

@@ -12,8 +12,9 @@ use crate::capture::{PodManager, PodStatus};
 use crate::drain::Drain;
 use crate::identity::CertificateManager;
 use crate::node_http::{self, text, with_content_type, Body};
+use crate::proxy::budget::MemoryBudget;
 use crate::state::StateStore;
-use crate::telemetry::metrics::{AgentSample, RuntimeSample};
+use crate::telemetry::metrics::{AgentSample, MemoryBudgetSample, RuntimeSample};
 use crate::telemetry::{LogControl, Metrics};
 
 const OPENMETRICS: &str = "application/openmetrics-text";
@@ -33,6 +34,8 @@ pub struct MetricsSources {
     pub logging: Option<LogControl>,
     /// The data-plane runtime, for the tokio metrics.
     pub runtime: tokio::runtime::Handle,
+    /// The node's HBONE memory budget.
+    pub memory: Arc<MemoryBudget>,
 }
 
 /// Serves the metrics endpoints until drain.
@@ -88,6 +91,11 @@ fn sample(sources: &MetricsSources) -> AgentSample {
             .as_ref()
             .map_or(0, LogControl::dropped_lines),
         runtime: Some(RuntimeSample::of(&sources.runtime)),
+        memory_budget: Some(MemoryBudgetSample {
+            limit: sources.memory.limit(),
+            reserved: sources.memory.reserved(),
+            reduced_connections: sources.memory.reduced_connections() as u64,
+        }),
     }
 }
 

@@ -41,14 +41,53 @@ pub struct ConfigDump {
     pub certificates: Vec<CertificateDump>,
     /// Per captured pod (by workload uid): its state, who it is, its open connections.
     pub workload_state: BTreeMap<String, WorkloadStateDump>,
-    /// The outbound traffic policy, ServiceEntries and DestinationRules in force (ours:
-    /// ztunnel enforces none of them).
+    /// The outbound traffic policy, ServiceEntries and DestinationRules in force, and what each
+    /// pod resolved under ServiceEntry hosts (ours: ztunnel enforces none of them).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub egress: Option<serde_json::Value>,
+    pub egress: Option<EgressDump>,
+    /// `agent.inboundLimits` in force, in order (ours: ztunnel has no inbound limits).
+    pub inbound_limits: Vec<crate::state::inbound_limits::InboundLimit>,
     /// The effective agent configuration.
     pub config: Option<EffectiveConfig>,
     /// This agent's version.
     pub version: Option<VersionDump>,
+}
+
+/// The egress model in force and the live DNS-learned allow sets.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct EgressDump {
+    /// `mode` and per-namespace `namespaces`, as configured.
+    pub outbound_traffic_policy: serde_json::Value,
+    /// The ServiceEntries, in matching order, as translated.
+    pub service_entries: Vec<serde_json::Value>,
+    /// The DestinationRules, as translated.
+    pub destination_rules: Vec<serde_json::Value>,
+    /// Per captured pod (workload uid): the addresses it resolved through its DNS proxy under
+    /// an allowed host, still allowed now, by address.
+    pub learned_destinations: BTreeMap<String, Vec<LearnedAddressDump>>,
+}
+
+/// One address in a pod's learned set.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct LearnedAddressDump {
+    /// The address.
+    pub address: Option<IpAddr>,
+    /// Why it is allowed (one per ServiceEntry and name).
+    pub grants: Vec<LearnedGrantDump>,
+}
+
+/// One reason a learned address is allowed.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct LearnedGrantDump {
+    /// `namespace/name` of the ServiceEntry whose host matched.
+    pub service_entry: String,
+    /// The name the pod resolved.
+    pub host: String,
+    /// Seconds until it expires.
+    pub expires_in_seconds: u64,
 }
 
 /// A workload as ztunnel dumps it, plus our `identity` and `labels`.

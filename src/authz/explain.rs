@@ -187,6 +187,25 @@ fn resolve_source(
     Ok((reference(&workload), identity, ip))
 }
 
+/// Whether `to` (`ip:port` or `name:port`) names a workload: the inbound question
+/// [`explain`] answers. Anything else (a service VIP, an outside IP, a hostname) is an
+/// outbound question for the source's agent.
+pub fn names_workload(snapshot: &Snapshot, to: &str) -> bool {
+    if let Ok(address) = to.parse::<SocketAddr>() {
+        return snapshot.workload_by_ip(address.ip()).is_some();
+    }
+    match to.rsplit_once(':') {
+        Some((name, _)) => {
+            name.parse::<IpAddr>().is_err()
+                && !matches!(
+                    find_workload(snapshot, name),
+                    Err(ExplainError::UnknownWorkload(_))
+                )
+        }
+        None => true,
+    }
+}
+
 fn resolve_destination(
     snapshot: &Snapshot,
     to: &str,
@@ -218,7 +237,7 @@ fn resolve_destination(
 }
 
 /// By uid, then `namespace/name`, then a name unique across namespaces.
-fn find_workload(snapshot: &Snapshot, name: &str) -> Result<Arc<Workload>, ExplainError> {
+pub fn find_workload(snapshot: &Snapshot, name: &str) -> Result<Arc<Workload>, ExplainError> {
     if let Some(workload) = snapshot.workload(name) {
         return Ok(workload.clone());
     }

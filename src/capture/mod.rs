@@ -24,6 +24,7 @@ use crate::dns::{DnsInputs, DnsListeners, DnsProxy};
 use crate::drain::Drain;
 use crate::proxy::{Listeners, ProxyInputs, WorkloadProxy};
 use crate::socket::{SocketError, SocketFactory};
+use crate::state::learned::LearnedDestinations;
 use crate::sys::{Netns, NetnsId};
 use crate::telemetry::Metrics;
 
@@ -390,11 +391,20 @@ impl PodManager {
         let (listeners, dns_listeners) =
             bind_listeners(netns.clone(), sockets.clone(), self.dns.is_some()).await?;
         let drain = self.drain.child();
+        // One learned set per pod, shared by its DNS proxy (writer) and its workload proxy
+        // (reader); it goes with them when the pod goes. Without DNS it stays empty.
+        let limits = self
+            .dns
+            .as_ref()
+            .map(|dns| dns.settings.learned)
+            .unwrap_or_default();
+        let learned = Arc::new(LearnedDestinations::new(limits));
         let proxy = WorkloadProxy::new(
             self.inputs.clone(),
             uid.to_string(),
             sockets.clone(),
             drain.clone(),
+            learned.clone(),
         );
         proxy.spawn(listeners);
         if let (Some(inputs), Some(dns_listeners)) = (&self.dns, dns_listeners) {
@@ -403,6 +413,7 @@ impl PodManager {
                 uid.to_string(),
                 sockets.clone(),
                 drain.clone(),
+                learned,
             )
             .spawn(dns_listeners);
         }
@@ -465,6 +476,14 @@ impl PodManager {
         self.lock()
             .iter()
             .filter_map(|(uid, entry)| Some((uid.clone(), entry.status.clone()?)))
+            .collect()
+    }
+
+    /// Every running pod's DNS-learned egress set, by workload uid (admin dump).
+    pub fn learned(&self) -> BTreeMap<String, Arc<LearnedDestinations>> {
+        self.lock()
+            .iter()
+            .filter_map(|(uid, entry)| Some((uid.clone(), entry.proxy.as_ref()?.learned().clone())))
             .collect()
     }
 

@@ -68,6 +68,10 @@ pub struct AgentConfig {
     /// or `REGISTRY_ONLY`), and `namespaces` with a mode per namespace.
     #[serde(default)]
     pub outbound_traffic_policy: crate::state::egress::OutboundTrafficPolicy,
+    /// Limits per source on inbound connections, per destination workload (selected by
+    /// namespace and labels; the first rule that selects a workload applies). Off when empty.
+    #[serde(default)]
+    pub inbound_limits: Vec<crate::state::inbound_limits::InboundLimit>,
     /// How long open connections may finish after a shutdown signal before they are cut.
     #[serde(default = "defaults::drain_timeout", with = "humantime_serde")]
     pub drain_timeout: Duration,
@@ -94,6 +98,7 @@ impl Default for AgentConfig {
             dns: super::dns::DnsConfig::default(),
             istio: IstioConfig::default(),
             outbound_traffic_policy: Default::default(),
+            inbound_limits: Vec::new(),
             drain_timeout: defaults::drain_timeout(),
             reload_interval: defaults::reload_interval(),
         }
@@ -301,6 +306,12 @@ pub struct ProxyConfig {
     /// HTTP/2 maximum frame size.
     #[serde(default = "defaults::frame_size")]
     pub frame_size: u32,
+    /// Bytes the node's HBONE connections may reserve together for their receive windows and
+    /// send buffers (each connection reserves twice its connection window; see
+    /// `proxy::budget`). Under pressure new connections get smaller windows, never fewer
+    /// than HTTP/2's default.
+    #[serde(default = "defaults::memory_budget")]
+    pub memory_budget: u64,
     /// Interval of HTTP/2 PINGs on idle HBONE connections.
     #[serde(default = "defaults::keepalive_interval", with = "humantime_serde")]
     pub keepalive_interval: Duration,
@@ -352,6 +363,7 @@ impl Default for ProxyConfig {
             stream_window: defaults::stream_window(),
             connection_window: defaults::connection_window(),
             frame_size: defaults::frame_size(),
+            memory_budget: defaults::memory_budget(),
             keepalive_interval: defaults::keepalive_interval(),
             keepalive_timeout: defaults::keepalive_timeout(),
             handshake_timeout: defaults::handshake_timeout(),
@@ -449,6 +461,17 @@ impl Default for AuthorizationConfig {
     }
 }
 
+impl AgentConfig {
+    /// The options Istio resources are translated with: the authorization section's, and the
+    /// cluster domain (waypoint hostnames of `istio.io/use-waypoint`).
+    pub fn istio_options(&self) -> super::istio_policy::IstioOptions {
+        super::istio_policy::IstioOptions {
+            cluster_domain: self.dns.cluster_domain.trim_end_matches('.').to_string(),
+            ..self.authorization.istio_options()
+        }
+    }
+}
+
 impl AuthorizationConfig {
     /// The options `authz` evaluates with.
     pub fn options(&self) -> crate::state::policy::AuthzOptions {
@@ -461,6 +484,7 @@ impl AuthorizationConfig {
     pub fn istio_options(&self) -> super::istio_policy::IstioOptions {
         super::istio_policy::IstioOptions {
             root_namespace: self.root_namespace.clone(),
+            ..super::istio_policy::IstioOptions::default()
         }
     }
 }

@@ -42,6 +42,16 @@ pub struct DnsConfig {
     /// TCP connections one pod may hold open to its DNS proxy; more are closed at once.
     #[serde(default = "defaults::max_tcp_connections_per_pod")]
     pub max_tcp_connections_per_pod: u32,
+    /// The shortest time an address a pod resolved under a ServiceEntry host stays allowed,
+    /// whatever TTL the answer gave (applications cache answers a little longer than told).
+    #[serde(default = "defaults::learned_ttl_min", with = "humantime_serde")]
+    pub learned_ttl_min: Duration,
+    /// The longest time such an address stays allowed (a huge TTL is cut to this).
+    #[serde(default = "defaults::learned_ttl_max", with = "humantime_serde")]
+    pub learned_ttl_max: Duration,
+    /// Addresses one pod's learned set holds; when full, the one expiring first makes room.
+    #[serde(default = "defaults::max_learned_per_pod")]
+    pub max_learned_per_pod: u32,
 }
 
 impl Default for DnsConfig {
@@ -54,11 +64,23 @@ impl Default for DnsConfig {
             forward_timeout: defaults::forward_timeout(),
             max_forwards_per_pod: defaults::max_forwards_per_pod(),
             max_tcp_connections_per_pod: defaults::max_tcp_connections_per_pod(),
+            learned_ttl_min: defaults::learned_ttl_min(),
+            learned_ttl_max: defaults::learned_ttl_max(),
+            max_learned_per_pod: defaults::max_learned_per_pod(),
         }
     }
 }
 
 impl DnsConfig {
+    /// The bounds of every pod's DNS-learned egress set.
+    pub fn learned_limits(&self) -> crate::state::learned::LearnedLimits {
+        crate::state::learned::LearnedLimits {
+            ttl_min: self.learned_ttl_min,
+            ttl_max: self.learned_ttl_max,
+            max_per_pod: usize::try_from(self.max_learned_per_pod).unwrap_or(usize::MAX),
+        }
+    }
+
     /// The upstream resolvers: `upstreams`, or else the nameservers of `resolv_conf`.
     /// An unreadable or empty file is an error naming it: without an upstream every name
     /// outside the mesh would fail.
@@ -188,6 +210,15 @@ pub mod defaults {
     }
     pub(crate) fn max_tcp_connections_per_pod() -> u32 {
         32
+    }
+    pub(crate) fn learned_ttl_min() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub(crate) fn learned_ttl_max() -> Duration {
+        Duration::from_secs(3600)
+    }
+    pub(crate) fn max_learned_per_pod() -> u32 {
+        4096
     }
 }
 

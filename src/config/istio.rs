@@ -140,7 +140,10 @@ impl IstioResources {
                 position.column
             );
             translated.absorb(istio::translate([resource.clone()], options), &location);
-            translated.absorb_networking(networking::translate([resource.clone()]), &location);
+            translated.absorb_networking(
+                networking::translate([resource.clone()], options),
+                &location,
+            );
         }
         translated
     }
@@ -150,7 +153,7 @@ impl IstioResources {
         for file in files {
             let location = file.path.display().to_string();
             self.absorb(istio::parse(&file.text, options), &location);
-            self.absorb_networking(networking::parse(&file.text), &location);
+            self.absorb_networking(networking::parse(&file.text, options), &location);
         }
     }
 

@@ -17,13 +17,15 @@ use ipnet::IpNet;
 use serde::Deserialize;
 use serde_yaml::Value;
 
-use super::istio_policy::{expand, is_networking, ResourceId};
+use super::istio_policy::{expand, is_networking, IstioOptions, ResourceId};
 use std::time::Duration;
 
 use crate::state::egress::{
     ExportTo, Location, Resolution, ServiceEntry, ServiceEntryEndpoint, ServiceEntryPort,
 };
 use crate::state::traffic_policy::{DestinationRule, OutlierDetection, TcpPool};
+
+mod waypoint;
 
 const API_VERSIONS: [&str; 3] = [
     "networking.istio.io/v1",
@@ -62,7 +64,7 @@ pub struct NetworkingTranslation {
 /// Reads the networking resources of YAML text (documents, lists, `List` kinds), ignoring every
 /// other resource. A YAML syntax error ends the reading silently: the security reader of the same
 /// text reports it.
-pub fn parse(yaml: &str) -> NetworkingTranslation {
+pub fn parse(yaml: &str, options: &IstioOptions) -> NetworkingTranslation {
     let mut values = Vec::new();
     for deserializer in serde_yaml::Deserializer::from_str(yaml) {
         match Value::deserialize(deserializer) {
@@ -70,11 +72,14 @@ pub fn parse(yaml: &str) -> NetworkingTranslation {
             Err(_) => break,
         }
     }
-    translate(values)
+    translate(values, options)
 }
 
 /// Translates the networking resources among already parsed documents.
-pub fn translate(documents: impl IntoIterator<Item = Value>) -> NetworkingTranslation {
+pub fn translate(
+    documents: impl IntoIterator<Item = Value>,
+    options: &IstioOptions,
+) -> NetworkingTranslation {
     let mut translation = NetworkingTranslation::default();
     for resource in documents.into_iter().flat_map(expand) {
         if !is_networking(&resource) {
@@ -84,7 +89,8 @@ pub fn translate(documents: impl IntoIterator<Item = Value>) -> NetworkingTransl
             Some("DestinationRule") => {
                 destination_rule(&resource).map(|rule| translation.destination_rules.push(rule))
             }
-            _ => service_entry(&resource).map(|entry| translation.service_entries.push(entry)),
+            _ => service_entry(&resource, options)
+                .map(|entry| translation.service_entries.push(entry)),
         };
         if let Err(error) = result {
             translation.errors.push(error);
@@ -186,10 +192,15 @@ fn rejected(id: &ResourceId) -> impl Fn(Problem) -> NetworkingError + '_ {
     }
 }
 
-fn service_entry(resource: &Value) -> Result<ServiceEntry, NetworkingError> {
+fn service_entry(
+    resource: &Value,
+    options: &IstioOptions,
+) -> Result<ServiceEntry, NetworkingError> {
     let (id, spec) = header(resource)?;
+    let waypoint = waypoint::use_waypoint(resource, &id, options).map_err(rejected(&id))?;
     spec_of(spec)
         .and_then(|spec| check_service_entry(&id, spec))
+        .map(|entry| ServiceEntry { waypoint, ..entry })
         .map_err(rejected(&id))
 }
 
@@ -262,6 +273,7 @@ fn check_service_entry(id: &ResourceId, spec: ServiceEntrySpec) -> Result<Servic
         resolution,
         endpoints,
         export_to: export_to(&id.namespace, &spec.export_to)?,
+        waypoint: None,
     })
 }
 
@@ -509,7 +521,8 @@ fn check_tcp(spec: Option<TcpSpec>) -> Result<TcpPool, Problem> {
             spec.connect_timeout,
             &format!("{field}.connectTimeout"),
         )?,
-        idle_timeout: positive_duration(spec.idle_timeout, &format!("{field}.idleTimeout"))?,
+        // Istio: `0s` turns the idle timeout off.
+        idle_timeout: spec.idle_timeout.filter(|timeout| !timeout.is_zero()),
         tcp_keepalive_time: positive_duration(
             keepalive.time,
             &format!("{field}.tcpKeepalive.time"),

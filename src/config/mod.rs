@@ -62,6 +62,19 @@ impl Config {
             self.authorization(),
         )
         .with_egress(self.egress())
+        .with_inbound_limits(self.inbound_limits())
+    }
+
+    /// The agent's inbound limits, for the snapshot.
+    pub fn inbound_limits(&self) -> state::inbound_limits::InboundLimits {
+        state::inbound_limits::InboundLimits(
+            self.agent
+                .inbound_limits
+                .iter()
+                .cloned()
+                .map(std::sync::Arc::new)
+                .collect(),
+        )
     }
 
     /// The outbound traffic policy and the ServiceEntries, for the snapshot.
@@ -93,6 +106,7 @@ impl Config {
             services: self.services.clone(),
             authorization: self.authorization(),
             egress: self.egress(),
+            inbound_limits: self.inbound_limits(),
         }
     }
 
@@ -114,7 +128,7 @@ impl Config {
 
     /// Adds the resources of policy-directory files (read by [`load`] or the watcher).
     pub fn add_policy_files(&mut self, files: &[istio::PolicyFile]) {
-        let options = self.agent.authorization.istio_options();
+        let options = self.agent.istio_options();
         self.istio.add_files(files, &options);
         self.istio.drop_duplicates(&self.policies);
     }
@@ -306,7 +320,7 @@ pub fn parse(path: &Path, text: &str, overrides: &Overrides) -> Result<Config, C
     if !problems.0.is_empty() {
         return Err(located(path, text, problems));
     }
-    let istio_options = file.agent.authorization.istio_options();
+    let istio_options = file.agent.istio_options();
     let mut istio =
         istio::IstioResources::from_file(path, text, &file.istio_resources, &istio_options);
     istio.drop_duplicates(&converted.policies);

@@ -143,6 +143,16 @@ pub enum SemanticError {
     /// HBONE connection; a zero interval spins).
     #[error("must be longer than 0s")]
     ZeroDuration,
+    /// An inbound limit that limits nothing (probably a misspelt or misplaced field).
+    #[error("sets no limit: give maxConnections, connectionsPerSecond or both")]
+    NoInboundLimit,
+    /// A bucket size without a refill rate.
+    #[error("burst needs connectionsPerSecond")]
+    BurstWithoutRate,
+    /// A connection rate that is not a number above 0 (0 would refuse for ever once the burst
+    /// is spent; a fraction like 0.1 is one every 10 s).
+    #[error("{0} is not a rate above 0 and at most 1000000 per second")]
+    Rate(String),
 }
 
 /// A problem and the field it is about.

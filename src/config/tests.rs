@@ -247,7 +247,7 @@ fn error_cases() -> Vec<(&'static str, String, Vec<&'static str>)> {
             "unknown agent field",
             "agent:\n  node: n1\n  nodes: [n2]\n".into(),
             vec![
-                "nodetunnel.yaml:3:3: agent.nodes: unknown field `nodes`, expected one of `node`, `trustDomain`, `network`, `ca`, `pods`, `zds`, `proxy`, `pool`, `listen`, `capture`, `authorization`, `xds`, `dns`, `istio`, `outboundTrafficPolicy`, `drainTimeout`, `reloadInterval`",
+                "nodetunnel.yaml:3:3: agent.nodes: unknown field `nodes`, expected one of `node`, `trustDomain`, `network`, `ca`, `pods`, `zds`, `proxy`, `pool`, `listen`, `capture`, `authorization`, `xds`, `dns`, `istio`, `outboundTrafficPolicy`, `inboundLimits`, `drainTimeout`, `reloadInterval`",
             ],
         ),
         (
@@ -392,6 +392,15 @@ fn error_cases() -> Vec<(&'static str, String, Vec<&'static str>)> {
             ],
         ),
         (
+            "a learned egress set that holds nothing or lasts no time",
+            "agent:\n  dns:\n    maxLearnedPerPod: 0\n    learnedTtlMin: 0s\n    learnedTtlMax: 0s\n".into(),
+            vec![
+                "nodetunnel.yaml:3:23: agent.dns.maxLearnedPerPod: 0 is out of range (1..=1000000)",
+                "nodetunnel.yaml:4:20: agent.dns.learnedTtlMin: must be longer than 0s",
+                "nodetunnel.yaml:5:20: agent.dns.learnedTtlMax: must be longer than 0s",
+            ],
+        ),
+        (
             "DNS upstream that is not an address",
             "agent:\n  dns:\n    upstreams: [dns.example]\n".into(),
             vec![
@@ -440,6 +449,26 @@ fn error_cases() -> Vec<(&'static str, String, Vec<&'static str>)> {
             vec![
                 "nodetunnel.yaml:2:9: policies[0].name: must not be empty",
                 "nodetunnel.yaml:6:9: policies[2].name: duplicate policy \"ns/p\" (also defined by policies[1])",
+            ],
+        ),
+        (
+            "inbound limits that limit nothing or cannot be enforced",
+            "agent:\n  inboundLimits:\n  - namespace: \"\"\n    perSource: {}\n  - perSource: {maxConnections: 0, burst: 2}\n  - perSource: {connectionsPerSecond: 0, burst: 0}\n  - perSource: {connectionsPerSecond: .nan}\n".into(),
+            vec![
+                "nodetunnel.yaml:3:16: agent.inboundLimits[0].namespace: must not be empty",
+                "nodetunnel.yaml:4:5: agent.inboundLimits[0].perSource: sets no limit: give maxConnections, connectionsPerSecond or both",
+                "nodetunnel.yaml:5:33: agent.inboundLimits[1].perSource.maxConnections: 0 is out of range (1..=4294967295)",
+                "nodetunnel.yaml:5:43: agent.inboundLimits[1].perSource.burst: burst needs connectionsPerSecond",
+                "nodetunnel.yaml:6:39: agent.inboundLimits[2].perSource.connectionsPerSecond: 0 is not a rate above 0 and at most 1000000 per second",
+                "nodetunnel.yaml:6:49: agent.inboundLimits[2].perSource.burst: 0 is out of range (1..=4294967295)",
+                "nodetunnel.yaml:7:39: agent.inboundLimits[3].perSource.connectionsPerSecond: NaN is not a rate above 0 and at most 1000000 per second",
+            ],
+        ),
+        (
+            "inbound limit with a misspelt field",
+            "agent:\n  inboundLimits:\n  - perSource: {maxConnection: 3}\n".into(),
+            vec![
+                "nodetunnel.yaml:3:17: agent.inboundLimits[0].perSource.maxConnection: unknown field `maxConnection`, expected one of `maxConnections`, `connectionsPerSecond`, `burst`",
             ],
         ),
         (
@@ -934,4 +963,31 @@ services:
         ),
         ["nodetunnel.yaml:2:3: workloads[0].name: a workload needs a uid or a name"]
     );
+}
+
+#[test]
+fn inbound_limits_reach_the_snapshot_in_order() {
+    let config = parse_ok(
+        "agent:
+  inboundLimits:
+  - namespace: shop
+    selector: {matchLabels: {app: api}}
+    perSource: {maxConnections: 10, connectionsPerSecond: 0.5}
+  - perSource: {connectionsPerSecond: 100, burst: 200}
+",
+    );
+    let snapshot = config.snapshot();
+    let limits = &snapshot.inbound_limits().0;
+    assert_eq!(limits.len(), 2);
+    assert_eq!(limits[0].namespace.as_deref(), Some("shop"));
+    assert_eq!(limits[0].per_source.max_connections, Some(10));
+    // The burst defaults to the rate rounded up, at least 1.
+    assert_eq!(limits[0].per_source.rate(), Some((0.5, 1)));
+    assert_eq!(limits[1].namespace, None);
+    assert_eq!(limits[1].per_source.rate(), Some((100.0, 200)));
+    assert!(parse_ok("agent: {}\n")
+        .snapshot()
+        .inbound_limits()
+        .0
+        .is_empty());
 }

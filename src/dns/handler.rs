@@ -197,7 +197,7 @@ fn reply(
 
 /// The asked name in lower case without the trailing dot, or `None` if a label is not plain
 /// ASCII (no mesh hostname is).
-fn plain_name(name: &Name) -> Option<String> {
+pub(super) fn plain_name(name: &Name) -> Option<String> {
     let mut labels = Vec::with_capacity(usize::from(name.num_labels()));
     for label in name.iter() {
         let label = std::str::from_utf8(label).ok().filter(|label| {

@@ -8,10 +8,15 @@
 //! (`forward`). The message-level decision is pure (`handler`, also the fuzz target's entry);
 //! `server` runs the listeners in the pod's drain scope with per-pod bounds on forwarded
 //! queries and TCP connections, so one flooding pod cannot starve the others.
+//!
+//! A relayed answer for a name that a ServiceEntry exported to the pod's namespace allows also
+//! teaches the pod's egress check (`learn`, into `state::learned`): its addresses become
+//! allowed destinations of that pod for the answer's clamped TTL.
 
 mod answer;
 mod forward;
 mod handler;
+pub mod learn;
 mod server;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -29,6 +34,7 @@ pub use handler::{handle, Context, Forward, Handled, Transport, TTL};
 use crate::config::dns::{DnsConfig, UpstreamsError};
 use crate::drain::Drain;
 use crate::socket::{SocketError, SocketFactory};
+use crate::state::learned::{LearnedDestinations, LearnedLimits};
 use crate::state::StateStore;
 use crate::telemetry::Metrics;
 
@@ -48,6 +54,8 @@ pub struct DnsSettings {
     pub max_forwards_per_pod: usize,
     /// Open TCP connections per pod.
     pub max_tcp_connections_per_pod: usize,
+    /// Bounds of every pod's DNS-learned egress set.
+    pub learned: LearnedLimits,
 }
 
 impl DnsSettings {
@@ -68,6 +76,7 @@ impl DnsSettings {
             max_forwards_per_pod: usize::try_from(config.max_forwards_per_pod).unwrap_or(64),
             max_tcp_connections_per_pod: usize::try_from(config.max_tcp_connections_per_pod)
                 .unwrap_or(32),
+            learned: config.learned_limits(),
         }
     }
 }
@@ -147,16 +156,19 @@ pub struct DnsProxy {
     tcp_connections: Arc<Semaphore>,
     drain: Drain,
     rotation: AtomicUsize,
+    /// The pod's DNS-learned egress set, shared with its workload proxy.
+    learned: Arc<LearnedDestinations>,
 }
 
 impl DnsProxy {
     /// The proxy of workload `workload_uid`, forwarding with `sockets` (the pod's factory), its
-    /// tasks in `drain` (the pod's scope).
+    /// tasks in `drain` (the pod's scope), teaching `learned` (the pod's egress set).
     pub fn new(
         inputs: DnsInputs,
         workload_uid: String,
         sockets: SocketFactory,
         drain: Drain,
+        learned: Arc<LearnedDestinations>,
     ) -> Arc<Self> {
         let settings = &inputs.settings;
         let forwarder = forward::Forwarder::new(
@@ -172,6 +184,7 @@ impl DnsProxy {
             inputs,
             drain,
             rotation: AtomicUsize::new(0),
+            learned,
         })
     }
 

@@ -18,7 +18,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::OwnedSemaphorePermit;
 
+use hickory_proto::op::Query;
+
 use super::handler::{self, Forward, Handled, Transport};
+use super::learn;
 use super::DnsProxy;
 use crate::state::Workload;
 use crate::telemetry::dns::DnsLabels;
@@ -114,6 +117,7 @@ impl DnsProxy {
         let name = forward.question.name().to_string();
         match result {
             Ok(answer) => {
+                self.learn(source.as_deref(), &forward.question, &answer);
                 // ANCOUNT, straight from the header (the answer was parsed when accepted).
                 let answers = answer.get(6..8).map_or(0, |count| {
                     usize::from(u16::from_be_bytes([count[0], count[1]]))
@@ -139,6 +143,41 @@ impl DnsProxy {
                 forward.error(ResponseCode::ServFail)
             }
         }
+    }
+
+    /// Teaches the pod's egress set the addresses of `answer` when a ServiceEntry exported to
+    /// the pod's namespace allows the asked name.
+    fn learn(&self, source: Option<&Workload>, question: &Query, answer: &[u8]) {
+        let (Some(source), RecordType::A | RecordType::AAAA) = (source, question.query_type())
+        else {
+            return;
+        };
+        let Some(name) = handler::plain_name(question.name()) else {
+            return;
+        };
+        let entries = self
+            .inputs
+            .state
+            .snapshot()
+            .egress()
+            .entries_for_host(&source.namespace, &name);
+        if entries.is_empty() {
+            return;
+        }
+        let addresses = learn::answered_addresses(answer, question.name());
+        if addresses.is_empty() {
+            return;
+        }
+        self.learned
+            .learn(&name, &entries, &addresses, tokio::time::Instant::now());
+        tracing::debug!(
+            target: "dns",
+            workload = %self.workload_uid,
+            domain = %name,
+            addresses = addresses.len(),
+            entry = %entries[0].name,
+            "learned allowed egress addresses"
+        );
     }
 
     /// A forward permit, if the pod has one free.

@@ -107,7 +107,35 @@ struct Proxy {
     udp: SocketAddr,
     tcp: SocketAddr,
     metrics: Arc<Metrics>,
+    learned: Arc<crate::state::learned::LearnedDestinations>,
     _drain: Drain,
+}
+
+/// A hostname-only ServiceEntry for `*.partner.example`, port 443, exported everywhere.
+fn partner_entry() -> crate::state::egress::Egress {
+    use crate::state::egress::{
+        Egress, ExportTo, Location, Resolution, ServiceEntry, ServiceEntryPort,
+    };
+    Egress {
+        service_entries: vec![Arc::new(ServiceEntry {
+            namespace: "egress".into(),
+            name: "partner".into(),
+            hosts: vec!["*.partner.example".into()],
+            addresses: Vec::new(),
+            ports: vec![ServiceEntryPort {
+                number: 443,
+                name: "tls".into(),
+                protocol: "TLS".into(),
+                target_port: None,
+            }],
+            location: Location::MeshExternal,
+            resolution: Resolution::Dns,
+            endpoints: Vec::new(),
+            export_to: ExportTo::All,
+            waypoint: None,
+        })],
+        ..Egress::default()
+    }
 }
 
 async fn proxy(upstream: SocketAddr, max_forwards: usize, forward_timeout: Duration) -> Proxy {
@@ -124,7 +152,7 @@ async fn proxy(upstream: SocketAddr, max_forwards: usize, forward_timeout: Durat
         waypoint: None,
     };
     let client = workload("default", "client", Ipv4Addr::new(10, 200, 1, 2));
-    let snapshot = Snapshot::new(vec![client], vec![echo], Vec::new());
+    let snapshot = Snapshot::new(vec![client], vec![echo], Vec::new()).with_egress(partner_entry());
     let metrics = Arc::new(Metrics::new());
     let inputs = DnsInputs {
         state: Arc::new(StateStore::new(snapshot)),
@@ -135,6 +163,7 @@ async fn proxy(upstream: SocketAddr, max_forwards: usize, forward_timeout: Durat
             forward_timeout,
             max_forwards_per_pod: max_forwards,
             max_tcp_connections_per_pod: 2,
+            learned: crate::state::learned::LearnedLimits::default(),
         }),
     };
     let sockets = SocketFactory::node();
@@ -142,11 +171,20 @@ async fn proxy(upstream: SocketAddr, max_forwards: usize, forward_timeout: Durat
     let udp = listeners.udp[0].local_addr().expect("udp address");
     let tcp = listeners.tcp[0].local_addr().expect("tcp address");
     let drain = Drain::new();
-    DnsProxy::new(inputs, CLIENT.to_string(), sockets, drain.clone()).spawn(listeners);
+    let learned = Arc::new(crate::state::learned::LearnedDestinations::default());
+    DnsProxy::new(
+        inputs,
+        CLIENT.to_string(),
+        sockets,
+        drain.clone(),
+        learned.clone(),
+    )
+    .spawn(listeners);
     Proxy {
         udp,
         tcp,
         metrics,
+        learned,
         _drain: drain,
     }
 }
@@ -282,4 +320,32 @@ async fn tcp_clients_are_bounded_and_oversized_prefixes_close_the_connection() {
     let _ = third.write_all(&[0, 12]).await;
     let refused = tokio::time::timeout(PATIENCE, third.read(&mut byte)).await;
     assert!(matches!(refused, Ok(Ok(0)) | Ok(Err(_))), "{refused:?}");
+}
+
+#[tokio::test]
+async fn answers_for_allowed_hosts_teach_the_pods_egress_set() {
+    let upstream = Upstream::start().await;
+    let proxy = proxy(upstream.address, 8, Duration::from_secs(2)).await;
+    let now = || tokio::time::Instant::now();
+    let first: std::net::IpAddr = Ipv4Addr::new(192, 0, 2, 0).into();
+
+    // A name no ServiceEntry allows teaches nothing.
+    ask_udp(proxy.udp, &query(1, "api.other.example.")).await;
+    assert!(proxy.learned.is_empty());
+    // A mesh name answered locally teaches nothing either.
+    ask_udp(proxy.udp, &query(2, "echo.default.svc.cluster.local.")).await;
+    assert!(proxy.learned.is_empty());
+
+    // An allowed name: the relayed answer's address is learned, with the entry and the name.
+    let answer = ask_udp(proxy.udp, &query(3, "API.partner.example.")).await;
+    assert_eq!(answer.answers().len(), 1);
+    let grants = proxy.learned.grants(first, now()).expect("learned");
+    assert_eq!(&*grants[0].entry.name, "partner");
+    assert_eq!(&*grants[0].host, "api.partner.example");
+
+    // A large answer fetched over TCP teaches every address in it (30 here), even though the
+    // UDP client only got a truncated reply and must ask again over TCP.
+    let truncated = ask_udp(proxy.udp, &query(4, "big.partner.example.")).await;
+    assert!(truncated.truncated());
+    assert_eq!(proxy.learned.len(), 30);
 }

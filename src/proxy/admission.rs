@@ -7,7 +7,8 @@
 //! route, the TLS and CONNECT exchange, the target check. Checks that apply to every accepted
 //! connection of a listener (connection caps per pod or per source) belong in [`accept_loop`];
 //! checks that apply to every inbound connection once its target is known belong in
-//! [`WorkloadProxy::authorize`].
+//! [`WorkloadProxy::admit_inbound`]: the per-source inbound limits (`inbound_limits`), then
+//! authorization.
 
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
@@ -16,6 +17,7 @@ use std::sync::Arc;
 use tokio::net::{TcpListener, TcpStream};
 
 use super::connections::{self, Denied, Registration, Revoked};
+use super::inbound_limits::{InboundSlot, LimitRefusal, SourceKey};
 use super::limits::Refusal;
 pub(super) use super::limits::{Admitted, ListenerKind};
 use super::WorkloadProxy;
@@ -36,6 +38,9 @@ pub(super) enum AdmissionError {
     /// The workload this proxy serves left the model (its proxy is about to be drained).
     #[error("the local workload {0} is not in the current configuration")]
     UnknownWorkload(String),
+    /// A per-source inbound limit of the workload refused the connection.
+    #[error(transparent)]
+    Limited(LimitRefusal),
     /// Authorization refused the connection.
     #[error(transparent)]
     Denied(Denied),
@@ -52,6 +57,7 @@ impl AdmissionError {
     pub(super) fn flag(&self) -> ResponseFlag {
         match self {
             AdmissionError::Denied(_) | AdmissionError::Revoked(_) => ResponseFlag::Deny,
+            AdmissionError::Limited(refusal) => refusal.flag(),
             _ => ResponseFlag::Connect,
         }
     }
@@ -127,8 +133,16 @@ fn refuse(
     } else {
         tracing::debug!(listener = kind.name(), %peer, %refusal, "connection refused");
     }
-    let _ = socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO));
+    reset_on_close(&stream);
     drop(stream);
+}
+
+/// Makes the close of `stream` a reset (SO_LINGER 0), so that the client learns at once that
+/// its connection was refused instead of reading an orderly, empty end of stream.
+pub(super) fn reset_on_close(stream: &TcpStream) {
+    if let Err(error) = socket2::SockRef::from(stream).set_linger(Some(std::time::Duration::ZERO)) {
+        tracing::debug!(%error, "cannot set SO_LINGER 0; the refusal closes normally");
+    }
 }
 
 /// A connection the pod's redirection rules sent to 15001 or 15006: who dialled, what they
@@ -179,23 +193,44 @@ impl WorkloadProxy {
         Ok((snapshot, local))
     }
 
-    /// Authorizes an inbound connection to `local` with `facts`, decided on `snapshot`, and
-    /// registers it for re-evaluation on every later policy change. The returned registration
-    /// must live as long as the connection.
-    pub(super) fn authorize(
+    /// Admits an inbound connection to `local` with `facts`, decided on `snapshot`: first the
+    /// workload's per-source limits (a source is the peer's identity, else its IP), then
+    /// authorization, which registers it for re-evaluation on every later policy change. The
+    /// returned admission must live as long as the connection.
+    pub(super) fn admit_inbound(
         &self,
         snapshot: &Arc<Snapshot>,
         local: &Workload,
         facts: ConnectionFacts,
-    ) -> Result<Registration, AdmissionError> {
-        connections::admit_on(
+    ) -> Result<InboundAdmission, AdmissionError> {
+        let source = match &facts.source_identity {
+            Some(identity) => SourceKey::Identity(identity.clone()),
+            None => SourceKey::Ip(facts.source_ip),
+        };
+        let slot = match snapshot.inbound_limits().for_workload(local) {
+            Some(rule) => {
+                let now = tokio::time::Instant::now();
+                let admitted = self.inbound_limiter.admit(&rule.per_source, source, now);
+                Some(admitted.map_err(|refusal| {
+                    let protection = self.inputs.metrics.protection();
+                    protection.limit_refused(refusal.reason());
+                    AdmissionError::Limited(refusal)
+                })?)
+            }
+            None => None,
+        };
+        let registration = connections::admit_on(
             &self.connections,
             &self.inputs.state,
             snapshot,
             local,
             facts,
         )
-        .map_err(AdmissionError::Denied)
+        .map_err(AdmissionError::Denied)?;
+        Ok(InboundAdmission {
+            registration,
+            _slot: slot,
+        })
     }
 
     /// The source IP of the agent's connection to the app: the client's own (original source),
@@ -219,14 +254,22 @@ pub(super) fn source_workload(
         .cloned()
 }
 
+/// An admitted inbound connection: its authorization registration and its place under the
+/// workload's per-source limits, both given back when it is dropped with the connection.
+#[derive(Debug)]
+pub(super) struct InboundAdmission {
+    registration: Registration,
+    _slot: Option<InboundSlot>,
+}
+
 /// Drives `copy` until it ends or a policy change revokes the connection. Dropping the copy on
 /// revocation closes both ends (an HBONE stream is reset).
 pub(super) async fn copy_until_revoked(
     copy: impl Future<Output = std::io::Result<()>>,
-    registration: &Registration,
+    admission: &InboundAdmission,
 ) -> Result<(), AdmissionError> {
     tokio::select! {
         copied = copy => copied.map_err(AdmissionError::Copy),
-        revoked = registration.revoked() => Err(AdmissionError::Revoked(revoked)),
+        revoked = admission.registration.revoked() => Err(AdmissionError::Revoked(revoked)),
     }
 }

@@ -10,6 +10,7 @@
 //! Time comes from tokio's clock, so tests drive ejection and return with a paused clock.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -18,6 +19,7 @@ use tokio::time::Instant;
 use super::route::Route;
 use crate::state::traffic_policy::{DestinationRule, OutlierDetection};
 use crate::state::{Snapshot, Workload};
+use crate::telemetry::metrics::ByteCounters;
 use crate::telemetry::Metrics;
 
 /// A connection over a service's `maxConnections`.
@@ -32,19 +34,61 @@ pub struct OverLimit {
     pub max: u32,
 }
 
-#[derive(Debug, Default)]
+/// An endpoint healthy (not ejected, no failure) for this long is forgotten, so its next
+/// ejection starts again from `baseEjectionTime`.
+pub const FORGET_HEALTHY_AFTER: Duration = Duration::from_secs(600);
+/// How often the health table is pruned of endpoints and services that left the model and of
+/// endpoints healthy for [`FORGET_HEALTHY_AFTER`].
+pub const PRUNE_INTERVAL: Duration = Duration::from_secs(10);
+
+#[derive(Debug)]
 struct EndpointHealth {
     consecutive_failures: u32,
     ejections: u32,
     ejected_until: Option<Instant>,
+    /// The last failure, or the end of the last ejection if later.
+    last_trouble: Instant,
+}
+
+impl EndpointHealth {
+    fn new(now: Instant) -> Self {
+        EndpointHealth {
+            consecutive_failures: 0,
+            ejections: 0,
+            ejected_until: None,
+            last_trouble: now,
+        }
+    }
+
+    fn ejected(&self, now: Instant) -> bool {
+        self.ejected_until.is_some_and(|until| until > now)
+    }
+
+    /// Nothing worth remembering: the same as no entry, or healthy for long enough.
+    fn forgettable(&self, now: Instant) -> bool {
+        if self.ejected(now) {
+            return false;
+        }
+        let untroubled = self
+            .ejected_until
+            .map_or(self.last_trouble, |until| until.max(self.last_trouble));
+        (self.consecutive_failures == 0 && self.ejections == 0)
+            || now.saturating_duration_since(untroubled) >= FORGET_HEALTHY_AFTER
+    }
+}
+
+/// Service key → workload uid → health, and when it was last pruned.
+#[derive(Debug, Default)]
+struct HealthTable {
+    by_service: HashMap<String, HashMap<String, EndpointHealth>>,
+    pruned: Option<Instant>,
 }
 
 /// Per-service counters and per-endpoint health of one source pod.
 #[derive(Debug, Default)]
 pub struct Circuit {
     open: Mutex<HashMap<String, u32>>,
-    /// Service key → workload uid → health.
-    endpoints: Mutex<HashMap<String, HashMap<String, EndpointHealth>>>,
+    endpoints: Mutex<HealthTable>,
 }
 
 /// An admitted connection's place under its service's limit; given back on drop.
@@ -97,10 +141,47 @@ impl Circuit {
     pub fn is_ejected(&self, service: &str, uid: &str, now: Instant) -> bool {
         let endpoints = lock(&self.endpoints);
         endpoints
+            .by_service
             .get(service)
             .and_then(|service| service.get(uid))
-            .and_then(|health| health.ejected_until)
-            .is_some_and(|until| until > now)
+            .is_some_and(|health| health.ejected(now))
+    }
+
+    /// Drops the health of services and endpoints `snapshot` no longer has (or whose endpoint
+    /// no longer backs the service), and of endpoints with nothing worth remembering; at most
+    /// once per [`PRUNE_INTERVAL`]. Without it the table would keep every endpoint that ever
+    /// failed, for the pod's life.
+    pub fn prune(&self, snapshot: &Snapshot, now: Instant) {
+        let mut table = lock(&self.endpoints);
+        let due = table.pruned.map_or(true, |pruned| {
+            now.saturating_duration_since(pruned) >= PRUNE_INTERVAL
+        });
+        if !due {
+            return;
+        }
+        table.pruned = Some(now);
+        table.by_service.retain(|service, endpoints| {
+            if snapshot.service(service).is_none() {
+                return false;
+            }
+            endpoints.retain(|uid, health| {
+                let backs = snapshot
+                    .workload(uid)
+                    .is_some_and(|workload| workload.services.contains_key(service));
+                backs && !health.forgettable(now)
+            });
+            !endpoints.is_empty()
+        });
+    }
+
+    /// Endpoints with health state now.
+    #[cfg(test)]
+    pub fn tracked_endpoints(&self) -> usize {
+        lock(&self.endpoints)
+            .by_service
+            .values()
+            .map(HashMap::len)
+            .sum()
     }
 
     /// Records a connect to endpoint `uid` of `service` (which has `endpoint_count`
@@ -114,25 +195,31 @@ impl Circuit {
         endpoint_count: usize,
         now: Instant,
     ) -> bool {
-        let mut endpoints = lock(&self.endpoints);
+        let mut table = lock(&self.endpoints);
         if connected {
-            let health = endpoints
-                .get_mut(service)
-                .and_then(|service| service.get_mut(uid));
-            if let Some(health) = health {
-                health.consecutive_failures = 0;
+            let endpoints = table.by_service.get_mut(service);
+            if let Some(endpoints) = endpoints {
+                if let Some(health) = endpoints.get_mut(uid) {
+                    health.consecutive_failures = 0;
+                    if health.forgettable(now) {
+                        endpoints.remove(uid);
+                    }
+                }
             }
             return false;
         }
-        let service = endpoints.entry(service.to_string()).or_default();
+        let service = table.by_service.entry(service.to_string()).or_default();
         let ejected_now = service
             .values()
-            .filter(|health| health.ejected_until.is_some_and(|until| until > now))
+            .filter(|health| health.ejected(now))
             .count();
-        let health = service.entry(uid.to_string()).or_default();
-        if health.ejected_until.is_some_and(|until| until > now) {
+        let health = service
+            .entry(uid.to_string())
+            .or_insert_with(|| EndpointHealth::new(now));
+        if health.ejected(now) {
             return false;
         }
+        health.last_trouble = now;
         health.consecutive_failures += 1;
         if health.consecutive_failures < policy.consecutive_errors {
             return false;
@@ -178,6 +265,7 @@ impl Breaker {
         let Some(service) = service else {
             return Ok(Breaker::default());
         };
+        circuit.prune(snapshot, Instant::now());
         let rules = &snapshot.egress().destination_rules;
         let Some(rule) = rules.for_service(&source.namespace, service) else {
             return Ok(Breaker::default());
@@ -244,18 +332,64 @@ impl Breaker {
         }
     }
 
-    /// Runs `copy`, ending it after the rule's `maxConnectionDuration`.
+    /// Runs `copy`, ending it (both ends closed) after the rule's `maxConnectionDuration`, or
+    /// once no byte has moved either way for its `idleTimeout`. `bytes` are the connection's
+    /// live counters, which the copy updates anyway: the idle check samples them, so no timer
+    /// is touched per byte.
     pub async fn bounded(
         &self,
         copy: impl std::future::Future<Output = std::io::Result<()>>,
+        bytes: &ByteCounters,
     ) -> std::io::Result<()> {
-        let limit = self
-            .rule
-            .as_ref()
-            .and_then(|(rule, _)| rule.tcp.max_connection_duration);
-        match limit {
-            Some(limit) => tokio::time::timeout(limit, copy).await.unwrap_or(Ok(())),
-            None => copy.await,
+        let tcp = self.rule.as_ref().map(|(rule, _)| &rule.tcp);
+        let max_duration = tcp.and_then(|tcp| tcp.max_connection_duration);
+        let idle_timeout = tcp.and_then(|tcp| tcp.idle_timeout);
+        if max_duration.is_none() && idle_timeout.is_none() {
+            return copy.await;
+        }
+        let expired = async {
+            match max_duration {
+                Some(limit) => tokio::time::sleep(limit).await,
+                None => std::future::pending().await,
+            }
+        };
+        let idle = async {
+            match idle_timeout {
+                Some(timeout) => until_idle(bytes, timeout).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            copied = copy => copied,
+            () = expired => {
+                tracing::debug!("connection closed at the DestinationRule's maxConnectionDuration");
+                Ok(())
+            }
+            () = idle => {
+                tracing::debug!("connection closed after the DestinationRule's idleTimeout without traffic");
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Returns once no byte has moved either way on `bytes` for `timeout`. It looks every quarter
+/// of the timeout, so the close comes between `timeout` and 1.25 × `timeout` after the last
+/// byte.
+pub async fn until_idle(bytes: &ByteCounters, timeout: Duration) {
+    let total = || bytes.sent.load(Ordering::Relaxed) + bytes.received.load(Ordering::Relaxed);
+    let check_every = (timeout / 4).max(Duration::from_millis(10));
+    let mut seen = total();
+    let mut quiet_since = Instant::now();
+    loop {
+        tokio::time::sleep(check_every).await;
+        let now = Instant::now();
+        let moved = total();
+        if moved != seen {
+            seen = moved;
+            quiet_since = now;
+        } else if now.duration_since(quiet_since) >= timeout {
+            return;
         }
     }
 }
@@ -339,5 +473,111 @@ mod tests {
 
     fn policy_all() -> OutlierDetection {
         policy(1, 100)
+    }
+
+    /// Traffic more often than the timeout keeps a connection; once quiet, it is idle after
+    /// the timeout, at most a quarter of it late (the sampling period).
+    #[tokio::test(start_paused = true)]
+    async fn until_idle_returns_only_after_a_quiet_timeout() {
+        let bytes = ByteCounters::default();
+        let timeout = Duration::from_secs(4);
+        let idle = until_idle(&bytes, timeout);
+        tokio::pin!(idle);
+        for round in 0..6 {
+            tokio::select! {
+                () = &mut idle => panic!("idle while traffic flows (round {round})"),
+                () = tokio::time::sleep(Duration::from_secs(3)) => {}
+            }
+            if round % 2 == 0 {
+                bytes.sent.fetch_add(1, Ordering::Relaxed);
+            } else {
+                bytes.received.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let quiet_from = Instant::now();
+        idle.await;
+        let quiet = quiet_from.elapsed();
+        assert!(
+            quiet >= timeout && quiet <= timeout + timeout / 4,
+            "idle after {quiet:?} of quiet"
+        );
+    }
+
+    /// A model with `shop/echo` backed by workloads `a` and `b`.
+    fn model() -> (Snapshot, String, [String; 2]) {
+        let hostname = "echo.shop.svc.cluster.local";
+        let key = format!("shop/{hostname}");
+        let backing = |name: &str, last: u8| {
+            let mut workload = crate::state::tests::workload("shop", name, [10, 0, 0, last]);
+            workload
+                .services
+                .insert(key.clone(), [(80, 8080)].into_iter().collect());
+            workload
+        };
+        let service = crate::state::Service {
+            name: "echo".into(),
+            namespace: "shop".into(),
+            hostname: hostname.into(),
+            vips: Vec::new(),
+            ports: [(80, 8080)].into_iter().collect(),
+            subject_alt_names: Vec::new(),
+            waypoint: None,
+        };
+        let (a, b) = (backing("a", 1), backing("b", 2));
+        let uids = [a.uid.clone(), b.uid.clone()];
+        (
+            Snapshot::new(vec![a, b], vec![service], Vec::new()),
+            key,
+            uids,
+        )
+    }
+
+    /// Health is kept only for endpoints of services in the model, and only while there is
+    /// something to remember: a success after failures forgets, an ejection is remembered
+    /// until the endpoint has been healthy for `FORGET_HEALTHY_AFTER`.
+    #[tokio::test(start_paused = true)]
+    async fn the_health_table_forgets_what_left_the_model_and_healthy_endpoints() {
+        let (snapshot, echo, [a, b]) = model();
+        let circuit = Circuit::default();
+        let now = Instant::now;
+        let all = policy_all();
+        let twice = policy(2, 100);
+        assert!(
+            circuit.report(&echo, &a, false, &all, 2, now()),
+            "a ejected"
+        );
+        assert!(!circuit.report(&echo, &b, false, &twice, 2, now()));
+        assert!(!circuit.report(&echo, &b, true, &twice, 2, now()));
+        assert_eq!(circuit.tracked_endpoints(), 1, "b's success forgot b");
+        circuit.report(&echo, "cluster//Pod/shop/gone", false, &twice, 2, now());
+        circuit.report(
+            "shop/old.shop.svc.cluster.local",
+            &a,
+            false,
+            &twice,
+            2,
+            now(),
+        );
+        assert_eq!(circuit.tracked_endpoints(), 3);
+        circuit.prune(&snapshot, now());
+        assert_eq!(circuit.tracked_endpoints(), 1, "only the ejected a is left");
+        assert!(circuit.is_ejected(&echo, &a, now()));
+        // Past the ejection and the memory of it: forgotten at the next prune.
+        tokio::time::advance(Duration::from_secs(30) + FORGET_HEALTHY_AFTER).await;
+        assert!(!circuit.is_ejected(&echo, &a, now()));
+        circuit.report(&echo, &b, false, &twice, 2, now());
+        circuit.prune(&snapshot, now());
+        assert_eq!(
+            circuit.tracked_endpoints(),
+            1,
+            "a forgotten, b's failure kept"
+        );
+        // At most one prune per interval.
+        circuit.report(&echo, "cluster//Pod/shop/gone", false, &twice, 2, now());
+        circuit.prune(&snapshot, now());
+        assert_eq!(circuit.tracked_endpoints(), 2);
+        tokio::time::advance(PRUNE_INTERVAL).await;
+        circuit.prune(&snapshot, now());
+        assert_eq!(circuit.tracked_endpoints(), 1);
     }
 }

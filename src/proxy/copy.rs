@@ -7,10 +7,10 @@
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use super::budget::SendAllowance;
 use crate::hbone::stream::H2Stream;
 
 /// Start small: most proxied connections are short request/response exchanges.
@@ -66,14 +66,19 @@ where
 const TUNNEL_INITIAL_READ: usize = 16 * 1024;
 /// Largest read of a tunnel direction.
 const TUNNEL_MAX_READ: usize = 256 * 1024;
+/// A read waits for the connection's send allowance only when less than this is left.
+const TUNNEL_MIN_READ: usize = 4 * 1024;
 
 /// Copies `tcp` ⇄ `tunnel` like [`bidirectional`], without copy buffers: bytes read from TCP
 /// go to h2 as owned `Bytes` (read into a fresh buffer only once the socket is readable), and
 /// chunks h2 received are written to TCP as they are. An idle tunnel holds no buffer at all.
+/// Every buffer read from TCP is charged to `allowance` (the connection's share of the node's
+/// memory budget) until h2 has sent it, so a peer that stops reading holds at most that much.
 /// `from_tcp` counts bytes TCP → tunnel, `to_tcp` tunnel → TCP.
 pub async fn tunnel(
     mut tcp: TcpStream,
     mut tunnel: H2Stream,
+    allowance: &SendAllowance,
     from_tcp: &AtomicU64,
     to_tcp: &AtomicU64,
 ) -> io::Result<()> {
@@ -83,17 +88,17 @@ pub async fn tunnel(
         let mut size = TUNNEL_INITIAL_READ;
         loop {
             tcp_read.readable().await?;
-            let mut buffer = BytesMut::with_capacity(size);
+            let mut buffer = allowance.buffer(size, TUNNEL_MIN_READ).await;
             // `read_buf` rather than `try_read_buf`: a short read then tells tokio the socket is
             // drained, which saves the `recv` that would only answer EAGAIN.
-            let read = tcp_read.read_buf(&mut buffer).await?;
+            let read = tcp_read.read_buf(&mut buffer.data).await?;
             if read == 0 {
                 return tunnel_write.finish();
             }
             if read == size {
                 size = (size * 2).min(TUNNEL_MAX_READ);
             }
-            tunnel_write.send(buffer.freeze()).await?;
+            tunnel_write.send(buffer.seal()).await?;
             from_tcp.fetch_add(read as u64, Ordering::Relaxed);
         }
     };

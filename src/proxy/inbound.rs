@@ -1,8 +1,9 @@
 //! Inbound HBONE (15008): mTLS with the pod's own certificate, then one CONNECT stream per
 //! tunnelled connection. A stream is answered 200 only after the upstream connect to the app
-//! succeeded; 400 for a malformed request or an authority that is not this pod; 401 when
-//! authorization denies it (decided after the target is resolved, before connecting to the app);
-//! 503 when the target is an agent port or the app cannot be reached. Errors stay inside their
+//! succeeded; 400 for a malformed request or an authority that is not this pod; 429 when the
+//! workload's per-source inbound limits refuse it; 401 when authorization denies it (both
+//! decided after the target is resolved, before connecting to the app); 503 when the target is
+//! an agent port or the app cannot be reached. Errors stay inside their
 //! stream. A stream that a policy change denies later is reset ("policy changed").
 //!
 //! Waypoints: a local workload that is the waypoint of a service or workload also accepts
@@ -23,8 +24,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
-use super::admission::{self, accept_loop, AdmissionError, Admitted, ListenerKind};
-use super::connections::Registration;
+use super::admission::{
+    self, accept_loop, AdmissionError, Admitted, InboundAdmission, ListenerKind,
+};
+use super::budget::SendAllowance;
 use super::inbound_target::{self, TargetError};
 use super::{copy, WorkloadProxy};
 use crate::authz::ConnectionFacts;
@@ -100,6 +103,9 @@ async fn serve_connection(
         .map_err(|_| ConnectionError::HandshakeTimeout)?
         .map_err(ConnectionError::Tls)?;
     drop(admitted);
+    // Reserved once the peer is proven, for the connection's whole life.
+    let memory = proxy.inputs.memory.reserve(proxy.h2.connection_window);
+    let allowance = memory.send_allowance();
     let peer_identity = crate::tls::peer_identity(tls.get_ref().1);
     let valid_until =
         crate::identity::connection_valid_until(&certificate, tls.get_ref().1.peer_certificates());
@@ -111,20 +117,17 @@ async fn serve_connection(
     };
     hbone::server::serve_until(
         tls,
-        &proxy.h2,
+        &memory.h2_settings(&proxy.h2),
         &proxy.drain,
         limits,
         move |request, respond| {
-            handle_stream(
-                stream_proxy.clone(),
-                peer,
-                peer_identity.clone(),
-                request,
-                respond,
-            )
+            let client = (peer, peer_identity.clone(), allowance.clone());
+            handle_stream(stream_proxy.clone(), client, request, respond)
         },
     )
     .await?;
+    // Held until here: stream tasks outliving the connection keep only their allowance.
+    drop(memory);
     Ok(())
 }
 
@@ -164,6 +167,7 @@ impl StreamError {
             )
             | StreamError::Upstream(_) => StatusCode::SERVICE_UNAVAILABLE,
             StreamError::Admission(AdmissionError::Denied(_)) => StatusCode::UNAUTHORIZED,
+            StreamError::Admission(AdmissionError::Limited(_)) => StatusCode::TOO_MANY_REQUESTS,
             StreamError::Reset(_)
             | StreamError::Respond(_)
             | StreamError::Admission(AdmissionError::Copy(_) | AdmissionError::Revoked(_)) => {
@@ -179,8 +183,7 @@ impl StreamError {
 /// which is what an idle tunnel costs).
 fn handle_stream(
     proxy: Arc<WorkloadProxy>,
-    peer: ClientAddr,
-    peer_identity: Option<Identity>,
+    (peer, peer_identity, allowance): (ClientAddr, Option<Identity>, SendAllowance),
     request: Request<RecvStream>,
     respond: SendResponse<Bytes>,
 ) -> impl std::future::Future<Output = ()> + Send {
@@ -204,7 +207,8 @@ fn handle_stream(
         let result = match target {
             Ok(target) => {
                 let client = (peer, peer_identity);
-                tunnel(&proxy, client, target, body, &mut respond, &mut record).await
+                let stream = (body, &allowance);
+                tunnel(&proxy, client, target, stream, &mut respond, &mut record).await
             }
             Err(error) => Err(StreamError::from(error)),
         };
@@ -226,14 +230,14 @@ async fn tunnel(
     proxy: &WorkloadProxy,
     client: (ClientAddr, Option<Identity>),
     authority: Authority,
-    body: RecvStream,
+    (body, allowance): (RecvStream, &SendAllowance),
     respond: &mut Option<SendResponse<Bytes>>,
     record: &mut ConnectionRecord,
 ) -> Result<(), StreamError> {
     let Some(pending) = respond.as_mut() else {
         return Ok(());
     };
-    let (upstream, registration) =
+    let (upstream, admission) =
         hbone::server::until_reset(pending, prepare(proxy, client, authority, record))
             .await
             .map_err(StreamError::Reset)??;
@@ -250,21 +254,22 @@ async fn tunnel(
     let copy = Box::pin(copy::tunnel(
         upstream,
         tunnel,
+        allowance,
         &record.bytes.received,
         &record.bytes.sent,
     ));
     // Dropping the copy on revocation resets the stream (h2 CANCEL) and closes the app socket.
-    Ok(admission::copy_until_revoked(copy, &registration).await?)
+    Ok(admission::copy_until_revoked(copy, &admission).await?)
 }
 
-/// Everything before the answer: the target check, authorization (registering the stream for
-/// re-evaluation), the connect to the app and its PROXY header.
+/// Everything before the answer: the target check, the per-source limits and authorization
+/// (registering the stream for re-evaluation), the connect to the app and its PROXY header.
 async fn prepare(
     proxy: &WorkloadProxy,
     (peer, peer_identity): (ClientAddr, Option<Identity>),
     authority: Authority,
     record: &mut ConnectionRecord,
-) -> Result<(TcpStream, Registration), StreamError> {
+) -> Result<(TcpStream, InboundAdmission), StreamError> {
     let (snapshot, local) = proxy.local_view()?;
     record.dst_workload = Some(local.clone());
     record.dst_identity = Some(local.identity.clone());
@@ -282,7 +287,7 @@ async fn prepare(
         destination_ip: target.ip(),
         destination_port: target.port(),
     };
-    let registration = proxy.authorize(&snapshot, &local, facts)?;
+    let admission = proxy.admit_inbound(&snapshot, &local, facts)?;
     drop(snapshot);
     // Original source: the app sees the HBONE peer's IP (proven by the connection, unlike the
     // client-supplied `forwarded` header), unless client and app share the pod.
@@ -301,5 +306,5 @@ async fn prepare(
             .await
             .map_err(AdmissionError::Copy)?;
     }
-    Ok((upstream, registration))
+    Ok((upstream, admission))
 }

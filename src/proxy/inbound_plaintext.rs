@@ -2,7 +2,8 @@
 //! original destination is the pod's own address; we connect to it from inside the pod.
 //! Authorization decides with no peer identity (so PeerAuthentication STRICT refuses it, and
 //! principal or namespace rules never match it); a denied connection is closed before anything
-//! reaches the app, and a policy change can close it later ("policy changed").
+//! reaches the app, and a policy change can close it later ("policy changed"). A connection over
+//! the workload's per-source inbound limits (by client IP) is reset at once.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -90,7 +91,13 @@ async fn proxy_connection(
         destination_ip: destination.0.ip(),
         destination_port: destination.0.port(),
     };
-    let registration = proxy.authorize(&snapshot, &local, facts)?;
+    let admission = proxy
+        .admit_inbound(&snapshot, &local, facts)
+        .inspect_err(|error| {
+            if let AdmissionError::Limited(_) = error {
+                admission::reset_on_close(&stream);
+            }
+        })?;
     drop(snapshot);
     let source_ip = proxy.original_source(client.0.ip(), destination.0.ip());
     let timeout = proxy.inputs.settings.proxy.connect_timeout;
@@ -100,5 +107,5 @@ async fn proxy_connection(
         .await?;
     record.connected();
     let copy = copy::bidirectional(stream, upstream, &record.bytes.sent, &record.bytes.received);
-    Ok(admission::copy_until_revoked(copy, &registration).await?)
+    Ok(admission::copy_until_revoked(copy, &admission).await?)
 }

@@ -7,10 +7,13 @@
 //! hands every connection to a named `handle` function in its own tracked task.
 
 mod admission;
+pub mod budget;
 mod circuit;
 mod connections;
 pub mod copy;
+pub mod explain;
 mod inbound;
+pub mod inbound_limits;
 mod inbound_plaintext;
 mod inbound_target;
 pub mod limits;
@@ -30,6 +33,7 @@ use crate::hbone::H2Settings;
 use crate::identity::CertificateManager;
 use crate::net::{ports, ListenAddr};
 use crate::socket::{SocketError, SocketFactory};
+use crate::state::learned::LearnedDestinations;
 use crate::state::StateStore;
 
 /// Settings every workload proxy shares.
@@ -54,6 +58,8 @@ pub struct ProxyInputs {
     pub metrics: Arc<crate::telemetry::Metrics>,
     /// Node-wide counts of unauthenticated connections per source IP.
     pub sources: Arc<limits::SourceLimits>,
+    /// The node-wide memory budget HBONE connections reserve their windows from.
+    pub memory: Arc<budget::MemoryBudget>,
 }
 
 /// The three listeners of a workload, bound inside its namespace.
@@ -94,19 +100,25 @@ pub struct WorkloadProxy {
     unauthenticated: Arc<limits::PodLimit>,
     /// DestinationRule limits and outlier detection for this pod's outbound connections.
     circuit: Arc<circuit::Circuit>,
+    /// What the pod resolved through its DNS proxy under a ServiceEntry host (shared with the
+    /// pod's DNS proxy, which fills it).
+    learned: Arc<LearnedDestinations>,
+    /// Per-source state of the `inboundLimits` rule for this workload.
+    inbound_limiter: Arc<inbound_limits::InboundLimiter>,
 }
 
 impl WorkloadProxy {
     /// A proxy for the workload `workload_uid` whose sockets are made by `sockets` and whose
-    /// tasks live in `drain`.
+    /// tasks live in `drain`; `learned` is the pod's DNS-learned egress set.
     pub fn new(
         inputs: ProxyInputs,
         workload_uid: String,
         sockets: SocketFactory,
         drain: Drain,
+        learned: Arc<LearnedDestinations>,
     ) -> Arc<Self> {
         let h2 = H2Settings::from(&inputs.settings.proxy);
-        let pool = pool::Pool::new(
+        let pool = pool::Pool::budgeted(
             sockets.clone(),
             inputs.certificates.clone(),
             pool::PoolSettings {
@@ -115,6 +127,7 @@ impl WorkloadProxy {
                 connect_timeout: inputs.settings.proxy.connect_timeout,
                 handshake_timeout: inputs.settings.proxy.handshake_timeout,
             },
+            inputs.memory.clone(),
         );
         let connections = Arc::new(connections::Connections::new(inputs.metrics.clone()));
         let unauthenticated =
@@ -129,7 +142,14 @@ impl WorkloadProxy {
             drain,
             connections,
             circuit: Arc::default(),
+            learned,
+            inbound_limiter: Arc::default(),
         })
+    }
+
+    /// The pod's DNS-learned egress set (admin dump).
+    pub fn learned(&self) -> &Arc<LearnedDestinations> {
+        &self.learned
     }
 
     /// Starts the accept loops and the pool's idle release on the proxy's drain scope.
@@ -166,6 +186,7 @@ impl WorkloadProxy {
         let pool = self.pool.clone();
         let stop = self.drain.clone();
         drain.spawn(async move { pool.run_idle_release(stop.draining()).await });
+        drain.spawn(prune_learned(self.learned.clone(), self.drain.clone()));
     }
 
     /// Open inbound connections (HBONE streams and plaintext) under authorization (admin).
@@ -176,5 +197,22 @@ impl WorkloadProxy {
     /// The pooled HBONE connections (admin, tests).
     pub fn pooled_connections(&self) -> usize {
         self.pool.connection_count()
+    }
+}
+
+/// Drops the pod's expired learned addresses now and then, so that memory follows what is
+/// still allowed even when the pod stops resolving (lookups never use an expired one anyway).
+async fn prune_learned(learned: Arc<LearnedDestinations>, drain: Drain) {
+    let period = learned
+        .limits()
+        .ttl_min
+        .max(std::time::Duration::from_secs(1));
+    let mut ticks = tokio::time::interval(period);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => learned.prune(tokio::time::Instant::now()),
+            _ = drain.draining() => return,
+        }
     }
 }

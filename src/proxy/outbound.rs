@@ -7,7 +7,7 @@ use std::sync::Arc;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument;
 
-use super::admission::{accept_loop, AdmissionError, Admitted, ListenerKind, Redirected};
+use super::admission::{self, accept_loop, AdmissionError, Admitted, ListenerKind, Redirected};
 use super::circuit::Breaker;
 use super::route::{self, HboneRoute, PassthroughRoute, Route};
 use super::{copy, WorkloadProxy};
@@ -91,17 +91,25 @@ async fn proxy_connection(
     let hbone_port = proxy.inputs.settings.proxy.hbone_port;
     let now = tokio::time::Instant::now();
     let circuit = &proxy.circuit;
-    let ejected = |service: &Service, workload: &Workload| {
-        circuit.is_ejected(&service.key(), &workload.uid, now)
+    // The lookups live in this block only: they are not `Send`, and the task awaits below.
+    let decision = {
+        let ejected = |service: &Service, workload: &Workload| {
+            circuit.is_ejected(&service.key(), &workload.uid, now)
+        };
+        let learned = |ip| proxy.learned.grants(ip, now);
+        let context = route::RouteContext {
+            ejected: &ejected,
+            learned: &learned,
+        };
+        route::decide_avoiding(
+            &snapshot,
+            &source,
+            redirected.destination,
+            hbone_port,
+            rand::random(),
+            &context,
+        )
     };
-    let decision = route::decide_avoiding(
-        &snapshot,
-        &source,
-        redirected.destination,
-        hbone_port,
-        rand::random(),
-        &ejected,
-    );
     let decision = refuse_blocked(proxy, &stream, decision)?;
     let port = redirected.destination.0.port();
     let breaker = Breaker::admit(&proxy.circuit, &snapshot, &source, &decision, port);
@@ -109,7 +117,7 @@ async fn proxy_connection(
     let breaker = match breaker {
         Ok(breaker) => breaker,
         Err(over) => {
-            refuse(&stream);
+            admission::reset_on_close(&stream);
             let protection = proxy.inputs.metrics.protection();
             protection.limit_refused(LimitReason::MaxConnections);
             return Err(over.into());
@@ -166,7 +174,7 @@ async fn hbone_connection(
         };
         // Boxed: the CONNECT exchange's state would otherwise stay in this connection's task
         // for its whole life.
-        let connect = Box::pin(proxy.pool.connect(&key, &request));
+        let connect = Box::pin(proxy.pool.connect_tunnel(&key, &request));
         let result = match breaker.connect_timeout() {
             Some(limit) => match tokio::time::timeout(limit, connect).await {
                 Ok(result) => result.map_err(OutboundError::from),
@@ -174,13 +182,24 @@ async fn hbone_connection(
             },
             None => connect.await.map_err(OutboundError::from),
         };
-        breaker.report(&proxy.inputs.metrics, &target, result.is_ok());
+        let reachable = match &result {
+            Ok(_) => true,
+            Err(OutboundError::Pool(error)) => error.refused_by_peer(),
+            Err(_) => false,
+        };
+        breaker.report(&proxy.inputs.metrics, &target, reachable);
         result?
     };
     record.connected();
-    let copy = copy::tunnel(stream, tunnel, &record.bytes.sent, &record.bytes.received);
+    let copy = copy::tunnel(
+        stream,
+        tunnel.stream,
+        &tunnel.allowance,
+        &record.bytes.sent,
+        &record.bytes.received,
+    );
     breaker
-        .bounded(copy)
+        .bounded(copy, &record.bytes)
         .await
         .map_err(|error| AdmissionError::Copy(error).into())
 }
@@ -211,7 +230,7 @@ async fn passthrough_connection(
     record.connected();
     let copy = copy::bidirectional(stream, upstream, &record.bytes.sent, &record.bytes.received);
     breaker
-        .bounded(copy)
+        .bounded(copy, &record.bytes)
         .await
         .map_err(|error| AdmissionError::Copy(error).into())
 }
@@ -222,18 +241,10 @@ fn refuse_blocked(
     stream: &TcpStream,
     decision: Result<Route, route::RouteError>,
 ) -> Result<Route, route::RouteError> {
-    if let Err(route::RouteError::EgressBlocked(_)) = &decision {
-        refuse(stream);
+    if let Err(route::RouteError::EgressBlocked(blocked)) = &decision {
+        admission::reset_on_close(stream);
         let protection = proxy.inputs.metrics.protection();
-        protection.egress_refused("registry_only");
+        protection.egress_refused(blocked.reason.label());
     }
     decision
-}
-
-/// Makes the close of `stream` a reset (SO_LINGER 0), so that the application learns at once
-/// that its connection was refused instead of reading an orderly, empty end of stream.
-fn refuse(stream: &TcpStream) {
-    if let Err(error) = socket2::SockRef::from(stream).set_linger(Some(std::time::Duration::ZERO)) {
-        tracing::debug!(%error, "cannot set SO_LINGER 0; the refusal closes normally");
-    }
 }

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use tokio_rustls::TlsConnector;
 
+use super::budget::{ConnectionMemory, MemoryBudget, SendAllowance};
 use crate::config::agent::PoolConfig;
 use crate::hbone::client::{ClientConnection, ClientError};
 use crate::hbone::stream::H2Stream;
@@ -94,6 +95,13 @@ impl PoolError {
             PoolError::Hbone(_) => ResponseFlag::Connect,
         }
     }
+
+    /// Whether the peer answered the CONNECT with a refusal of its own (4xx: malformed,
+    /// denied, rate limited): the endpoint is up, so outlier detection must not count this as
+    /// a failed connect.
+    pub fn refused_by_peer(&self) -> bool {
+        matches!(self, PoolError::Hbone(ClientError::Status(status)) if status.is_client_error())
+    }
 }
 
 /// Settings the pool needs.
@@ -112,6 +120,8 @@ pub struct PoolSettings {
 #[derive(Debug)]
 struct Pooled {
     connection: ClientConnection,
+    /// The connection's share of the node's memory budget.
+    memory: ConnectionMemory,
     streams: Arc<AtomicUsize>,
     last_used: Mutex<Instant>,
     /// The earlier expiry of our certificate and the peer's: after it the connection takes no
@@ -128,6 +138,13 @@ struct KeyEntry {
     /// After an extra connection failed, the key shares its connections until then instead of
     /// paying a failing connect per tunnel.
     spread_paused_until: Mutex<Option<Instant>>,
+}
+
+/// A connection just made, before it is pooled.
+struct Established {
+    connection: ClientConnection,
+    memory: ConnectionMemory,
+    valid_until: std::time::SystemTime,
 }
 
 /// How long a key shares its connections after an extra connection for it failed.
@@ -198,14 +215,34 @@ struct PoolInner {
     sockets: SocketFactory,
     certificates: Arc<CertificateManager>,
     settings: PoolSettings,
+    budget: Arc<MemoryBudget>,
+}
+
+/// A tunnel from the pool, with the send allowance of the connection it runs on.
+pub struct PooledTunnel {
+    /// The CONNECT stream.
+    pub stream: H2Stream,
+    /// What the tunnel's reads from its app are charged to (see [`super::budget`]).
+    pub allowance: SendAllowance,
 }
 
 impl Pool {
-    /// A pool whose connections are made with `sockets` (the source pod's namespace).
+    /// A pool whose connections are made with `sockets` (the source pod's namespace), with no
+    /// memory budget.
     pub fn new(
         sockets: SocketFactory,
         certificates: Arc<CertificateManager>,
         settings: PoolSettings,
+    ) -> Self {
+        Self::budgeted(sockets, certificates, settings, MemoryBudget::unlimited())
+    }
+
+    /// [`Pool::new`] whose connections reserve their windows from `budget`.
+    pub fn budgeted(
+        sockets: SocketFactory,
+        certificates: Arc<CertificateManager>,
+        settings: PoolSettings,
+        budget: Arc<MemoryBudget>,
     ) -> Self {
         let worker_threads = tokio::runtime::Handle::try_current()
             .map(|runtime| runtime.metrics().num_workers())
@@ -221,6 +258,7 @@ impl Pool {
                 sockets,
                 certificates,
                 settings,
+                budget,
             }),
         }
     }
@@ -233,6 +271,15 @@ impl Pool {
         key: &PoolKey,
         request: &ConnectRequest,
     ) -> Result<H2Stream, PoolError> {
+        Ok(self.connect_tunnel(key, request).await?.stream)
+    }
+
+    /// [`Pool::connect`], also giving the connection's send allowance.
+    pub async fn connect_tunnel(
+        &self,
+        key: &PoolKey,
+        request: &ConnectRequest,
+    ) -> Result<PooledTunnel, PoolError> {
         let entry = self.entry(key);
         let mut fresh_attempted = false;
         loop {
@@ -252,7 +299,11 @@ impl Pool {
             };
             let connection = guard.pooled.connection.clone();
             match connection.connect(request.build()?).await {
-                Ok(stream) => return Ok(stream.with_guard(guard)),
+                Ok(stream) => {
+                    let allowance = guard.pooled.memory.send_allowance();
+                    let stream = stream.with_guard(guard);
+                    return Ok(PooledTunnel { stream, allowance });
+                }
                 Err(ClientError::Unusable(error)) if !fresh_attempted => {
                     tracing::debug!(%error, peer = %key.peer, "pooled HBONE connection unusable; retrying on a new one");
                     self.remove(&entry, &guard.pooled);
@@ -316,9 +367,7 @@ impl Pool {
             return Ok((guard, false));
         }
         let error = match self.handshake(key).await {
-            Ok((connection, valid_until)) => {
-                return Ok((self.add(entry, connection, valid_until), true))
-            }
+            Ok(established) => return Ok((self.add(entry, established), true)),
             Err(error) => error,
         };
         entry.pause_spreading();
@@ -360,19 +409,20 @@ impl Pool {
         } else {
             None
         };
-        let (connection, valid_until) = self.handshake(key).await?;
-        Ok(self.add(entry, connection, valid_until))
+        let established = self.handshake(key).await?;
+        Ok(self.add(entry, established))
     }
 
     /// Pools a new connection for the key and takes its first slot.
-    fn add(
-        &self,
-        entry: &Arc<KeyEntry>,
-        connection: ClientConnection,
-        valid_until: std::time::SystemTime,
-    ) -> StreamGuard {
+    fn add(&self, entry: &Arc<KeyEntry>, established: Established) -> StreamGuard {
+        let Established {
+            connection,
+            memory,
+            valid_until,
+        } = established;
         let pooled = Arc::new(Pooled {
             connection,
+            memory,
             streams: Arc::new(AtomicUsize::new(0)),
             last_used: Mutex::new(Instant::now()),
             valid_until,
@@ -382,10 +432,7 @@ impl Pool {
         self.take_slot(entry, pooled)
     }
 
-    async fn handshake(
-        &self,
-        key: &PoolKey,
-    ) -> Result<(ClientConnection, std::time::SystemTime), PoolError> {
+    async fn handshake(&self, key: &PoolKey) -> Result<Established, PoolError> {
         let settings = &self.inner.settings;
         let certificate = self
             .inner
@@ -417,8 +464,15 @@ impl Pool {
                 &certificate,
                 tls.get_ref().1.peer_certificates(),
             );
-            let connection = ClientConnection::handshake(tls, &settings.h2).await?;
-            Ok::<_, PoolError>((connection, valid_until))
+            // Reserved once the peer is proven, for the connection's whole life.
+            let memory = self.inner.budget.reserve(settings.h2.connection_window);
+            let connection =
+                ClientConnection::handshake(tls, &memory.h2_settings(&settings.h2)).await?;
+            Ok::<_, PoolError>(Established {
+                connection,
+                memory,
+                valid_until,
+            })
         };
         tokio::time::timeout(settings.handshake_timeout, handshake)
             .await

@@ -12,16 +12,19 @@
 //! direct, so a waypoint never loops back to itself.
 //!
 //! A destination that is neither a service VIP nor a workload is an egress question
-//! (`state::egress`): a matching ServiceEntry allows it (and may pick a STATIC endpoint), else
-//! the source namespace's outbound traffic policy passes it through (`ALLOW_ANY`) or refuses it
-//! (`REGISTRY_ONLY`).
+//! (`state::egress`): a matching ServiceEntry allows it (by address, or by a name the pod
+//! resolved through its DNS proxy, looked up in the pod's learned set) and may pick a STATIC
+//! endpoint, else the source namespace's outbound traffic policy passes it through
+//! (`ALLOW_ANY`) or refuses it (`REGISTRY_ONLY`). An entry bound to a waypoint (an egress
+//! gateway) sends what it allows to that waypoint over HBONE, like a service with a waypoint;
+//! the waypoint's own traffic goes straight out.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use crate::net::{ports, NetworkAddress, OriginalDst, UpstreamAddr};
 use crate::spiffe::Identity;
-use crate::state::egress::{EgressBlocked, EgressDecision, ServiceEntry};
+use crate::state::egress::{self, EgressBlocked, EgressDecision, LearnedLookup, ServiceEntry};
 use crate::state::{GatewayAddress, Service, Snapshot, TunnelProtocol, Workload};
 
 /// Where an outbound connection goes.
@@ -105,21 +108,35 @@ pub fn decide(
     hbone_port: u16,
     pick: u64,
 ) -> Result<Route, RouteError> {
-    decide_avoiding(snapshot, source, destination, hbone_port, pick, &|_, _| {
-        false
-    })
+    let not_ejected = |_: &Service, _: &Workload| false;
+    let context = RouteContext {
+        ejected: &not_ejected,
+        learned: &egress::nothing_learned,
+    };
+    decide_avoiding(snapshot, source, destination, hbone_port, pick, &context)
 }
 
-/// [`decide`], with load balancing skipping the endpoints `ejected` names (outlier detection:
-/// service, endpoint). When every endpoint is ejected, all are candidates again, as in Envoy.
+/// What a route decision reads besides the snapshot: per-pod state that changes between
+/// connections, handed in as lookups so that the decision stays pure.
+pub struct RouteContext<'a> {
+    /// Whether outlier detection ejected this endpoint of this service.
+    pub ejected: &'a dyn Fn(&Service, &Workload) -> bool,
+    /// The source pod's DNS-learned egress grants of an IP.
+    pub learned: LearnedLookup<'a>,
+}
+
+/// [`decide`], with load balancing skipping the endpoints `context.ejected` names (outlier
+/// detection: service, endpoint; when every endpoint is ejected, all are candidates again, as
+/// in Envoy), and the egress decision seeing what the pod resolved (`context.learned`).
 pub fn decide_avoiding(
     snapshot: &Snapshot,
     source: &Workload,
     destination: OriginalDst,
     hbone_port: u16,
     pick: u64,
-    ejected: &dyn Fn(&Service, &Workload) -> bool,
+    context: &RouteContext<'_>,
 ) -> Result<Route, RouteError> {
+    let ejected = context.ejected;
     let dst = destination.0;
     let is_own_address = dst.ip().is_loopback() || source.workload_ips.contains(&dst.ip());
     if is_own_address && ports::is_agent_port(dst.port()) {
@@ -171,11 +188,35 @@ pub fn decide_avoiding(
         return to_workload(workload, dst.port(), None, source, dst, hbone_port);
     }
     // Not in the registry: the outbound traffic policy and ServiceEntries decide.
-    let (target, service_entry) = match snapshot.egress().decide(&source.namespace, dst, pick) {
-        EgressDecision::ServiceEntry { entry, target } => (target, Some(entry)),
+    outside(snapshot, source, dst, pick, context)
+}
+
+/// A destination outside the registry: allowed by a ServiceEntry (straight out, to a STATIC
+/// endpoint, or through the entry's egress gateway), passed through, or refused.
+fn outside(
+    snapshot: &Snapshot,
+    source: &Workload,
+    dst: SocketAddr,
+    pick: u64,
+    context: &RouteContext<'_>,
+) -> Result<Route, RouteError> {
+    let egress = snapshot.egress();
+    let (target, service_entry) = match egress.decide(&source.namespace, dst, pick, context.learned)
+    {
+        EgressDecision::ServiceEntry { entry, target, .. } => (target, Some(entry)),
         EgressDecision::AllowAny => (dst, None),
         EgressDecision::Blocked(blocked) => return Err(blocked.into()),
     };
+    let gateway = service_entry
+        .as_ref()
+        .and_then(|entry| waypoint_to_use(snapshot, entry.waypoint.as_ref(), source));
+    if let Some(gateway) = gateway {
+        let via = Via {
+            service: None,
+            pick,
+        };
+        return to_waypoint(snapshot, gateway, source, dst, via);
+    }
     Ok(Route::Passthrough(PassthroughRoute {
         target: UpstreamAddr(target),
         destination: None,

@@ -422,18 +422,13 @@ fn waypoint_table() {
     }
 }
 
-#[test]
-fn registry_only_refuses_only_what_is_outside_the_registry() {
-    use crate::state::egress::{
-        Egress, ExportTo, Location, OutboundMode, OutboundTrafficPolicy, Resolution, ServiceEntry,
-        ServiceEntryPort,
-    };
-    let (snapshot, client) = snapshot();
-    let entry = ServiceEntry {
+fn entry(name: &str, hosts: &[&str], addresses: &[&str]) -> crate::state::egress::ServiceEntry {
+    use crate::state::egress::{ExportTo, Location, Resolution, ServiceEntry, ServiceEntryPort};
+    ServiceEntry {
         namespace: "default".into(),
-        name: "partner".into(),
-        hosts: vec!["partner.example".into()],
-        addresses: vec!["192.0.2.0/28".parse().unwrap()],
+        name: name.into(),
+        hosts: hosts.iter().map(ToString::to_string).collect(),
+        addresses: addresses.iter().map(|a| a.parse().unwrap()).collect(),
         ports: vec![ServiceEntryPort {
             number: 443,
             name: "tls".into(),
@@ -444,30 +439,121 @@ fn registry_only_refuses_only_what_is_outside_the_registry() {
         resolution: Resolution::None,
         endpoints: Vec::new(),
         export_to: ExportTo::All,
-    };
-    let snapshot = snapshot.with_egress(Egress {
+        waypoint: None,
+    }
+}
+
+fn registry_only(snapshot: Snapshot, entries: Vec<crate::state::egress::ServiceEntry>) -> Snapshot {
+    use crate::state::egress::{Egress, OutboundMode, OutboundTrafficPolicy};
+    snapshot.with_egress(Egress {
         policy: OutboundTrafficPolicy {
             mode: OutboundMode::RegistryOnly,
             namespaces: Default::default(),
         },
-        service_entries: vec![std::sync::Arc::new(entry)],
+        service_entries: entries.into_iter().map(std::sync::Arc::new).collect(),
         ..Egress::default()
-    });
+    })
+}
+
+/// The pod resolved `api.partner.example` (entry `api`) to 198.51.100.7.
+fn resolved_api(ip: IpAddr) -> Option<crate::state::learned::Grants> {
+    use crate::state::learned::{EntryRef, Grant};
+    (ip == "198.51.100.7".parse::<IpAddr>().unwrap()).then(|| {
+        std::sync::Arc::from(vec![Grant {
+            entry: EntryRef {
+                namespace: "default".into(),
+                name: "api".into(),
+            },
+            host: "api.partner.example".into(),
+            expires: tokio::time::Instant::now(),
+        }])
+    })
+}
+
+#[test]
+fn registry_only_refuses_only_what_is_outside_the_registry() {
+    let (snapshot, client) = snapshot();
+    let snapshot = registry_only(
+        snapshot,
+        vec![
+            entry("partner", &["partner.example"], &["192.0.2.0/28"]),
+            entry("api", &["api.partner.example"], &[]),
+        ],
+    );
     let blocked = "192.0.2.99:443 is not in the registry and outboundTrafficPolicy for namespace \
-                   default is REGISTRY_ONLY (no workload, service or ServiceEntry matches)";
+                   default is REGISTRY_ONLY (no workload, service or ServiceEntry matches, and \
+                   the pod did not resolve it through its DNS proxy under an allowed host)";
     let cases: &[(&str, Want)] = &[
         // Mesh workloads and services stay reachable.
         ("10.0.2.3:5432", Want::Passthrough("10.0.2.3:5432")),
         ("10.96.0.10:80", Want::Hbone { peer: "10.0.2.2:15008", authority: "10.0.2.2:8080", identities: &["spiffe://cluster.local/ns/default/sa/echo-a", "spiffe://cluster.local/ns/default/sa/echo-svc"] }),
         // The ServiceEntry's CIDR and port.
         ("192.0.2.1:443", Want::Passthrough("192.0.2.1:443")),
-        ("192.0.2.1:80", Want::Error("192.0.2.1:80 is not in the registry and outboundTrafficPolicy for namespace default is REGISTRY_ONLY (no workload, service or ServiceEntry matches)")),
+        ("192.0.2.1:80", Want::Error("192.0.2.1:80 is not in the registry and outboundTrafficPolicy for namespace default is REGISTRY_ONLY (a ServiceEntry covers the address but not this port)")),
         ("192.0.2.99:443", Want::Error(blocked)),
+        // What the pod resolved through an allowed host, on the entry's port only.
+        ("198.51.100.7:443", Want::Passthrough("198.51.100.7:443")),
+        ("198.51.100.7:80", Want::Error("198.51.100.7:80 is not in the registry and outboundTrafficPolicy for namespace default is REGISTRY_ONLY (a ServiceEntry covers the address but not this port)")),
+        ("198.51.100.8:443", Want::Error("198.51.100.8:443 is not in the registry and outboundTrafficPolicy for namespace default is REGISTRY_ONLY (no workload, service or ServiceEntry matches, and the pod did not resolve it through its DNS proxy under an allowed host)")),
     ];
+    let not_ejected = |_: &Service, _: &Workload| false;
+    let context = RouteContext {
+        ejected: &not_ejected,
+        learned: &resolved_api,
+    };
     for (dst, want) in cases {
         let destination = OriginalDst(dst.parse().unwrap());
-        let got = summarize(decide(&snapshot, &client, destination, 15008, 0));
+        let got = summarize(decide_avoiding(
+            &snapshot,
+            &client,
+            destination,
+            15008,
+            0,
+            &context,
+        ));
         assert_eq!(got, want.expected(), "dst {dst}");
+    }
+}
+
+#[test]
+fn an_egress_gateway_entry_goes_through_its_waypoint() {
+    let (snapshot, client, waypoint, _) = waypoint_snapshot();
+    let mut gateway = entry("api", &["api.partner.example"], &["192.0.2.0/28"]);
+    gateway.waypoint = Some(gateway_named("waypoint.default.svc.cluster.local"));
+    let mut lost = entry("lost", &["lost.example"], &["192.0.2.64/28"]);
+    lost.waypoint = Some(gateway_named("missing.default.svc.cluster.local"));
+    let snapshot = registry_only(snapshot, vec![gateway, lost]);
+    let waypoint_identities: &[&str] = &[
+        "spiffe://cluster.local/ns/default/sa/waypoint",
+        "spiffe://cluster.local/ns/default/sa/waypoint-svc",
+    ];
+    let not_ejected = |_: &Service, _: &Workload| false;
+    let context = RouteContext {
+        ejected: &not_ejected,
+        learned: &resolved_api,
+    };
+    let cases: &[(&Workload, &str, Want)] = &[
+        // By address and by a resolved name: to the waypoint, authority as dialled.
+        (&client, "192.0.2.1:443", Want::Hbone { peer: "10.0.5.5:15008", authority: "192.0.2.1:443", identities: waypoint_identities }),
+        (&client, "198.51.100.7:443", Want::Hbone { peer: "10.0.5.5:15008", authority: "198.51.100.7:443", identities: waypoint_identities }),
+        // The gateway itself goes out directly.
+        (&waypoint, "192.0.2.1:443", Want::Passthrough("192.0.2.1:443")),
+        // A gateway that resolves to nothing fails rather than going around it.
+        (&client, "192.0.2.65:443", Want::Error("waypoint default/missing.default.svc.cluster.local of the destination resolves to no reachable workload")),
+        // Not covered: refused as before.
+        (&client, "192.0.2.99:80", Want::Error("192.0.2.99:80 is not in the registry and outboundTrafficPolicy for namespace default is REGISTRY_ONLY (no workload, service or ServiceEntry matches, and the pod did not resolve it through its DNS proxy under an allowed host)")),
+    ];
+    for (source, dst, want) in cases {
+        let destination = OriginalDst(dst.parse().unwrap());
+        let got = summarize(decide_avoiding(
+            &snapshot,
+            source,
+            destination,
+            15008,
+            0,
+            &context,
+        ));
+        assert_eq!(got, want.expected(), "{} -> {dst}", source.name);
     }
 }
 
@@ -476,9 +562,13 @@ fn ejected_endpoints_are_skipped_until_all_are() {
     let (snapshot, client) = snapshot();
     let destination = OriginalDst("10.96.0.10:80".parse().unwrap());
     let picked = |ejected: &dyn Fn(&Service, &Workload) -> bool| {
+        let context = RouteContext {
+            ejected,
+            learned: &crate::state::egress::nothing_learned,
+        };
         (0..8)
             .filter_map(|pick| {
-                match decide_avoiding(&snapshot, &client, destination, 15008, pick, ejected) {
+                match decide_avoiding(&snapshot, &client, destination, 15008, pick, &context) {
                     Ok(Route::Hbone(route)) => Some(route.destination.name.clone()),
                     _ => None,
                 }

@@ -11,8 +11,13 @@
 //! any other match passes the connection through to the address dialled. No match is allowed
 //! under `ALLOW_ANY` and refused under `REGISTRY_ONLY`.
 //!
-//! Hostname-only ServiceEntries (no addresses, no endpoint IPs) cannot match an IP here: an L4
-//! agent learns which IPs a name stands for only from DNS answers it serves itself.
+//! Hostnames match through the pod's DNS-learned set (`state::learned`): when the pod resolved
+//! a name one of the entry's `hosts` matches (Istio's matching: exact, or a `*.` wildcard for
+//! any deeper name) through its DNS proxy, the answer's addresses match that entry for their
+//! clamped TTL. The decision receives the lookup as an argument, so it stays pure.
+//!
+//! A matched entry bound to a waypoint (`istio.io/use-waypoint`) is an egress gateway: the route
+//! sends the connection to that waypoint over HBONE instead of straight out.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -21,7 +26,9 @@ use std::sync::Arc;
 
 use ipnet::IpNet;
 
+use super::learned::{EntryRef, Grants};
 pub use super::traffic_policy::ExportTo;
+use super::GatewayAddress;
 
 /// Istio's `meshConfig.outboundTrafficPolicy.mode`.
 #[derive(
@@ -139,12 +146,38 @@ pub struct ServiceEntry {
     pub endpoints: Vec<ServiceEntryEndpoint>,
     /// `spec.exportTo`.
     pub export_to: ExportTo,
+    /// The waypoint of the `istio.io/use-waypoint` label (an egress gateway): traffic the entry
+    /// allows goes through it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waypoint: Option<GatewayAddress>,
 }
 
 impl ServiceEntry {
     /// `namespace/name`.
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// Whether this is the entry `entry` names.
+    pub fn is(&self, entry: &EntryRef) -> bool {
+        *entry.namespace == *self.namespace && *entry.name == *self.name
+    }
+
+    /// The reference the learned set stores.
+    pub fn reference(&self) -> EntryRef {
+        EntryRef {
+            namespace: Arc::from(self.namespace.as_str()),
+            name: Arc::from(self.name.as_str()),
+        }
+    }
+
+    /// The first of `hosts` that matches `name` (lower case, no trailing dot), as Istio matches
+    /// a ServiceEntry host.
+    pub fn host_matching(&self, name: &str) -> Option<&str> {
+        self.hosts
+            .iter()
+            .find(|host| host_matches(host, name))
+            .map(String::as_str)
     }
 
     fn port(&self, number: u16) -> Option<&ServiceEntryPort> {
@@ -178,23 +211,50 @@ pub struct Egress {
 }
 
 /// How a ServiceEntry matched.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MatchedBy {
     /// The IP is in `addresses`.
     Address,
     /// The IP is a STATIC endpoint of the entry.
     Endpoint,
+    /// The pod resolved one of the entry's hosts to the IP through its DNS proxy.
+    Learned {
+        /// The name it resolved.
+        host: Arc<str>,
+    },
+}
+
+/// Whether a ServiceEntry `host` matches the DNS `name` (any case, trailing dots ignored), as
+/// Istio matches hosts: equal, or `*.suffix` matching every name that ends with `.suffix`
+/// (one label or more; not `suffix` itself), or `*` matching every name.
+pub fn host_matches(host: &str, name: &str) -> bool {
+    let host = host.trim_end_matches('.');
+    let name = name.trim_end_matches('.');
+    if host == "*" {
+        return !name.is_empty();
+    }
+    match host.strip_prefix("*.") {
+        Some(suffix) => {
+            name.len() > suffix.len() + 1 && {
+                let (head, tail) = name.split_at(name.len() - suffix.len());
+                tail.eq_ignore_ascii_case(suffix) && head.ends_with('.')
+            }
+        }
+        None => host.eq_ignore_ascii_case(name),
+    }
 }
 
 /// The outcome of [`Egress::decide`].
 #[derive(Debug, Clone, PartialEq)]
 pub enum EgressDecision {
-    /// A ServiceEntry allows it; connect to `target`.
+    /// A ServiceEntry allows it; connect to `target` (through the entry's waypoint, if any).
     ServiceEntry {
         /// The entry.
         entry: Arc<ServiceEntry>,
         /// Where to connect (a STATIC endpoint, or the address dialled).
         target: SocketAddr,
+        /// How the entry matched.
+        matched: MatchedBy,
     },
     /// No entry matched and the namespace's mode is `ALLOW_ANY`.
     AllowAny,
@@ -209,40 +269,91 @@ pub struct EgressBlocked {
     pub namespace: String,
     /// What it dialled.
     pub destination: SocketAddr,
+    /// Why nothing matched.
+    pub reason: BlockReason,
+}
+
+/// Why no ServiceEntry matched a refused destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockReason {
+    /// No entry covers the IP (by address, endpoint, or a name the pod resolved).
+    NotRegistered,
+    /// An entry covers the IP, but not on the port dialled.
+    PortNotAllowed,
+}
+
+impl BlockReason {
+    /// The `nodetunnel_egress_refusals_total` reason label.
+    pub fn label(self) -> &'static str {
+        match self {
+            BlockReason::NotRegistered => "registry_only",
+            BlockReason::PortNotAllowed => "port_not_allowed",
+        }
+    }
 }
 
 impl fmt::Display for EgressBlocked {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let why = match self.reason {
+            BlockReason::NotRegistered => {
+                "no workload, service or ServiceEntry matches, and the pod did not resolve it \
+                 through its DNS proxy under an allowed host"
+            }
+            BlockReason::PortNotAllowed => "a ServiceEntry covers the address but not this port",
+        };
         write!(
             f,
             "{} is not in the registry and outboundTrafficPolicy for namespace {} is \
-             REGISTRY_ONLY (no workload, service or ServiceEntry matches)",
+             REGISTRY_ONLY ({why})",
             self.destination, self.namespace
         )
     }
 }
 
+/// The learned-set lookup [`Egress::decide`] uses: the grants of an IP still valid now.
+pub type LearnedLookup<'a> = &'a dyn Fn(IpAddr) -> Option<Grants>;
+
+/// A lookup for callers without a learned set (tools, tests): nothing was resolved.
+pub fn nothing_learned(_: IpAddr) -> Option<Grants> {
+    None
+}
+
 impl Egress {
     /// Decides a connection from a pod of `namespace` to `destination`, which is not a
-    /// workload or service of the mesh. `pick` chooses among STATIC endpoints.
-    pub fn decide(&self, namespace: &str, destination: SocketAddr, pick: u64) -> EgressDecision {
+    /// workload or service of the mesh. `pick` chooses among STATIC endpoints; `learned` gives
+    /// what the pod resolved through its DNS proxy (asked only when no address matches).
+    pub fn decide(
+        &self,
+        namespace: &str,
+        destination: SocketAddr,
+        pick: u64,
+        learned: LearnedLookup<'_>,
+    ) -> EgressDecision {
+        let mut port_refused = false;
+        let mut grants: Option<Option<Grants>> = None;
         for entry in &self.service_entries {
             if !entry.export_to.includes(namespace) {
                 continue;
             }
-            let Some(port) = entry.port(destination.port()) else {
+            let matched = entry.covers(destination.ip()).or_else(|| {
+                let grants = grants.get_or_insert_with(|| learned(destination.ip()));
+                learned_match(entry, grants.as_deref()?)
+            });
+            let Some(matched) = matched else {
                 continue;
             };
-            let Some(matched) = entry.covers(destination.ip()) else {
+            let Some(port) = entry.port(destination.port()) else {
+                port_refused = true;
                 continue;
             };
             let target = match matched {
                 MatchedBy::Address => static_target(entry, port, destination, pick),
-                MatchedBy::Endpoint => destination,
+                MatchedBy::Endpoint | MatchedBy::Learned { .. } => destination,
             };
             return EgressDecision::ServiceEntry {
                 entry: entry.clone(),
                 target,
+                matched,
             };
         }
         match self.policy.mode_for(namespace) {
@@ -250,9 +361,43 @@ impl Egress {
             OutboundMode::RegistryOnly => EgressDecision::Blocked(EgressBlocked {
                 namespace: namespace.to_string(),
                 destination,
+                reason: if port_refused {
+                    BlockReason::PortNotAllowed
+                } else {
+                    BlockReason::NotRegistered
+                },
             }),
         }
     }
+
+    /// The entries exported to `namespace` one of whose hosts matches `name` (lower case, no
+    /// trailing dot): what an answer for `name` teaches a pod of `namespace`.
+    pub fn entries_for_host(&self, namespace: &str, name: &str) -> Vec<EntryRef> {
+        self.service_entries
+            .iter()
+            .filter(|entry| entry.export_to.includes(namespace))
+            .filter(|entry| entry.host_matching(name).is_some())
+            .map(|entry| entry.reference())
+            .collect()
+    }
+
+    /// Whether any entry has a host that only DNS learning can make useful (no addresses and
+    /// no STATIC endpoint IPs).
+    pub fn has_hostname_only_entries(&self) -> bool {
+        self.service_entries.iter().any(|entry| {
+            entry.addresses.is_empty() && entry.endpoints.iter().all(|e| e.ip().is_none())
+        })
+    }
+}
+
+/// The learned grant of `entry`, if one of `grants` names it.
+fn learned_match(entry: &ServiceEntry, grants: &[super::learned::Grant]) -> Option<MatchedBy> {
+    grants
+        .iter()
+        .find(|grant| entry.is(&grant.entry))
+        .map(|grant| MatchedBy::Learned {
+            host: grant.host.clone(),
+        })
 }
 
 /// A STATIC entry's endpoint for a connection to one of its addresses; else the address.
@@ -306,6 +451,7 @@ mod tests {
             resolution: Resolution::None,
             endpoints: Vec::new(),
             export_to: ExportTo::All,
+            waypoint: None,
         }
     }
 
@@ -346,7 +492,9 @@ mod tests {
     /// What the decision came to, flattened for the table.
     fn outcome(decision: EgressDecision) -> String {
         match decision {
-            EgressDecision::ServiceEntry { entry, target } => format!("{} {target}", entry.name),
+            EgressDecision::ServiceEntry { entry, target, .. } => {
+                format!("{} {target}", entry.name)
+            }
             EgressDecision::AllowAny => "allow-any".into(),
             EgressDecision::Blocked(blocked) => format!("blocked {}", blocked.destination),
         }
@@ -436,7 +584,12 @@ mod tests {
             ),
         ];
         for (mode, namespace, destination, pick, expected) in cases {
-            let decision = egress(*mode).decide(namespace, destination.parse().unwrap(), *pick);
+            let decision = egress(*mode).decide(
+                namespace,
+                destination.parse().unwrap(),
+                *pick,
+                &nothing_learned,
+            );
             assert_eq!(
                 outcome(decision),
                 *expected,
@@ -446,18 +599,97 @@ mod tests {
     }
 
     #[test]
-    fn a_hostname_only_entry_matches_no_ip() {
+    fn hosts_match_as_istio_matches_them() {
+        let cases = [
+            // host, name, matches
+            ("api.example.com", "api.example.com", true),
+            ("api.example.com", "API.Example.com.", true),
+            ("api.example.com", "x.api.example.com", false),
+            ("*.example.com", "a.example.com", true),
+            ("*.example.com", "a.b.example.com", true),
+            ("*.example.com", "example.com", false),
+            ("*.example.com", "badexample.com", false),
+            ("*.example.com", ".example.com", false),
+            ("*.example.com", "a.example.org", false),
+            ("*", "anything.at.all", true),
+            ("*", "", false),
+        ];
+        for (host, name, expected) in cases {
+            assert_eq!(host_matches(host, name), expected, "{host} vs {name}");
+        }
+    }
+
+    /// What the pod resolved: `api.example.com` (entry `api`) to 203.0.113.7.
+    fn learned_api(ip: IpAddr) -> Option<Grants> {
+        (ip == "203.0.113.7".parse::<IpAddr>().unwrap()).then(|| {
+            Arc::from(vec![super::super::learned::Grant {
+                entry: EntryRef {
+                    namespace: Arc::from("egress"),
+                    name: Arc::from("api"),
+                },
+                host: Arc::from("api.example.com"),
+                expires: tokio::time::Instant::now(),
+            }])
+        })
+    }
+
+    #[test]
+    fn a_hostname_entry_matches_only_what_the_pod_resolved() {
         let mut hostname_only = entry("api", &[], &[443]);
         hostname_only.resolution = Resolution::Dns;
+        hostname_only.hosts = vec!["*.example.com".into()];
+        let mut private = entry("private", &[], &[443]);
+        private.hosts = vec!["private.example.net".into()];
+        private.export_to = ExportTo::Namespaces(["egress".to_string()].into());
         let egress = Egress {
             policy: OutboundTrafficPolicy {
                 mode: OutboundMode::RegistryOnly,
                 namespaces: BTreeMap::new(),
             },
-            service_entries: vec![Arc::new(hostname_only)],
+            service_entries: vec![Arc::new(hostname_only), Arc::new(private)],
             ..Egress::default()
         };
-        let decision = egress.decide("app", "203.0.113.7:443".parse().unwrap(), 0);
-        assert_eq!(outcome(decision), "blocked 203.0.113.7:443");
+        let decide = |destination: &str, learned: LearnedLookup<'_>| {
+            egress.decide("app", destination.parse().unwrap(), 0, learned)
+        };
+        // Never resolved: nothing matches an IP by name alone.
+        assert_eq!(
+            outcome(decide("203.0.113.7:443", &nothing_learned)),
+            "blocked 203.0.113.7:443"
+        );
+        let allowed = decide("203.0.113.7:443", &learned_api);
+        assert_eq!(outcome(allowed.clone()), "api 203.0.113.7:443");
+        let EgressDecision::ServiceEntry { matched, .. } = allowed else {
+            unreachable!()
+        };
+        assert_eq!(
+            matched,
+            MatchedBy::Learned {
+                host: Arc::from("api.example.com")
+            }
+        );
+        // The same server's other address, never resolved, is refused; so is another port.
+        assert_eq!(
+            outcome(decide("203.0.113.8:443", &learned_api)),
+            "blocked 203.0.113.8:443"
+        );
+        let EgressDecision::Blocked(blocked) = decide("203.0.113.7:80", &learned_api) else {
+            panic!("another port must be refused");
+        };
+        assert_eq!(blocked.reason, BlockReason::PortNotAllowed);
+
+        // What an answer teaches depends on the name and the asking pod's namespace.
+        let names = |namespace: &str, name: &str| -> Vec<String> {
+            egress
+                .entries_for_host(namespace, name)
+                .iter()
+                .map(|entry| entry.name.to_string())
+                .collect()
+        };
+        assert_eq!(names("app", "api.example.com"), ["api"]);
+        assert_eq!(names("app", "example.com"), Vec::<String>::new());
+        assert_eq!(names("app", "private.example.net"), Vec::<String>::new());
+        assert_eq!(names("egress", "private.example.net"), ["private"]);
+        assert!(egress.has_hostname_only_entries());
     }
 }

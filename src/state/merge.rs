@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, HashSet};
 use crate::spiffe::Identity;
 
 use super::egress::Egress;
+use super::inbound_limits::InboundLimits;
 use super::policy::SelectorPolicy;
 use super::{Authorization, Policy, Service, Snapshot, TunnelProtocol, Workload};
 
@@ -21,6 +22,8 @@ pub struct LocalModel {
     pub authorization: Authorization,
     /// The outbound traffic policy and ServiceEntries (only the file has them).
     pub egress: Egress,
+    /// The agent's inbound limits (only the file has them).
+    pub inbound_limits: InboundLimits,
 }
 
 /// A control plane's model, keyed as it names its resources.
@@ -42,10 +45,12 @@ pub fn merge(local: LocalModel, pushed: Option<PushedModel<'_>>) -> Snapshot {
         mut services,
         mut authorization,
         egress,
+        inbound_limits,
     } = local;
     let Some(pushed) = pushed else {
         return Snapshot::with_authorization(workloads, services, authorization)
-            .with_egress(egress);
+            .with_egress(egress)
+            .with_inbound_limits(inbound_limits);
     };
     let local_uids: HashSet<String> = workloads.iter().map(|w| w.uid.clone()).collect();
     let local_services: HashSet<String> = services.iter().map(Service::key).collect();
@@ -76,7 +81,9 @@ pub fn merge(local: LocalModel, pushed: Option<PushedModel<'_>>) -> Snapshot {
             .cloned()
             .map(SelectorPolicy::new),
     );
-    Snapshot::with_authorization(workloads, services, authorization).with_egress(egress)
+    Snapshot::with_authorization(workloads, services, authorization)
+        .with_egress(egress)
+        .with_inbound_limits(inbound_limits)
 }
 
 impl Snapshot {
@@ -126,6 +133,7 @@ mod tests {
                 },
                 ..crate::state::egress::Egress::default()
             },
+            inbound_limits: InboundLimits::default(),
         };
         let shadowed = Workload {
             uid: "local-a".to_string(),

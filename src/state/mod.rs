@@ -6,6 +6,8 @@
 //! view even while a reload swaps in the next snapshot.
 
 pub mod egress;
+pub mod inbound_limits;
+pub mod learned;
 pub mod merge;
 pub mod policy;
 pub mod rules;
@@ -183,6 +185,7 @@ pub struct Snapshot {
     workloads_by_hostname: HashMap<String, Vec<Arc<Workload>>>,
     authorization: Authorization,
     egress: egress::Egress,
+    inbound_limits: inbound_limits::InboundLimits,
 }
 
 /// A service endpoint chosen for a connection.
@@ -270,6 +273,17 @@ impl Snapshot {
     /// The outbound traffic policy and ServiceEntries.
     pub fn egress(&self) -> &egress::Egress {
         &self.egress
+    }
+
+    /// The same model with these inbound limits (`agent.inboundLimits`).
+    pub fn with_inbound_limits(mut self, limits: inbound_limits::InboundLimits) -> Self {
+        self.inbound_limits = limits;
+        self
+    }
+
+    /// The inbound limits per destination workload.
+    pub fn inbound_limits(&self) -> &inbound_limits::InboundLimits {
+        &self.inbound_limits
     }
 
     /// The workload with this uid.

@@ -22,7 +22,8 @@ pub struct TcpPool {
     /// Replaces `agent.proxy.connectTimeout` for connections to the service.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Option<Duration>,
-    /// Accepted and shown; not enforced at L4 by this agent.
+    /// A connection to the service with no byte either way for this long is closed (`0s` in
+    /// the resource: none).
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Option<Duration>,
     /// TCP keepalive on plain-TCP upstream sockets: idle time before probes.

@@ -31,6 +31,8 @@ pub enum ResponseFlag {
     EgressBlocked,
     /// Refused by a connection limit or because every endpoint is ejected.
     Overflow,
+    /// Refused by a new-connection rate limit (Envoy's `RATE_LIMITED`).
+    RateLimited,
 }
 
 impl ResponseFlag {
@@ -45,6 +47,7 @@ impl ResponseFlag {
             ResponseFlag::IdentityError => "IDENTITY_ERROR",
             ResponseFlag::EgressBlocked => "EGRESS_BLOCKED",
             ResponseFlag::Overflow => "UPSTREAM_OVERFLOW",
+            ResponseFlag::RateLimited => "RATE_LIMITED",
         }
     }
 }

@@ -24,7 +24,7 @@ use prometheus_client::registry::Registry;
 pub use super::labels::{Direction, Peer, Reporter, ResponseFlag, TrafficLabels};
 use crate::state::TunnelProtocol;
 use agent::{AgentMetrics, ReasonLabels, RefusalLabels};
-pub use agent::{AgentSample, RuntimeSample, WorkerSample};
+pub use agent::{AgentSample, MemoryBudgetSample, RuntimeSample, WorkerSample};
 use authorization::DecisionCounters;
 pub use authorization::{DecisionAction, DecisionLabels, DecisionPhase, NO_POLICY};
 

@@ -23,6 +23,9 @@ pub enum LimitReason {
     InboundConcurrency,
     /// A destination workload's new-connection rate per source (server side).
     InboundRate,
+    /// A destination workload already tracks its maximum of sources, each with a connection
+    /// open (server side).
+    InboundSources,
 }
 
 impl LimitReason {
@@ -32,6 +35,7 @@ impl LimitReason {
             LimitReason::MaxConnections => "max_connections",
             LimitReason::InboundConcurrency => "inbound_concurrency",
             LimitReason::InboundRate => "inbound_rate",
+            LimitReason::InboundSources => "inbound_sources",
         }
     }
 }

@@ -28,6 +28,9 @@ pub enum Reply {
     EchoThenTrailer,
     /// Write `<name>\n` first, then echo (tells load-balanced endpoints apart).
     Named(String),
+    /// Write this many bytes at once (without waiting for the client to read), then echo: an
+    /// app that answers at length.
+    Flood(usize),
 }
 
 /// What the server saw.
@@ -158,6 +161,11 @@ fn handle(mut stream: TcpStream, reply: Reply, counters: Arc<Counters>) {
     let _ = stream.set_write_timeout(Some(Duration::from_secs(30)));
     if let Reply::Named(name) = &reply {
         if stream.write_all(format!("{name}\n").as_bytes()).is_err() {
+            return;
+        }
+    }
+    if let Reply::Flood(len) = &reply {
+        if stream.write_all(&payload(b"", *len, *len as u64)).is_err() {
             return;
         }
     }

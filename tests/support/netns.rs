@@ -210,6 +210,22 @@ impl Topology {
         Ok(self.pods.entry(role.to_string()).or_insert(pod))
     }
 
+    /// Gives pod `role` one more IPv4 address (`10.200.<node>.<host>`, in its node's pod
+    /// subnet, so every other node already routes it), routed from its node to the pod.
+    pub fn add_pod_address(&self, role: &str, host: u8) -> Result<Ipv4Addr> {
+        let pod = self.pod(role);
+        let node = self.node(&pod.node);
+        let ip = Ipv4Addr::new(10, 200, node.index, host);
+        let cidr = format!("{ip}/32");
+        self.exec(&pod.netns, &["ip", "addr", "add", &cidr, "dev", "eth0"])?;
+        let node_side = interface_name("v-", role);
+        self.exec(
+            &node.netns,
+            &["ip", "route", "add", &cidr, "dev", &node_side],
+        )?;
+        Ok(ip)
+    }
+
     /// Joins two nodes with a veth pair and routes each node's pod subnet across it.
     pub fn link(&mut self, left: &str, right: &str) -> Result<Link> {
         let (Some(left_node), Some(right_node)) = (

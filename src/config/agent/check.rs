@@ -23,6 +23,47 @@ impl AgentConfig {
         self.check_single_fields(path, problems);
         self.check_durations(path, problems);
         self.check_ranges(path, problems);
+        self.check_inbound_limits(path, problems);
+    }
+
+    /// Each `inboundLimits[]` rule must limit something, with numbers that can be enforced.
+    fn check_inbound_limits(&self, path: &FieldPath, problems: &mut Problems) {
+        use crate::state::inbound_limits::MAX_CONNECTIONS_PER_SECOND;
+        for (index, limit) in self.inbound_limits.iter().enumerate() {
+            let at = path.key("inboundLimits").index(index);
+            if limit.namespace.as_deref() == Some("") {
+                problems.push(at.key("namespace"), SemanticError::Empty);
+            }
+            let per_source = &limit.per_source;
+            let at = at.key("perSource");
+            if per_source.max_connections.is_none() && per_source.connections_per_second.is_none() {
+                problems.push(at.clone(), SemanticError::NoInboundLimit);
+            }
+            let at_least_one = [
+                ("maxConnections", per_source.max_connections),
+                ("burst", per_source.burst),
+            ];
+            for (field, value) in at_least_one {
+                if value == Some(0) {
+                    let invalid = SemanticError::OutOfRange {
+                        value: 0,
+                        min: 1,
+                        max: u32::MAX.into(),
+                    };
+                    problems.push(at.key(field), invalid);
+                }
+            }
+            match per_source.connections_per_second {
+                Some(rate) if !(rate > 0.0 && rate <= MAX_CONNECTIONS_PER_SECOND) => {
+                    let invalid = SemanticError::Rate(rate.to_string());
+                    problems.push(at.key("connectionsPerSecond"), invalid);
+                }
+                None if per_source.burst.is_some() => {
+                    problems.push(at.key("burst"), SemanticError::BurstWithoutRate);
+                }
+                _ => {}
+            }
+        }
     }
 
     fn check_ca_pair(&self, path: &FieldPath, problems: &mut Problems) {
@@ -121,6 +162,8 @@ impl AgentConfig {
             (Some("xds"), "connectTimeout", self.xds.connect_timeout),
             (Some("zds"), "reconnectMax", self.zds.reconnect_max),
             (Some("dns"), "forwardTimeout", self.dns.forward_timeout),
+            (Some("dns"), "learnedTtlMin", self.dns.learned_ttl_min),
+            (Some("dns"), "learnedTtlMax", self.dns.learned_ttl_max),
             (Some("ca"), "workloadCertTtl", self.ca.workload_cert_ttl),
             (Some("istio"), "certificateTtl", self.istio.certificate_ttl),
             (None, "reloadInterval", self.reload_interval),
@@ -208,7 +251,7 @@ impl AgentConfig {
         ]
     }
 
-    fn limit_ranges(&self) -> [Range; 5] {
+    fn limit_ranges(&self) -> [Range; 6] {
         [
             (
                 "pool",
@@ -231,6 +274,13 @@ impl AgentConfig {
                 self.dns.max_tcp_connections_per_pod,
                 1,
                 65_535,
+            ),
+            (
+                "dns",
+                "maxLearnedPerPod",
+                self.dns.max_learned_per_pod,
+                1,
+                1_000_000,
             ),
             (
                 "pool",

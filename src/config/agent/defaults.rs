@@ -58,6 +58,9 @@ pub(crate) fn connection_window() -> u32 {
 pub(crate) fn frame_size() -> u32 {
     1024 * 1024
 }
+pub(crate) fn memory_budget() -> u64 {
+    256 * 1024 * 1024
+}
 pub(crate) fn keepalive_interval() -> Duration {
     Duration::from_secs(10)
 }

@@ -1,4 +1,9 @@
 use super::*;
+use crate::state::GatewayDestination;
+
+fn parse(yaml: &str) -> NetworkingTranslation {
+    super::parse(yaml, &IstioOptions::default())
+}
 
 const ENTRY: &str = r#"
 apiVersion: networking.istio.io/v1
@@ -201,4 +206,57 @@ fn bad_destination_rules_name_the_field() {
             .contains("unknown field `maxConection`"),
         "{typo:?}"
     );
+}
+
+#[test]
+fn use_waypoint_labels_bind_an_entry_to_its_egress_gateway() {
+    let entry = |labels: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\n\
+             metadata: {{name: api, namespace: shop, labels: {{{labels}}}}}\n\
+             spec: {{hosts: [api.example.com], ports: [{{number: 443, name: tls}}]}}\n"
+        )
+    };
+    let options = IstioOptions {
+        cluster_domain: "example.internal".to_string(),
+        ..IstioOptions::default()
+    };
+    let cases = [
+        // labels, waypoint hostname or the error
+        ("", Ok(None)),
+        ("istio.io/use-waypoint: none", Ok(None)),
+        (
+            "istio.io/use-waypoint: egress-gw",
+            Ok(Some("shop/egress-gw.shop.svc.example.internal")),
+        ),
+        (
+            "istio.io/use-waypoint: egress-gw, istio.io/use-waypoint-namespace: istio-egress",
+            Ok(Some("istio-egress/egress-gw.istio-egress.svc.example.internal")),
+        ),
+        (
+            "istio.io/use-waypoint: a.b",
+            Err("ServiceEntry shop/api: metadata.labels[istio.io/use-waypoint]: \"a.b\" is not a Kubernetes name"),
+        ),
+    ];
+    for (labels, expected) in cases {
+        let translation = super::parse(&entry(labels), &options);
+        let got =
+            match translation.errors.first() {
+                Some(error) => Err(error.to_string()),
+                None => Ok(translation.service_entries[0]
+                    .waypoint
+                    .as_ref()
+                    .map(|gateway| match &gateway.destination {
+                        GatewayDestination::Hostname {
+                            namespace,
+                            hostname,
+                        } => format!("{namespace}/{hostname}"),
+                        GatewayDestination::Address(address) => address.ip.to_string(),
+                    })),
+            };
+        let expected = expected
+            .map(|hostname| hostname.map(str::to_string))
+            .map_err(str::to_string);
+        assert_eq!(got, expected, "{labels}");
+    }
 }

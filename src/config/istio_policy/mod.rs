@@ -38,12 +38,16 @@ use crate::state::policy::{PeerAuthentication, SelectorPolicy};
 pub struct IstioOptions {
     /// The mesh root namespace: its selector-less policies are mesh-wide.
     pub root_namespace: String,
+    /// The cluster's DNS domain: a ServiceEntry's `istio.io/use-waypoint` names the waypoint
+    /// service `<name>.<namespace>.svc.<clusterDomain>`.
+    pub cluster_domain: String,
 }
 
 impl Default for IstioOptions {
     fn default() -> Self {
         IstioOptions {
             root_namespace: "istio-system".to_string(),
+            cluster_domain: "cluster.local".to_string(),
         }
     }
 }

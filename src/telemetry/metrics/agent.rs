@@ -51,6 +51,19 @@ pub struct AgentSample {
     pub dropped_log_lines: u64,
     /// The data-plane runtime, if sampled.
     pub runtime: Option<RuntimeSample>,
+    /// The node's HBONE memory budget, if sampled.
+    pub memory_budget: Option<MemoryBudgetSample>,
+}
+
+/// The node-wide HBONE memory budget (`proxy.memoryBudget`) at scrape time.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MemoryBudgetSample {
+    /// The configured limit, bytes.
+    pub limit: u64,
+    /// Reserved by open connections, bytes.
+    pub reserved: u64,
+    /// Connections so far that got a smaller window than configured.
+    pub reduced_connections: u64,
 }
 
 /// What stable tokio (no `--cfg tokio_unstable`) tells about a runtime.
@@ -111,6 +124,9 @@ pub(super) struct AgentMetrics {
     max_fds: Gauge,
     resident_memory: Gauge,
     dropped_log_lines: Counter,
+    memory_budget_limit: Gauge,
+    memory_budget_reserved: Gauge,
+    memory_budget_reduced: Counter,
     runtime_workers: Gauge,
     runtime_alive_tasks: Gauge,
     runtime_global_queue_depth: Gauge,
@@ -163,7 +179,28 @@ impl AgentMetrics {
             self.dropped_log_lines.clone(),
         );
         self.register_process(registry);
+        self.register_memory_budget(registry);
         self.register_runtime(registry.sub_registry_with_prefix("tokio"));
+    }
+
+    fn register_memory_budget(&self, registry: &mut Registry) {
+        registry.register_with_unit(
+            "nodetunnel_memory_budget_limit",
+            "Bytes the node's HBONE connections may reserve for windows and send buffers",
+            Unit::Bytes,
+            self.memory_budget_limit.clone(),
+        );
+        registry.register_with_unit(
+            "nodetunnel_memory_budget_reserved",
+            "Bytes reserved by open HBONE connections (receive windows and send allowances)",
+            Unit::Bytes,
+            self.memory_budget_reserved.clone(),
+        );
+        registry.register(
+            "nodetunnel_memory_budget_reduced_connections",
+            "HBONE connections that got a smaller window than configured because the budget ran low",
+            self.memory_budget_reduced.clone(),
+        );
     }
 
     fn register_process(&self, registry: &mut Registry) {
@@ -239,6 +276,12 @@ impl AgentMetrics {
         self.resident_memory.set(process.resident_bytes);
         if let Some(runtime) = &sample.runtime {
             self.record_runtime(runtime);
+        }
+        if let Some(budget) = &sample.memory_budget {
+            let gauge = |value: u64| i64::try_from(value).unwrap_or(i64::MAX);
+            self.memory_budget_limit.set(gauge(budget.limit));
+            self.memory_budget_reserved.set(gauge(budget.reserved));
+            advance(&self.memory_budget_reduced, budget.reduced_connections);
         }
     }
 

@@ -280,8 +280,20 @@ fn agent_sample_sets_gauges_and_replaces_certificates() {
         certificates: vec![(identity, UNIX_EPOCH + std::time::Duration::from_secs(1_000))],
         dropped_log_lines: 3,
         runtime: None,
+        memory_budget: Some(MemoryBudgetSample {
+            limit: 256,
+            reserved: 128,
+            reduced_connections: 4,
+        }),
     };
     let text = metrics.encode(&sample, false);
+    for line in [
+        "nodetunnel_memory_budget_limit_bytes 256",
+        "nodetunnel_memory_budget_reserved_bytes 128",
+        "nodetunnel_memory_budget_reduced_connections_total 4",
+    ] {
+        assert!(text.contains(line), "{line} in {text}");
+    }
     assert!(
         text.contains("workload_manager_active_proxy_count 2"),
         "{text}"
