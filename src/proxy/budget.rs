@@ -176,7 +176,12 @@ impl SendAllowance {
             available.max(floor.min(wanted))
         };
         // The semaphore is never closed; should it be, an uncharged buffer is the safe fallback.
-        let permit = self.0.clone().acquire_many_owned(as_permits(take)).await.ok();
+        let permit = self
+            .0
+            .clone()
+            .acquire_many_owned(as_permits(take))
+            .await
+            .ok();
         AllowedBuffer {
             data: BytesMut::with_capacity(take),
             permit,
