@@ -65,4 +65,8 @@ if [[ $status -eq 124 ]]; then
   echo "test.sh: the test run exceeded 20 minutes (a test hangs); see the 'running for over 60 seconds' lines above" >&2
 fi
 [[ $(id -u) -eq 0 ]] && remove_stale_namespaces
+
+# Fuzzing: every target under fuzz/ builds and runs for FUZZ_CI_SECONDS (5) each from its
+# seeds; FUZZ_CI_SECONDS=0 skips it. See scripts/fuzz-ci.sh.
+bash scripts/fuzz-ci.sh || status=1
 exit "$status"

@@ -124,6 +124,17 @@ pub fn raise_open_files_limit() -> io::Result<(u64, u64)> {
     Ok((soft, hard.max(soft)))
 }
 
+/// Makes a closing `SO_REUSEPORT` listener of the calling thread's network namespace hand the
+/// connections queued on it (accepted by the kernel, not yet by us) to another listener of its
+/// group instead of resetting them (`net.ipv4.tcp_migrate_req`, Linux 5.14; it covers IPv6
+/// too). This is what makes a hand-over between two agents lose no connection: the old one
+/// closes its listeners while the new one's serve beside them. A sysctl file resolves to the
+/// namespace of the thread that opens it. Fails where `/proc/sys` is read-only (an
+/// unprivileged container) or the kernel is older.
+pub fn enable_listener_migration() -> io::Result<()> {
+    std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", b"1")
+}
+
 /// `::ffff:a.b.c.d` → `a.b.c.d`; dual-stack listeners report IPv4 peers in mapped form.
 pub fn canonical(addr: SocketAddr) -> SocketAddr {
     SocketAddr::new(canonical_ip(addr.ip()), addr.port())

@@ -840,29 +840,41 @@ fn http2_floods_are_contained_and_the_stream_limit_holds() {
 }
 
 /// Rapid reset (CVE-2023-44487): CONNECT then RST_STREAM at once, 2000 times on one
-/// connection. The agent must not start an upstream connect for every reset stream (at most a
-/// small fraction reach the app) and must keep serving honest peers.
+/// connection, each pair in one write and so in one TLS record: the agent never sees a stream's
+/// HEADERS without its reset. h2 handles every frame that has arrived before it hands out a
+/// stream, and a handler looks at its stream's reset before doing anything
+/// (`hbone::server::until_reset`), so no reset stream may start a check or an upstream
+/// connect: none reaches the app, whatever the machine's speed. The agent keeps serving honest
+/// peers within its memory budget (`attack`).
 #[test]
 fn rapid_reset_does_not_fan_out_to_the_app() {
     require_netns!("rapid_reset_does_not_fan_out_to_the_app");
     let mut target = Target::start(PROXY_SETTINGS);
     let authority = target.authority();
     let before = target.app.accepted();
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = sent.clone();
     attack(&mut target, "rapid reset", move |session| {
         session.start(&[])?;
-        let mut out = Vec::new();
         for stream in (1..4000u32).step_by(2) {
-            out.extend(h2_raw::connect(stream, &authority, &[]));
-            out.extend(h2_raw::rst_stream(stream, 0x8));
+            let mut pair = h2_raw::connect(stream, &authority, &[]);
+            pair.extend(h2_raw::rst_stream(stream, 0x8));
+            // The agent may close the connection first (h2 allows few resets of streams not
+            // yet accepted); the pairs it took were still all reset ones.
+            if session.send(&pair).is_err() {
+                break;
+            }
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
-        let _ = session.send(&out);
         Ok(session.read_until(Duration::from_secs(3), |_| false))
     });
     // Upstream connects of reset streams, if any, have happened by now (the control ran).
     let fanned_out = target.app.accepted() - before - 1;
-    assert!(
-        fanned_out <= 100,
-        "{fanned_out} of 2000 reset streams still opened a connection to the app"
+    let sent = sent.load(std::sync::atomic::Ordering::SeqCst);
+    eprintln!("rapid reset: {sent} HEADERS + RST_STREAM pairs sent before the agent closed");
+    assert_eq!(
+        fanned_out, 0,
+        "{fanned_out} of {sent} reset streams still opened a connection to the app"
     );
 }
 
@@ -1038,6 +1050,50 @@ fn slowloris_on_node_ports_does_not_block_readiness_or_metrics() {
     drop(held);
 }
 
+/// Slowloris on 15020/15021 is also cut off: connections that never finish their request head
+/// are closed by a header-read timeout, so they cannot pile up until the fds run out.
+#[test]
+fn slowloris_connections_on_node_ports_are_closed() {
+    require_netns!("slowloris_connections_on_node_ports_are_closed");
+    let target = Target::start(PROXY_SETTINGS);
+    let still_open = target.from("b", || {
+        let mut streams = Vec::new();
+        for port in [15021, 15020] {
+            for mut stream in idle_connections(addr(Ipv4Addr::LOCALHOST, port), 20) {
+                let _ = stream.write_all(b"GET /healthz/ready HTTP/1.1\r\nHost: x\r\n");
+                streams.push((port, stream));
+            }
+        }
+        // Poll them all, non-blocking, for up to 30 s.
+        for (_, stream) in &streams {
+            let _ = stream.set_nonblocking(true);
+        }
+        let mut open: Vec<(u16, TcpStream)> = streams;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !open.is_empty() && std::time::Instant::now() < deadline {
+            open.retain_mut(|(_, stream)| {
+                let mut chunk = [0u8; 512];
+                loop {
+                    match stream.read(&mut chunk) {
+                        Ok(0) => return false,
+                        Ok(_) => continue,
+                        Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
+                            return true
+                        }
+                        Err(_) => return false,
+                    }
+                }
+            });
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        open.into_iter().map(|(port, _)| port).collect::<Vec<_>>()
+    });
+    assert!(
+        still_open.is_empty(),
+        "stalled request heads still open after 30 s on ports {still_open:?}"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Faults
 
@@ -1206,6 +1262,159 @@ fn kill_9_and_restart_rebinds_without_duplicate_rules() {
         "rules after kill -9 and restart:\n{ruleset}"
     );
     target.assert_serves("after kill -9 and restart");
+}
+
+/// How many connector threads keep opening HBONE connections through a hand-over: several, so
+/// that connections sit in the old agent's accept queues when it closes its listeners.
+const HANDOVER_CONNECTORS: usize = 4;
+
+/// Opens one HBONE connection and tunnel to the app, as a mesh client would.
+fn tunnel_once(hbone: SocketAddr, authority: &str, cert: ClientCert) -> anyhow::Result<()> {
+    let mut session = Session::connect(hbone, TlsOptions::mesh(Some(cert)))?;
+    session.start(&[])?;
+    session.send(&h2_raw::connect(1, authority, &[]))?;
+    h2_raw::expect_status("hand-over connect", session.answer(1, IO_TIMEOUT), 200)
+}
+
+/// SIGTERM while a new agent takes over the same pod (the DaemonSet rollout): the new agent
+/// binds the pod's ports beside the old one (it runs in another node namespace here, as a new
+/// agent pod has its own) and replaces the pod's redirection rules, then the old one drains and
+/// exits. Connector threads open new HBONE connections through the whole overlap, and none may
+/// fail: the old agent's listeners close while the new one's serve, and the connections the
+/// kernel had queued on the old listeners go to the new ones instead of being reset. The old
+/// agent's live tunnel keeps flowing during its drain. Once the old agent is gone, the pod's
+/// nftables table (the new agent's) is still there, once, and plaintext to the app is still
+/// captured by the new agent: the old agent's shutdown removed nothing it no longer owned.
+#[test]
+fn sigterm_while_a_new_agent_takes_over_refuses_nothing() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    require_netns!("sigterm_while_a_new_agent_takes_over_refuses_nothing");
+    let mut target = Target::start(PROXY_SETTINGS);
+    let (hbone, auth) = (target.hbone(), target.authority());
+    let cert = target.cert(Validity::Current);
+    let live = target.from("intruder", move || -> anyhow::Result<Session> {
+        let mut session = Session::connect(hbone, TlsOptions::mesh(Some(cert)))?;
+        session.start_acknowledged(&[])?;
+        session.send(&h2_raw::connect(1, &auth, &[]))?;
+        h2_raw::expect_status("live tunnel", session.answer(1, IO_TIMEOUT), 200)?;
+        Ok(session)
+    });
+    let mut live = live.expect("live tunnel");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let made = Arc::new(AtomicUsize::new(0));
+    let connectors: Vec<_> = (0..HANDOVER_CONNECTORS)
+        .map(|_| {
+            let (stop, made) = (stop.clone(), made.clone());
+            let (auth, cert) = (target.authority(), target.cert(Validity::Current));
+            target.topology.spawn_in("bystander", move || {
+                let mut failed = Vec::new();
+                while !stop.load(Ordering::SeqCst) {
+                    let cert = ClientCert {
+                        chain: cert.chain.clone(),
+                        key: cert.key.clone_key(),
+                    };
+                    if let Err(error) = tunnel_once(hbone, &auth, cert) {
+                        failed.push(format!("{error:#}"));
+                    }
+                    made.fetch_add(1, Ordering::SeqCst);
+                }
+                failed
+            })
+        })
+        .collect();
+    // Progress, not time: wait until the connectors have made `more` connections from now.
+    let connects_more = |more: usize, phase: &str| {
+        let goal = made.load(Ordering::SeqCst) + more;
+        support::wait_for(phase, Duration::from_secs(60), || {
+            (made.load(Ordering::SeqCst) >= goal).then_some(())
+        })
+        .unwrap_or_else(|error| panic!("{phase}: {error}"));
+    };
+    connects_more(20, "connections to the old agent alone");
+
+    let successor = Agent::start(&target.topology, "a", &target.ca, &target.config)
+        .expect("the new agent is ready beside the old one");
+    connects_more(40, "connections while both agents serve");
+    target.agent.terminate();
+    live.send(&frame(h2_raw::DATA, 0, 1, b"DURING-DRAIN"))
+        .expect("the live tunnel accepts bytes during the drain");
+    let echoed = live.read_until(IO_TIMEOUT, |frame| {
+        support::apps::contains(&frame.payload, b"DURING-DRAIN")
+    });
+    assert!(
+        support::apps::contains(&stream_data(&echoed, 1).0, b"DURING-DRAIN"),
+        "the live tunnel stopped at SIGTERM"
+    );
+    connects_more(20, "connections while the old agent drains");
+    let status = target.agent.stop(Duration::from_secs(30));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "old agent exit: {status:?}"
+    );
+    connects_more(20, "connections to the new agent alone");
+    stop.store(true, Ordering::SeqCst);
+    let failed: Vec<String> = connectors
+        .into_iter()
+        .flat_map(|connector| {
+            connector
+                .join()
+                .expect("connector thread")
+                .expect("connector namespace")
+        })
+        .collect();
+    let total = made.load(Ordering::SeqCst);
+    assert!(
+        failed.is_empty(),
+        "{} of {total} connects failed in the hand-over: {failed:?}",
+        failed.len()
+    );
+
+    let ruleset = target
+        .topology
+        .exec_role("server", &["nft", "list", "ruleset"])
+        .expect("nft list ruleset");
+    let ruleset = String::from_utf8_lossy(&ruleset.stdout);
+    assert_eq!(
+        ruleset.matches("table inet nodetunnel").count(),
+        1,
+        "the pod's rules after the old agent left:\n{ruleset}"
+    );
+    let rules = target
+        .topology
+        .exec_role("server", &["ip", "rule", "list"])
+        .expect("ip rule list");
+    let rules = String::from_utf8_lossy(&rules.stdout);
+    assert!(
+        rules.contains("lookup 100"),
+        "the return path the new agent shares was removed:\n{rules}"
+    );
+    // Plaintext to the app is still redirected, now to the new agent: its access log has the
+    // connection (a bypass would reach the app with no agent in between).
+    let app = addr(target.server_ip(), APP_PORT);
+    let client = target.from("bystander", move || -> anyhow::Result<String> {
+        let mut stream = TcpStream::connect_timeout(&app, IO_TIMEOUT)?;
+        stream.set_read_timeout(Some(IO_TIMEOUT))?;
+        let local = stream.local_addr()?.to_string();
+        stream.write_all(b"CAPTURED-AFTER-HANDOVER")?;
+        stream.shutdown(std::net::Shutdown::Write)?;
+        let mut echoed = Vec::new();
+        stream.read_to_end(&mut echoed)?;
+        anyhow::ensure!(echoed == b"CAPTURED-AFTER-HANDOVER", "echo: {echoed:?}");
+        Ok(local)
+    });
+    let client = client.expect("plaintext to the app after the hand-over");
+    successor
+        .wait_for_event(
+            "the new agent's record of the plaintext connection",
+            IO_TIMEOUT,
+            |event| {
+                event.is_access() && event.field("src.addr").as_deref() == Some(client.as_str())
+            },
+        )
+        .expect("plaintext to the pod is captured by the new agent");
+    target.agent = successor;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -10,7 +10,8 @@
 #[macro_use]
 mod support;
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::time::Duration;
 
 use support::agent::ServiceSpec;
@@ -667,4 +668,103 @@ fn live_config_edit_applies_and_invalid_edit_keeps_last_good() {
         agent_a.exit_status().is_none(),
         "agent A must still be running"
     );
+}
+
+/// Opens a captured connection from `client` to `target` and checks it echoes `marker`; the
+/// stream stays open for more.
+fn open_echoing(
+    cluster: &Cluster,
+    target: SocketAddr,
+    marker: &'static [u8],
+) -> anyhow::Result<TcpStream> {
+    cluster
+        .topology
+        .run_in("client", move || -> anyhow::Result<TcpStream> {
+            let mut stream = TcpStream::connect_timeout(&target, IO_TIMEOUT)?;
+            stream.set_read_timeout(Some(IO_TIMEOUT))?;
+            echo_on(&mut stream, marker)?;
+            Ok(stream)
+        })?
+        .map_err(|error| error.context(format!("connection to {target}")))
+}
+
+/// Writes `marker` and reads until it came back.
+fn echo_on(stream: &mut TcpStream, marker: &[u8]) -> anyhow::Result<()> {
+    stream.write_all(marker)?;
+    let mut echoed = vec![0; marker.len()];
+    stream.read_exact(&mut echoed)?;
+    anyhow::ensure!(echoed == marker, "echoed {echoed:?}");
+    Ok(())
+}
+
+/// Whether the connection ended (EOF or reset) within `within`, rather than hanging.
+fn ends_within(stream: &mut TcpStream, within: Duration) -> Result<(), String> {
+    stream
+        .set_read_timeout(Some(within))
+        .map_err(|error| error.to_string())?;
+    let mut buffer = [0u8; 64];
+    match stream.read(&mut buffer) {
+        Ok(0) => Ok(()),
+        Ok(read) => Err(format!("{read} unexpected bytes")),
+        Err(error)
+            if matches!(
+                error.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            Err(format!("still open after {within:?}"))
+        }
+        Err(_) => Ok(()),
+    }
+}
+
+/// The peer agent frozen (SIGSTOP: it holds its sockets and answers nothing) and then killed
+/// mid-stream. The client's agent PINGs its HBONE connections, so it notices the frozen peer
+/// and ends the app's tunnel through it instead of leaving it hanging forever (TCP alone never
+/// would: the peer's kernel still acknowledges). The app's other stream, to a pod of another
+/// agent, keeps echoing through both faults, and new connections to that pod are served. Once
+/// the peer thaws, new tunnels to it work again; a `kill -9` then ends the tunnel through it
+/// at once, and the other stream survives that too.
+#[test]
+fn peer_agent_frozen_or_killed_mid_stream_ends_only_its_tunnels() {
+    require_netns!("peer_agent_frozen_or_killed_mid_stream_ends_only_its_tunnels");
+    use nix::sys::signal::{kill, Signal};
+    let cluster = Cluster::build(&[("a", "client"), ("a", "near"), ("b", "far")])
+        .captured(&["client", "near", "far"])
+        .start_with(|cluster, node| {
+            cluster.render(node).replacen(
+                "agent:\n",
+                "agent:\n  proxy:\n    keepaliveInterval: 1s\n    keepaliveTimeout: 1s\n",
+                1,
+            )
+        });
+    let _near_app =
+        EchoServer::start(&cluster.topology, "near", APP_PORT, Reply::Echo).expect("near app");
+    let _far_app =
+        EchoServer::start(&cluster.topology, "far", APP_PORT, Reply::Echo).expect("far app");
+    let (near, far) = (
+        cluster.target("near", APP_PORT),
+        cluster.target("far", APP_PORT),
+    );
+    let mut other = open_echoing(&cluster, near, b"NEAR-BEFORE").expect("stream to near");
+    let mut doomed = open_echoing(&cluster, far, b"FAR-BEFORE").expect("stream to far");
+    let peer = nix::unistd::Pid::from_raw(cluster.agent("b").pid().expect("agent b") as i32);
+
+    kill(peer, Signal::SIGSTOP).expect("freeze agent b");
+    let frozen_outcome = ends_within(&mut doomed, Duration::from_secs(30));
+    let survived = echo_on(&mut other, b"NEAR-WHILE-FROZEN");
+    let fresh = open_echoing(&cluster, near, b"NEAR-NEW");
+    kill(peer, Signal::SIGCONT).expect("thaw agent b");
+    frozen_outcome.unwrap_or_else(|error| {
+        panic!("the tunnel through the frozen peer agent did not end: {error}")
+    });
+    survived.expect("the stream to the other agent's pod while the peer is frozen");
+    drop(fresh.expect("a new connection to the other pod while the peer is frozen"));
+
+    let mut doomed =
+        open_echoing(&cluster, far, b"FAR-AFTER-THAW").expect("stream to far after the thaw");
+    kill(peer, Signal::SIGKILL).expect("kill -9 agent b");
+    ends_within(&mut doomed, Duration::from_secs(30))
+        .unwrap_or_else(|error| panic!("the tunnel through the killed peer agent: {error}"));
+    echo_on(&mut other, b"NEAR-AFTER-KILL").expect("the other stream after the kill");
 }

@@ -11,6 +11,9 @@
 //!   end), writes a ready file, holds until a release file exists, then closes them all.
 //! - `dns-serve`: a UDP DNS server answering every A query with one address at once (the
 //!   upstream of the DNS rows; dnsperf is the client).
+//! - `relay`: the least a tunnel can do (`scripts/bench-bound`): relays each accepted connection
+//!   to one target, one copy per direction, in plain TCP or over TLS 1.3 with the agent's
+//!   provider and suites but no HTTP/2, so its cost per Gbit bounds what the agents can reach.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -89,13 +92,45 @@ enum Mode {
         #[arg(long, default_value = "10.96.9.9")]
         answer: std::net::Ipv4Addr,
     },
+    /// Relays every connection accepted on `listen` to `target` (the bound of scripts/bench-bound).
+    Relay {
+        /// What the relay speaks on each side.
+        #[arg(long, value_enum)]
+        kind: RelayKind,
+        /// Address to listen on.
+        #[arg(long)]
+        listen: SocketAddr,
+        /// Where each connection goes.
+        #[arg(long)]
+        target: SocketAddr,
+        /// `tls-server` writes its self-signed certificate (PEM) here; `tls-client` trusts it.
+        #[arg(long)]
+        certificate: Option<PathBuf>,
+    },
+}
+
+/// The two sides of a relay.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum RelayKind {
+    /// TCP in, TCP out.
+    Plain,
+    /// TCP in, TLS out (as the client's agent).
+    TlsClient,
+    /// TLS in, TCP out (as the server's agent).
+    TlsServer,
 }
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    // The relay stands in for an agent, so it gets the agent's runtime (a worker per core).
+    let runtime = match cli.mode {
+        Mode::Relay { .. } => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?,
+        _ => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?,
+    };
     runtime.block_on(async move {
         match cli.mode {
             Mode::Serve { listen } => serve(listen).await,
@@ -117,6 +152,12 @@ fn main() -> Result<()> {
                 release_file,
             } => idle(target, count, &ready_file, &release_file).await,
             Mode::DnsServe { listen, answer } => dns_serve(listen, answer).await,
+            Mode::Relay {
+                kind,
+                listen,
+                target,
+                certificate,
+            } => relay(kind, listen, target, certificate.as_deref()).await,
         }
     })
 }
@@ -289,5 +330,90 @@ async fn idle(
     }
     drop(streams);
     println!("{report}");
+    Ok(())
+}
+
+/// Copy buffer per direction of a relay: a few TLS records.
+const RELAY_BUFFER: usize = 64 * 1024;
+/// The name the TLS relays' certificate carries and the client side checks.
+const RELAY_NAME: &str = "relay.bench.invalid";
+
+/// How a relay wraps its connections.
+#[derive(Clone)]
+enum RelayTls {
+    Plain,
+    Connect(tokio_rustls::TlsConnector),
+    Accept(tokio_rustls::TlsAcceptor),
+}
+
+async fn relay(
+    kind: RelayKind,
+    listen: SocketAddr,
+    target: SocketAddr,
+    certificate: Option<&std::path::Path>,
+) -> Result<()> {
+    let tls = relay_tls(kind, certificate)?;
+    let listener = TcpListener::bind(listen).await?;
+    loop {
+        let (inbound, _) = listener.accept().await?;
+        let tls = tls.clone();
+        // iperf3 ends its streams with resets, so a relay's errors carry no news: the figure
+        // that matters is iperf3's.
+        tokio::spawn(async move { relay_one(&tls, inbound, target).await });
+    }
+}
+
+fn relay_tls(kind: RelayKind, certificate: Option<&std::path::Path>) -> Result<RelayTls> {
+    let path = || certificate.context("--certificate is required for a TLS relay");
+    let provider = nodetunnel::tls::provider();
+    match kind {
+        RelayKind::Plain => Ok(RelayTls::Plain),
+        RelayKind::TlsServer => {
+            let generated = rcgen::generate_simple_self_signed(vec![RELAY_NAME.to_string()])?;
+            std::fs::write(path()?, generated.cert.pem())?;
+            let key =
+                rustls::pki_types::PrivateKeyDer::Pkcs8(generated.key_pair.serialize_der().into());
+            let config = rustls::ServerConfig::builder_with_provider(provider)
+                .with_protocol_versions(&[&rustls::version::TLS13])?
+                .with_no_client_auth()
+                .with_single_cert(vec![generated.cert.der().clone()], key)?;
+            Ok(RelayTls::Accept(Arc::new(config).into()))
+        }
+        RelayKind::TlsClient => {
+            let pem = std::fs::read_to_string(path()?)?;
+            let mut roots = rustls::RootCertStore::empty();
+            for certificate in nodetunnel::tls::pem_certificates(&pem)? {
+                roots.add(certificate)?;
+            }
+            let config = rustls::ClientConfig::builder_with_provider(provider)
+                .with_protocol_versions(&[&rustls::version::TLS13])?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            Ok(RelayTls::Connect(Arc::new(config).into()))
+        }
+    }
+}
+
+async fn relay_one(tls: &RelayTls, inbound: TcpStream, target: SocketAddr) -> Result<()> {
+    let outbound = TcpStream::connect(target).await?;
+    inbound.set_nodelay(true)?;
+    outbound.set_nodelay(true)?;
+    match tls {
+        RelayTls::Plain => copy_both(inbound, outbound).await,
+        RelayTls::Connect(connector) => {
+            let name = rustls::pki_types::ServerName::try_from(RELAY_NAME)?;
+            copy_both(inbound, connector.connect(name, outbound).await?).await
+        }
+        RelayTls::Accept(acceptor) => copy_both(acceptor.accept(inbound).await?, outbound).await,
+    }
+}
+
+async fn copy_both<A, B>(mut first: A, mut second: B) -> Result<()>
+where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    tokio::io::copy_bidirectional_with_sizes(&mut first, &mut second, RELAY_BUFFER, RELAY_BUFFER)
+        .await?;
     Ok(())
 }

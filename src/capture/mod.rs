@@ -80,8 +80,9 @@ struct RunningPod {
     netns_path: PathBuf,
     proxy: Arc<WorkloadProxy>,
     drain: Drain,
-    /// Whether we installed redirection rules in the pod (and must remove them).
-    rules_installed: bool,
+    /// The redirection rules we installed in the pod (and must remove, unless another agent
+    /// has taken them over).
+    rules: Option<rules::InstalledTable>,
 }
 
 /// A pod's slot in the manager's one map.
@@ -419,21 +420,24 @@ impl PodManager {
         }
         self.inputs.metrics.proxy_started();
         let rules = self.rules.clone().filter(|_| source != PodSource::Cni);
-        let pod = RunningPod {
+        let mut pod = RunningPod {
             netns: netns.clone(),
             netns_id: netns.id(),
             netns_path: path.clone(),
             proxy,
             drain,
-            rules_installed: rules.is_some(),
+            rules: None,
         };
         if let Some(rules) = rules {
             let installed = tokio::task::spawn_blocking(move || rules.install(&netns))
                 .await
                 .unwrap_or_else(|join| Err(rules::RulesError::Netns(std::io::Error::other(join))));
-            if let Err(source) = installed {
-                stop(pod, &self.inputs.metrics).await;
-                return Err(CaptureError::Rules { path, source });
+            match installed {
+                Ok(table) => pod.rules = Some(table),
+                Err(source) => {
+                    stop(pod, &self.inputs.metrics).await;
+                    return Err(CaptureError::Rules { path, source });
+                }
             }
         }
         *running = Some(pod);
@@ -529,6 +533,11 @@ async fn bind_listeners(
     let runtime = tokio::runtime::Handle::current();
     let bound = tokio::task::spawn_blocking(move || {
         netns.run_on_thread(|| {
+            if let Err(error) = crate::sys::enable_listener_migration() {
+                // Only a hand-over between agents needs it; without it, the few connections
+                // queued on the old agent's listeners when it closes them are reset.
+                tracing::debug!(%error, "cannot set net.ipv4.tcp_migrate_req in the pod");
+            }
             let _context = runtime.enter();
             let listeners = Listeners::bind(&sockets)?;
             let dns = with_dns.then(|| DnsListeners::bind(&sockets)).transpose()?;
@@ -558,12 +567,21 @@ impl PodStatus {
 async fn stop(pod: RunningPod, metrics: &Metrics) {
     pod.drain.terminate().await;
     metrics.proxy_stopped();
-    if pod.rules_installed {
+    if let Some(table) = pod.rules {
         let netns = pod.netns.clone();
         let removed =
-            tokio::task::spawn_blocking(move || rules::RedirectRules::remove(&netns)).await;
-        if let Ok(Err(error)) = removed {
-            tracing::warn!(netns = %pod.netns_path.display(), %error, "could not remove redirection rules");
+            tokio::task::spawn_blocking(move || rules::RedirectRules::remove(&netns, table)).await;
+        match removed {
+            Ok(Ok(rules::Removal::TakenOver)) => {
+                tracing::info!(netns = %pod.netns_path.display(), "another agent took over the pod's redirection rules; leaving them");
+            }
+            Ok(Ok(rules::Removal::Removed)) => {}
+            Ok(Err(error)) => {
+                tracing::warn!(netns = %pod.netns_path.display(), %error, "could not remove redirection rules");
+            }
+            Err(error) => {
+                tracing::warn!(netns = %pod.netns_path.display(), %error, "could not remove redirection rules");
+            }
         }
     }
 }

@@ -7,7 +7,11 @@
 //! client's IP (the app's replies are routed back to the agent's transparent socket).
 //!
 //! Installing is one atomic `nft -f` transaction that first deletes our table, so re-adding a
-//! pod never duplicates rules. `nft` is the reference encoder of nftables rulesets (and how
+//! pod never duplicates rules, and a new agent taking over the pod (a rollout: both agents
+//! serve it for a while) replaces the old agent's table in one step. Each install records the
+//! handle the kernel gave its table (handles are never reused in a namespace), and removal
+//! deletes the table by that handle: if another agent has replaced it since, the delete finds
+//! nothing and the other agent's rules, and the return path they share, stay. `nft` is the reference encoder of nftables rulesets (and how
 //! Kubernetes tooling drives them); the return-path `ip rule` and route are plain rtnetlink
 //! messages, sent by `capture::return_path` from the same thread inside the pod's namespace,
 //! so the whole change stays in that namespace.
@@ -46,6 +50,28 @@ pub enum RulesError {
     /// Entering the namespace failed.
     #[error("enter the pod network namespace: {0}")]
     Netns(#[source] std::io::Error),
+    /// `nft --echo` did not name the table it created.
+    #[error("nft did not report the handle of table inet {TABLE}: {echo}")]
+    NoTableHandle {
+        /// What it printed.
+        echo: String,
+    },
+}
+
+/// The table one [`RedirectRules::install`] created, by its kernel handle: the proof of
+/// ownership [`RedirectRules::remove`] needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InstalledTable {
+    handle: u64,
+}
+
+/// What [`RedirectRules::remove`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Removal {
+    /// Our table (and the return path) were removed, or were already gone.
+    Removed,
+    /// Another agent had replaced our table (it took the pod over): its rules stay.
+    TakenOver,
 }
 
 /// The redirection rules for pods, parameterised by the agent's packet mark and ports.
@@ -118,30 +144,40 @@ impl RedirectRules {
         )
     }
 
-    /// Installs (or refreshes) the rules and the return-path routing in `netns`.
-    pub fn install(&self, netns: &Netns) -> Result<(), RulesError> {
+    /// Installs (or replaces, whoever installed them) the rules and the return-path routing in
+    /// `netns`. Returns the table created, which only its creator may remove.
+    pub fn install(&self, netns: &Netns) -> Result<InstalledTable, RulesError> {
         let script = self.nft_script();
         netns
             .run_on_thread(|| {
-                run("nft", &["-f", "-"], Some(&script))?;
-                return_path::with_handle(|handle| async move {
-                    return_path::install(&handle, Family::V4).await?;
-                    // A pod without IPv6 cannot take the v6 return path; v4 must work.
-                    if let Err(error) = return_path::install(&handle, Family::V6).await {
-                        tracing::debug!(%error, "no IPv6 return path in pod");
-                    }
-                    Ok(())
-                })?;
-                Ok(())
+                let echo = run("nft", &["--echo", "--handle", "-f", "-"], Some(&script))?;
+                let table = table_handle(&echo)
+                    .map(|handle| InstalledTable { handle })
+                    .ok_or(RulesError::NoTableHandle { echo })?;
+                return_path::with_handle(install_return_path)?;
+                Ok(table)
             })
             .map_err(RulesError::Netns)?
     }
 
-    /// Removes everything [`RedirectRules::install`] added. Missing pieces are not an error.
-    pub fn remove(netns: &Netns) -> Result<(), RulesError> {
+    /// Removes what [`RedirectRules::install`] added, if `table` is still the pod's table.
+    /// Missing pieces are not an error.
+    ///
+    /// The delete by handle is atomic: it fails with "no such file" once another agent's
+    /// install has replaced the table, and then the return path (the same for every agent)
+    /// stays too. If another agent installs right after our delete, its return path may be
+    /// removed here after it was added, so we look for its table once more and restore them.
+    pub fn remove(netns: &Netns, table: InstalledTable) -> Result<Removal, RulesError> {
         netns
             .run_on_thread(|| {
-                let deleted = run("nft", &["delete", "table", "inet", TABLE], None);
+                let handle = table.handle.to_string();
+                match run("nft", &["delete", "table", "inet", "handle", &handle], None) {
+                    Ok(_) => {}
+                    Err(RulesError::Failed { stderr, .. }) if is_missing(&stderr) => {
+                        return Ok(Removal::TakenOver);
+                    }
+                    Err(error) => return Err(error),
+                }
                 let routed = return_path::with_handle(|handle| async move {
                     for family in [Family::V4, Family::V6] {
                         if let Err(error) = return_path::remove(&handle, family).await {
@@ -153,22 +189,51 @@ impl RedirectRules {
                 if let Err(error) = routed {
                     tracing::warn!(%error, "could not remove the return path");
                 }
-                match deleted {
-                    Err(RulesError::Failed { stderr, .. })
-                        if stderr.contains("No such file") || stderr.contains("does not exist") =>
-                    {
-                        Ok(())
-                    }
-                    other => other,
+                if run("nft", &["list", "table", "inet", TABLE], None).is_ok() {
+                    return_path::with_handle(install_return_path)?;
+                    return Ok(Removal::TakenOver);
                 }
+                Ok(Removal::Removed)
             })
             .map_err(RulesError::Netns)?
     }
 }
 
+/// Installs the return path of both families; a pod without IPv6 cannot take the v6 one, v4
+/// must work.
+async fn install_return_path(handle: rtnetlink::Handle) -> Result<(), ReturnPathError> {
+    return_path::install(&handle, Family::V4).await?;
+    if let Err(error) = return_path::install(&handle, Family::V6).await {
+        tracing::debug!(%error, "no IPv6 return path in pod");
+    }
+    Ok(())
+}
+
+/// Whether `nft` failed because the object was not there.
+fn is_missing(stderr: &str) -> bool {
+    stderr.contains("No such file") || stderr.contains("does not exist")
+}
+
+/// The handle of the table our script created, from `nft --echo --handle`: the last
+/// `add table inet nodetunnel # handle N` (the script's first line adds the table too, so that
+/// the delete after it cannot fail, and is echoed with the old handle if one existed).
+fn table_handle(echo: &str) -> Option<u64> {
+    let prefix = format!("add table inet {TABLE} ");
+    echo.lines()
+        .rev()
+        .filter_map(|line| line.strip_prefix(&prefix))
+        .filter_map(|rest| {
+            rest.trim_start_matches('{')
+                .trim()
+                .strip_prefix("# handle ")
+        })
+        .filter_map(|handle| handle.trim().parse().ok())
+        .next()
+}
+
 /// Runs a tool on the calling thread (so in that thread's network namespace: a child process
-/// inherits the namespaces of the thread that forks it).
-fn run(tool: &'static str, args: &[&str], stdin: Option<&str>) -> Result<(), RulesError> {
+/// inherits the namespaces of the thread that forks it) and returns what it printed.
+fn run(tool: &'static str, args: &[&str], stdin: Option<&str>) -> Result<String, RulesError> {
     let mut child = Command::new(tool)
         .args(args)
         .stdin(if stdin.is_some() {
@@ -176,7 +241,7 @@ fn run(tool: &'static str, args: &[&str], stdin: Option<&str>) -> Result<(), Rul
         } else {
             Stdio::null()
         })
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|source| RulesError::Spawn { tool, source })?;
@@ -188,7 +253,7 @@ fn run(tool: &'static str, args: &[&str], stdin: Option<&str>) -> Result<(), Rul
         .wait_with_output()
         .map_err(|source| RulesError::Spawn { tool, source })?;
     if output.status.success() {
-        return Ok(());
+        return Ok(String::from_utf8_lossy(&output.stdout).into_owned());
     }
     Err(RulesError::Failed {
         command: format!("{tool} {}", args.join(" ")),
@@ -260,6 +325,24 @@ mod tests {
         .nft_script();
         assert!(!without.contains("dport 53"), "{without}");
         assert_eq!(without.matches("redirect to").count(), 2, "{without}");
+    }
+
+    /// `nft --echo --handle` of our script, over a table left by another agent: the first
+    /// `add` names the old table, the second the one we created.
+    #[test]
+    fn the_created_table_is_read_from_the_echo() {
+        let echo = "add table inet nodetunnel # handle 7\n\
+                    add table inet nodetunnel # handle 9\n\
+                    add chain inet nodetunnel output_nat { type nat hook output priority -100; policy accept; } # handle 1\n\
+                    # new generation 4 by process 23396 (nft)\n";
+        assert_eq!(table_handle(echo), Some(9));
+        assert_eq!(table_handle("add table inet other # handle 3\n"), None);
+        assert_eq!(table_handle(""), None);
+        assert_eq!(
+            table_handle("add table inet nodetunnel { # handle 12\n"),
+            Some(12),
+            "the block form of older nft"
+        );
     }
 
     #[test]

@@ -169,3 +169,71 @@ async fn a_remove_during_a_start_stops_the_started_pod() {
     assert!(manager.status().is_empty());
     assert!(manager.pooled_connections().await.is_empty());
 }
+
+/// Two agents' listeners on one pod port (one owner, so one `SO_REUSEPORT` group), as in a
+/// hand-over: when the old agent closes its listener, the connections the kernel had already
+/// queued on it (the client's handshake done, not yet accepted) go to the new agent's listener
+/// instead of being reset. Without `tcp_migrate_req` about half of them would be reset.
+#[tokio::test(flavor = "current_thread")]
+async fn a_closing_listener_hands_its_queued_connections_to_the_other_agent() {
+    const CLIENTS: usize = 64;
+    if !netns_tests_enabled("a_closing_listener_hands_its_queued_connections_to_the_other_agent") {
+        return;
+    }
+    let pod = Arc::new(fresh_netns("migration"));
+    let migration = pod
+        .run_on_thread(|| {
+            let up = std::process::Command::new("ip")
+                .args(["link", "set", "lo", "up"])
+                .status();
+            assert!(up.is_ok_and(|status| status.success()), "ip link set lo up");
+            crate::sys::enable_listener_migration()
+        })
+        .expect("thread in the pod");
+    if let Err(error) = migration {
+        assert_eq!(error.kind(), std::io::ErrorKind::NotFound, "{error}");
+        eprintln!("SKIPPED: the kernel has no net.ipv4.tcp_migrate_req (before 5.14)");
+        return;
+    }
+    let home = Arc::new(Netns::current().expect("own namespace"));
+    let sockets = SocketFactory::pod(pod.clone(), home, 0x539);
+    let port: std::net::SocketAddr = "127.0.0.1:15008".parse().expect("address");
+    let old = sockets
+        .listen(port, false)
+        .expect("the old agent's listener");
+    let new = sockets
+        .listen(port, false)
+        .expect("the new agent's listener beside it");
+    let clients = pod
+        .run_on_thread(|| {
+            (0..CLIENTS)
+                .map(|index| {
+                    let mut client = std::net::TcpStream::connect(port).expect("connect");
+                    std::io::Write::write_all(&mut client, &[index as u8]).expect("write");
+                    client
+                })
+                .collect::<Vec<_>>()
+        })
+        .expect("thread in the pod");
+    drop(old);
+    let mut seen = Vec::new();
+    while seen.len() < CLIENTS {
+        let accepted = tokio::time::timeout(HANG_GUARD, new.accept()).await;
+        let (mut stream, _) = accepted
+            .unwrap_or_else(|_| {
+                panic!(
+                    "only {} of {CLIENTS} connections reached the new listener",
+                    seen.len()
+                )
+            })
+            .expect("accept");
+        let mut byte = [0u8; 1];
+        tokio::io::AsyncReadExt::read_exact(&mut stream, &mut byte)
+            .await
+            .expect("the client's byte on a migrated connection");
+        seen.push(byte[0]);
+    }
+    seen.sort_unstable();
+    assert_eq!(seen, (0..CLIENTS as u8).collect::<Vec<_>>());
+    drop(clients);
+}

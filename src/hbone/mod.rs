@@ -130,7 +130,13 @@ impl ConnectRequest {
     /// The HTTP/2 request, exactly as Istio's agents send it.
     pub fn build(&self) -> Result<Request<()>, BuildError> {
         let mut forwarded = format!("for=\"{}\"", self.client);
-        if let Some(host) = &self.service_host {
+        // Only a plain host name travels: anything else would need RFC 7239 quoting and would
+        // not read back as the same name on the peer (see `forwarded_host_token`).
+        if let Some(host) = self
+            .service_host
+            .as_deref()
+            .filter(|h| forwarded_host_token(h))
+        {
             forwarded.push_str(";host=");
             forwarded.push_str(host);
         }
@@ -255,19 +261,30 @@ pub fn parse_authority(raw: &str) -> Result<Authority, RequestError> {
     }
     let (host, port) = raw.rsplit_once(':').ok_or_else(bad)?;
     let port: u16 = port.parse().ok().filter(|p| *p != 0).ok_or_else(bad)?;
-    let valid_host = !host.is_empty()
-        && host.len() <= 253
-        && host
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-'))
-        && host.parse::<IpAddr>().is_err();
-    if !valid_host {
+    if !is_dns_name(host) || host.parse::<IpAddr>().is_ok() {
         return Err(bad());
     }
     Ok(Authority::Hostname {
         host: host.to_string(),
         port,
     })
+}
+
+/// Letters, digits, `.` and `-`, at most 253 bytes: a DNS name as it may appear in an authority.
+fn is_dns_name(host: &str) -> bool {
+    !host.is_empty()
+        && host.len() <= 253
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-'))
+}
+
+/// A `forwarded` `host=` value we send and accept: a DNS name, or a ServiceEntry wildcard
+/// (`*.example.com`). A peer's value with quotes, separators or spaces is dropped rather than
+/// kept half-parsed (found by the `hbone_connect` fuzz target: such a host did not read back
+/// as itself once forwarded).
+fn forwarded_host_token(host: &str) -> bool {
+    is_dns_name(host.strip_prefix("*.").unwrap_or(host)) || host == "*"
 }
 
 /// Reads the first `forwarded` element's `for` and `host` parameters (RFC 7239).
@@ -282,7 +299,7 @@ fn parse_forwarded(value: &str) -> (Option<SocketAddr>, Option<String>) {
         let val = val.trim().trim_matches('"');
         if key.trim().eq_ignore_ascii_case("for") {
             client = val.parse::<SocketAddr>().ok();
-        } else if key.trim().eq_ignore_ascii_case("host") && !val.is_empty() {
+        } else if key.trim().eq_ignore_ascii_case("host") && forwarded_host_token(val) {
             host = Some(val.to_string());
         }
     }

@@ -223,3 +223,54 @@ async fn a_connect_without_response_times_out() {
         Ok(_) => panic!("expected a response timeout, got a tunnel"),
     }
 }
+
+/// A stream reset before its handler first runs (HEADERS and RST_STREAM in one write, as a
+/// rapid-reset client sends them) never starts its work: no check, no upstream connect. Eight
+/// rounds, because a `select!` that picked its branch at random started the work in half of
+/// them.
+#[tokio::test(start_paused = true)]
+async fn work_of_a_stream_reset_before_its_handler_runs_never_starts() {
+    for round in 0..8 {
+        assert_eq!(
+            started_by_a_stream_reset_before_its_handler_runs().await,
+            0,
+            "round {round}: the reset stream's work started"
+        );
+    }
+}
+
+/// One connection, one stream reset before its handler's first poll: how often the handler's
+/// work started.
+async fn started_by_a_stream_reset_before_its_handler_runs() -> usize {
+    use std::sync::Arc;
+    let (started, outcomes) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (started_by, ended_by) = (started.clone(), outcomes.clone());
+    let (release, held) = tokio::sync::watch::channel(false);
+    let handler = move |_request, mut respond: SendResponse<Bytes>| {
+        let (started, ended, mut held) = (started_by.clone(), ended_by.clone(), held.clone());
+        async move {
+            // Runs only once the test has reset the stream: the handler's first poll then
+            // finds the reset already there.
+            let _ = held.wait_for(|released| *released).await;
+            let work = async {
+                started.fetch_add(1, Ordering::SeqCst);
+            };
+            let _ = until_reset(&mut respond, work).await;
+            ended.fetch_add(1, Ordering::SeqCst);
+        }
+    };
+    let (io, _served) = spawn_serve(limits(Duration::from_secs(10)), settings(), handler);
+    let mut send = client(io).await;
+    let (_response, mut stream) = send.send_request(connect_request(), false).expect("send");
+    stream.send_reset(h2::Reason::CANCEL);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    release.send_replace(true);
+    tokio::time::timeout(FOREVER, async {
+        while outcomes.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await
+    .expect("the handler ended");
+    started.load(Ordering::SeqCst)
+}

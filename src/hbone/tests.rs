@@ -146,6 +146,15 @@ fn forwarded_and_traceparent_variants() {
         ("for=\"unknown\"", None, None),
         ("host=x, for=\"10.0.0.9:9\"", None, Some("x")),
         ("garbage;;==", None, None),
+        (
+            "for=\"10.0.0.1:1\";host=\"*.example.com\"",
+            Some("10.0.0.1:1"),
+            Some("*.example.com"),
+        ),
+        // A host that is not a name is dropped, not kept half-parsed (fuzz finding).
+        ("for=\"[fd00::00\";host=e#ho.d   \"", None, None),
+        ("host=\"a b\"", None, None),
+        ("host=\"\"", None, None),
     ];
     for (value, client, host) in cases {
         let parsed = parse_connect(&request(
