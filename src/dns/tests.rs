@@ -322,6 +322,36 @@ async fn tcp_clients_are_bounded_and_oversized_prefixes_close_the_connection() {
     assert!(matches!(refused, Ok(Ok(0)) | Ok(Err(_))), "{refused:?}");
 }
 
+/// Slowloris on the DNS proxy's TCP port: clients that send half a length prefix or half a
+/// message and stall hold the pod's two TCP slots only until the idle timeout closes them; then
+/// the next client is answered. (Paused clock: the timeout passes without waiting for it.)
+#[tokio::test(start_paused = true)]
+async fn stalled_tcp_queries_are_closed_and_free_their_slots() {
+    let upstream = Upstream::start().await;
+    let proxy = proxy(upstream.address, 8, Duration::from_secs(1)).await;
+    let mut half_prefix = TcpStream::connect(proxy.tcp).await.expect("connect");
+    half_prefix.write_all(&[0]).await.expect("write");
+    let mut half_message = TcpStream::connect(proxy.tcp).await.expect("connect");
+    half_message
+        .write_all(&[0, 40, 0x12, 0x34, 0x01])
+        .await
+        .expect("write");
+    let mut byte = [0u8; 1];
+    for (name, stalled) in [
+        ("half a length prefix", &mut half_prefix),
+        ("half a message", &mut half_message),
+    ] {
+        let closed =
+            tokio::time::timeout(2 * server::TCP_IDLE_TIMEOUT, stalled.read(&mut byte)).await;
+        assert!(
+            matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+            "{name}: {closed:?}"
+        );
+    }
+    let mut next = TcpStream::connect(proxy.tcp).await.expect("connect");
+    assert_eq!(ask_tcp(&mut next, &query(3, "echo.")).await.id(), 3);
+}
+
 #[tokio::test]
 async fn answers_for_allowed_hosts_teach_the_pods_egress_set() {
     let upstream = Upstream::start().await;
