@@ -358,18 +358,28 @@ fn explain(path: &std::path::Path, from: &str, to: &str, json: bool) -> ExitCode
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    if json {
-        match serde_json::to_string_pretty(&explained) {
-            Ok(text) => println!("{text}"),
+    print_explained(&explained, json, explained.decision.is_allowed())
+}
+
+/// Prints an explanation as text or JSON; the exit code says whether it was allowed.
+fn print_explained<T: serde::Serialize + std::fmt::Display>(
+    explained: &T,
+    json: bool,
+    allowed: bool,
+) -> ExitCode {
+    let text = if json {
+        match serde_json::to_string_pretty(explained) {
+            Ok(text) => text,
             Err(error) => {
                 eprintln!("error: {error}");
                 return ExitCode::FAILURE;
             }
         }
     } else {
-        println!("{explained}");
-    }
-    if explained.decision.is_allowed() {
+        explained.to_string()
+    };
+    println!("{}", text.trim_end_matches('\n'));
+    if allowed {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
@@ -390,22 +400,7 @@ fn explain_outbound(
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    if json {
-        match serde_json::to_string_pretty(&explained) {
-            Ok(text) => println!("{text}"),
-            Err(error) => {
-                eprintln!("error: {error}");
-                return ExitCode::FAILURE;
-            }
-        }
-    } else {
-        print!("{explained}");
-    }
-    if explained.allowed {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    }
+    print_explained(&explained, json, explained.allowed)
 }
 
 fn init_ca(out_dir: &std::path::Path, common_name: &str) -> anyhow::Result<()> {
