@@ -20,7 +20,7 @@ use crate::capture::PodStatus;
 use crate::identity::CertificateStatus;
 use crate::net::NetworkAddress;
 use crate::state::learned::LearnedDestinations;
-use crate::state::{GatewayAddress, GatewayDestination, Service, Snapshot, Workload};
+use crate::state::{GatewayAddress, Service, Snapshot, Workload};
 use crate::telemetry::metrics::OpenConnection;
 use crate::telemetry::Direction;
 
@@ -204,13 +204,7 @@ fn workload_dump(workload: &Workload) -> WorkloadDump {
 /// `network/IP` or `namespace/hostname`, the one string istioctl reads.
 fn gateway_dump(gateway: &GatewayAddress) -> GatewayDump {
     GatewayDump {
-        destination: match &gateway.destination {
-            GatewayDestination::Address(address) => address.to_string(),
-            GatewayDestination::Hostname {
-                namespace,
-                hostname,
-            } => format!("{namespace}/{hostname}"),
-        },
+        destination: gateway.destination.to_string(),
         hbone_mtls_port: gateway.hbone_mtls_port,
     }
 }

@@ -276,7 +276,7 @@ fn explain_hostname(
             entry.host_matching(host).unwrap_or(host)
         );
         if let Some(gateway) = &entry.waypoint {
-            explained.waypoint = Some(describe_gateway(gateway));
+            explained.waypoint = Some(gateway.destination.to_string());
             explained.route =
                 Some("HBONE to the egress gateway (authority: the address dialled)".into());
         } else {
@@ -313,18 +313,6 @@ fn explain_hostname(
                 source.namespace
             );
         }
-    }
-}
-
-fn describe_gateway(gateway: &crate::state::GatewayAddress) -> String {
-    match &gateway.destination {
-        crate::state::GatewayDestination::Address(address) => {
-            format!("{}/{}", address.network, address.ip)
-        }
-        crate::state::GatewayDestination::Hostname {
-            namespace,
-            hostname,
-        } => format!("{namespace}/{hostname}"),
     }
 }
 

@@ -249,7 +249,7 @@ fn to_waypoint(
 ) -> Result<Route, RouteError> {
     let waypoint = snapshot
         .resolve_waypoint(gateway, &source.network, dialled.is_ipv4(), via.pick)
-        .ok_or_else(|| RouteError::NoWaypoint(describe(gateway)))?;
+        .ok_or_else(|| RouteError::NoWaypoint(gateway.destination.to_string()))?;
     Ok(Route::Hbone(HboneRoute {
         peer: UpstreamAddr(waypoint.address),
         authority: dialled,
@@ -257,18 +257,6 @@ fn to_waypoint(
         service: via.service,
         expected_identities: waypoint.identities,
     }))
-}
-
-fn describe(gateway: &GatewayAddress) -> String {
-    match &gateway.destination {
-        crate::state::GatewayDestination::Address(address) => {
-            format!("{}/{}", address.network, address.ip)
-        }
-        crate::state::GatewayDestination::Hostname {
-            namespace,
-            hostname,
-        } => format!("{namespace}/{hostname}"),
-    }
 }
 
 fn to_workload(

@@ -52,6 +52,20 @@ pub enum GatewayDestination {
     },
 }
 
+/// `network/IP` or `namespace/hostname`: the one string istioctl reads, and what errors and
+/// `explain` name.
+impl std::fmt::Display for GatewayDestination {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GatewayDestination::Address(address) => address.fmt(f),
+            GatewayDestination::Hostname {
+                namespace,
+                hostname,
+            } => write!(f, "{namespace}/{hostname}"),
+        }
+    }
+}
+
 /// A reference to a waypoint (or network gateway) and the port its HBONE listener uses.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct GatewayAddress {
