@@ -991,3 +991,18 @@ fn inbound_limits_reach_the_snapshot_in_order() {
         .0
         .is_empty());
 }
+
+/// A tag with `/` in it once made the error position underflow (config_parse fuzz finding):
+/// the file is refused with a located error instead.
+#[test]
+fn a_tag_that_reads_as_a_handle_is_refused_without_panicking() {
+    let text = include_str!("../../fuzz/seeds/config_parse/regression-tag-before-line-start");
+    let lines = error_lines(text, &Overrides::default());
+    assert!(!lines.is_empty(), "a tagged namespace must be refused");
+    assert!(
+        lines
+            .iter()
+            .all(|line| line.starts_with("nodetunnel.yaml:")),
+        "{lines:?}"
+    );
+}
