@@ -206,6 +206,26 @@ pub fn names_workload(snapshot: &Snapshot, to: &str) -> bool {
     }
 }
 
+/// `host:port`, `ip:port` or `[v6]:port` split into its host (without brackets) and a port
+/// in 1..=65535.
+pub(crate) fn split_port(to: &str) -> Result<(&str, u16), ExplainError> {
+    if let Ok(address) = to.parse::<SocketAddr>() {
+        // `[v6]:port`: the host part without brackets is taken below as an IP.
+        let host = to.rsplit_once(':').map_or(to, |(host, _)| host);
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        return Ok((host, address.port()));
+    }
+    let Some((host, port)) = to.rsplit_once(':') else {
+        return Err(ExplainError::MissingPort(to.to_string()));
+    };
+    let port = port
+        .parse::<u16>()
+        .ok()
+        .filter(|port| *port != 0)
+        .ok_or_else(|| ExplainError::BadPort(to.to_string()))?;
+    Ok((host, port))
+}
+
 fn resolve_destination(
     snapshot: &Snapshot,
     to: &str,
@@ -219,14 +239,7 @@ fn resolve_destination(
     if to.parse::<IpAddr>().is_ok() {
         return Err(ExplainError::MissingPort(to.to_string()));
     }
-    let Some((name, port)) = to.rsplit_once(':') else {
-        return Err(ExplainError::MissingPort(to.to_string()));
-    };
-    let port = port
-        .parse::<u16>()
-        .ok()
-        .filter(|port| *port != 0)
-        .ok_or_else(|| ExplainError::BadPort(to.to_string()))?;
+    let (name, port) = split_port(to)?;
     let workload = find_workload(snapshot, name)?;
     let ip = workload
         .workload_ips

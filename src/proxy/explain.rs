@@ -13,7 +13,7 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 
 use super::route::{self, Route, RouteError};
-use crate::authz::explain::{find_workload, ExplainError};
+use crate::authz::explain::{find_workload, split_port, ExplainError};
 use crate::net::{NetworkAddress, OriginalDst};
 use crate::state::egress::{
     host_matches, nothing_learned, EgressDecision, OutboundMode, ServiceEntry,
@@ -106,24 +106,6 @@ pub fn explain_outbound(
         None => explain_hostname(snapshot, &source, host, port, &mut explained),
     }
     Ok(explained)
-}
-
-fn split_port(to: &str) -> Result<(&str, u16), ExplainError> {
-    if let Ok(address) = to.parse::<SocketAddr>() {
-        // `[v6]:port`: the host part without brackets is taken below as an IP.
-        let host = to.rsplit_once(':').map_or(to, |(host, _)| host);
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        return Ok((host, address.port()));
-    }
-    let Some((host, port)) = to.rsplit_once(':') else {
-        return Err(ExplainError::MissingPort(to.to_string()));
-    };
-    let port = port
-        .parse::<u16>()
-        .ok()
-        .filter(|port| *port != 0)
-        .ok_or_else(|| ExplainError::BadPort(to.to_string()))?;
-    Ok((host, port))
 }
 
 /// The address a mesh hostname stands for (a service's first VIP in the source's network, or
