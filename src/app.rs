@@ -51,6 +51,8 @@ pub struct RunOptions {
     pub overrides: Overrides,
     /// Run-time control of the log filter, for the admin API (`None`: not ours to change).
     pub logging: Option<crate::telemetry::LogControl>,
+    /// The data plane's threads ([`crate::shard::Shards::inline`]: the caller's runtime).
+    pub shards: Arc<crate::shard::Shards>,
 }
 
 /// Runs the agent until SIGTERM/SIGINT (graceful drain) or a second SIGINT (immediate exit).
@@ -137,6 +139,7 @@ impl Agent {
                 settings.proxy.max_unauthenticated_per_source,
             ),
             memory: memory.clone(),
+            shards: options.shards.clone(),
         };
         let rules = settings.capture.install_rules.then_some(RedirectRules {
             mark: settings.proxy.packet_mark,

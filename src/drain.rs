@@ -15,6 +15,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::shard::Shards;
+
 /// After force, how long we wait for tasks to notice before giving up on them.
 const FORCE_GRACE: Duration = Duration::from_secs(1);
 
@@ -63,16 +65,30 @@ impl Drain {
         F: Future + Send + 'static,
         F::Output: Send + 'static,
     {
+        tokio::spawn(self.track(task))
+    }
+
+    /// Spawns `task` on the next data-plane shard, tracked like [`Drain::spawn`]: a connection
+    /// and everything it spawns then stay on that shard's thread.
+    pub fn spawn_on_shard<F>(&self, shards: &Shards, task: F) -> JoinHandle<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        shards.spawn(self.track(task))
+    }
+
+    fn track<F: Future>(&self, task: F) -> impl Future<Output = F::Output> {
         let tracked = self.tracker.track_future(task);
         // Nest the ancestors' trackers around it: each holds a token until the task ends.
         let tokens: Vec<_> = self.parents.iter().map(TaskTracker::token).collect();
         // A combinator, not an `async move { tracked.await }` block: such a block keeps the
         // moved future and the awaited one side by side, doubling every task (11.5 KiB instead
         // of 2.7 KiB per outbound connection, heaptrack).
-        tokio::spawn(tracked.map(move |output| {
+        tracked.map(move |output| {
             drop(tokens);
             output
-        }))
+        })
     }
 
     /// Resolves when graceful drain has started (or force).

@@ -72,7 +72,7 @@ pub(super) async fn accept_loop<F, Fut>(
     kind: ListenerKind,
     handle: F,
 ) where
-    F: Fn(Arc<WorkloadProxy>, TcpStream, SocketAddr, Admitted) -> Fut,
+    F: Fn(Arc<WorkloadProxy>, TcpStream, SocketAddr, Admitted) -> Fut + Copy + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let name = kind.name();
@@ -95,15 +95,7 @@ pub(super) async fn accept_loop<F, Fut>(
                             continue;
                         }
                     };
-                // Boxed, so that the select below holds a pointer rather than a second copy.
-                let connection = Box::pin(handle(proxy.clone(), stream, peer, admitted));
-                let forced = proxy.drain.clone();
-                proxy.drain.spawn(async move {
-                    tokio::select! {
-                        _ = connection => {}
-                        _ = forced.forced() => {}
-                    }
-                });
+                spawn_connection(proxy, stream, peer, admitted, handle);
             }
             Err(error) => {
                 // EMFILE and friends: back off briefly instead of spinning.
@@ -112,6 +104,60 @@ pub(super) async fn accept_loop<F, Fut>(
             }
         }
     }
+}
+
+/// Runs `handle` for an accepted connection in the proxy's drain scope, on the next data-plane
+/// shard (see [`crate::shard`]) unless the shards are inline.
+fn spawn_connection<F, Fut>(
+    proxy: &Arc<WorkloadProxy>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    admitted: Admitted,
+    handle: F,
+) where
+    F: Fn(Arc<WorkloadProxy>, TcpStream, SocketAddr, Admitted) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let forced = proxy.drain.clone();
+    let shards = &proxy.inputs.shards;
+    if shards.is_empty() {
+        // Boxed, so that the select below holds a pointer rather than a second copy.
+        let connection = Box::pin(handle(proxy.clone(), stream, peer, admitted));
+        proxy.drain.spawn(async move {
+            tokio::select! {
+                _ = connection => {}
+                _ = forced.forced() => {}
+            }
+        });
+        return;
+    }
+    // A socket belongs to the reactor of the runtime that registered it: leave the accept
+    // loop's and join the shard's.
+    let stream = match stream.into_std() {
+        Ok(stream) => stream,
+        Err(error) => {
+            tracing::warn!(%peer, %error, "accepted connection lost before its shard took it");
+            return;
+        }
+    };
+    let proxy = proxy.clone();
+    let drain = proxy.drain.clone();
+    drain.spawn_on_shard(shards, async move {
+        let stream = match TcpStream::from_std(stream) {
+            Ok(stream) => stream,
+            Err(error) => {
+                tracing::warn!(%peer, %error, "shard could not take an accepted connection");
+                return;
+            }
+        };
+        // Created here, on the shard, and pinned in place: one copy of the handler's state.
+        let connection = handle(proxy, stream, peer, admitted);
+        tokio::pin!(connection);
+        tokio::select! {
+            _ = connection => {}
+            _ = forced.forced() => {}
+        }
+    });
 }
 
 /// Resets a connection over a cap (RST: the client learns at once, and no FIN handshake keeps
