@@ -8,14 +8,15 @@
 //! touching the others.
 
 use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::FutureExt;
+use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tokio_util::task::TaskTracker;
-
-use crate::shard::Shards;
 
 /// After force, how long we wait for tasks to notice before giving up on them.
 const FORCE_GRACE: Duration = Duration::from_secs(1);
@@ -68,14 +69,13 @@ impl Drain {
         tokio::spawn(self.track(task))
     }
 
-    /// Spawns `task` on the next data-plane shard, tracked like [`Drain::spawn`]: a connection
-    /// and everything it spawns then stay on that shard's thread.
-    pub fn spawn_on_shard<F>(&self, shards: &Shards, task: F) -> JoinHandle<F::Output>
+    /// Spawns `task` on `runtime` (a data-plane shard), tracked like [`Drain::spawn`].
+    pub fn spawn_on<F>(&self, runtime: &Handle, task: F) -> JoinHandle<F::Output>
     where
         F: Future + Send + 'static,
         F::Output: Send + 'static,
     {
-        shards.spawn(self.track(task))
+        runtime.spawn(self.track(task))
     }
 
     fn track<F: Future>(&self, task: F) -> impl Future<Output = F::Output> {
@@ -89,6 +89,33 @@ impl Drain {
             drop(tokens);
             output
         })
+    }
+
+    /// Spawns `task` like [`Drain::spawn`] and stops it (drops it) when force is sent. The task
+    /// sits in place beside the force signal: a connection's task is one allocation of its own
+    /// size, not a select over a boxed copy.
+    pub fn spawn_until_forced<F>(&self, task: F) -> JoinHandle<()>
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        self.spawn(UntilForced {
+            task,
+            force: self.force.clone().cancelled_owned(),
+        })
+    }
+
+    /// [`Drain::spawn_until_forced`] on `runtime` (a data-plane shard).
+    pub fn spawn_until_forced_on<F>(&self, runtime: &Handle, task: F) -> JoinHandle<()>
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        self.spawn_on(
+            runtime,
+            UntilForced {
+                task,
+                force: self.force.clone().cancelled_owned(),
+            },
+        )
     }
 
     /// Resolves when graceful drain has started (or force).
@@ -140,6 +167,28 @@ impl Drain {
     }
 }
 
+pin_project_lite::pin_project! {
+    /// `task` until it completes or `force` fires ([`Drain::spawn_until_forced`]).
+    struct UntilForced<F> {
+        #[pin]
+        task: F,
+        #[pin]
+        force: WaitForCancellationFutureOwned,
+    }
+}
+
+impl<F: Future<Output = ()>> Future for UntilForced<F> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.project();
+        if this.force.poll(cx).is_ready() {
+            return Poll::Ready(());
+        }
+        this.task.poll(cx)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -166,6 +215,27 @@ mod tests {
         });
         assert_eq!(drain.shutdown(Duration::from_secs(5)).await, 1);
         assert_eq!(drain.active_tasks(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_task_spawned_until_forced_stops_at_force_and_not_at_graceful() {
+        let drain = Drain::new();
+        let (_never, waits) = tokio::sync::oneshot::channel::<()>();
+        let task = drain.spawn_until_forced(async move {
+            let _ = waits.await;
+        });
+        assert_eq!(
+            drain.shutdown(Duration::from_secs(5)).await,
+            1,
+            "graceful drain left it running until the deadline"
+        );
+        assert!(task.await.is_ok(), "force ended it");
+        assert_eq!(drain.active_tasks(), 0);
+        let finished = drain.spawn_until_forced(async {});
+        assert!(
+            finished.await.is_ok(),
+            "a task that completes ends on its own"
+        );
     }
 
     #[tokio::test(start_paused = true)]

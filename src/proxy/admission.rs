@@ -72,7 +72,7 @@ pub(super) async fn accept_loop<F, Fut>(
     kind: ListenerKind,
     handle: F,
 ) where
-    F: Fn(Arc<WorkloadProxy>, TcpStream, SocketAddr, Admitted) -> Fut + Copy + Send + 'static,
+    F: Fn(Arc<WorkloadProxy>, TcpStream, SocketAddr, Admitted) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let name = kind.name();
@@ -106,8 +106,8 @@ pub(super) async fn accept_loop<F, Fut>(
     }
 }
 
-/// Runs `handle` for an accepted connection in the proxy's drain scope, on the next data-plane
-/// shard (see [`crate::shard`]) unless the shards are inline.
+/// Runs `handle` for an accepted connection in the proxy's drain scope until it ends or force
+/// is sent, on the next data-plane shard (see [`crate::shard`]) unless the shards are inline.
 fn spawn_connection<F, Fut>(
     proxy: &Arc<WorkloadProxy>,
     stream: TcpStream,
@@ -115,49 +115,29 @@ fn spawn_connection<F, Fut>(
     admitted: Admitted,
     handle: F,
 ) where
-    F: Fn(Arc<WorkloadProxy>, TcpStream, SocketAddr, Admitted) -> Fut + Send + 'static,
+    F: Fn(Arc<WorkloadProxy>, TcpStream, SocketAddr, Admitted) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let forced = proxy.drain.clone();
-    let shards = &proxy.inputs.shards;
-    if shards.is_empty() {
-        // Boxed, so that the select below holds a pointer rather than a second copy.
-        let connection = Box::pin(handle(proxy.clone(), stream, peer, admitted));
-        proxy.drain.spawn(async move {
-            tokio::select! {
-                _ = connection => {}
-                _ = forced.forced() => {}
-            }
-        });
+    let Some(shard) = proxy.inputs.shards.pick() else {
+        let connection = handle(proxy.clone(), stream, peer, admitted);
+        proxy.drain.spawn_until_forced(connection);
         return;
-    }
-    // A socket belongs to the reactor of the runtime that registered it: leave the accept
-    // loop's and join the shard's.
-    let stream = match stream.into_std() {
-        Ok(stream) => stream,
+    };
+    // A socket is polled by the reactor it was registered with: move it from the accept loop's
+    // to the shard's (registering from here is fine; it is the shard that polls it).
+    let moved = stream.into_std().and_then(|stream| {
+        let _shard_context = shard.enter();
+        TcpStream::from_std(stream)
+    });
+    match moved {
+        Ok(stream) => {
+            let connection = handle(proxy.clone(), stream, peer, admitted);
+            proxy.drain.spawn_until_forced_on(shard, connection);
+        }
         Err(error) => {
             tracing::warn!(%peer, %error, "accepted connection lost before its shard took it");
-            return;
         }
-    };
-    let proxy = proxy.clone();
-    let drain = proxy.drain.clone();
-    drain.spawn_on_shard(shards, async move {
-        let stream = match TcpStream::from_std(stream) {
-            Ok(stream) => stream,
-            Err(error) => {
-                tracing::warn!(%peer, %error, "shard could not take an accepted connection");
-                return;
-            }
-        };
-        // Created here, on the shard, and pinned in place: one copy of the handler's state.
-        let connection = handle(proxy, stream, peer, admitted);
-        tokio::pin!(connection);
-        tokio::select! {
-            _ = connection => {}
-            _ = forced.forced() => {}
-        }
-    });
+    }
 }
 
 /// Resets a connection over a cap (RST: the client learns at once, and no FIN handshake keeps
