@@ -95,7 +95,7 @@ pub(super) async fn accept_loop<F, Fut>(
                             continue;
                         }
                     };
-                spawn_connection(proxy, stream, peer, admitted, handle);
+                spawn_connection(proxy, stream, peer, admitted, &handle);
             }
             Err(error) => {
                 // EMFILE and friends: back off briefly instead of spinning.
@@ -113,7 +113,7 @@ fn spawn_connection<F, Fut>(
     stream: TcpStream,
     peer: SocketAddr,
     admitted: Admitted,
-    handle: F,
+    handle: &F,
 ) where
     F: Fn(Arc<WorkloadProxy>, TcpStream, SocketAddr, Admitted) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
