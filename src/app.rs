@@ -229,7 +229,11 @@ impl Agent {
                 pods: self.pods.clone(),
                 certificates: self.certificates.clone(),
                 logging: options.logging.clone(),
-                runtime: tokio::runtime::Handle::current(),
+                runtimes: if options.shards.is_empty() {
+                    vec![tokio::runtime::Handle::current()]
+                } else {
+                    options.shards.handles().to_vec()
+                },
                 memory: self.memory.clone(),
             },
             control.clone(),

@@ -76,6 +76,11 @@ impl Shards {
         }))
     }
 
+    /// The shards' runtimes, in shard order (for their metrics).
+    pub fn handles(&self) -> &[Handle] {
+        &self.handles
+    }
+
     /// How many shard threads run (0 for [`Shards::inline`]).
     pub fn len(&self) -> usize {
         self.handles.len()
