@@ -167,6 +167,9 @@ pub struct Metrics {
 #[derive(Debug)]
 pub struct LiveHandle(u64);
 
+/// The table of open connections is not shrunk below this many entries.
+const LIVE_MIN_CAPACITY: usize = 64;
+
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding the lock leaves plain counters behind: still usable.
     mutex
@@ -320,7 +323,17 @@ impl Metrics {
     /// and counts it closed, and failed if `failed`, on its final `labels` (the response flag
     /// is only known now).
     pub fn close(&self, handle: LiveHandle, labels: TrafficLabels, failed: bool) {
-        let Some(mut live) = lock(&self.live).remove(&handle.0) else {
+        let removed = {
+            let mut open = lock(&self.live);
+            let removed = open.remove(&handle.0);
+            // Give the table's memory back once most connections have closed.
+            if open.capacity() > LIVE_MIN_CAPACITY && open.len() * 4 < open.capacity() {
+                let keep = open.len() * 2;
+                open.shrink_to(keep);
+            }
+            removed
+        };
+        let Some(mut live) = removed else {
             return;
         };
         live.flush(&self.traffic);
