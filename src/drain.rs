@@ -8,11 +8,13 @@
 //! touching the others.
 
 use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::FutureExt;
 use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tokio_util::task::TaskTracker;
 
 /// After force, how long we wait for tasks to notice before giving up on them.
@@ -75,6 +77,19 @@ impl Drain {
         }))
     }
 
+    /// Spawns `task` like [`Drain::spawn`] and stops it (drops it) when force is sent. The task
+    /// sits in place beside the force signal: a connection's task is one allocation of its own
+    /// size, not a select over a boxed copy.
+    pub fn spawn_until_forced<F>(&self, task: F) -> JoinHandle<()>
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        self.spawn(UntilForced {
+            task,
+            force: self.force.clone().cancelled_owned(),
+        })
+    }
+
     /// Resolves when graceful drain has started (or force).
     pub async fn draining(&self) {
         tokio::select! {
@@ -124,6 +139,28 @@ impl Drain {
     }
 }
 
+pin_project_lite::pin_project! {
+    /// `task` until it completes or `force` fires ([`Drain::spawn_until_forced`]).
+    struct UntilForced<F> {
+        #[pin]
+        task: F,
+        #[pin]
+        force: WaitForCancellationFutureOwned,
+    }
+}
+
+impl<F: Future<Output = ()>> Future for UntilForced<F> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.project();
+        if this.force.poll(cx).is_ready() {
+            return Poll::Ready(());
+        }
+        this.task.poll(cx)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -150,6 +187,27 @@ mod tests {
         });
         assert_eq!(drain.shutdown(Duration::from_secs(5)).await, 1);
         assert_eq!(drain.active_tasks(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_task_spawned_until_forced_stops_at_force_and_not_at_graceful() {
+        let drain = Drain::new();
+        let (_never, waits) = tokio::sync::oneshot::channel::<()>();
+        let task = drain.spawn_until_forced(async move {
+            let _ = waits.await;
+        });
+        assert_eq!(
+            drain.shutdown(Duration::from_secs(5)).await,
+            1,
+            "graceful drain left it running until the deadline"
+        );
+        assert!(task.await.is_ok(), "force ended it");
+        assert_eq!(drain.active_tasks(), 0);
+        let finished = drain.spawn_until_forced(async {});
+        assert!(
+            finished.await.is_ok(),
+            "a task that completes ends on its own"
+        );
     }
 
     #[tokio::test(start_paused = true)]

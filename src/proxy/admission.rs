@@ -95,15 +95,8 @@ pub(super) async fn accept_loop<F, Fut>(
                             continue;
                         }
                     };
-                // Boxed, so that the select below holds a pointer rather than a second copy.
-                let connection = Box::pin(handle(proxy.clone(), stream, peer, admitted));
-                let forced = proxy.drain.clone();
-                proxy.drain.spawn(async move {
-                    tokio::select! {
-                        _ = connection => {}
-                        _ = forced.forced() => {}
-                    }
-                });
+                let connection = handle(proxy.clone(), stream, peer, admitted);
+                proxy.drain.spawn_until_forced(connection);
             }
             Err(error) => {
                 // EMFILE and friends: back off briefly instead of spinning.

@@ -10,10 +10,12 @@
 //! Time comes from tokio's clock, so tests drive ejection and return with a paused clock.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use futures_util::future::{BoxFuture, Either};
 use tokio::time::Instant;
 
 use super::route::Route;
@@ -335,41 +337,48 @@ impl Breaker {
     /// Runs `copy`, ending it (both ends closed) after the rule's `maxConnectionDuration`, or
     /// once no byte has moved either way for its `idleTimeout`. `bytes` are the connection's
     /// live counters, which the copy updates anyway: the idle check samples them, so no timer
-    /// is touched per byte.
-    pub async fn bounded(
-        &self,
-        copy: impl std::future::Future<Output = std::io::Result<()>>,
-        bytes: &ByteCounters,
-    ) -> std::io::Result<()> {
+    /// is touched per byte. Without either limit (the common case) the future is `copy` itself:
+    /// an async fn would hold `copy` twice (as its argument and inside the select) in every
+    /// connection's task for its whole life; with a limit it is boxed.
+    pub fn bounded<'a, F>(
+        &'a self,
+        copy: F,
+        bytes: &'a ByteCounters,
+    ) -> Either<F, BoxFuture<'a, std::io::Result<()>>>
+    where
+        F: Future<Output = std::io::Result<()>> + Send + 'a,
+    {
         let tcp = self.rule.as_ref().map(|(rule, _)| &rule.tcp);
         let max_duration = tcp.and_then(|tcp| tcp.max_connection_duration);
         let idle_timeout = tcp.and_then(|tcp| tcp.idle_timeout);
         if max_duration.is_none() && idle_timeout.is_none() {
-            return copy.await;
+            return Either::Left(copy);
         }
-        let expired = async {
-            match max_duration {
-                Some(limit) => tokio::time::sleep(limit).await,
-                None => std::future::pending().await,
+        Either::Right(Box::pin(async move {
+            let expired = async {
+                match max_duration {
+                    Some(limit) => tokio::time::sleep(limit).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let idle = async {
+                match idle_timeout {
+                    Some(timeout) => until_idle(bytes, timeout).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                copied = copy => copied,
+                () = expired => {
+                    tracing::debug!("connection closed at the DestinationRule's maxConnectionDuration");
+                    Ok(())
+                }
+                () = idle => {
+                    tracing::debug!("connection closed after the DestinationRule's idleTimeout without traffic");
+                    Ok(())
+                }
             }
-        };
-        let idle = async {
-            match idle_timeout {
-                Some(timeout) => until_idle(bytes, timeout).await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            copied = copy => copied,
-            () = expired => {
-                tracing::debug!("connection closed at the DestinationRule's maxConnectionDuration");
-                Ok(())
-            }
-            () = idle => {
-                tracing::debug!("connection closed after the DestinationRule's idleTimeout without traffic");
-                Ok(())
-            }
-        }
+        }))
     }
 }
 

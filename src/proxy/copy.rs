@@ -74,10 +74,12 @@ const TUNNEL_MIN_READ: usize = 4 * 1024;
 /// chunks h2 received are written to TCP as they are. An idle tunnel holds no buffer at all.
 /// Every buffer read from TCP is charged to `allowance` (the connection's share of the node's
 /// memory budget) until h2 has sent it, so a peer that stops reading holds at most that much.
-/// `from_tcp` counts bytes TCP → tunnel, `to_tcp` tunnel → TCP.
+/// `from_tcp` counts bytes TCP → tunnel, `to_tcp` tunnel → TCP. Both ends are borrowed, so that
+/// the caller's task keeps them once rather than once more inside this future (an async fn's
+/// arguments stay in its state for its whole life, which is what an idle tunnel costs).
 pub async fn tunnel(
-    mut tcp: TcpStream,
-    mut tunnel: H2Stream,
+    tcp: &mut TcpStream,
+    tunnel: &mut H2Stream,
     allowance: &SendAllowance,
     from_tcp: &AtomicU64,
     to_tcp: &AtomicU64,

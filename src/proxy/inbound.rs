@@ -181,7 +181,7 @@ impl StreamError {
 /// task's first poll, so the task keeps neither the request head nor a second copy of the record
 /// (an async fn's arguments and moved-from locals keep their space for the task's whole life,
 /// which is what an idle tunnel costs).
-fn handle_stream(
+pub(super) fn handle_stream(
     proxy: Arc<WorkloadProxy>,
     (peer, peer_identity, allowance): (ClientAddr, Option<Identity>, SendAllowance),
     request: Request<RecvStream>,
@@ -226,40 +226,49 @@ fn handle_stream(
 /// Checks the target, authorizes, connects to the app, answers 200 and copies until done or
 /// until a policy change revokes the stream. A reset from the client before the answer
 /// abandons the checks and the connect (rapid reset must not turn into work for the agent).
-async fn tunnel(
-    proxy: &WorkloadProxy,
+/// Not an `async fn`, whose arguments would stay twice in the stream's task (see
+/// [`handle_stream`]); the block uses its captures in place.
+// An async fn would keep its arguments twice (see above).
+#[allow(clippy::manual_async_fn)]
+fn tunnel<'a>(
+    proxy: &'a WorkloadProxy,
     client: (ClientAddr, Option<Identity>),
     authority: Authority,
-    (body, allowance): (RecvStream, &SendAllowance),
-    respond: &mut Option<SendResponse<Bytes>>,
-    record: &mut ConnectionRecord,
-) -> Result<(), StreamError> {
-    let Some(pending) = respond.as_mut() else {
-        return Ok(());
-    };
-    let (upstream, admission) =
-        hbone::server::until_reset(pending, prepare(proxy, client, authority, record))
+    (body, allowance): (RecvStream, &'a SendAllowance),
+    respond: &'a mut Option<SendResponse<Bytes>>,
+    record: &'a mut ConnectionRecord,
+) -> impl std::future::Future<Output = Result<(), StreamError>> + Send + 'a {
+    async move {
+        let Some(pending) = respond.as_mut() else {
+            return Ok(());
+        };
+        // Boxed: the checks and the connect are done before the copy, and their state would
+        // otherwise stay in the stream's task for its whole life.
+        let prepare = Box::pin(prepare(proxy, client, authority, record));
+        let (mut upstream, admission) = hbone::server::until_reset(pending, prepare)
             .await
             .map_err(StreamError::Reset)??;
-    let Some(mut respond) = respond.take() else {
-        return Ok(());
-    };
-    let send = respond
-        .send_response(Response::new(()), false)
-        .map_err(StreamError::Respond)?;
-    let tunnel = H2Stream::new(send, body);
-    record.connected();
-    // Downstream is the tunnel here: bytes from the app's socket are the ones received. Boxed,
-    // so that the copy's state is not held twice (here and inside the select).
-    let copy = Box::pin(copy::tunnel(
-        upstream,
-        tunnel,
-        allowance,
-        &record.bytes.received,
-        &record.bytes.sent,
-    ));
-    // Dropping the copy on revocation resets the stream (h2 CANCEL) and closes the app socket.
-    Ok(admission::copy_until_revoked(copy, &admission).await?)
+        let Some(mut respond) = respond.take() else {
+            return Ok(());
+        };
+        let send = respond
+            .send_response(Response::new(()), false)
+            .map_err(StreamError::Respond)?;
+        let mut tunnel = H2Stream::new(send, body);
+        record.connected();
+        // Downstream is the tunnel here: bytes from the app's socket are the ones received.
+        // Boxed, so that the copy's state is not held twice (here and inside the select).
+        let copy = Box::pin(copy::tunnel(
+            &mut upstream,
+            &mut tunnel,
+            allowance,
+            &record.bytes.received,
+            &record.bytes.sent,
+        ));
+        // Dropping the copy on revocation resets the stream (h2 CANCEL) and closes the app
+        // socket.
+        Ok(admission::copy_until_revoked(copy, &admission).await?)
+    }
 }
 
 /// Everything before the answer: the target check, the per-source limits and authorization

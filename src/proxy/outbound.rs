@@ -1,6 +1,7 @@
 //! Outbound (15001): connections an application in the pod made, redirected to us. Recovers the
 //! original destination, decides the route, and sends the bytes over HBONE or plain TCP.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -9,10 +10,12 @@ use tracing::Instrument;
 
 use super::admission::{self, accept_loop, AdmissionError, Admitted, ListenerKind, Redirected};
 use super::circuit::Breaker;
+use super::pool::PooledTunnel;
 use super::route::{self, HboneRoute, PassthroughRoute, Route};
 use super::{copy, WorkloadProxy};
 use crate::hbone::{self, Authority, ConnectRequest};
 use crate::state::{Service, Workload};
+use crate::telemetry::metrics::ByteCounters;
 use crate::telemetry::protection::LimitReason;
 use crate::telemetry::{ConnectionRecord, Direction, ResponseFlag};
 
@@ -20,13 +23,20 @@ pub(super) async fn serve(proxy: Arc<WorkloadProxy>, listener: TcpListener) {
     accept_loop(&proxy, listener, ListenerKind::Outbound, handle).await
 }
 
-/// One outbound connection; it holds its slot of the pod's cap (`_admitted`) to the end.
-async fn handle(
+/// One outbound connection; it holds its slot of the pod's cap (`admitted`) to the end.
+///
+/// Two phases, because an idle connection costs what its task holds: [`establish`] (route,
+/// breaker, CONNECT exchange or upstream connect) runs boxed and its state is freed once the
+/// connection stands; the task then keeps only the record and the copy ([`copy_established`]).
+/// Not an `async fn`: an async fn keeps each argument twice in its state (as captured and as
+/// moved into its body), for the connection's whole life; the block below uses its captures in
+/// place.
+pub(super) fn handle(
     proxy: Arc<WorkloadProxy>,
     stream: TcpStream,
     peer: SocketAddr,
-    _admitted: Admitted,
-) {
+    admitted: Admitted,
+) -> impl Future<Output = ()> + Send {
     let redirected = Redirected::new(&stream, peer);
     let span = tracing::info_span!(
         "outbound",
@@ -35,17 +45,73 @@ async fn handle(
         dst = %redirected.destination
     );
     let mut record = redirected.record(&proxy, Direction::Outbound);
-    // No inner `async move`: moving the record into one would keep its space twice in this
-    // task (an async fn's moved-from locals keep their storage) for the connection's life.
-    let result = proxy_connection(&proxy, stream, redirected, &mut record)
-        .instrument(span.clone())
-        .await;
-    // The failure and the access log (the record's drop) are logged inside the span.
-    let _in_span = span.enter();
-    if let Err(error) = result {
-        record.fail(error.flag(), error);
+    async move {
+        let establish = Box::pin(establish(&proxy, stream, redirected, &mut record));
+        let result = match establish.instrument(span.clone()).await {
+            Ok(established) => {
+                record.connected();
+                copy_established(established, &record.bytes)
+                    .instrument(span.clone())
+                    .await
+            }
+            Err(error) => Err(error),
+        };
+        // The failure and the access log (the record's drop) are logged inside the span.
+        let _in_span = span.enter();
+        if let Err(error) = result {
+            record.fail(error.flag(), error);
+        }
+        drop(record);
+        drop(admitted);
     }
-    drop(record);
+}
+
+/// An outbound connection that stands: the app's socket, its other end, and the breaker slot
+/// it holds while open.
+enum Established {
+    Hbone {
+        stream: TcpStream,
+        tunnel: PooledTunnel,
+        breaker: Breaker,
+    },
+    Passthrough {
+        stream: TcpStream,
+        upstream: TcpStream,
+        breaker: Breaker,
+    },
+}
+
+/// Copies until both directions are done (or the DestinationRule's limits end it). The ends are
+/// borrowed from `established`, which the future holds once (see [`handle`]).
+// An async fn would keep its arguments twice (see above).
+#[allow(clippy::manual_async_fn)]
+fn copy_established(
+    mut established: Established,
+    bytes: &ByteCounters,
+) -> impl Future<Output = Result<(), OutboundError>> + Send + '_ {
+    async move {
+        let copied = match &mut established {
+            Established::Hbone {
+                stream,
+                tunnel,
+                breaker,
+            } => {
+                let allowance = &tunnel.allowance;
+                let (sent, received) = (&bytes.sent, &bytes.received);
+                let copy = copy::tunnel(stream, &mut tunnel.stream, allowance, sent, received);
+                breaker.bounded(copy, bytes).await
+            }
+            Established::Passthrough {
+                stream,
+                upstream,
+                breaker,
+            } => {
+                let copy = copy::bidirectional(stream, upstream, &bytes.sent, &bytes.received);
+                breaker.bounded(copy, bytes).await
+            }
+        };
+        copied.map_err(|error| AdmissionError::Copy(error).into())
+    }
 }
 
 /// Why an outbound connection failed, beyond the reasons every handler shares.
@@ -80,12 +146,13 @@ impl OutboundError {
     }
 }
 
-async fn proxy_connection(
+/// Decides the route and connects: the tunnel from the pool, or the upstream socket.
+async fn establish(
     proxy: &WorkloadProxy,
     stream: TcpStream,
     redirected: Redirected,
     record: &mut ConnectionRecord,
-) -> Result<(), OutboundError> {
+) -> Result<Established, OutboundError> {
     let (snapshot, source) = proxy.local_view()?;
     record.src_workload = Some(source.clone());
     let hbone_port = proxy.inputs.settings.proxy.hbone_port;
@@ -141,7 +208,7 @@ async fn hbone_connection(
     Redirected { client, trace, .. }: Redirected,
     record: &mut ConnectionRecord,
     breaker: Breaker,
-) -> Result<(), OutboundError> {
+) -> Result<Established, OutboundError> {
     let HboneRoute {
         peer,
         authority,
@@ -190,18 +257,11 @@ async fn hbone_connection(
         breaker.report(&proxy.inputs.metrics, &target, reachable);
         result?
     };
-    record.connected();
-    let copy = copy::tunnel(
+    Ok(Established::Hbone {
         stream,
-        tunnel.stream,
-        &tunnel.allowance,
-        &record.bytes.sent,
-        &record.bytes.received,
-    );
-    breaker
-        .bounded(copy, &record.bytes)
-        .await
-        .map_err(|error| AdmissionError::Copy(error).into())
+        tunnel,
+        breaker,
+    })
 }
 
 async fn passthrough_connection(
@@ -215,7 +275,7 @@ async fn passthrough_connection(
     }: PassthroughRoute,
     record: &mut ConnectionRecord,
     breaker: Breaker,
-) -> Result<(), OutboundError> {
+) -> Result<Established, OutboundError> {
     record.dst_workload = known.clone();
     record.dst_service = service;
     let timeout = breaker
@@ -227,12 +287,11 @@ async fn passthrough_connection(
     }
     let upstream = upstream?;
     breaker.keepalive(&upstream);
-    record.connected();
-    let copy = copy::bidirectional(stream, upstream, &record.bytes.sent, &record.bytes.received);
-    breaker
-        .bounded(copy, &record.bytes)
-        .await
-        .map_err(|error| AdmissionError::Copy(error).into())
+    Ok(Established::Passthrough {
+        stream,
+        upstream,
+        breaker,
+    })
 }
 
 /// Passes a route through; an egress refusal also resets the app's connection and is counted.
