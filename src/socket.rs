@@ -241,11 +241,11 @@ impl SocketFactory {
             .map_err(|source| io_error("setsockopt", source))?;
         if let Some(ip) = source {
             let bind = || -> io::Result<()> {
+                // Transparent alone lets the socket bind a foreign address (Linux checks
+                // `ip_nonlocal_bind || freebind || transparent`), so no freebind call as well.
                 if ip.is_ipv4() {
                     socket.set_ip_transparent(true)?;
-                    socket.set_freebind(true)?;
                 } else {
-                    socket.set_freebind_ipv6(true)?;
                     crate::sys::set_ipv6_transparent(&socket)?;
                 }
                 // The port is then picked by connect, unique per 4-tuple, instead of by bind
