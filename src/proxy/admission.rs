@@ -169,7 +169,7 @@ impl Redirected {
             self.client,
             self.destination,
         );
-        record.trace = self.trace.to_string();
+        record.trace = Some(self.trace.clone());
         record
     }
 }

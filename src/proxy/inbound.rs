@@ -197,7 +197,7 @@ pub(super) fn handle_stream(
     let span = tracing::info_span!("inbound", id = %trace, peer = %peer);
     let mut record =
         ConnectionRecord::new(&proxy.inputs.metrics, Direction::Inbound, peer, &authority);
-    record.trace = trace.to_string();
+    record.trace = Some(trace);
     record.src_identity = peer_identity.clone();
     record.dst_hbone_addr = Some(authority);
     let target = parsed.map(|parsed| parsed.authority);

@@ -45,7 +45,10 @@ pub(super) fn handle(
         dst = %redirected.destination
     );
     let mut record = redirected.record(&proxy, Direction::Outbound);
+    // Boxed until the connection stands: a capture moved out of keeps its space in the task.
+    let setup = Box::new((stream, redirected));
     async move {
+        let (stream, redirected) = *setup;
         let establish = Box::pin(establish(&proxy, stream, redirected, &mut record));
         let result = match establish.instrument(span.clone()).await {
             Ok(established) => {

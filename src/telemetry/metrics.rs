@@ -167,6 +167,9 @@ pub struct Metrics {
 #[derive(Debug)]
 pub struct LiveHandle(u64);
 
+/// The table of open connections is not shrunk below this many entries.
+const LIVE_MIN_CAPACITY: usize = 64;
+
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding the lock leaves plain counters behind: still usable.
     mutex
@@ -327,7 +330,17 @@ impl Metrics {
         flag: ResponseFlag,
         labels: impl FnOnce() -> TrafficLabels,
     ) {
-        let Some(mut live) = lock(&self.live).remove(&handle.0) else {
+        let removed = {
+            let mut open = lock(&self.live);
+            let removed = open.remove(&handle.0);
+            // Give the table's memory back once most connections have closed.
+            if open.capacity() > LIVE_MIN_CAPACITY && open.len() * 4 < open.capacity() {
+                let keep = open.len() * 2;
+                open.shrink_to(keep);
+            }
+            removed
+        };
+        let Some(mut live) = removed else {
             return;
         };
         live.flush(&self.traffic);

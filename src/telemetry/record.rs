@@ -14,6 +14,7 @@ use std::time::Instant;
 use super::labels::Direction;
 use super::metrics::ByteCounters;
 use super::metrics::{ConnectionInfo, LiveHandle, Metrics, Peer, ResponseFlag, TrafficLabels};
+use crate::hbone::TraceParent;
 use crate::spiffe::Identity;
 use crate::state::{Service, TunnelProtocol, Workload};
 
@@ -23,7 +24,7 @@ macro_rules! access_event {
         tracing::event!(
             target: "access",
             $level,
-            trace = %$record.trace,
+            trace = %or_empty(&$record.trace),
             src.addr = %$record.src_addr,
             src.workload = %$fields.src_workload,
             src.namespace = %$fields.src_namespace,
@@ -50,8 +51,9 @@ macro_rules! access_event {
 pub struct ConnectionRecord {
     direction: Direction,
     started: Instant,
-    /// Connection id shared by both agents (the HBONE `traceparent`).
-    pub trace: String,
+    /// Connection id shared by both agents (the HBONE `traceparent`). Kept as the value, not
+    /// its text: formatted only when an access-log line is written.
+    pub trace: Option<TraceParent>,
     /// The source's address.
     pub src_addr: String,
     /// The source workload, if known.
@@ -93,7 +95,7 @@ impl ConnectionRecord {
         ConnectionRecord {
             direction,
             started: Instant::now(),
-            trace: String::new(),
+            trace: None,
             src_addr: src_addr.to_string(),
             src_workload: None,
             src_identity: None,

@@ -282,3 +282,33 @@ istioResources:
     ]);
     assert_eq!(decisions(&metrics, &revoked), Some(2));
 }
+
+#[test]
+fn the_table_gives_its_memory_back_after_a_burst_of_connections() {
+    let (state, server) = store(ALLOW_GOOD);
+    let connections = Arc::new(Connections::default());
+    let burst: Vec<Registration> = (0..2000)
+        .map(|_| {
+            admit(
+                &connections,
+                &state,
+                &server,
+                facts(Some("good"), [10, 0, 0, 3]),
+            )
+            .expect("allowed")
+        })
+        .collect();
+    let peak = connections.lock().capacity();
+    assert!(peak >= 2000);
+    let mut burst = burst.into_iter();
+    let kept: Vec<Registration> = burst.by_ref().take(10).collect();
+    drop(burst);
+    assert_eq!(connections.len(), 10, "the rest stay registered");
+    let after = connections.lock().capacity();
+    assert!(
+        after <= MIN_CAPACITY * 2,
+        "10 open connections keep a table of {after} (peak {peak})"
+    );
+    drop(kept);
+    assert_eq!(connections.len(), 0);
+}
