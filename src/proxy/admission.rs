@@ -186,7 +186,7 @@ pub(super) struct Redirected {
 impl Redirected {
     /// Recovers the original destination of `stream`, accepted from `peer`.
     pub(super) fn new(stream: &TcpStream, peer: SocketAddr) -> Self {
-        let local = stream.local_addr().unwrap_or(peer);
+        let local = || stream.local_addr().unwrap_or(peer);
         Redirected {
             client: ClientAddr(peer),
             destination: OriginalDst(crate::sys::original_destination(stream, local)),
