@@ -468,3 +468,18 @@ async fn runtime_sample_reads_the_live_runtime() {
         task.await.expect("task");
     }
 }
+
+#[tokio::test]
+async fn data_plane_shards_read_as_one_runtime_with_a_worker_each() {
+    let shards = crate::shard::Shards::start(2).expect("shards");
+    let (release, wait) = tokio::sync::oneshot::channel::<()>();
+    let waiting = shards.spawn(async move {
+        let _ = wait.await;
+    });
+    let sample = RuntimeSample::of_all(shards.handles());
+    assert_eq!(sample.workers, 2);
+    assert_eq!(sample.per_worker.len(), 2);
+    assert_eq!(sample.alive_tasks, 1, "the waiting task, on one of them");
+    release.send(()).expect("task waiting");
+    waiting.await.expect("task");
+}
