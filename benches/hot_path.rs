@@ -1,5 +1,6 @@
 //! Criterion micro-benchmarks for the per-connection hot pieces: the route decision, the
-//! authorization evaluation over many policies, CONNECT build and parse, and the copy loop.
+//! authorization evaluation over many policies, CONNECT build and parse, the copy loop, and
+//! the mTLS handshake of a cold HBONE connection (both sides, in memory) and its parts.
 //!
 //! These measure the pure cores (and the copy loop over in-memory duplex pipes), not the
 //! network; `scripts/bench` measures the real path. Run with `cargo bench --bench hot_path`.
@@ -214,5 +215,101 @@ fn copy(criterion: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, route, authorization, connect, copy);
+/// One mTLS handshake between two workloads of the built-in CA, both sides in this thread
+/// over an in-memory pipe, with what the agents do right after it (the peer's identity and
+/// the connection's validity): the CPU a cold HBONE connection spends in TLS, without the
+/// network.
+fn handshake(criterion: &mut Criterion) {
+    use nodetunnel::identity::ca::BuiltinCa;
+    use rustls::client::danger::ServerCertVerifier;
+    use rustls::server::danger::ClientCertVerifier;
+    let (root, key) = BuiltinCa::generate_root("bench root").expect("root");
+    let ca = BuiltinCa::from_pem(&root, &key, std::time::Duration::from_secs(3600)).expect("ca");
+    let client_id: Identity = "spiffe://cluster.local/ns/default/sa/client"
+        .parse()
+        .expect("id");
+    let server_id: Identity = "spiffe://cluster.local/ns/default/sa/server"
+        .parse()
+        .expect("id");
+    let client = ca.issue(&client_id).expect("client certificate");
+    let server = ca.issue(&server_id).expect("server certificate");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    let expected = [server_id];
+    let mut group = criterion.benchmark_group("mtls");
+    group.bench_function("handshake", |bench| {
+        bench.iter(|| {
+            runtime.block_on(async {
+                let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+                let connector = tokio_rustls::TlsConnector::from(client.client_config(&expected));
+                let acceptor = tokio_rustls::TlsAcceptor::from(server.server_config());
+                let name = nodetunnel::tls::dummy_server_name();
+                let (dialled, accepted) = tokio::join!(
+                    connector.connect(name, client_io),
+                    acceptor.accept(server_io)
+                );
+                let (dialled, accepted) = (dialled.expect("client"), accepted.expect("server"));
+                let peer = accepted.get_ref().1;
+                let identity = nodetunnel::tls::peer_identity(peer).expect("identity");
+                let until =
+                    nodetunnel::identity::connection_valid_until(&server, peer.peer_certificates());
+                let client_until = nodetunnel::identity::connection_valid_until(
+                    &client,
+                    dialled.get_ref().1.peer_certificates(),
+                );
+                (identity, until, client_until)
+            })
+        })
+    });
+    let verifier =
+        nodetunnel::tls::ServerIdentityVerifier::new(client.roots().clone(), expected.to_vec());
+    let now = rustls::pki_types::UnixTime::now();
+    group.bench_function("verify_server_chain", |bench| {
+        bench.iter(|| {
+            verifier
+                .verify_server_cert(
+                    &server.chain()[0],
+                    &server.chain()[1..],
+                    &nodetunnel::tls::dummy_server_name(),
+                    &[],
+                    now,
+                )
+                .expect("verified")
+        })
+    });
+    group.bench_function("verify_server_chain_first_time", |bench| {
+        bench.iter(|| {
+            let verifier = nodetunnel::tls::ServerIdentityVerifier::new(
+                client.roots().clone(),
+                expected.to_vec(),
+            );
+            verifier
+                .verify_server_cert(
+                    &server.chain()[0],
+                    &server.chain()[1..],
+                    &nodetunnel::tls::dummy_server_name(),
+                    &[],
+                    now,
+                )
+                .expect("verified")
+        })
+    });
+    let verifier =
+        nodetunnel::tls::TrustDomainVerifier::new(server.roots().clone(), "cluster.local")
+            .expect("verifier");
+    group.bench_function("verify_client_chain", |bench| {
+        bench.iter(|| {
+            verifier
+                .verify_client_cert(&client.chain()[0], &client.chain()[1..], now)
+                .expect("verified")
+        })
+    });
+    group.bench_function("client_config", |bench| {
+        bench.iter(|| client.client_config(&expected))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, route, authorization, connect, copy, handshake);
 criterion_main!(benches);

@@ -51,6 +51,8 @@ pub struct RunOptions {
     pub overrides: Overrides,
     /// Run-time control of the log filter, for the admin API (`None`: not ours to change).
     pub logging: Option<crate::telemetry::LogControl>,
+    /// The data plane's threads ([`crate::shard::Shards::inline`]: the caller's runtime).
+    pub shards: Arc<crate::shard::Shards>,
 }
 
 /// Runs the agent until SIGTERM/SIGINT (graceful drain) or a second SIGINT (immediate exit).
@@ -137,6 +139,7 @@ impl Agent {
                 settings.proxy.max_unauthenticated_per_source,
             ),
             memory: memory.clone(),
+            shards: options.shards.clone(),
         };
         let rules = settings.capture.install_rules.then_some(RedirectRules {
             mark: settings.proxy.packet_mark,
@@ -226,7 +229,11 @@ impl Agent {
                 pods: self.pods.clone(),
                 certificates: self.certificates.clone(),
                 logging: options.logging.clone(),
-                runtime: tokio::runtime::Handle::current(),
+                runtimes: if options.shards.is_empty() {
+                    vec![tokio::runtime::Handle::current()]
+                } else {
+                    options.shards.handles().to_vec()
+                },
                 memory: self.memory.clone(),
             },
             control.clone(),

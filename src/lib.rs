@@ -13,8 +13,9 @@
 //! - L1 [`state`] (with the merge of the model's sources and the rules both follow),
 //!   [`config`] (with the Istio policy translation), [`telemetry`]: the model, configuration,
 //!   logging.
-//! - L0 [`sys`], [`socket`], [`drain`], [`net`], [`spiffe`], [`node_http`]: syscalls, sockets,
-//!   primitives, the node-level servers' HTTP/1 loop.
+//! - L0 [`sys`], [`socket`], [`drain`], [`shard`], [`net`], [`spiffe`], [`node_http`]: syscalls,
+//!   sockets, primitives (drain scopes, the data plane's threads), the node-level servers'
+//!   HTTP/1 loop.
 //!
 //! `scripts/import-cycles` checks that no two files or modules import each other.
 
@@ -32,6 +33,7 @@ pub mod net;
 pub mod node_http;
 pub mod proto;
 pub mod proxy;
+pub mod shard;
 pub mod socket;
 pub mod spiffe;
 pub mod state;

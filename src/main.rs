@@ -299,10 +299,25 @@ fn run_agent(
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    let workers = workers.unwrap_or(cpus);
+    // The worker count goes to the data-plane shards, where connections run; the runtime
+    // behind them (control plane, accept loops, DNS, admin) needs one thread. With
+    // NODETUNNEL_SHARDS=off connections run on that runtime's workers instead, as before
+    // shards (for A/B measurements).
+    let sharded = std::env::var("NODETUNNEL_SHARDS").map_or(true, |value| value != "off");
+    let shards = if sharded {
+        match nodetunnel::shard::Shards::start(workers) {
+            Ok(shards) => shards,
+            Err(error) => {
+                eprintln!("error: cannot start the data-plane threads: {error}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        nodetunnel::shard::Shards::inline()
+    };
     let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(workers) = workers {
-        builder.worker_threads(workers);
-    }
+    builder.worker_threads(if sharded { 1 } else { workers });
     let runtime = match builder.thread_name("nodetunnel").enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -312,7 +327,8 @@ fn run_agent(
     };
     tracing::info!(
         mode = if istio_mode { "istio" } else { "config file" },
-        workers = workers.unwrap_or(cpus),
+        workers,
+        sharded,
         "starting"
     );
     let options = nodetunnel::app::RunOptions {
@@ -320,6 +336,7 @@ fn run_agent(
         state_dir,
         overrides,
         logging: Some(logging.control.clone()),
+        shards,
     };
     match runtime.block_on(nodetunnel::app::run(config, options)) {
         Ok(()) => ExitCode::SUCCESS,

@@ -241,13 +241,22 @@ impl SocketFactory {
             .map_err(|source| io_error("setsockopt", source))?;
         if let Some(ip) = source {
             let bind = || -> io::Result<()> {
+                // Transparent alone lets the socket bind a foreign address (Linux checks
+                // `ip_nonlocal_bind || freebind || transparent`), so no freebind call as well.
                 if ip.is_ipv4() {
                     socket.set_ip_transparent(true)?;
-                    socket.set_freebind(true)?;
                 } else {
-                    socket.set_freebind_ipv6(true)?;
                     crate::sys::set_ipv6_transparent(&socket)?;
                 }
+                // The port is then picked by connect, unique per 4-tuple, instead of by bind
+                // among every port of the client IP: bind no longer searches the bind table (it
+                // grows with TIME_WAIT sockets at high connection rates), and one client IP is
+                // not limited to one connection per ephemeral port across all destinations.
+                nix::sys::socket::setsockopt(
+                    &socket,
+                    nix::sys::socket::sockopt::IpBindAddressNoPort,
+                    &true,
+                )?;
                 socket.bind(&SocketAddr::new(ip, 0).into())
             };
             bind().map_err(|source| io_error("bind original source", source))?;

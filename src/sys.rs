@@ -97,9 +97,10 @@ impl Netns {
 }
 
 /// The destination a redirected (REDIRECT/DNAT) connection was addressed to, falling back to
-/// the local address (TPROXY delivers to the original address directly). IPv4-mapped IPv6
-/// addresses are turned into plain IPv4 so lookups in the model match.
-pub fn original_destination(stream: &impl AsFd, local: SocketAddr) -> SocketAddr {
+/// the local address (TPROXY delivers to the original address directly), which `local` reads
+/// only then: a `getsockname` per redirected connection saved. IPv4-mapped IPv6 addresses are
+/// turned into plain IPv4 so lookups in the model match.
+pub fn original_destination(stream: &impl AsFd, local: impl FnOnce() -> SocketAddr) -> SocketAddr {
     if let Ok(addr) = getsockopt(stream, sockopt::OriginalDst) {
         let ip = Ipv4Addr::from(u32::from_be(addr.sin_addr.s_addr));
         return SocketAddr::V4(SocketAddrV4::new(ip, u16::from_be(addr.sin_port)));
@@ -109,7 +110,7 @@ pub fn original_destination(stream: &impl AsFd, local: SocketAddr) -> SocketAddr
         let v6 = SocketAddr::V6(SocketAddrV6::new(ip, u16::from_be(addr.sin6_port), 0, 0));
         return canonical(v6);
     }
-    canonical(local)
+    canonical(local())
 }
 
 /// Raises the soft limit on open files to the hard limit, as Istio's ztunnel does at start-up:

@@ -117,6 +117,7 @@ fn pool_with(certificates: Arc<CertificateManager>, pool: PoolConfig) -> Pool {
 
 fn key(peer: SocketAddr, expected: &str) -> PoolKey {
     PoolKey {
+        shard: 0,
         source_identity: identity("client"),
         expected_identities: vec![identity(expected)],
         peer: UpstreamAddr(peer),

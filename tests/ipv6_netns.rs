@@ -248,18 +248,23 @@ fn a_dual_stack_pod_reaches_both_families() {
         server4.peers().first().map(SocketAddr::ip),
         Some(IpAddr::V4(dual4))
     );
-    let log = cluster.agent("b").log();
-    let served: Vec<(String, String)> = log
-        .access("inbound")
-        .iter()
-        .filter(|event| event.field("error").is_none())
-        .filter_map(|event| Some((event.field("dst.hbone_addr")?, event.field("src.identity")?)))
-        .collect();
     let identity = "spiffe://cluster.local/ns/default/sa/dual".to_string();
     for target in [v6(topology, "server6", APP_PORT), target4] {
-        assert!(
-            served.contains(&(target.to_string(), identity.clone())),
-            "{target} over HBONE with the dual pod's identity: {served:?}"
-        );
+        // The server's agent logs a connection once it has closed its side, which may come
+        // after the client has its reply.
+        cluster
+            .agent("b")
+            .wait_for_event(
+                &format!("{target} over HBONE with the dual pod's identity"),
+                LOG_TIMEOUT,
+                |event| {
+                    event.is_access()
+                        && event.field("direction").as_deref() == Some("inbound")
+                        && event.field("error").is_none()
+                        && event.field("dst.hbone_addr") == Some(target.to_string())
+                        && event.field("src.identity").as_deref() == Some(identity.as_str())
+                },
+            )
+            .expect("inbound access event");
     }
 }

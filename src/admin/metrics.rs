@@ -32,8 +32,9 @@ pub struct MetricsSources {
     pub certificates: Arc<CertificateManager>,
     /// The log writer, for dropped lines.
     pub logging: Option<LogControl>,
-    /// The data-plane runtime, for the tokio metrics.
-    pub runtime: tokio::runtime::Handle,
+    /// The data-plane runtimes (each shard's, or the one runtime when connections run on its
+    /// workers), for the tokio metrics.
+    pub runtimes: Vec<tokio::runtime::Handle>,
     /// The node's HBONE memory budget.
     pub memory: Arc<MemoryBudget>,
 }
@@ -90,7 +91,7 @@ fn sample(sources: &MetricsSources) -> AgentSample {
             .logging
             .as_ref()
             .map_or(0, LogControl::dropped_lines),
-        runtime: Some(RuntimeSample::of(&sources.runtime)),
+        runtime: Some(RuntimeSample::of_all(&sources.runtimes)),
         memory_budget: Some(MemoryBudgetSample {
             limit: sources.memory.limit(),
             reserved: sources.memory.reserved(),

@@ -55,6 +55,7 @@ fn manager() -> PodManager {
         metrics: Arc::new(Metrics::new()),
         sources: crate::proxy::limits::SourceLimits::new(u32::MAX),
         memory: crate::proxy::budget::MemoryBudget::unlimited(),
+        shards: crate::shard::Shards::inline(),
     };
     let home = Arc::new(Netns::current().expect("own namespace"));
     PodManager::new(inputs, home, 0x539, None, Drain::new())

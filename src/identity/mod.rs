@@ -138,6 +138,8 @@ pub struct WorkloadCertificate {
     not_after: SystemTime,
     server_config: Arc<ServerConfig>,
     client_template: ClientConfig,
+    /// Server chains verified to `roots` by the client configs of this certificate.
+    verified_servers: Arc<crate::tls::VerifiedChains>,
 }
 
 impl WorkloadCertificate {
@@ -178,6 +180,7 @@ impl WorkloadCertificate {
             not_after,
             server_config,
             client_template,
+            verified_servers: Arc::default(),
         })
     }
 
@@ -230,7 +233,12 @@ impl WorkloadCertificate {
     /// A config for dialing a peer that must present one of `expected`, presenting this
     /// certificate. Cheap: shares the key and settings of a template built once.
     pub fn client_config(&self, expected: &[Identity]) -> Arc<ClientConfig> {
-        crate::tls::expecting(&self.client_template, self.roots.clone(), expected)
+        crate::tls::expecting(
+            &self.client_template,
+            self.roots.clone(),
+            self.verified_servers.clone(),
+            expected,
+        )
     }
 }
 

@@ -95,14 +95,47 @@ pub(super) async fn accept_loop<F, Fut>(
                             continue;
                         }
                     };
-                let connection = handle(proxy.clone(), stream, peer, admitted);
-                proxy.drain.spawn_until_forced(connection);
+                spawn_connection(proxy, stream, peer, admitted, &handle);
             }
             Err(error) => {
                 // EMFILE and friends: back off briefly instead of spinning.
                 tracing::warn!(listener = name, %error, "accept failed");
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
+        }
+    }
+}
+
+/// Runs `handle` for an accepted connection in the proxy's drain scope until it ends or force
+/// is sent, on the next data-plane shard (see [`crate::shard`]) unless the shards are inline.
+fn spawn_connection<F, Fut>(
+    proxy: &Arc<WorkloadProxy>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    admitted: Admitted,
+    handle: &F,
+) where
+    F: Fn(Arc<WorkloadProxy>, TcpStream, SocketAddr, Admitted) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let Some(shard) = proxy.inputs.shards.pick() else {
+        let connection = handle(proxy.clone(), stream, peer, admitted);
+        proxy.drain.spawn_until_forced(connection);
+        return;
+    };
+    // A socket is polled by the reactor it was registered with: move it from the accept loop's
+    // to the shard's (registering from here is fine; it is the shard that polls it).
+    let moved = stream.into_std().and_then(|stream| {
+        let _shard_context = shard.enter();
+        TcpStream::from_std(stream)
+    });
+    match moved {
+        Ok(stream) => {
+            let connection = handle(proxy.clone(), stream, peer, admitted);
+            proxy.drain.spawn_until_forced_on(shard, connection);
+        }
+        Err(error) => {
+            tracing::warn!(%peer, %error, "accepted connection lost before its shard took it");
         }
     }
 }
@@ -153,7 +186,7 @@ pub(super) struct Redirected {
 impl Redirected {
     /// Recovers the original destination of `stream`, accepted from `peer`.
     pub(super) fn new(stream: &TcpStream, peer: SocketAddr) -> Self {
-        let local = stream.local_addr().unwrap_or(peer);
+        let local = || stream.local_addr().unwrap_or(peer);
         Redirected {
             client: ClientAddr(peer),
             destination: OriginalDst(crate::sys::original_destination(stream, local)),

@@ -60,6 +60,8 @@ pub struct ProxyInputs {
     pub sources: Arc<limits::SourceLimits>,
     /// The node-wide memory budget HBONE connections reserve their windows from.
     pub memory: Arc<budget::MemoryBudget>,
+    /// The threads accepted connections are handed to.
+    pub shards: Arc<crate::shard::Shards>,
 }
 
 /// The three listeners of a workload, bound inside its namespace.

@@ -245,6 +245,7 @@ async fn hbone_connection(
             expected_identities,
             peer,
             source_ip: client.0.ip(),
+            shard: proxy.pool.shard(),
         };
         // Boxed: the CONNECT exchange's state would otherwise stay in this connection's task
         // for its whole life.

@@ -1,18 +1,20 @@
 //! The HBONE client connection pool (layer L3), one per workload proxy.
 //!
 //! Connections are keyed by (source identity, expected destination identities, peer address,
-//! source IP) and never shared across keys, so a tunnel always carries exactly the identity it
-//! was authenticated with. Concurrent first requests for a key share one handshake (a per-key
-//! async lock), a connection carries at most `maxStreamsPerConnection` streams before another is
-//! opened, and connections idle past `idleTimeout` are released.
+//! source IP, data-plane shard) and never shared across keys, so a tunnel always carries
+//! exactly the identity it was authenticated with. Concurrent first requests for a key share one
+//! handshake (a per-key async lock), a connection carries at most `maxStreamsPerConnection`
+//! streams before another is opened, and connections idle past `idleTimeout` are released.
 //!
 //! Streams are spread: one HTTP/2 connection is driven by one task, so however many streams it
-//! carries, their bytes are framed, encrypted and decrypted on one core at a time. Once every
-//! connection for a key carries `spreadAbove` streams, the next tunnel opens another connection
-//! (up to `spreadConnections`, one per worker thread unless set) and new tunnels go to the least
-//! loaded. Only one such extra handshake runs per key at a time, and tunnels never wait for it
-//! while an existing connection has room: it is an optimisation, and a failed one falls back to
-//! sharing.
+//! carries, their bytes are framed, encrypted and decrypted on one core at a time. Unless
+//! `spreadConnections` is set, each data-plane shard ([`crate::shard`]) keeps its own
+//! connections, so a tunnel and the connection it rides on run on one thread and the shards
+//! share the cores. Within a key, once every connection carries `spreadAbove` streams, the next
+//! tunnel opens another connection (up to `spreadConnections`, or one per worker thread of the
+//! pool's runtime) and new tunnels go to the least loaded. Only one such extra handshake runs
+//! per key at a time, and tunnels never wait for it while an existing connection has room: it
+//! is an optimisation, and a failed one falls back to sharing.
 
 use crate::telemetry::ResponseFlag;
 use std::collections::HashMap;
@@ -44,6 +46,9 @@ pub struct PoolKey {
     pub peer: UpstreamAddr,
     /// The pod IP the connection originates from.
     pub source_ip: IpAddr,
+    /// The data-plane shard of the tunnel ([`crate::shard::current`]): each shard drives its
+    /// own connections, so a tunnel and its HTTP/2 connection run on one thread.
+    pub shard: usize,
 }
 
 /// Errors getting a tunnel from the pool.
@@ -260,6 +265,16 @@ impl Pool {
                 settings,
                 budget,
             }),
+        }
+    }
+
+    /// The [`PoolKey::shard`] for a tunnel opened on this thread: its data-plane shard, unless
+    /// `spreadConnections` is set, which bounds the connections per peer for the whole node.
+    pub fn shard(&self) -> usize {
+        if self.inner.settings.pool.spread_connections.is_some() {
+            0
+        } else {
+            crate::shard::current()
         }
     }
 

@@ -320,9 +320,16 @@ impl Metrics {
     }
 
     /// Counts a connection closed: flushes its last bytes (on the labels it was opened with),
-    /// and counts it closed, and failed if `failed`, on its final `labels` (the response flag
-    /// is only known now).
-    pub fn close(&self, handle: LiveHandle, labels: TrafficLabels, failed: bool) {
+    /// and counts it closed, and failed unless `flag` is none, on its final labels: those it
+    /// was opened with when the response flag is still the same, else `labels()` (the response
+    /// flag is only known now). Most connections close as they opened, and building the labels
+    /// is some twenty strings, so they are built only when the flag changed.
+    pub fn close(
+        &self,
+        handle: LiveHandle,
+        flag: ResponseFlag,
+        labels: impl FnOnce() -> TrafficLabels,
+    ) {
         let removed = {
             let mut open = lock(&self.live);
             let removed = open.remove(&handle.0);
@@ -337,8 +344,13 @@ impl Metrics {
             return;
         };
         live.flush(&self.traffic);
+        let labels = if live.labels.response_flags == flag.as_str() {
+            live.labels.clone()
+        } else {
+            Arc::new(labels())
+        };
         self.traffic.closed.get_or_create(&labels).inc();
-        if failed {
+        if flag != ResponseFlag::None {
             self.traffic.failed.get_or_create(&labels).inc();
         }
         let uids = live.info.workloads();
@@ -346,7 +358,7 @@ impl Metrics {
         match series.get_mut(&labels) {
             Some(known) => *known = uids,
             None => {
-                series.insert(Arc::new(labels), uids);
+                series.insert(labels, uids);
             }
         }
     }

@@ -123,19 +123,24 @@ impl ConnectionRecord {
 
     /// The connection is established (both ends known, bytes about to flow): logs `connection
     /// opened` at debug, counts it opened and reports its bytes while it stays open. Call once,
-    /// after the labels are filled in; later calls do nothing.
+    /// after the labels are filled in; later calls do nothing. The metric labels are fixed
+    /// here: later changes of the peers or the service reach the access log only, and the
+    /// closing counters differ from the opening ones only by the response flag.
     pub fn connected(&mut self) {
         if self.live.is_some() {
             return;
         }
-        let fields = AccessFields::of(self);
-        access_event!(
-            tracing::Level::DEBUG,
-            self,
-            fields,
-            tracing::field::Empty,
-            "connection opened"
-        );
+        // The fields are strings built per connection: only when the event is wanted.
+        if tracing::enabled!(target: "access", tracing::Level::DEBUG) {
+            let fields = AccessFields::of(self);
+            access_event!(
+                tracing::Level::DEBUG,
+                self,
+                fields,
+                tracing::field::Empty,
+                "connection opened"
+            );
+        }
         self.live = Some(
             self.metrics
                 .open(self.labels(), self.info(), self.bytes.clone()),
@@ -231,10 +236,17 @@ impl Drop for ConnectionRecord {
             self.connected();
         }
         if let Some(live) = self.live.take() {
-            self.metrics
-                .close(live, self.labels(), self.flag != ResponseFlag::None);
+            self.metrics.close(live, self.flag, || self.labels());
         }
         self.metrics.socket_closed(self.direction.reporter());
+        // The fields are strings built per connection: only when the event is wanted.
+        let wanted = match self.error {
+            None => tracing::enabled!(target: "access", tracing::Level::INFO),
+            Some(_) => tracing::enabled!(target: "access", tracing::Level::ERROR),
+        };
+        if !wanted {
+            return;
+        }
         let fields = AccessFields::of(self);
         match self.error.as_deref() {
             None => access_event!(

@@ -13,9 +13,11 @@
 //! came with our own certificate; identities are compared byte for byte.
 
 mod batched;
+mod chains;
 mod verify;
 
 pub use batched::BatchedReads;
+pub use chains::VerifiedChains;
 
 use std::sync::{Arc, LazyLock};
 
@@ -121,17 +123,20 @@ pub fn client_config(
 }
 
 /// A copy of `template` (from [`client_config`]) that accepts only servers naming one of
-/// `expected`. Everything else, including the client certificate, is shared.
+/// `expected`. Everything else, including the client certificate, is shared, and so are the
+/// server chains verified to `roots` (`verified` must belong to these roots alone).
 pub fn expecting(
     template: &ClientConfig,
     roots: Arc<RootCertStore>,
+    verified: Arc<VerifiedChains>,
     expected: &[Identity],
 ) -> Arc<ClientConfig> {
     let mut config = template.clone();
     config
         .dangerous()
-        .set_certificate_verifier(Arc::new(ServerIdentityVerifier::new(
+        .set_certificate_verifier(Arc::new(ServerIdentityVerifier::sharing(
             roots,
+            verified,
             expected.to_vec(),
         )));
     Arc::new(config)

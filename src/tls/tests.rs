@@ -345,3 +345,119 @@ fn spiffe_identities_skip_other_sans() {
     }
     assert!(spiffe_identities(&CertificateDer::from(vec![0x30, 0x03, 0x01])).is_err());
 }
+
+/// A remembered chain saves only the chain verification: outside the validity of its
+/// certificates, to an identity not expected, or to a trust domain not ours, it is refused
+/// exactly as the full check refuses it, and a verifier for other roots never shares it.
+#[test]
+fn remembered_chains_are_refused_wherever_the_full_check_refuses_them() {
+    use rustls::client::danger::ServerCertVerifier;
+    use rustls::pki_types::UnixTime;
+    use rustls::server::danger::ClientCertVerifier;
+    let ca = new_ca();
+    let server_id = identity("spiffe://cluster.local/ns/default/sa/server");
+    let server = ca.issue(&server_id).expect("server");
+    let chain = server.chain();
+    let now = UnixTime::now();
+    let at = |offset: i64| {
+        UnixTime::since_unix_epoch(Duration::from_secs(
+            now.as_secs().saturating_add_signed(offset),
+        ))
+    };
+    let verified = Arc::new(VerifiedChains::default());
+    let expecting = |expected: &Identity| {
+        ServerIdentityVerifier::sharing(
+            server.roots().clone(),
+            verified.clone(),
+            vec![expected.clone()],
+        )
+    };
+    let verify = |verifier: &ServerIdentityVerifier, time: UnixTime| {
+        verifier
+            .verify_server_cert(&chain[0], &chain[1..], &dummy_server_name(), &[], time)
+            .map(|_| ())
+            .map_err(|error| format!("{error:?}"))
+    };
+    let server_verifier = expecting(&server_id);
+    verify(&server_verifier, now).expect("first handshake: full check");
+    assert_eq!(verified.len(), 1, "the chain is remembered");
+    verify(&server_verifier, now).expect("same chain again");
+    let other = identity("spiffe://cluster.local/ns/default/sa/other");
+    let refused = verify(&expecting(&other), now).expect_err("identity still checked");
+    assert!(refused.contains("is not one of"), "{refused}");
+    for (time, what) in [
+        (at(2 * 86_400), "Expired"),
+        (at(-2 * 86_400), "NotValidYet"),
+    ] {
+        let refused = verify(&server_verifier, time).expect_err("outside the validity");
+        assert!(refused.contains(what), "{what}: {refused}");
+    }
+    verify(&server_verifier, now).expect("valid again now");
+    let stranger = new_ca().issue(&server_id).expect("other roots");
+    let elsewhere = ServerIdentityVerifier::sharing(
+        stranger.roots().clone(),
+        Arc::default(),
+        vec![server_id.clone()],
+    );
+    let refused = verify(&elsewhere, now).expect_err("other roots");
+    assert!(refused.contains("UnknownIssuer"), "{refused}");
+
+    let clients =
+        TrustDomainVerifier::new(server.roots().clone(), "cluster.local").expect("verifier");
+    let foreign = ca
+        .issue(&identity("spiffe://elsewhere.example/ns/a/sa/b"))
+        .expect("foreign");
+    let local = ca
+        .issue(&identity("spiffe://cluster.local/ns/a/sa/b"))
+        .expect("local");
+    for _ in 0..2 {
+        let refused = clients
+            .verify_client_cert(&foreign.chain()[0], &foreign.chain()[1..], now)
+            .expect_err("foreign trust domain, every time");
+        assert!(
+            format!("{refused:?}").contains("not in trust domain"),
+            "{refused:?}"
+        );
+        clients
+            .verify_client_cert(&local.chain()[0], &local.chain()[1..], now)
+            .expect("local client, every time");
+    }
+    let refused = clients
+        .verify_client_cert(&local.chain()[0], &local.chain()[1..], at(2 * 86_400))
+        .expect_err("an expired client");
+    assert!(format!("{refused:?}").contains("Expired"), "{refused:?}");
+}
+
+#[test]
+fn the_verified_chain_cache_stays_bounded_and_forgets_failures() {
+    let ca = new_ca();
+    let chains = VerifiedChains::with_capacity(2);
+    let now = rustls::pki_types::UnixTime::now();
+    for name in ["a", "b", "c"] {
+        let issued = ca
+            .issue(&identity(&format!("spiffe://cluster.local/ns/x/sa/{name}")))
+            .expect("issued");
+        let passed = chains.verify(&issued.chain()[0], &issued.chain()[1..], now, || {
+            Ok::<_, ()>(vec![issued.identity().clone()])
+        });
+        assert_eq!(passed, Ok(vec![issued.identity().clone()]));
+        assert!(chains.len() <= 2);
+    }
+    let issued = ca
+        .issue(&identity("spiffe://cluster.local/ns/x/sa/d"))
+        .expect("issued");
+    let failed = chains.verify(&issued.chain()[0], &[], now, || {
+        Err::<Vec<Identity>, _>("refused")
+    });
+    assert_eq!(failed, Err("refused"));
+    let checked = std::cell::Cell::new(false);
+    let again = chains.verify(&issued.chain()[0], &[], now, || {
+        checked.set(true);
+        Err::<Vec<Identity>, _>("refused")
+    });
+    assert_eq!(again, Err("refused"));
+    assert!(
+        checked.get(),
+        "a failure is checked again, never remembered"
+    );
+}

@@ -18,6 +18,7 @@ use rustls::{
 };
 use x509_parser::error::X509Error;
 
+use super::chains::VerifiedChains;
 use super::{provider, spiffe_identities};
 use crate::spiffe::Identity;
 
@@ -99,6 +100,8 @@ fn leaf_identities(leaf: &CertificateDer<'_>) -> Result<Vec<Identity>, PeerIdent
 pub struct TrustDomainVerifier {
     chain: Arc<dyn ClientCertVerifier>,
     trust_domain: String,
+    /// Client chains that passed `chain`, remembered for their next handshake.
+    verified: VerifiedChains,
 }
 
 impl TrustDomainVerifier {
@@ -111,6 +114,7 @@ impl TrustDomainVerifier {
         Ok(TrustDomainVerifier {
             chain,
             trust_domain: trust_domain.to_string(),
+            verified: VerifiedChains::default(),
         })
     }
 }
@@ -134,9 +138,11 @@ impl ClientCertVerifier for TrustDomainVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.chain
-            .verify_client_cert(end_entity, intermediates, now)?;
-        let identities = leaf_identities(end_entity)?;
+        let identities = self.verified.verify(end_entity, intermediates, now, || {
+            self.chain
+                .verify_client_cert(end_entity, intermediates, now)?;
+            Ok::<_, rustls::Error>(leaf_identities(end_entity)?)
+        })?;
         let Some(identity) = identities.into_iter().next() else {
             return Err(PeerIdentityError::NoIdentity.into());
         };
@@ -182,15 +188,29 @@ pub struct ServerIdentityVerifier {
     roots: Arc<RootCertStore>,
     expected: Vec<Identity>,
     algorithms: WebPkiSupportedAlgorithms,
+    /// Server chains that passed verification to `roots`; shared by every verifier made for
+    /// the same roots with [`Self::sharing`].
+    verified: Arc<VerifiedChains>,
 }
 
 impl ServerIdentityVerifier {
     /// An empty `expected` refuses every server.
     pub fn new(roots: Arc<RootCertStore>, expected: Vec<Identity>) -> Self {
+        Self::sharing(roots, Arc::default(), expected)
+    }
+
+    /// [`Self::new`] remembering verified chains in `verified`, which must only ever be used
+    /// with these same `roots` (a chain verified to other roots proves nothing here).
+    pub fn sharing(
+        roots: Arc<RootCertStore>,
+        verified: Arc<VerifiedChains>,
+        expected: Vec<Identity>,
+    ) -> Self {
         ServerIdentityVerifier {
             roots,
             expected,
             algorithms: provider().signature_verification_algorithms,
+            verified,
         }
     }
 }
@@ -204,15 +224,17 @@ impl ServerCertVerifier for ServerIdentityVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let leaf = ParsedCertificate::try_from(end_entity)?;
-        rustls::client::verify_server_cert_signed_by_trust_anchor(
-            &leaf,
-            &self.roots,
-            intermediates,
-            now,
-            self.algorithms.all,
-        )?;
-        let seen = leaf_identities(end_entity)?;
+        let seen = self.verified.verify(end_entity, intermediates, now, || {
+            let leaf = ParsedCertificate::try_from(end_entity)?;
+            rustls::client::verify_server_cert_signed_by_trust_anchor(
+                &leaf,
+                &self.roots,
+                intermediates,
+                now,
+                self.algorithms.all,
+            )?;
+            Ok::<_, rustls::Error>(leaf_identities(end_entity)?)
+        })?;
         if seen.iter().any(|identity| self.expected.contains(identity)) {
             return Ok(ServerCertVerified::assertion());
         }

@@ -91,6 +91,24 @@ pub struct WorkerSample {
 }
 
 impl RuntimeSample {
+    /// Reads several runtimes as one: the data-plane shards, each a single-worker runtime,
+    /// whose workers are numbered in order.
+    pub fn of_all(handles: &[tokio::runtime::Handle]) -> Self {
+        let mut total = RuntimeSample {
+            workers: 0,
+            alive_tasks: 0,
+            global_queue_depth: 0,
+            per_worker: Vec::new(),
+        };
+        for sample in handles.iter().map(Self::of) {
+            total.workers += sample.workers;
+            total.alive_tasks += sample.alive_tasks;
+            total.global_queue_depth += sample.global_queue_depth;
+            total.per_worker.extend(sample.per_worker);
+        }
+        total
+    }
+
     /// Reads the runtime of `handle`.
     pub fn of(handle: &tokio::runtime::Handle) -> Self {
         let metrics = handle.metrics();

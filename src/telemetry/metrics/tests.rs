@@ -214,7 +214,7 @@ fn bytes_are_reported_while_open_and_exactly_once_after_close() {
     bytes.sent.fetch_add(50, Ordering::Relaxed);
     let mut failed = labels.clone();
     failed.response_flags = ResponseFlag::Connect.as_str().to_string();
-    metrics.close(live, failed, true);
+    metrics.close(live, ResponseFlag::Connect, || failed);
     let text = metrics.encode(&AgentSample::default(), true);
     assert_eq!(
         sample_value(&text, "istio_tcp_received_bytes_total", "client"),
@@ -260,7 +260,9 @@ fn series_of_removed_workloads_are_evicted_and_others_stay() {
             info(source),
             Arc::new(ByteCounters::default()),
         );
-        metrics.close(live, labels, false);
+        metrics.close(live, ResponseFlag::None, || {
+            unreachable!("the flag did not change")
+        });
     }
     let removed = metrics.retain_workloads(|uid| uid == stays.uid);
     assert_eq!(removed, 1);
@@ -465,4 +467,19 @@ async fn runtime_sample_reads_the_live_runtime() {
     for task in parked {
         task.await.expect("task");
     }
+}
+
+#[tokio::test]
+async fn data_plane_shards_read_as_one_runtime_with_a_worker_each() {
+    let shards = crate::shard::Shards::start(2).expect("shards");
+    let (release, wait) = tokio::sync::oneshot::channel::<()>();
+    let waiting = shards.spawn(async move {
+        let _ = wait.await;
+    });
+    let sample = RuntimeSample::of_all(shards.handles());
+    assert_eq!(sample.workers, 2);
+    assert_eq!(sample.per_worker.len(), 2);
+    assert_eq!(sample.alive_tasks, 1, "the waiting task, on one of them");
+    release.send(()).expect("task waiting");
+    waiting.await.expect("task");
 }
