@@ -65,7 +65,9 @@ impl fmt::Display for Authority {
 /// downstream connection and uses it as the connection id in logs on both sides.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TraceParent {
-    trace_id: u128,
+    /// The 128-bit trace id as its high and low halves: a `u128` would align every connection
+    /// record that keeps one to 16 bytes (RSS per idle connection).
+    trace_id: [u64; 2],
     span_id: u64,
 }
 
@@ -73,7 +75,7 @@ impl TraceParent {
     /// A fresh random trace id (non-zero, as W3C requires).
     pub fn random() -> Self {
         TraceParent {
-            trace_id: rand::random::<u128>() | 1,
+            trace_id: [rand::random::<u64>(), rand::random::<u64>() | 1],
             span_id: rand::random::<u64>() | 1,
         }
     }
@@ -91,7 +93,10 @@ impl TraceParent {
             return None;
         }
         Some(TraceParent {
-            trace_id: u128::from_str_radix(trace, 16).ok()?,
+            trace_id: [
+                u64::from_str_radix(&trace[..16], 16).ok()?,
+                u64::from_str_radix(&trace[16..], 16).ok()?,
+            ],
             span_id: u64::from_str_radix(span, 16).ok()?,
         })
     }
@@ -99,7 +104,8 @@ impl TraceParent {
 
 impl fmt::Display for TraceParent {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "00-{:032x}-{:016x}-00", self.trace_id, self.span_id)
+        let [high, low] = self.trace_id;
+        write!(f, "00-{high:016x}{low:016x}-{:016x}-00", self.span_id)
     }
 }
 

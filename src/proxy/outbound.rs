@@ -48,7 +48,11 @@ pub(super) fn handle(
     // Boxed until the connection stands: a capture moved out of keeps its space in the task.
     let setup = Box::new((stream, redirected));
     async move {
-        let (stream, redirected) = *setup;
+        // Moved into a local first: the box is freed here rather than with the task.
+        let (stream, redirected) = {
+            let setup = setup;
+            *setup
+        };
         let establish = Box::pin(establish(&proxy, stream, redirected, &mut record));
         let result = match establish.instrument(span.clone()).await {
             Ok(established) => {
