@@ -265,34 +265,26 @@ fn handshake(criterion: &mut Criterion) {
     let verifier =
         nodetunnel::tls::ServerIdentityVerifier::new(client.roots().clone(), expected.to_vec());
     let now = rustls::pki_types::UnixTime::now();
+    let verify_server = |verifier: &nodetunnel::tls::ServerIdentityVerifier| {
+        verifier
+            .verify_server_cert(
+                &server.chain()[0],
+                &server.chain()[1..],
+                &nodetunnel::tls::dummy_server_name(),
+                &[],
+                now,
+            )
+            .expect("verified")
+    };
     group.bench_function("verify_server_chain", |bench| {
-        bench.iter(|| {
-            verifier
-                .verify_server_cert(
-                    &server.chain()[0],
-                    &server.chain()[1..],
-                    &nodetunnel::tls::dummy_server_name(),
-                    &[],
-                    now,
-                )
-                .expect("verified")
-        })
+        bench.iter(|| verify_server(&verifier))
     });
     group.bench_function("verify_server_chain_first_time", |bench| {
         bench.iter(|| {
-            let verifier = nodetunnel::tls::ServerIdentityVerifier::new(
+            verify_server(&nodetunnel::tls::ServerIdentityVerifier::new(
                 client.roots().clone(),
                 expected.to_vec(),
-            );
-            verifier
-                .verify_server_cert(
-                    &server.chain()[0],
-                    &server.chain()[1..],
-                    &nodetunnel::tls::dummy_server_name(),
-                    &[],
-                    now,
-                )
-                .expect("verified")
+            ))
         })
     });
     let verifier =
