@@ -344,6 +344,34 @@ async fn idle_connections_are_kept_unless_the_idle_timeout_is_zero() {
 }
 
 #[tokio::test]
+async fn after_a_burst_a_key_keeps_one_idle_connection() {
+    let certificates = certificates();
+    let (address, accepted) = server(certificates.clone()).await;
+    let pool = pool(certificates, 2);
+    let key = key(address, "server");
+    let mut held = Vec::new();
+    open_until(&pool, &key, &mut held, 6).await;
+    assert_eq!(
+        pool.connection_count(),
+        3,
+        "a burst of 6 tunnels, 2 per connection"
+    );
+    held.clear();
+    assert_eq!(
+        pool.connection_count(),
+        1,
+        "the burst's extra connections closed with their last tunnel"
+    );
+    let mut stream = pool.connect(&key, &request(8080)).await.expect("tunnel");
+    assert_eq!(echo(&mut stream, b"warm").await, b"warm");
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        3,
+        "the next tunnel used the idle connection"
+    );
+}
+
+#[tokio::test]
 async fn one_stream_per_connection_opens_concurrent_tunnels_on_their_own_connections() {
     let certificates = certificates();
     let (address, accepted) = server(certificates.clone()).await;

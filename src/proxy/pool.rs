@@ -173,8 +173,11 @@ impl KeyEntry {
 }
 
 /// Holds one stream slot of a pooled connection for as long as the tunnel lives. When the last
-/// tunnel of a connection ends and the pool keeps no idle connections (`idleTimeout: 0s`), the
-/// connection leaves the pool at once, so it closes.
+/// tunnel of a connection ends, the connection leaves the pool at once (so it closes) if the
+/// pool keeps no idle connections (`idleTimeout: 0s`) or if its key already has another idle
+/// one: a key keeps one idle connection for the next tunnel, and the extra connections a burst
+/// opened do not sit for `idleTimeout` holding their TLS and HTTP/2 state (and the peer's) at
+/// the burst's size.
 struct StreamGuard {
     entry: Arc<KeyEntry>,
     pooled: Arc<Pooled>,
@@ -189,7 +192,17 @@ impl Drop for StreamGuard {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         let left = self.pooled.streams.fetch_sub(1, Ordering::AcqRel) - 1;
-        if left == 0 && !self.keep_idle {
+        if left > 0 {
+            return;
+        }
+        let another_idle = || {
+            connections.iter().any(|pooled| {
+                !Arc::ptr_eq(pooled, &self.pooled)
+                    && pooled.streams.load(Ordering::Acquire) == 0
+                    && !pooled.connection.is_closed()
+            })
+        };
+        if !self.keep_idle || another_idle() {
             connections.retain(|pooled| !Arc::ptr_eq(pooled, &self.pooled));
         }
     }
