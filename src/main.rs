@@ -304,7 +304,13 @@ fn run_agent(
     // behind them (control plane, accept loops, DNS, admin) needs one thread. With
     // NODETUNNEL_SHARDS=off connections run on that runtime's workers instead, as before
     // shards (for A/B measurements).
-    let sharded = std::env::var("NODETUNNEL_SHARDS").map_or(true, |value| value != "off");
+    let sharded = match overrides.env.data_plane_shards() {
+        Ok(sharded) => sharded,
+        Err(problem) => {
+            eprintln!("environment: {}: {}", problem.variable, problem.message);
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
     let shards = if sharded {
         match nodetunnel::shard::Shards::start(workers) {
             Ok(shards) => shards,

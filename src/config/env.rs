@@ -338,6 +338,19 @@ impl Environment {
         }
     }
 
+    /// Whether connections run on the data-plane shards (`NODETUNNEL_SHARDS`: `on`, the
+    /// default, or `off` for the layout before shards, kept for A/B measurements).
+    pub fn data_plane_shards(&self) -> Result<bool, EnvProblem> {
+        match self.get("NODETUNNEL_SHARDS") {
+            None | Some("on") => Ok(true),
+            Some("off") => Ok(false),
+            Some(other) => Err(EnvProblem {
+                variable: "NODETUNNEL_SHARDS".to_string(),
+                message: format!("expected on or off, got {other:?}"),
+            }),
+        }
+    }
+
     /// The local config file of Istio mode (`LOCAL_XDS_PATH`), which the agent watches.
     pub fn local_config_file(&self) -> Option<std::path::PathBuf> {
         match self.local_config() {
@@ -411,6 +424,19 @@ mod tests {
         let mut agent = AgentConfig::default();
         let problems = Environment::from_pairs(pairs.iter().copied()).apply(&mut agent);
         (agent, problems)
+    }
+
+    #[test]
+    fn data_plane_shards_are_on_unless_turned_off() {
+        let shards = |pairs: &[(&str, &str)]| {
+            Environment::from_pairs(pairs.iter().copied()).data_plane_shards()
+        };
+        assert_eq!(shards(&[]), Ok(true));
+        assert_eq!(shards(&[("NODETUNNEL_SHARDS", "on")]), Ok(true));
+        assert_eq!(shards(&[("NODETUNNEL_SHARDS", "off")]), Ok(false));
+        let problem = shards(&[("NODETUNNEL_SHARDS", "no")]).expect_err("not on or off");
+        assert_eq!(problem.variable, "NODETUNNEL_SHARDS");
+        assert!(problem.message.contains("\"no\""), "{}", problem.message);
     }
 
     #[test]
