@@ -98,10 +98,7 @@ impl Drain {
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        self.spawn(UntilForced {
-            task,
-            force: self.force.clone().cancelled_owned(),
-        })
+        self.spawn(self.until_forced(task))
     }
 
     /// [`Drain::spawn_until_forced`] on `runtime` (a data-plane shard).
@@ -109,13 +106,14 @@ impl Drain {
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        self.spawn_on(
-            runtime,
-            UntilForced {
-                task,
-                force: self.force.clone().cancelled_owned(),
-            },
-        )
+        self.spawn_on(runtime, self.until_forced(task))
+    }
+
+    fn until_forced<F>(&self, task: F) -> UntilForced<F> {
+        UntilForced {
+            task,
+            force: self.force.clone().cancelled_owned(),
+        }
     }
 
     /// Resolves when graceful drain has started (or force).
