@@ -395,9 +395,9 @@ pub struct PoolConfig {
     #[serde(default = "defaults::spread_above")]
     pub spread_above: u32,
     /// How many connections per peer (and source identity) streams are spread over before
-    /// they share. Unset: one per data-plane thread (each thread drives its own connections,
-    /// so a tunnel and its HTTP/2 connection share a core). Set: at most this many for the
-    /// whole node, shared by every thread; `1` turns spreading off.
+    /// they share. Unset: one per worker thread (with data-plane shards, each shard drives its
+    /// own connections, so a tunnel and its HTTP/2 connection share a core). Set: at most this
+    /// many for the whole node, shared by every thread; `1` turns spreading off.
     #[serde(default)]
     pub spread_connections: Option<u32>,
 }
