@@ -81,11 +81,6 @@ impl Shards {
         &self.handles
     }
 
-    /// How many shard threads run (0 for [`Shards::inline`]).
-    pub fn len(&self) -> usize {
-        self.handles.len()
-    }
-
     /// Whether connections run on the caller's runtime ([`Shards::inline`]).
     pub fn is_empty(&self) -> bool {
         self.handles.is_empty()
