@@ -70,23 +70,18 @@ impl AsyncRead for H2Stream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        if self.pending.is_empty() {
-            match ready!(self.recv.poll_data(cx)) {
-                None => return Poll::Ready(Ok(())),
-                Some(Err(error)) if is_clean_reset(&error) => return Poll::Ready(Ok(())),
-                Some(Err(error)) => return Poll::Ready(Err(to_io(error))),
-                Some(Ok(chunk)) => self.pending = chunk,
-            }
-        }
-        let take = self.pending.len().min(buf.remaining());
-        buf.put_slice(&self.pending[..take]);
-        self.pending.advance(take);
-        if self.pending.is_empty() {
-            // An empty view still pins h2's whole read buffer; let it go.
-            self.pending = Bytes::new();
+        let Some(mut chunk) = ready!(self.poll_chunk(cx))? else {
+            return Poll::Ready(Ok(()));
+        };
+        let take = chunk.len().min(buf.remaining());
+        buf.put_slice(&chunk[..take]);
+        chunk.advance(take);
+        // An empty view would still pin h2's whole read buffer: keep only a rest.
+        if !chunk.is_empty() {
+            self.pending = chunk;
         }
         // Give the window back only for what the caller consumed, so a slow reader slows the peer.
-        let _ = self.recv.flow_control().release_capacity(take);
+        self.release(take);
         Poll::Ready(Ok(()))
     }
 }
@@ -112,52 +107,27 @@ impl AsyncWrite for H2Stream {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if !self.write_closed {
-            self.write_closed = true;
-            self.send.send_data(Bytes::new(), true).map_err(to_io)?;
-        }
-        Poll::Ready(Ok(()))
+        Poll::Ready(self.finish())
     }
 }
 
 impl H2Stream {
-    /// Borrows the receive and send sides separately, for a copy loop that moves `Bytes`
-    /// without an intermediate buffer ([`crate::proxy::copy::tunnel`]).
-    pub fn halves(&mut self) -> (TunnelReader<'_>, TunnelWriter<'_>) {
-        (
-            TunnelReader {
-                recv: &mut self.recv,
-                pending: &mut self.pending,
-            },
-            TunnelWriter {
-                send: &mut self.send,
-                write_closed: &mut self.write_closed,
-            },
-        )
-    }
-}
-
-/// The receive side of a tunnel, handing out the chunks h2 received as they are.
-pub struct TunnelReader<'a> {
-    recv: &'a mut RecvStream,
-    pending: &'a mut Bytes,
-}
-
-impl TunnelReader<'_> {
-    /// The next received chunk, or `None` at the end of the stream (END_STREAM, or a reset with
-    /// NO_ERROR/CANCEL). The chunk's flow-control window stays taken until [`Self::release`].
-    pub async fn chunk(&mut self) -> io::Result<Option<Bytes>> {
+    /// The next received chunk as h2 received it, or `None` at the end of the stream
+    /// (END_STREAM, or a reset with NO_ERROR/CANCEL), for a copy loop that writes `Bytes`
+    /// without an intermediate buffer ([`crate::proxy::copy::tunnel`]). The chunk's
+    /// flow-control window stays taken until [`Self::release`].
+    pub fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
         if !self.pending.is_empty() {
-            return Ok(Some(std::mem::take(self.pending)));
+            return Poll::Ready(Ok(Some(std::mem::take(&mut self.pending))));
         }
         loop {
-            match self.recv.data().await {
-                None => return Ok(None),
-                Some(Err(error)) if is_clean_reset(&error) => return Ok(None),
-                Some(Err(error)) => return Err(to_io(error)),
+            return match ready!(self.recv.poll_data(cx)) {
+                None => Poll::Ready(Ok(None)),
+                Some(Err(error)) if is_clean_reset(&error) => Poll::Ready(Ok(None)),
+                Some(Err(error)) => Poll::Ready(Err(to_io(error))),
                 Some(Ok(chunk)) if chunk.is_empty() => continue,
-                Some(Ok(chunk)) => return Ok(Some(chunk)),
-            }
+                Some(Ok(chunk)) => Poll::Ready(Ok(Some(chunk))),
+            };
         }
     }
 
@@ -166,31 +136,23 @@ impl TunnelReader<'_> {
     pub fn release(&mut self, len: usize) {
         let _ = self.recv.flow_control().release_capacity(len);
     }
-}
 
-/// The send side of a tunnel, taking owned `Bytes` (no copy).
-pub struct TunnelWriter<'a> {
-    send: &'a mut SendStream<Bytes>,
-    write_closed: &'a mut bool,
-}
-
-impl TunnelWriter<'_> {
-    /// Sends `data`, in as many DATA frames as flow control allows, waiting for window.
-    pub async fn send(&mut self, mut data: Bytes) -> io::Result<()> {
+    /// Sends all of `data` as owned `Bytes` (no copy), in as many DATA frames as flow control
+    /// allows; what is not sent yet stays in `data` while this waits for window.
+    pub fn poll_send(&mut self, cx: &mut Context<'_>, data: &mut Bytes) -> Poll<io::Result<()>> {
         while !data.is_empty() {
-            let granted =
-                std::future::poll_fn(|cx| poll_capacity(self.send, cx, data.len())).await?;
+            let granted = ready!(poll_capacity(&mut self.send, cx, data.len()))?;
             self.send
                 .send_data(data.split_to(granted), false)
                 .map_err(to_io)?;
         }
-        Ok(())
+        Poll::Ready(Ok(()))
     }
 
     /// Ends the send side (END_STREAM): the FIN of the connection being tunnelled.
     pub fn finish(&mut self) -> io::Result<()> {
-        if !*self.write_closed {
-            *self.write_closed = true;
+        if !self.write_closed {
+            self.write_closed = true;
             self.send.send_data(Bytes::new(), true).map_err(to_io)?;
         }
         Ok(())

@@ -18,11 +18,14 @@
 //! reading. The receive side needs no enforcement here: h2 refuses a peer that sends beyond the
 //! advertised window, and the proxy gives window back only for bytes delivered to the app.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 
 use bytes::{Bytes, BytesMut};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
 
 use crate::hbone::H2Settings;
 
@@ -164,28 +167,70 @@ impl SendAllowance {
         SendAllowance(Arc::new(Semaphore::new(bytes as usize)))
     }
 
+    /// Bytes of the allowance not held by any buffer now.
+    pub fn available(&self) -> usize {
+        self.0.available_permits()
+    }
+
     /// A buffer of up to `wanted` bytes' capacity whose allowance is held until the buffer (and
-    /// every `Bytes` made from it by [`Self::seal`]) is dropped. Waits only when the allowance
-    /// cannot give even `min(wanted, floor)` bytes: a stalled peer holds the rest.
+    /// every `Bytes` made from it by [`AllowedBuffer::seal`]) is dropped. Waits only when the
+    /// allowance cannot give even `min(wanted, floor)` bytes: a stalled peer holds the rest.
     pub async fn buffer(&self, wanted: usize, floor: usize) -> AllowedBuffer {
-        let wanted = wanted.max(1);
-        let available = self.0.available_permits();
-        let take = if available >= wanted {
-            wanted
-        } else {
-            available.max(floor.min(wanted))
+        let mut wait = BufferWait::default();
+        std::future::poll_fn(|cx| self.poll_buffer(cx, wanted, floor, &mut wait)).await
+    }
+
+    /// [`Self::buffer`] for a hand-written future: `wait` keeps the waiting state between polls
+    /// (nothing unless the allowance is short, so an idle tunnel holds one null pointer).
+    pub fn poll_buffer(
+        &self,
+        cx: &mut Context<'_>,
+        wanted: usize,
+        floor: usize,
+        wait: &mut BufferWait,
+    ) -> Poll<AllowedBuffer> {
+        let waiting = match &mut wait.0 {
+            Some(waiting) => waiting,
+            None => {
+                let wanted = wanted.max(1);
+                let available = self.0.available_permits();
+                let take = if available >= wanted {
+                    wanted
+                } else {
+                    available.max(floor.min(wanted))
+                };
+                match self.0.clone().try_acquire_many_owned(as_permits(take)) {
+                    Ok(permit) => return Poll::Ready(AllowedBuffer::charged(take, Some(permit))),
+                    // Never closed; should it be, an uncharged buffer is the safe fallback.
+                    Err(TryAcquireError::Closed) => {
+                        return Poll::Ready(AllowedBuffer::charged(take, None))
+                    }
+                    Err(TryAcquireError::NoPermits) => {}
+                }
+                let semaphore = self.0.clone();
+                wait.0.insert(Box::pin(async move {
+                    let permit = semaphore.acquire_many_owned(as_permits(take)).await.ok();
+                    AllowedBuffer::charged(take, permit)
+                }))
+            }
         };
-        // The semaphore is never closed; should it be, an uncharged buffer is the safe fallback.
-        let permit = self
-            .0
-            .clone()
-            .acquire_many_owned(as_permits(take))
-            .await
-            .ok();
-        AllowedBuffer {
-            data: BytesMut::with_capacity(take),
-            permit,
-        }
+        let buffer = ready!(waiting.as_mut().poll(cx));
+        wait.0 = None;
+        Poll::Ready(buffer)
+    }
+}
+
+/// A [`SendAllowance::poll_buffer`] that is waiting for the allowance; empty otherwise.
+#[derive(Default)]
+pub struct BufferWait(Option<Pin<Box<dyn Future<Output = AllowedBuffer> + Send>>>);
+
+impl std::fmt::Debug for BufferWait {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "BufferWait(waiting)"
+        } else {
+            "BufferWait(idle)"
+        })
     }
 }
 
@@ -202,6 +247,13 @@ pub struct AllowedBuffer {
 }
 
 impl AllowedBuffer {
+    fn charged(capacity: usize, permit: Option<OwnedSemaphorePermit>) -> Self {
+        AllowedBuffer {
+            data: BytesMut::with_capacity(capacity),
+            permit,
+        }
+    }
+
     /// The filled part as `Bytes` that keep the allowance until their last clone is dropped.
     /// The allowance is charged for the memory held, so a short read is moved into a buffer of
     /// its own size first (an app writing a byte at a time must not pin a whole buffer per
