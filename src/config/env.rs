@@ -338,13 +338,12 @@ impl Environment {
         }
     }
 
-    /// Whether connections run on the data-plane shards (`NODETUNNEL_SHARDS`: `on`, or `off`,
-    /// the default). Opt-in until the stall seen once in the suite's bulk test with shards on
-    /// (tunnels of one pod sharing one HTTP/2 connection across shards) is understood.
+    /// Whether connections run on the data-plane shards (`NODETUNNEL_SHARDS`: `on`, the
+    /// default, or `off` for one multi-thread runtime with work stealing).
     pub fn data_plane_shards(&self) -> Result<bool, EnvProblem> {
         match self.get("NODETUNNEL_SHARDS") {
-            Some("on") => Ok(true),
-            None | Some("off") => Ok(false),
+            None | Some("on") => Ok(true),
+            Some("off") => Ok(false),
             Some(other) => Err(EnvProblem {
                 variable: "NODETUNNEL_SHARDS".to_string(),
                 message: format!("expected on or off, got {other:?}"),
@@ -428,11 +427,11 @@ mod tests {
     }
 
     #[test]
-    fn data_plane_shards_are_off_unless_turned_on() {
+    fn data_plane_shards_are_on_unless_turned_off() {
         let shards = |pairs: &[(&str, &str)]| {
             Environment::from_pairs(pairs.iter().copied()).data_plane_shards()
         };
-        assert_eq!(shards(&[]), Ok(false));
+        assert_eq!(shards(&[]), Ok(true));
         assert_eq!(shards(&[("NODETUNNEL_SHARDS", "on")]), Ok(true));
         assert_eq!(shards(&[("NODETUNNEL_SHARDS", "off")]), Ok(false));
         let problem = shards(&[("NODETUNNEL_SHARDS", "no")]).expect_err("not on or off");
