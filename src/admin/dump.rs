@@ -312,10 +312,18 @@ fn connection(open: &OpenConnection) -> ConnectionDump {
         actual_dst: info.dst_addr.clone(),
         protocol: info.protocol,
         direction: info.direction.to_string(),
-        src_workload: info.src_workload.clone(),
-        dst_workload: info.dst_workload.clone(),
-        src_identity: info.src_identity.clone(),
-        dst_identity: info.dst_identity.clone(),
+        src_workload: info.src_workload_uid().to_string(),
+        dst_workload: info.dst_workload_uid().to_string(),
+        src_identity: info
+            .src_identity
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
+        dst_identity: info
+            .dst_identity
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
         bytes_sent: open.bytes_sent,
         bytes_received: open.bytes_received,
         age_seconds: open.age_seconds,
@@ -345,9 +353,9 @@ fn workload_state(
     for open in connections {
         let inbound = open.info.direction == Direction::Inbound;
         let owner = if inbound {
-            &open.info.dst_workload
+            open.info.dst_workload_uid()
         } else {
-            &open.info.src_workload
+            open.info.src_workload_uid()
         };
         let Some(entry) = by_workload.get_mut(owner) else {
             continue;

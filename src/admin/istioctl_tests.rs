@@ -16,6 +16,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -26,7 +27,7 @@ use super::schema::EffectiveConfig;
 use crate::capture::{PodSource, PodStatus};
 use crate::identity::ca::BuiltinCa;
 use crate::identity::{CertificateState, CertificateStatus};
-use crate::state::TunnelProtocol;
+use crate::state::{TunnelProtocol, Workload};
 use crate::telemetry::metrics::{ConnectionInfo, OpenConnection};
 use crate::telemetry::Direction;
 
@@ -331,7 +332,7 @@ fn open(
     src: &str,
     original: &str,
     actual: &str,
-    workloads: [&str; 2],
+    workloads: [Option<&Arc<Workload>>; 2],
 ) -> OpenConnection {
     OpenConnection {
         info: ConnectionInfo {
@@ -340,10 +341,10 @@ fn open(
             dst_addr: actual.to_string(),
             original_dst: original.to_string(),
             protocol: TunnelProtocol::Hbone,
-            src_workload: workloads[0].to_string(),
-            dst_workload: workloads[1].to_string(),
-            src_identity: "spiffe://cluster.local/ns/app/sa/client".to_string(),
-            dst_identity: "spiffe://cluster.local/ns/app/sa/server".to_string(),
+            src_workload: workloads[0].cloned(),
+            dst_workload: workloads[1].cloned(),
+            src_identity: "spiffe://cluster.local/ns/app/sa/client".parse().ok(),
+            dst_identity: "spiffe://cluster.local/ns/app/sa/server".parse().ok(),
             started: None,
         },
         bytes_sent: 4,
@@ -402,14 +403,14 @@ fn dump_text() -> String {
             "10.0.1.2:40000",
             "echo.app.svc.cluster.local",
             "10.0.2.7:8080",
-            [client_uid, server_uid],
+            [snapshot.workload(client_uid), snapshot.workload(server_uid)],
         ),
         open(
             Direction::Outbound,
             "10.0.2.7:41000",
             "10.96.0.10:80",
             "10.0.3.9:15008",
-            [server_uid, ""],
+            [snapshot.workload(server_uid), None],
         ),
     ];
     let effective = effective_config();

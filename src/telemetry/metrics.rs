@@ -22,7 +22,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 pub use super::labels::{Direction, Peer, Reporter, ResponseFlag, TrafficLabels};
-use crate::state::TunnelProtocol;
+use crate::spiffe::Identity;
+use crate::state::{TunnelProtocol, Workload};
 use agent::{AgentMetrics, ReasonLabels, RefusalLabels};
 pub use agent::{AgentSample, MemoryBudgetSample, RuntimeSample, WorkerSample};
 use authorization::DecisionCounters;
@@ -71,7 +72,9 @@ pub struct ByteCounters {
     pub received: AtomicU64,
 }
 
-/// Who an open connection connects, for the admin API's `/connections`.
+/// Who an open connection connects, for the admin API's `/connections`. Workloads and
+/// identities are shared with the model and the connection's record, not copied: this is kept
+/// for every open connection (RSS per idle connection).
 #[derive(Debug, Clone, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ConnectionInfo {
@@ -86,14 +89,18 @@ pub struct ConnectionInfo {
     pub original_dst: String,
     /// `Hbone` when the connection is tunnelled, else `Tcp`.
     pub protocol: TunnelProtocol,
-    /// Source workload uid, empty if unknown.
-    pub src_workload: String,
-    /// Destination workload uid, empty if unknown.
-    pub dst_workload: String,
-    /// Source identity (mTLS only), empty otherwise.
-    pub src_identity: String,
-    /// Destination identity (mTLS only), empty otherwise.
-    pub dst_identity: String,
+    /// Source workload, if known (its uid in JSON, empty if unknown).
+    #[serde(serialize_with = "uid_or_empty")]
+    pub src_workload: Option<Arc<Workload>>,
+    /// Destination workload, if known (its uid in JSON, empty if unknown).
+    #[serde(serialize_with = "uid_or_empty")]
+    pub dst_workload: Option<Arc<Workload>>,
+    /// Source identity (mTLS only; empty in JSON otherwise).
+    #[serde(serialize_with = "identity_or_empty")]
+    pub src_identity: Option<Identity>,
+    /// Destination identity (mTLS only; empty in JSON otherwise).
+    #[serde(serialize_with = "identity_or_empty")]
+    pub dst_identity: Option<Identity>,
     /// When it was accepted.
     #[serde(skip)]
     pub started: Option<Instant>,
@@ -460,9 +467,42 @@ impl Metrics {
 }
 
 impl ConnectionInfo {
-    fn workloads(&self) -> [String; 2] {
-        [self.src_workload.clone(), self.dst_workload.clone()]
+    /// The source workload's uid, empty if unknown.
+    pub fn src_workload_uid(&self) -> &str {
+        uid(&self.src_workload)
     }
+
+    /// The destination workload's uid, empty if unknown.
+    pub fn dst_workload_uid(&self) -> &str {
+        uid(&self.dst_workload)
+    }
+
+    fn workloads(&self) -> [String; 2] {
+        [
+            self.src_workload_uid().to_string(),
+            self.dst_workload_uid().to_string(),
+        ]
+    }
+}
+
+fn uid(workload: &Option<Arc<Workload>>) -> &str {
+    workload
+        .as_deref()
+        .map_or("", |workload| workload.uid.as_str())
+}
+
+fn uid_or_empty<S: serde::Serializer>(
+    workload: &Option<Arc<Workload>>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(uid(workload))
+}
+
+fn identity_or_empty<S: serde::Serializer>(
+    identity: &Option<Identity>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(identity.as_ref().map_or("", Identity::as_str))
 }
 
 #[cfg(test)]

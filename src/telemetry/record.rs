@@ -165,12 +165,6 @@ impl ConnectionRecord {
     }
 
     fn info(&self) -> ConnectionInfo {
-        let uid = |workload: &Option<Arc<Workload>>| {
-            workload
-                .as_deref()
-                .map(|w| w.uid.clone())
-                .unwrap_or_default()
-        };
         let original_dst = match (self.direction, &self.dst_service) {
             (Direction::Inbound, Some(service)) => service.hostname.clone(),
             _ => self.original_dst.clone(),
@@ -185,10 +179,10 @@ impl ConnectionRecord {
             } else {
                 TunnelProtocol::Tcp
             },
-            src_workload: uid(&self.src_workload),
-            dst_workload: uid(&self.dst_workload),
-            src_identity: or_empty(&self.src_identity),
-            dst_identity: or_empty(&self.dst_identity),
+            src_workload: self.src_workload.clone(),
+            dst_workload: self.dst_workload.clone(),
+            src_identity: self.src_identity.clone(),
+            dst_identity: self.dst_identity.clone(),
             started: Some(self.started),
         }
     }

@@ -153,10 +153,10 @@ fn info(source: &Workload) -> ConnectionInfo {
         dst_addr: "10.0.0.2:8080".to_string(),
         original_dst: "10.0.0.2:8080".to_string(),
         protocol: crate::state::TunnelProtocol::Tcp,
-        src_workload: source.uid.clone(),
-        dst_workload: String::new(),
-        src_identity: String::new(),
-        dst_identity: String::new(),
+        src_workload: Some(Arc::new(source.clone())),
+        dst_workload: None,
+        src_identity: None,
+        dst_identity: None,
         started: None,
     }
 }
