@@ -12,7 +12,9 @@
 
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use tokio::net::{TcpListener, TcpStream};
 
@@ -289,13 +291,42 @@ pub(super) struct InboundAdmission {
 }
 
 /// Drives `copy` until it ends or a policy change revokes the connection. Dropping the copy on
-/// revocation closes both ends (an HBONE stream is reset).
-pub(super) async fn copy_until_revoked(
-    copy: impl Future<Output = std::io::Result<()>>,
+/// revocation closes both ends (an HBONE stream is reset). A plain future rather than a
+/// `select!` over `copy` and a revocation wait: the task then keeps the copy once and no
+/// waiter beside it, for as long as the connection is open.
+pub(super) fn copy_until_revoked<F>(
+    copy: F,
     admission: &InboundAdmission,
-) -> Result<(), AdmissionError> {
-    tokio::select! {
-        copied = copy => copied.map_err(AdmissionError::Copy),
-        revoked = admission.registration.revoked() => Err(AdmissionError::Revoked(revoked)),
+) -> CopyUntilRevoked<'_, F>
+where
+    F: Future<Output = std::io::Result<()>>,
+{
+    CopyUntilRevoked {
+        copy,
+        registration: &admission.registration,
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// See [`copy_until_revoked`].
+    pub(super) struct CopyUntilRevoked<'a, F> {
+        #[pin]
+        copy: F,
+        registration: &'a Registration,
+    }
+}
+
+impl<F> Future for CopyUntilRevoked<'_, F>
+where
+    F: Future<Output = std::io::Result<()>>,
+{
+    type Output = Result<(), AdmissionError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Poll::Ready(revoked) = this.registration.poll_revoked(cx) {
+            return Poll::Ready(Err(AdmissionError::Revoked(revoked)));
+        }
+        this.copy.poll(cx).map_err(AdmissionError::Copy)
     }
 }

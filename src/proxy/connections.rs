@@ -16,8 +16,9 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
 
-use tokio_util::sync::CancellationToken;
+use futures_util::task::AtomicWaker;
 
 use crate::authz::{self, ConnectionFacts, Decision, DecisionReason, DryRunEffect, MtlsMode};
 use crate::drain::Drain;
@@ -76,8 +77,25 @@ pub(super) struct Revoked(pub(super) Denied);
 #[derive(Debug)]
 struct Entry {
     facts: ConnectionFacts,
-    cancel: CancellationToken,
-    revoked: Arc<OnceLock<Denied>>,
+    revocation: Arc<Revocation>,
+}
+
+/// How re-evaluation tells a connection it is closed: the reason, set once, and the waker of
+/// the connection's task. One small allocation per connection, shared by its entry and its
+/// [`Registration`]; the task polls it beside its copy and keeps no waiting future of its own
+/// (RSS per idle connection).
+#[derive(Debug, Default)]
+struct Revocation {
+    denied: OnceLock<Denied>,
+    waker: AtomicWaker,
+}
+
+impl Revocation {
+    fn revoke(&self, denied: Denied) {
+        if self.denied.set(denied).is_ok() {
+            self.waker.wake();
+        }
+    }
 }
 
 /// The live inbound connections of one workload proxy.
@@ -96,19 +114,25 @@ pub(crate) struct Connections {
 pub(super) struct Registration {
     id: u64,
     connections: Arc<Connections>,
-    cancel: CancellationToken,
-    revoked: Arc<OnceLock<Denied>>,
+    revocation: Arc<Revocation>,
 }
 
 impl Registration {
     /// Completes when a policy change denies this connection; never otherwise.
+    #[cfg(test)]
     pub(super) async fn revoked(&self) -> Revoked {
-        self.cancel.cancelled().await;
-        match self.revoked.get() {
-            Some(denied) => Revoked(denied.clone()),
-            // The token is only cancelled after the reason is set.
-            None => std::future::pending().await,
+        std::future::poll_fn(|cx| self.poll_revoked(cx)).await
+    }
+
+    /// Ready once a policy change denied this connection; the task is woken then.
+    pub(super) fn poll_revoked(&self, cx: &mut Context<'_>) -> Poll<Revoked> {
+        let denied = || self.revocation.denied.get().map(|d| Revoked(d.clone()));
+        if let Some(revoked) = denied() {
+            return Poll::Ready(revoked);
         }
+        self.revocation.waker.register(cx.waker());
+        // Checked again after registering: a revocation in between has woken nobody.
+        denied().map_or(Poll::Pending, Poll::Ready)
     }
 }
 
@@ -165,21 +189,18 @@ impl Connections {
 
     fn register(self: &Arc<Self>, facts: ConnectionFacts) -> Registration {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let cancel = CancellationToken::new();
-        let revoked = Arc::new(OnceLock::new());
+        let revocation = Arc::new(Revocation::default());
         self.lock().insert(
             id,
             Box::new(Entry {
                 facts,
-                cancel: cancel.clone(),
-                revoked: revoked.clone(),
+                revocation: revocation.clone(),
             }),
         );
         Registration {
             id,
             connections: self.clone(),
-            cancel,
-            revoked,
+            revocation,
         }
     }
 
@@ -191,20 +212,14 @@ impl Connections {
     /// Decides every open connection again on `snapshot` and cancels those now denied. Returns
     /// how many were closed.
     fn reevaluate(&self, snapshot: &Snapshot, workload: &Workload) -> usize {
-        let open: Vec<(ConnectionFacts, CancellationToken, Arc<OnceLock<Denied>>)> = self
+        let open: Vec<(ConnectionFacts, Arc<Revocation>)> = self
             .lock()
             .values()
-            .filter(|entry| !entry.cancel.is_cancelled())
-            .map(|entry| {
-                (
-                    entry.facts.clone(),
-                    entry.cancel.clone(),
-                    entry.revoked.clone(),
-                )
-            })
+            .filter(|entry| entry.revocation.denied.get().is_none())
+            .map(|entry| (entry.facts.clone(), entry.revocation.clone()))
             .collect();
         let mut closed = 0;
-        for (facts, cancel, revoked) in open {
+        for (facts, revocation) in open {
             let decision = authz::decide(snapshot, workload, &facts);
             if decision.is_allowed() {
                 continue;
@@ -219,8 +234,7 @@ impl Connections {
                 explain = %denied.decision(),
                 "closing connection: policy changed"
             );
-            let _ = revoked.set(denied);
-            cancel.cancel();
+            revocation.revoke(denied);
             closed += 1;
         }
         closed

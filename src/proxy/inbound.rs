@@ -201,16 +201,17 @@ pub(super) fn handle_stream(
     record.src_identity = peer_identity.clone();
     record.dst_hbone_addr = Some(authority);
     let target = parsed.map(|parsed| parsed.authority);
-    let body = request.into_body();
+    // Options, so that the stream's work can take them by reference (the task keeps each once).
+    let mut body = Some(request.into_body());
+    let mut respond = Some(respond);
     async move {
-        let mut respond = Some(respond);
-        let result = match target {
-            Ok(target) => {
-                let client = (peer, peer_identity);
-                let stream = (body, &allowance);
-                tunnel(&proxy, client, target, stream, &mut respond, &mut record).await
+        let result = match &target {
+            Ok(authority) => {
+                let client = (&peer, &peer_identity);
+                let stream = (&mut body, &allowance);
+                tunnel(&proxy, client, authority, stream, &mut respond, &mut record).await
             }
-            Err(error) => Err(StreamError::from(error)),
+            Err(error) => Err(StreamError::from(error.clone())),
         };
         if let Err(error) = result {
             let reset = matches!(error, StreamError::Reset(_));
@@ -227,19 +228,20 @@ pub(super) fn handle_stream(
 /// until a policy change revokes the stream. A reset from the client before the answer
 /// abandons the checks and the connect (rapid reset must not turn into work for the agent).
 /// Not an `async fn`, whose arguments would stay twice in the stream's task (see
-/// [`handle_stream`]); the block uses its captures in place.
+/// [`handle_stream`]); the block uses its captures in place. It borrows what the stream's task
+/// holds rather than taking it, so the task keeps each value once.
 // An async fn would keep its arguments twice (see above).
 #[allow(clippy::manual_async_fn)]
 fn tunnel<'a>(
     proxy: &'a WorkloadProxy,
-    client: (ClientAddr, Option<Identity>),
-    authority: Authority,
-    (body, allowance): (RecvStream, &'a SendAllowance),
+    client: (&'a ClientAddr, &'a Option<Identity>),
+    authority: &'a Authority,
+    (body, allowance): (&'a mut Option<RecvStream>, &'a SendAllowance),
     respond: &'a mut Option<SendResponse<Bytes>>,
     record: &'a mut ConnectionRecord,
 ) -> impl std::future::Future<Output = Result<(), StreamError>> + Send + 'a {
     async move {
-        let Some(pending) = respond.as_mut() else {
+        let (Some(pending), Some(body)) = (respond.as_mut(), body.take()) else {
             return Ok(());
         };
         // Boxed: the checks and the connect are done before the copy, and their state would
@@ -254,10 +256,11 @@ fn tunnel<'a>(
         let send = respond
             .send_response(Response::new(()), false)
             .map_err(StreamError::Respond)?;
+        // Only the answer needed it: not kept in the task for the stream's life.
+        drop(respond);
         let mut tunnel = H2Stream::new(send, body);
         record.connected();
         // Downstream is the tunnel here: bytes from the app's socket are the ones received.
-        // Boxed, so that the copy's state is not held twice (here and inside the select).
         let copy = Box::pin(copy::tunnel(
             &mut upstream,
             &mut tunnel,
@@ -275,15 +278,15 @@ fn tunnel<'a>(
 /// (registering the stream for re-evaluation), the connect to the app and its PROXY header.
 async fn prepare(
     proxy: &WorkloadProxy,
-    (peer, peer_identity): (ClientAddr, Option<Identity>),
-    authority: Authority,
+    (peer, peer_identity): (&ClientAddr, &Option<Identity>),
+    authority: &Authority,
     record: &mut ConnectionRecord,
 ) -> Result<(TcpStream, InboundAdmission), StreamError> {
     let (snapshot, local) = proxy.local_view()?;
     record.dst_workload = Some(local.clone());
     record.dst_identity = Some(local.identity.clone());
     record.src_workload = admission::source_workload(&snapshot, &local, peer.0.ip());
-    let delivery = inbound_target::decide(&snapshot, &local, &authority).inspect_err(|error| {
+    let delivery = inbound_target::decide(&snapshot, &local, authority).inspect_err(|error| {
         if let TargetError::AgentPort(address) = error {
             record.dst_addr = address.to_string();
         }

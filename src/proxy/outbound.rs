@@ -5,6 +5,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use futures_util::future::Either;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument;
 
@@ -47,6 +48,8 @@ pub(super) fn handle(
     let mut record = redirected.record(&proxy, Direction::Outbound);
     // Boxed until the connection stands: a capture moved out of keeps its space in the task.
     let setup = Box::new((stream, redirected));
+    // One span around the whole task, so that the failure and the access log (the record's
+    // drop) are logged inside it, and the task keeps it once.
     async move {
         // Moved into a local first: the box is freed here rather than with the task.
         let (stream, redirected) = {
@@ -54,23 +57,27 @@ pub(super) fn handle(
             *setup
         };
         let establish = Box::pin(establish(&proxy, stream, redirected, &mut record));
-        let result = match establish.instrument(span.clone()).await {
-            Ok(established) => {
-                record.connected();
-                copy_established(established, &record.bytes)
-                    .instrument(span.clone())
-                    .await
+        // The copy is built in a block of its own and awaited after it: awaited inside the
+        // `match`, the matched `Result` would keep its space (an `Established`) in the task
+        // beside the copy's own for the connection's life.
+        let copy = {
+            let established = establish.await;
+            match established {
+                Ok(established) => {
+                    record.connected();
+                    Either::Left(copy_established(established, &record.bytes))
+                }
+                Err(error) => Either::Right(std::future::ready(Err(error))),
             }
-            Err(error) => Err(error),
         };
-        // The failure and the access log (the record's drop) are logged inside the span.
-        let _in_span = span.enter();
+        let result = copy.await;
         if let Err(error) = result {
             record.fail(error.flag(), error);
         }
         drop(record);
         drop(admitted);
     }
+    .instrument(span)
 }
 
 /// An outbound connection that stands: the app's socket, its other end, and the breaker slot
@@ -113,8 +120,10 @@ fn copy_established(
                 upstream,
                 breaker,
             } => {
+                // Boxed: its buffered copy is twice the tunnel's, and without the box every
+                // HBONE connection's task would be as large as a passthrough one's.
                 let copy = copy::bidirectional(stream, upstream, &bytes.sent, &bytes.received);
-                breaker.bounded(copy, bytes).await
+                breaker.bounded(Box::pin(copy), bytes).await
             }
         };
         copied.map_err(|error| AdmissionError::Copy(error).into())
