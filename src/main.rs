@@ -310,6 +310,10 @@ fn run_agent(
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    if let Err(problem) = overrides.env.release_startup_pages() {
+        eprintln!("environment: {}: {}", problem.variable, problem.message);
+        return ExitCode::from(EXIT_CONFIG);
+    }
     let shards = if sharded {
         match nodetunnel::shard::Shards::start(workers) {
             Ok(shards) => shards,

@@ -175,6 +175,62 @@ pub fn set_ipv6_transparent(socket: &impl AsRawFd) -> io::Result<()> {
     }
 }
 
+/// This process's resident set in KiB (`VmRSS`), if readable.
+pub fn resident_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The read-only mappings of this process's own executable (code and constants), as
+/// `(start, length)`, from `/proc/self/maps`.
+fn executable_mappings() -> io::Result<Vec<(usize, usize)>> {
+    let exe = std::fs::read_link("/proc/self/exe")?;
+    let exe = exe.to_string_lossy();
+    let maps = std::fs::read_to_string("/proc/self/maps")?;
+    let mut ranges = Vec::new();
+    for line in maps.lines() {
+        let mut fields = line.split_whitespace();
+        let (Some(range), Some(perms)) = (fields.next(), fields.next()) else {
+            continue;
+        };
+        // offset, device, inode, then the path (which may contain spaces).
+        let path = fields.skip(3).collect::<Vec<_>>().join(" ");
+        if path != exe || !perms.starts_with('r') || perms.contains('w') {
+            continue;
+        }
+        let Some((start, end)) = range.split_once('-') else {
+            continue;
+        };
+        let parse = |hex| usize::from_str_radix(hex, 16).ok();
+        if let (Some(start), Some(end)) = (parse(start), parse(end)) {
+            ranges.push((start, end.saturating_sub(start)));
+        }
+    }
+    Ok(ranges)
+}
+
+/// Asks the kernel to reclaim this process's resident pages of its own executable
+/// (`MADV_PAGEOUT` on the read-only mappings of `/proc/self/exe`); returns the bytes of mappings
+/// advised. Contents are never lost: the pages are clean copies of the file (or, for the few
+/// relocated ones, kept unless there is swap), and any touched again fault back in. Pages that
+/// another process maps too are left alone by the kernel.
+#[allow(unsafe_code)]
+pub fn release_executable_pages() -> io::Result<usize> {
+    let mut advised = 0;
+    for (start, len) in executable_mappings()? {
+        // SAFETY: the range is one of this process's own mappings as the kernel lists it, and
+        // MADV_PAGEOUT changes no contents (reclaim only): nothing the program holds is
+        // invalidated, the next access simply faults the page back in.
+        let rc = unsafe { libc::madvise(start as *mut libc::c_void, len, libc::MADV_PAGEOUT) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        advised += len;
+    }
+    Ok(advised)
+}
+
 /// Runs `f` with the calling thread's file-system uid set to `uid`, then restores it. Linux
 /// keeps the fsuid per thread (glibc does not spread `setfsuid` to other threads), and a new
 /// socket takes its owner from it: the owner `SO_REUSEPORT` groups are matched by.
@@ -256,6 +312,34 @@ pub fn register_async_fd(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<Own
 #[cfg(test)]
 mod tests {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
+
+    fn resident_file_kib() -> u64 {
+        let status = std::fs::read_to_string("/proc/self/status").expect("status");
+        let line = status
+            .lines()
+            .find(|l| l.starts_with("RssFile:"))
+            .expect("RssFile");
+        line.split_whitespace()
+            .nth(1)
+            .expect("value")
+            .parse()
+            .expect("number")
+    }
+
+    #[test]
+    fn the_executables_resident_pages_are_given_back_and_code_still_runs() {
+        let mappings = super::executable_mappings().expect("maps");
+        assert!(!mappings.is_empty(), "this test binary maps itself");
+        let before = resident_file_kib();
+        let advised = super::release_executable_pages().expect("madvise");
+        let after = resident_file_kib();
+        assert_eq!(advised, mappings.iter().map(|(_, len)| len).sum::<usize>());
+        // This process is the only one mapping its test binary, so the kernel reclaims it
+        // (other test threads fault a little back meanwhile).
+        assert!(after < before, "RssFile {before} -> {after} KiB");
+        // Code paged out runs again (faulted back in).
+        assert_eq!(super::resident_kib().map(|kib| kib > 0), Some(true));
+    }
 
     #[test]
     fn the_open_file_soft_limit_is_raised_to_the_hard_limit() {

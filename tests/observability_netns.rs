@@ -232,6 +232,31 @@ fn metrics_count_an_mtls_connection_on_both_reporters() {
 
 /// A plaintext connection (uncaptured legacy → server) is counted by the destination with no
 /// principal and no security policy.
+/// Once ready, each agent gives back the pages of its own code that start-up left resident,
+/// and carries traffic afterwards as before (the data path's code faults back in).
+#[test]
+fn once_ready_agents_give_back_start_up_pages_and_still_carry_traffic() {
+    require_netns!("once_ready_agents_give_back_start_up_pages_and_still_carry_traffic");
+    let (cluster, _server) = start();
+    for node in ["a", "b"] {
+        let released = cluster
+            .agent(node)
+            .wait_for_event("start-up pages given back", WAIT, |event| {
+                event.field("message").as_deref()
+                    == Some("ready: start-up code pages given back to the kernel")
+            })
+            .expect("the agent releases its start-up pages once ready");
+        assert!(
+            released.number("advised_kib").unwrap_or(0) > 0,
+            "the executable's mappings were advised: {released:?}"
+        );
+    }
+    let payload = vec![b'y'; 4096];
+    let mut tunnelled = cluster.connect("client", cluster.target("server", APP_PORT));
+    assert_eq!(echo(&mut tunnelled, &payload), payload);
+    close(tunnelled);
+}
+
 #[test]
 fn metrics_count_a_plaintext_connection_at_the_destination() {
     require_netns!("metrics_count_a_plaintext_connection_at_the_destination");

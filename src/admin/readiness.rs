@@ -50,6 +50,11 @@ pub async fn serve(listener: TcpListener, pods: Arc<PodManager>, sources: Pendin
     .await
 }
 
+/// Whether `/healthz/ready` would answer 200 now.
+pub fn is_ready(pods: &PodManager, sources: &Pending) -> bool {
+    pending(pods, sources).is_empty()
+}
+
 /// What readiness still waits for, sources first, then pods.
 fn pending(pods: &PodManager, sources: &Pending) -> Vec<String> {
     let mut pending = pods.pending();

@@ -341,14 +341,16 @@ impl Environment {
     /// Whether connections run on the data-plane shards (`NODETUNNEL_SHARDS`: `on`, the
     /// default, or `off` for one multi-thread runtime with work stealing).
     pub fn data_plane_shards(&self) -> Result<bool, EnvProblem> {
-        match self.get("NODETUNNEL_SHARDS") {
-            None | Some("on") => Ok(true),
-            Some("off") => Ok(false),
-            Some(other) => Err(EnvProblem {
-                variable: "NODETUNNEL_SHARDS".to_string(),
-                message: format!("expected on or off, got {other:?}"),
-            }),
-        }
+        on_or_off(self.get("NODETUNNEL_SHARDS"), "NODETUNNEL_SHARDS")
+    }
+
+    /// Whether the agent gives back its start-up code's pages once ready
+    /// (`NODETUNNEL_RELEASE_STARTUP_PAGES`: `on`, the default, or `off`).
+    pub fn release_startup_pages(&self) -> Result<bool, EnvProblem> {
+        on_or_off(
+            self.get("NODETUNNEL_RELEASE_STARTUP_PAGES"),
+            "NODETUNNEL_RELEASE_STARTUP_PAGES",
+        )
     }
 
     /// The local config file of Istio mode (`LOCAL_XDS_PATH`), which the agent watches.
@@ -416,6 +418,18 @@ fn drain_deadline(env: &Environment) -> Result<Option<Duration>, (&'static str, 
     Ok(Some(Duration::from_secs(deadline.max(1))))
 }
 
+/// A switch that is on unless set to `off`; anything but `on` or `off` is a problem.
+fn on_or_off(value: Option<&str>, variable: &str) -> Result<bool, EnvProblem> {
+    match value {
+        None | Some("on") => Ok(true),
+        Some("off") => Ok(false),
+        Some(other) => Err(EnvProblem {
+            variable: variable.to_string(),
+            message: format!("expected on or off, got {other:?}"),
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -424,6 +438,21 @@ mod tests {
         let mut agent = AgentConfig::default();
         let problems = Environment::from_pairs(pairs.iter().copied()).apply(&mut agent);
         (agent, problems)
+    }
+
+    #[test]
+    fn start_up_pages_are_released_unless_turned_off() {
+        let release = |pairs: &[(&str, &str)]| {
+            Environment::from_pairs(pairs.iter().copied()).release_startup_pages()
+        };
+        assert_eq!(release(&[]), Ok(true));
+        assert_eq!(
+            release(&[("NODETUNNEL_RELEASE_STARTUP_PAGES", "off")]),
+            Ok(false)
+        );
+        let problem =
+            release(&[("NODETUNNEL_RELEASE_STARTUP_PAGES", "1")]).expect_err("not on/off");
+        assert_eq!(problem.variable, "NODETUNNEL_RELEASE_STARTUP_PAGES");
     }
 
     #[test]
