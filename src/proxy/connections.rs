@@ -73,24 +73,19 @@ impl std::error::Error for Denied {}
 #[error("policy changed: {0}")]
 pub(super) struct Revoked(pub(super) Denied);
 
-/// One registered connection, as the re-evaluator sees it.
+/// One registered connection: what the re-evaluator decides on, and how it tells the
+/// connection it is closed (the reason, set once, and the waker of the connection's task).
+/// One allocation per connection, shared by the table and the connection's [`Registration`];
+/// the task polls it beside its copy and keeps no waiting future of its own (RSS per idle
+/// connection).
 #[derive(Debug)]
 struct Entry {
     facts: ConnectionFacts,
-    revocation: Arc<Revocation>,
-}
-
-/// How re-evaluation tells a connection it is closed: the reason, set once, and the waker of
-/// the connection's task. One small allocation per connection, shared by its entry and its
-/// [`Registration`]; the task polls it beside its copy and keeps no waiting future of its own
-/// (RSS per idle connection).
-#[derive(Debug, Default)]
-struct Revocation {
     denied: OnceLock<Denied>,
     waker: AtomicWaker,
 }
 
-impl Revocation {
+impl Entry {
     fn revoke(&self, denied: Denied) {
         if self.denied.set(denied).is_ok() {
             self.waker.wake();
@@ -101,9 +96,9 @@ impl Revocation {
 /// The live inbound connections of one workload proxy.
 #[derive(Debug, Default)]
 pub(crate) struct Connections {
-    /// Boxed entries: a hash table keeps room for up to twice its connections, and an entry is
-    /// ~130 B, a pointer 8 (RSS per idle connection).
-    entries: Mutex<HashMap<u64, Box<Entry>>>,
+    /// Entries behind a pointer: a hash table keeps room for up to twice its connections, and
+    /// an entry is ~150 B, a pointer 8 (RSS per idle connection).
+    entries: Mutex<HashMap<u64, Arc<Entry>>>,
     next_id: AtomicU64,
     /// Where decisions are counted.
     metrics: Arc<Metrics>,
@@ -114,7 +109,7 @@ pub(crate) struct Connections {
 pub(super) struct Registration {
     id: u64,
     connections: Arc<Connections>,
-    revocation: Arc<Revocation>,
+    entry: Arc<Entry>,
 }
 
 impl Registration {
@@ -126,11 +121,11 @@ impl Registration {
 
     /// Ready once a policy change denied this connection; the task is woken then.
     pub(super) fn poll_revoked(&self, cx: &mut Context<'_>) -> Poll<Revoked> {
-        let denied = || self.revocation.denied.get().map(|d| Revoked(d.clone()));
+        let denied = || self.entry.denied.get().map(|d| Revoked(d.clone()));
         if let Some(revoked) = denied() {
             return Poll::Ready(revoked);
         }
-        self.revocation.waker.register(cx.waker());
+        self.entry.waker.register(cx.waker());
         // Checked again after registering: a revocation in between has woken nobody.
         denied().map_or(Poll::Pending, Poll::Ready)
     }
@@ -179,7 +174,7 @@ impl Connections {
         self.metrics.authorization_decision(labels, &workload.uid);
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Box<Entry>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Entry>>> {
         // A panic while holding the lock cannot leave the map inconsistent (single inserts and
         // removes), so a poisoned lock is still usable.
         self.entries
@@ -189,18 +184,16 @@ impl Connections {
 
     fn register(self: &Arc<Self>, facts: ConnectionFacts) -> Registration {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let revocation = Arc::new(Revocation::default());
-        self.lock().insert(
-            id,
-            Box::new(Entry {
-                facts,
-                revocation: revocation.clone(),
-            }),
-        );
+        let entry = Arc::new(Entry {
+            facts,
+            denied: OnceLock::new(),
+            waker: AtomicWaker::new(),
+        });
+        self.lock().insert(id, entry.clone());
         Registration {
             id,
             connections: self.clone(),
-            revocation,
+            entry,
         }
     }
 
@@ -212,15 +205,16 @@ impl Connections {
     /// Decides every open connection again on `snapshot` and cancels those now denied. Returns
     /// how many were closed.
     fn reevaluate(&self, snapshot: &Snapshot, workload: &Workload) -> usize {
-        let open: Vec<(ConnectionFacts, Arc<Revocation>)> = self
+        let open: Vec<Arc<Entry>> = self
             .lock()
             .values()
-            .filter(|entry| entry.revocation.denied.get().is_none())
-            .map(|entry| (entry.facts.clone(), entry.revocation.clone()))
+            .filter(|entry| entry.denied.get().is_none())
+            .cloned()
             .collect();
         let mut closed = 0;
-        for (facts, revocation) in open {
-            let decision = authz::decide(snapshot, workload, &facts);
+        for entry in open {
+            let facts = &entry.facts;
+            let decision = authz::decide(snapshot, workload, facts);
             if decision.is_allowed() {
                 continue;
             }
@@ -228,13 +222,13 @@ impl Connections {
             let denied = Denied(Box::new(decision));
             tracing::info!(
                 src.addr = %facts.source_ip,
-                src.identity = %identity_text(&facts),
+                src.identity = %identity_text(facts),
                 dst.port = facts.destination_port,
                 reason = %denied,
                 explain = %denied.decision(),
                 "closing connection: policy changed"
             );
-            revocation.revoke(denied);
+            entry.revoke(denied);
             closed += 1;
         }
         closed
