@@ -55,43 +55,6 @@ pub struct RunOptions {
     pub shards: Arc<crate::shard::Shards>,
 }
 
-/// Once the agent is first ready, gives the kernel back the resident pages of its own
-/// executable ([`crate::sys::release_executable_pages`]). Start-up runs a lot of code that is
-/// not run again (config parsing, the CA and first certificates, listener and rule set-up), and
-/// the kernel maps code in 64 KiB runs around each page touched: about 10 MB of the binary stay
-/// resident, of an idle working set near 5 MB. What the data path runs faults back in on its
-/// first use, a one-time cost of a few milliseconds of page faults spread over the first
-/// connections. `NODETUNNEL_RELEASE_STARTUP_PAGES=off` keeps them.
-async fn release_startup_pages_once_ready(
-    pods: Arc<crate::capture::PodManager>,
-    sources: Pending,
-    drain: Drain,
-) {
-    let mut ticks = tokio::time::interval(std::time::Duration::from_millis(250));
-    loop {
-        tokio::select! {
-            _ = ticks.tick() => {}
-            () = drain.draining() => return,
-        }
-        if readiness::is_ready(&pods, &sources) {
-            break;
-        }
-    }
-    let before = crate::sys::resident_kib();
-    match tokio::task::spawn_blocking(crate::sys::release_executable_pages).await {
-        Ok(Ok(advised)) => tracing::info!(
-            advised_kib = advised / 1024,
-            rss_before_kib = before.unwrap_or(0),
-            rss_after_kib = crate::sys::resident_kib().unwrap_or(0),
-            "ready: start-up code pages given back to the kernel"
-        ),
-        Ok(Err(error)) => {
-            tracing::info!(%error, "start-up code pages not given back (kernel without MADV_PAGEOUT?)")
-        }
-        Err(error) => tracing::warn!(%error, "releasing start-up code pages failed"),
-    }
-}
-
 /// Runs the agent until SIGTERM/SIGINT (graceful drain) or a second SIGINT (immediate exit).
 pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
     let agent = Agent::build(&config, &options)?;
@@ -235,11 +198,12 @@ impl Agent {
             .release_startup_pages()
             .unwrap_or(true)
         {
-            self.control.spawn(release_startup_pages_once_ready(
-                self.pods.clone(),
-                pending.clone(),
-                self.control.clone(),
-            ));
+            self.control
+                .spawn(readiness::release_startup_pages_once_ready(
+                    self.pods.clone(),
+                    pending.clone(),
+                    self.control.clone(),
+                ));
         }
         self.control.spawn(readiness::serve(
             listeners.readiness,

@@ -108,7 +108,7 @@ start_agents() {
   for n in a b; do
     # Each node's agent runs its own copy of the binary, as on two real nodes: pages of one
     # file mapped by both agents would be shared, and the kernel does not reclaim shared pages
-    # when an agent gives back its start-up code (app.rs, release_startup_pages_once_ready).
+    # when an agent gives back its start-up code (admin/readiness.rs, release_startup_pages_once_ready).
     cp "$BIN" "$WORK/$n/nodetunnel"
     RUST_LOG=warn ip netns exec "$P-$n" "$WORK/$n/nodetunnel" run --config "$WORK/$n/config.yaml" \
       --state-dir "$WORK/$n/state" --ca-cert "$WORK/ca/ca-cert.pem" \
