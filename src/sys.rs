@@ -177,8 +177,13 @@ pub fn set_ipv6_transparent(socket: &impl AsRawFd) -> io::Result<()> {
 
 /// This process's resident set in KiB (`VmRSS`), if readable.
 pub fn resident_kib() -> Option<u64> {
+    status_kib("VmRSS:")
+}
+
+/// A KiB figure of `/proc/self/status` (`field` with its colon).
+fn status_kib(field: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
+    let line = status.lines().find(|line| line.starts_with(field))?;
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
@@ -314,16 +319,7 @@ mod tests {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
 
     fn resident_file_kib() -> u64 {
-        let status = std::fs::read_to_string("/proc/self/status").expect("status");
-        let line = status
-            .lines()
-            .find(|l| l.starts_with("RssFile:"))
-            .expect("RssFile");
-        line.split_whitespace()
-            .nth(1)
-            .expect("value")
-            .parse()
-            .expect("number")
+        super::status_kib("RssFile:").expect("RssFile in /proc/self/status")
     }
 
     #[test]

@@ -175,6 +175,8 @@ impl SendAllowance {
     /// A buffer of up to `wanted` bytes' capacity whose allowance is held until the buffer (and
     /// every `Bytes` made from it by [`AllowedBuffer::seal`]) is dropped. Waits only when the
     /// allowance cannot give even `min(wanted, floor)` bytes: a stalled peer holds the rest.
+    /// (The copy polls [`Self::poll_buffer`]; this is its awaitable form.)
+    #[cfg(test)]
     pub async fn buffer(&self, wanted: usize, floor: usize) -> AllowedBuffer {
         let mut wait = BufferWait::default();
         std::future::poll_fn(|cx| self.poll_buffer(cx, wanted, floor, &mut wait)).await
