@@ -121,13 +121,15 @@ impl H2Stream {
             return Poll::Ready(Ok(Some(std::mem::take(&mut self.pending))));
         }
         loop {
-            return match ready!(self.recv.poll_data(cx)) {
-                None => Poll::Ready(Ok(None)),
-                Some(Err(error)) if is_clean_reset(&error) => Poll::Ready(Ok(None)),
-                Some(Err(error)) => Poll::Ready(Err(to_io(error))),
-                Some(Ok(chunk)) if chunk.is_empty() => continue,
-                Some(Ok(chunk)) => Poll::Ready(Ok(Some(chunk))),
+            let chunk = match ready!(self.recv.poll_data(cx)) {
+                None => return Poll::Ready(Ok(None)),
+                Some(Err(error)) if is_clean_reset(&error) => return Poll::Ready(Ok(None)),
+                Some(Err(error)) => return Poll::Ready(Err(to_io(error))),
+                Some(Ok(chunk)) => chunk,
             };
+            if !chunk.is_empty() {
+                return Poll::Ready(Ok(Some(chunk)));
+            }
         }
     }
 

@@ -172,18 +172,18 @@ impl SendAllowance {
         self.0.available_permits()
     }
 
-    /// A buffer of up to `wanted` bytes' capacity whose allowance is held until the buffer (and
-    /// every `Bytes` made from it by [`AllowedBuffer::seal`]) is dropped. Waits only when the
-    /// allowance cannot give even `min(wanted, floor)` bytes: a stalled peer holds the rest.
-    /// (The copy polls [`Self::poll_buffer`]; this is its awaitable form.)
+    /// [`Self::poll_buffer`] as a future (the copy polls; tests await).
     #[cfg(test)]
     pub async fn buffer(&self, wanted: usize, floor: usize) -> AllowedBuffer {
         let mut wait = BufferWait::default();
         std::future::poll_fn(|cx| self.poll_buffer(cx, wanted, floor, &mut wait)).await
     }
 
-    /// [`Self::buffer`] for a hand-written future: `wait` keeps the waiting state between polls
-    /// (nothing unless the allowance is short, so an idle tunnel holds one null pointer).
+    /// A buffer of up to `wanted` bytes' capacity whose allowance is held until the buffer (and
+    /// every `Bytes` made from it by [`AllowedBuffer::seal`]) is dropped. Waits only when the
+    /// allowance cannot give even `min(wanted, floor)` bytes: a stalled peer holds the rest.
+    /// `wait` keeps the waiting state between polls (nothing unless the allowance is short, so
+    /// an idle tunnel holds one null pointer).
     pub fn poll_buffer(
         &self,
         cx: &mut Context<'_>,
