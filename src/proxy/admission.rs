@@ -204,7 +204,7 @@ impl Redirected {
             self.client,
             self.destination,
         );
-        record.trace = Some(self.trace.clone());
+        record.fields_mut().trace = Some(self.trace.clone());
         record
     }
 }

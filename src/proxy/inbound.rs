@@ -197,9 +197,10 @@ pub(super) fn handle_stream(
     let span = tracing::info_span!("inbound", id = %trace, peer = %peer);
     let mut record =
         ConnectionRecord::new(&proxy.inputs.metrics, Direction::Inbound, peer, &authority);
-    record.trace = Some(trace);
-    record.src_identity = peer_identity.clone();
-    record.dst_hbone_addr = Some(authority);
+    let fields = record.fields_mut();
+    fields.trace = Some(trace);
+    fields.src_identity = peer_identity.clone();
+    fields.dst_hbone_addr = Some(authority.into());
     let target = parsed.map(|parsed| parsed.authority);
     // Options, so that the stream's work can take them by reference (the task keeps each once).
     let mut body = Some(request.into_body());
@@ -285,16 +286,17 @@ async fn prepare(
     record: &mut ConnectionRecord,
 ) -> Result<(TcpStream, InboundAdmission), StreamError> {
     let (snapshot, local) = proxy.local_view()?;
-    record.dst_workload = Some(local.clone());
-    record.dst_identity = Some(local.identity.clone());
-    record.src_workload = admission::source_workload(&snapshot, &local, peer.0.ip());
+    let fields = record.fields_mut();
+    fields.dst_workload = Some(local.clone());
+    fields.dst_identity = Some(local.identity.clone());
+    fields.src_workload = admission::source_workload(&snapshot, &local, peer.0.ip());
     let delivery = inbound_target::decide(&snapshot, &local, authority).inspect_err(|error| {
         if let TargetError::AgentPort(address) = error {
-            record.dst_addr = address.to_string();
+            record.fields_mut().dst_addr = address.to_string().into();
         }
     })?;
     let target = delivery.address;
-    record.dst_addr = target.to_string();
+    record.fields_mut().dst_addr = target.to_string().into();
     let facts = ConnectionFacts {
         source_identity: peer_identity.clone(),
         source_ip: peer.0.ip(),

@@ -83,8 +83,9 @@ async fn proxy_connection(
     if !local.workload_ips.contains(&destination.0.ip()) {
         return Err(PlaintextError::NotLocal(destination.0));
     }
-    record.dst_workload = Some(local.clone());
-    record.src_workload = admission::source_workload(&snapshot, &local, client.0.ip());
+    let fields = record.fields_mut();
+    fields.dst_workload = Some(local.clone());
+    fields.src_workload = admission::source_workload(&snapshot, &local, client.0.ip());
     let facts = ConnectionFacts {
         source_identity: None,
         source_ip: client.0.ip(),

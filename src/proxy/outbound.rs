@@ -170,7 +170,7 @@ async fn establish(
     record: &mut ConnectionRecord,
 ) -> Result<Established, OutboundError> {
     let (snapshot, source) = proxy.local_view()?;
-    record.src_workload = Some(source.clone());
+    record.fields_mut().src_workload = Some(source.clone());
     let hbone_port = proxy.inputs.settings.proxy.hbone_port;
     let now = tokio::time::Instant::now();
     let circuit = &proxy.circuit;
@@ -233,12 +233,13 @@ async fn hbone_connection(
         expected_identities,
     } = route;
     // Identities are logged only for mTLS; dst.addr is the L4 peer, as Istio logs it.
-    record.src_identity = Some(source.identity.clone());
-    record.dst_workload = Some(target.clone());
-    record.dst_identity = Some(target.identity.clone());
-    record.dst_addr = peer.to_string();
-    record.dst_service = service.clone();
-    record.dst_hbone_addr = Some(authority.to_string());
+    let fields = record.fields_mut();
+    fields.src_identity = Some(source.identity.clone());
+    fields.dst_workload = Some(target.clone());
+    fields.dst_identity = Some(target.identity.clone());
+    fields.dst_addr = peer.to_string().into();
+    fields.dst_service = service.clone();
+    fields.dst_hbone_addr = Some(authority.to_string().into());
     // The request and key live in this block only, so that their space is not kept through
     // the copy.
     let tunnel = {
@@ -293,8 +294,9 @@ async fn passthrough_connection(
     record: &mut ConnectionRecord,
     breaker: Breaker,
 ) -> Result<Established, OutboundError> {
-    record.dst_workload = known.clone();
-    record.dst_service = service;
+    let fields = record.fields_mut();
+    fields.dst_workload = known.clone();
+    fields.dst_service = service;
     let timeout = breaker
         .connect_timeout()
         .unwrap_or(proxy.inputs.settings.proxy.connect_timeout);

@@ -22,6 +22,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 pub use super::labels::{Direction, Peer, Reporter, ResponseFlag, TrafficLabels};
+use super::record::ConnectionFields;
 use crate::spiffe::Identity;
 use crate::state::{TunnelProtocol, Workload};
 use agent::{AgentMetrics, ReasonLabels, RefusalLabels};
@@ -126,7 +127,8 @@ pub struct OpenConnection {
 struct LiveConnection {
     /// Shared with every connection of the same series (interned in `Metrics::series`).
     labels: Arc<TrafficLabels>,
-    info: ConnectionInfo,
+    /// Shared with the connection's record: what it connects is kept once per connection.
+    fields: Arc<ConnectionFields>,
     bytes: Arc<ByteCounters>,
     reported_sent: u64,
     reported_received: u64,
@@ -299,7 +301,7 @@ impl Metrics {
     pub fn open(
         &self,
         labels: TrafficLabels,
-        info: ConnectionInfo,
+        fields: Arc<ConnectionFields>,
         bytes: Arc<ByteCounters>,
     ) -> LiveHandle {
         self.traffic.opened.get_or_create(&labels).inc();
@@ -309,7 +311,7 @@ impl Metrics {
                 Some((shared, _)) => shared.clone(),
                 None => {
                     let shared = Arc::new(labels);
-                    series.insert(shared.clone(), info.workloads());
+                    series.insert(shared.clone(), workloads(&fields));
                     shared
                 }
             }
@@ -317,7 +319,7 @@ impl Metrics {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let live = LiveConnection {
             labels,
-            info,
+            fields,
             bytes,
             reported_sent: 0,
             reported_received: 0,
@@ -360,7 +362,7 @@ impl Metrics {
         if flag != ResponseFlag::None {
             self.traffic.failed.get_or_create(&labels).inc();
         }
-        let uids = live.info.workloads();
+        let uids = workloads(&live.fields);
         let mut series = lock(&self.series);
         match series.get_mut(&labels) {
             Some(known) => *known = uids,
@@ -375,13 +377,10 @@ impl Metrics {
         let mut open: Vec<OpenConnection> = lock(&self.live)
             .values()
             .map(|live| OpenConnection {
-                info: live.info.clone(),
+                info: live.fields.info(),
                 bytes_sent: live.bytes.sent.load(Ordering::Relaxed),
                 bytes_received: live.bytes.received.load(Ordering::Relaxed),
-                age_seconds: live
-                    .info
-                    .started
-                    .map_or(0.0, |started| started.elapsed().as_secs_f64()),
+                age_seconds: live.fields.started.elapsed().as_secs_f64(),
             })
             .collect();
         open.sort_by(|a, b| b.age_seconds.total_cmp(&a.age_seconds));
@@ -476,13 +475,14 @@ impl ConnectionInfo {
     pub fn dst_workload_uid(&self) -> &str {
         uid(&self.dst_workload)
     }
+}
 
-    fn workloads(&self) -> [String; 2] {
-        [
-            self.src_workload_uid().to_string(),
-            self.dst_workload_uid().to_string(),
-        ]
-    }
+/// The uids of a connection's source and destination workloads, for stale-series eviction.
+fn workloads(fields: &ConnectionFields) -> [String; 2] {
+    [
+        uid(&fields.src_workload).to_string(),
+        uid(&fields.dst_workload).to_string(),
+    ]
 }
 
 fn uid(workload: &Option<Arc<Workload>>) -> &str {

@@ -26,7 +26,7 @@ use tracing_subscriber::{fmt as tracing_fmt, reload, EnvFilter, Registry};
 pub use labels::Direction;
 pub use metrics::ByteCounters;
 pub use metrics::{Metrics, ResponseFlag};
-pub use record::ConnectionRecord;
+pub use record::{ConnectionFields, ConnectionRecord};
 
 /// Log lines buffered before the writer starts dropping (Istio buffers 10 000 too).
 const LOG_BUFFER_LINES: usize = 10_000;

@@ -24,21 +24,21 @@ macro_rules! access_event {
         tracing::event!(
             target: "access",
             $level,
-            trace = %or_empty(&$record.trace),
-            src.addr = %$record.src_addr,
+            trace = %or_empty(&$record.fields.trace),
+            src.addr = %$record.fields.src_addr,
             src.workload = %$fields.src_workload,
             src.namespace = %$fields.src_namespace,
-            src.identity = %or_empty(&$record.src_identity),
-            dst.addr = %$record.dst_addr,
-            dst.hbone_addr = %or_empty(&$record.dst_hbone_addr),
+            src.identity = %or_empty(&$record.fields.src_identity),
+            dst.addr = %$record.fields.dst_addr,
+            dst.hbone_addr = %or_empty(&$record.fields.dst_hbone_addr),
             dst.service = %$fields.dst_service,
             dst.workload = %$fields.dst_workload,
             dst.namespace = %$fields.dst_namespace,
-            dst.identity = %or_empty(&$record.dst_identity),
-            direction = %$record.direction,
+            dst.identity = %or_empty(&$record.fields.dst_identity),
+            direction = %$record.fields.direction,
             bytes_sent = $record.bytes.sent.load(Ordering::Relaxed),
             bytes_recv = $record.bytes.received.load(Ordering::Relaxed),
-            duration = %format!("{}ms", $record.started.elapsed().as_millis()),
+            duration = %format!("{}ms", $record.fields.started.elapsed().as_millis()),
             response_flags = $record.flag.as_str(),
             error = $error,
             $message
@@ -46,33 +46,73 @@ macro_rules! access_event {
     };
 }
 
-/// What is known about one proxied connection; logs itself once when dropped.
-#[derive(Debug)]
-pub struct ConnectionRecord {
-    direction: Direction,
-    started: Instant,
+/// Who and what one proxied connection connects, as its record learns it. Shared with the
+/// table of open connections once established (`/connections` and the metrics' series read it
+/// there), so an open connection keeps these fields once, in one allocation, rather than in its
+/// task and again in the table.
+#[derive(Debug, Clone)]
+pub struct ConnectionFields {
+    /// Which way the connection goes.
+    pub direction: Direction,
+    /// When it was accepted.
+    pub started: Instant,
     /// Connection id shared by both agents (the HBONE `traceparent`). Kept as the value, not
     /// its text: formatted only when an access-log line is written.
     pub trace: Option<TraceParent>,
     /// The source's address.
-    pub src_addr: String,
+    pub src_addr: Box<str>,
     /// The source workload, if known.
     pub src_workload: Option<Arc<Workload>>,
     /// The source identity proven by mTLS (inbound) or presented by us (outbound).
     pub src_identity: Option<Identity>,
     /// The destination address (the app's original destination, or the pod target).
-    pub dst_addr: String,
+    pub dst_addr: Box<str>,
     /// The destination the connection arrived with (outbound: what the app dialled; inbound:
     /// the CONNECT authority or the original destination), kept when `dst_addr` is replaced.
-    original_dst: String,
+    pub original_dst: Box<str>,
     /// The HBONE tunnel target (`:authority`), when tunnelled.
-    pub dst_hbone_addr: Option<String>,
+    pub dst_hbone_addr: Option<Box<str>>,
     /// The destination workload, if known.
     pub dst_workload: Option<Arc<Workload>>,
     /// The service addressed, if any.
     pub dst_service: Option<Arc<Service>>,
     /// The destination identity.
     pub dst_identity: Option<Identity>,
+}
+
+impl ConnectionFields {
+    /// The connection as `/connections` shows it.
+    pub fn info(&self) -> ConnectionInfo {
+        let original_dst = match (self.direction, &self.dst_service) {
+            (Direction::Inbound, Some(service)) => service.hostname.clone(),
+            _ => self.original_dst.to_string(),
+        };
+        ConnectionInfo {
+            direction: self.direction,
+            src_addr: self.src_addr.to_string(),
+            dst_addr: self.dst_addr.to_string(),
+            original_dst,
+            protocol: if self.dst_hbone_addr.is_some() {
+                TunnelProtocol::Hbone
+            } else {
+                TunnelProtocol::Tcp
+            },
+            src_workload: self.src_workload.clone(),
+            dst_workload: self.dst_workload.clone(),
+            src_identity: self.src_identity.clone(),
+            dst_identity: self.dst_identity.clone(),
+            started: Some(self.started),
+        }
+    }
+}
+
+/// What is known about one proxied connection; logs itself once when dropped.
+#[derive(Debug)]
+pub struct ConnectionRecord {
+    /// Behind an `Arc` from the start: the record is what an open connection's task keeps for
+    /// its whole life, and once established the same allocation is the open-connection table's
+    /// entry (see [`ConnectionFields`]).
+    fields: Arc<ConnectionFields>,
     /// Byte counters.
     pub bytes: Arc<ByteCounters>,
     /// The failure, if the connection failed.
@@ -92,25 +132,40 @@ impl ConnectionRecord {
         dst_addr: impl ToString,
     ) -> Self {
         metrics.socket_opened(direction.reporter());
+        let dst_addr: Box<str> = dst_addr.to_string().into();
         ConnectionRecord {
-            direction,
-            started: Instant::now(),
-            trace: None,
-            src_addr: src_addr.to_string(),
-            src_workload: None,
-            src_identity: None,
-            original_dst: dst_addr.to_string(),
-            dst_addr: dst_addr.to_string(),
-            dst_hbone_addr: None,
-            dst_workload: None,
-            dst_service: None,
-            dst_identity: None,
+            fields: Arc::new(ConnectionFields {
+                direction,
+                started: Instant::now(),
+                trace: None,
+                src_addr: src_addr.to_string().into(),
+                src_workload: None,
+                src_identity: None,
+                original_dst: dst_addr.clone(),
+                dst_addr,
+                dst_hbone_addr: None,
+                dst_workload: None,
+                dst_service: None,
+                dst_identity: None,
+            }),
             bytes: Arc::new(ByteCounters::default()),
             error: None,
             flag: ResponseFlag::None,
             metrics: metrics.clone(),
             live: None,
         }
+    }
+
+    /// Who and what the connection connects, as known now.
+    pub fn fields(&self) -> &ConnectionFields {
+        &self.fields
+    }
+
+    /// To fill in what the connection learns. Before [`ConnectionRecord::connected`] the
+    /// fields are the record's alone; a change after it reaches the access log only (the
+    /// record takes its own copy, and `/connections` keeps what was known when it opened).
+    pub fn fields_mut(&mut self) -> &mut ConnectionFields {
+        Arc::make_mut(&mut self.fields)
     }
 
     /// Records a failure (the first one wins: later errors are consequences).
@@ -143,48 +198,26 @@ impl ConnectionRecord {
         }
         self.live = Some(
             self.metrics
-                .open(self.labels(), self.info(), self.bytes.clone()),
+                .open(self.labels(), self.fields.clone(), self.bytes.clone()),
         );
     }
 
     /// The Istio labels of this connection as known now.
     pub fn labels(&self) -> TrafficLabels {
+        let fields = &self.fields;
         TrafficLabels::build(
-            self.direction.reporter(),
+            fields.direction.reporter(),
             Peer {
-                workload: self.src_workload.as_deref(),
-                identity: self.src_identity.as_ref(),
+                workload: fields.src_workload.as_deref(),
+                identity: fields.src_identity.as_ref(),
             },
             Peer {
-                workload: self.dst_workload.as_deref(),
-                identity: self.dst_identity.as_ref(),
+                workload: fields.dst_workload.as_deref(),
+                identity: fields.dst_identity.as_ref(),
             },
-            self.dst_service.as_deref(),
+            fields.dst_service.as_deref(),
             self.flag,
         )
-    }
-
-    fn info(&self) -> ConnectionInfo {
-        let original_dst = match (self.direction, &self.dst_service) {
-            (Direction::Inbound, Some(service)) => service.hostname.clone(),
-            _ => self.original_dst.clone(),
-        };
-        ConnectionInfo {
-            direction: self.direction,
-            src_addr: self.src_addr.clone(),
-            dst_addr: self.dst_addr.clone(),
-            original_dst,
-            protocol: if self.dst_hbone_addr.is_some() {
-                TunnelProtocol::Hbone
-            } else {
-                TunnelProtocol::Tcp
-            },
-            src_workload: self.src_workload.clone(),
-            dst_workload: self.dst_workload.clone(),
-            src_identity: self.src_identity.clone(),
-            dst_identity: self.dst_identity.clone(),
-            started: Some(self.started),
-        }
     }
 }
 
@@ -206,11 +239,12 @@ impl AccessFields {
                 .unwrap_or_default()
         };
         AccessFields {
-            src_workload: workload_field(&record.src_workload, |w| &w.name),
-            src_namespace: workload_field(&record.src_workload, |w| &w.namespace),
-            dst_workload: workload_field(&record.dst_workload, |w| &w.name),
-            dst_namespace: workload_field(&record.dst_workload, |w| &w.namespace),
+            src_workload: workload_field(&record.fields.src_workload, |w| &w.name),
+            src_namespace: workload_field(&record.fields.src_workload, |w| &w.namespace),
+            dst_workload: workload_field(&record.fields.dst_workload, |w| &w.name),
+            dst_namespace: workload_field(&record.fields.dst_workload, |w| &w.namespace),
             dst_service: record
+                .fields
                 .dst_service
                 .as_deref()
                 .map(|s| s.hostname.clone())
@@ -232,7 +266,7 @@ impl Drop for ConnectionRecord {
         if let Some(live) = self.live.take() {
             self.metrics.close(live, self.flag, || self.labels());
         }
-        self.metrics.socket_closed(self.direction.reporter());
+        self.metrics.socket_closed(self.fields.direction.reporter());
         // The fields are strings built per connection: only when the event is wanted.
         let wanted = match self.error {
             None => tracing::enabled!(target: "access", tracing::Level::INFO),

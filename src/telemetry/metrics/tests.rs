@@ -146,19 +146,21 @@ fn sample_value(text: &str, metric: &str, must_contain: &str) -> Option<u64> {
         .and_then(|line| line.rsplit(' ').next()?.parse().ok())
 }
 
-fn info(source: &Workload) -> ConnectionInfo {
-    ConnectionInfo {
+fn info(source: &Workload) -> Arc<ConnectionFields> {
+    Arc::new(ConnectionFields {
         direction: Direction::Outbound,
-        src_addr: "10.0.0.1:40000".to_string(),
-        dst_addr: "10.0.0.2:8080".to_string(),
-        original_dst: "10.0.0.2:8080".to_string(),
-        protocol: crate::state::TunnelProtocol::Tcp,
+        started: Instant::now(),
+        trace: None,
+        src_addr: "10.0.0.1:40000".into(),
         src_workload: Some(Arc::new(source.clone())),
-        dst_workload: None,
         src_identity: None,
+        dst_addr: "10.0.0.2:8080".into(),
+        original_dst: "10.0.0.2:8080".into(),
+        dst_hbone_addr: None,
+        dst_workload: None,
+        dst_service: None,
         dst_identity: None,
-        started: None,
-    }
+    })
 }
 
 #[test]
