@@ -109,7 +109,10 @@ start_agents() {
     # Each node's agent runs its own copy of the binary, as on two real nodes: pages of one
     # file mapped by both agents would be shared, and the kernel does not reclaim shared pages
     # when an agent gives back its start-up code (admin/readiness.rs, release_startup_pages_once_ready).
+    # Written to disk before it starts, as a node's binary long has been: the kernel reclaims
+    # no page of a file whose data is not written back yet.
     cp "$BIN" "$WORK/$n/nodetunnel"
+    sync "$WORK/$n/nodetunnel"
     RUST_LOG=warn ip netns exec "$P-$n" "$WORK/$n/nodetunnel" run --config "$WORK/$n/config.yaml" \
       --state-dir "$WORK/$n/state" --ca-cert "$WORK/ca/ca-cert.pem" \
       --ca-key "$WORK/ca/ca-key.pem" --log-format json 2>"$WORK/$n/agent.log" &
