@@ -180,7 +180,10 @@ impl StreamError {
 /// One CONNECT stream. Not an `async fn`: everything taken from the request happens before the
 /// task's first poll, so the task keeps neither the request head nor a second copy of the record
 /// (an async fn's arguments and moved-from locals keep their space for the task's whole life,
-/// which is what an idle tunnel costs).
+/// which is what an idle tunnel costs). What only the checks and the answer need (the peer, the
+/// target, the request body before it becomes the tunnel, the `SendResponse`) is boxed and goes
+/// with [`open`]'s future once the stream is answered: an open tunnel's task keeps its record,
+/// the app's socket, its admission and the tunnel's two halves.
 pub(super) fn handle_stream(
     proxy: Arc<WorkloadProxy>,
     (peer, peer_identity, allowance): (ClientAddr, Option<Identity>, SendAllowance),
@@ -201,80 +204,91 @@ pub(super) fn handle_stream(
     fields.trace = Some(trace);
     fields.src_identity = peer_identity.clone();
     fields.dst_hbone_addr = Some(authority.into());
-    let target = parsed.map(|parsed| parsed.authority);
-    // Options, so that the stream's work can take them by reference (the task keeps each once).
-    let mut body = Some(request.into_body());
-    let mut respond = Some(respond);
+    let stream = Box::new(Stream {
+        peer,
+        peer_identity,
+        target: parsed.map(|parsed| parsed.authority),
+        body: request.into_body(),
+        respond,
+    });
     async move {
-        let result = match &target {
-            Ok(authority) => {
-                let client = (&peer, &peer_identity);
-                let stream = (&mut body, &allowance);
-                tunnel(&proxy, client, authority, stream, &mut respond, &mut record).await
-            }
-            Err(error) => Err(StreamError::from(error.clone())),
-        };
-        if let Err(error) = result {
-            let reset = matches!(error, StreamError::Reset(_));
-            if let Some(respond) = respond.take().filter(|_| !reset) {
-                hbone::server::reject(respond, error.status());
-            }
+        // Matched in the `let`: the `Result` is a temporary, so its space is not kept in the
+        // task beside the parts taken out of it.
+        let (mut upstream, admission, mut tunnel) =
+            match Box::pin(open(&proxy, stream, &mut record)).await {
+                Ok(opened) => opened,
+                Err(error) => return record.fail(error.flag(), error),
+            };
+        record.connected();
+        // Downstream is the tunnel here: bytes from the app's socket are the ones received.
+        // Boxed: inline, it would take the stream's task to the next jemalloc class, which
+        // costs more than the box (128 B).
+        let copy = Box::pin(copy::tunnel(
+            &mut upstream,
+            &mut tunnel,
+            &allowance,
+            &record.bytes.received,
+            &record.bytes.sent,
+        ));
+        // Dropping the copy on revocation resets the stream (h2 CANCEL) and closes the app
+        // socket.
+        if let Err(error) = admission::copy_until_revoked(copy, &admission).await {
+            let error = StreamError::from(error);
             record.fail(error.flag(), error);
         }
     }
     .instrument(span)
 }
 
-/// Checks the target, authorizes, connects to the app, answers 200 and copies until done or
-/// until a policy change revokes the stream. A reset from the client before the answer
-/// abandons the checks and the connect (rapid reset must not turn into work for the agent).
-/// Not an `async fn`, whose arguments would stay twice in the stream's task (see
-/// [`handle_stream`]); the block uses its captures in place. It borrows what the stream's task
-/// holds rather than taking it, so the task keeps each value once.
-// An async fn would keep its arguments twice (see above).
-#[allow(clippy::manual_async_fn)]
-fn tunnel<'a>(
-    proxy: &'a WorkloadProxy,
-    client: (&'a ClientAddr, &'a Option<Identity>),
-    authority: &'a Authority,
-    (body, allowance): (&'a mut Option<RecvStream>, &'a SendAllowance),
-    respond: &'a mut Option<SendResponse<Bytes>>,
-    record: &'a mut ConnectionRecord,
-) -> impl std::future::Future<Output = Result<(), StreamError>> + Send + 'a {
-    async move {
-        let (Some(pending), Some(body)) = (respond.as_mut(), body.take()) else {
-            return Ok(());
-        };
-        // Boxed: the checks and the connect are done before the copy, and their state would
-        // otherwise stay in the stream's task for its whole life.
-        let prepare = Box::pin(prepare(proxy, client, authority, record));
-        let (mut upstream, admission) = hbone::server::until_reset(pending, prepare)
-            .await
-            .map_err(StreamError::Reset)??;
-        let Some(mut respond) = respond.take() else {
-            return Ok(());
-        };
+/// What a CONNECT stream's checks and answer need, and nothing after.
+struct Stream {
+    peer: ClientAddr,
+    peer_identity: Option<Identity>,
+    target: Result<Authority, hbone::RequestError>,
+    body: RecvStream,
+    respond: SendResponse<Bytes>,
+}
+
+/// Checks the target, authorizes, connects to the app and answers 200; answers the failure
+/// instead when one of these fails (a reset from the client is not answered). A reset from the
+/// client before the answer abandons the checks and the connect (rapid reset must not turn into
+/// work for the agent). Returns what the copy needs: the app's socket, the admission (its
+/// registration for re-evaluation) and the tunnel.
+async fn open(
+    proxy: &WorkloadProxy,
+    stream: Box<Stream>,
+    record: &mut ConnectionRecord,
+) -> Result<(TcpStream, InboundAdmission, H2Stream), StreamError> {
+    let Stream {
+        peer,
+        peer_identity,
+        target,
+        body,
+        mut respond,
+    } = *stream;
+    let checked = match &target {
+        Ok(authority) => {
+            let client = (&peer, &peer_identity);
+            let prepare = prepare(proxy, client, authority, record);
+            hbone::server::until_reset(&mut respond, prepare)
+                .await
+                .map_err(StreamError::Reset)
+                .and_then(|prepared| prepared)
+        }
+        Err(error) => Err(StreamError::from(error.clone())),
+    };
+    let answered = checked.and_then(|(upstream, admission)| {
         let send = respond
             .send_response(Response::new(()), false)
             .map_err(StreamError::Respond)?;
-        // Only the answer needed it: not kept in the task for the stream's life.
-        drop(respond);
-        let mut tunnel = H2Stream::new(send, body);
-        record.connected();
-        // Downstream is the tunnel here: bytes from the app's socket are the ones received.
-        // Boxed: inline, its 160 B would take the stream's task past jemalloc's 1 KiB class
-        // (1 024 -> 1 280 B), which costs more than the box.
-        let copy = Box::pin(copy::tunnel(
-            &mut upstream,
-            &mut tunnel,
-            allowance,
-            &record.bytes.received,
-            &record.bytes.sent,
-        ));
-        // Dropping the copy on revocation resets the stream (h2 CANCEL) and closes the app
-        // socket.
-        Ok(admission::copy_until_revoked(copy, &admission).await?)
+        Ok((upstream, admission, H2Stream::new(send, body)))
+    });
+    if let Err(error) = &answered {
+        if !matches!(error, StreamError::Reset(_) | StreamError::Respond(_)) {
+            hbone::server::reject(respond, error.status());
+        }
     }
+    answered
 }
 
 /// Everything before the answer: the target check, the per-source limits and authorization
