@@ -20,6 +20,7 @@
 //! `scripts/import-cycles` checks that no two files or modules import each other.
 
 pub mod admin;
+pub mod allocator;
 pub mod app;
 pub mod authz;
 pub mod capture;

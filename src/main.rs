@@ -334,6 +334,11 @@ fn run_agent(
             return ExitCode::FAILURE;
         }
     };
+    if sharded {
+        // The runtime's one worker accepts connections and runs the control plane; the shards
+        // watch their own threads' caches.
+        runtime.spawn(nodetunnel::allocator::release_cache_when_quiet());
+    }
     tracing::info!(
         mode = if istio_mode { "istio" } else { "config file" },
         workers,

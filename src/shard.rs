@@ -63,8 +63,14 @@ impl Shards {
                 .name(format!("nodetunnel-shard-{index}"))
                 .spawn(move || {
                     CURRENT.with(|current| current.set(Some(index)));
-                    // Runs the shard's tasks until the `Shards` is dropped (the sender closes).
-                    runtime.block_on(async move { while stopped.changed().await.is_ok() {} });
+                    // Runs the shard's tasks until the `Shards` is dropped (the sender closes),
+                    // and gives the thread's allocator cache back whenever it goes quiet.
+                    runtime.block_on(async move {
+                        tokio::select! {
+                            () = async { while stopped.changed().await.is_ok() {} } => {}
+                            () = crate::allocator::release_cache_when_quiet() => {}
+                        }
+                    });
                     // The agent is exiting: tasks still on this shard are cut, not awaited.
                     runtime.shutdown_background();
                 })?;
