@@ -45,7 +45,7 @@ impl QuietWatch {
 /// Runs on the thread whose cache it watches, forever: spawn it on a current-thread runtime
 /// (a data-plane shard), or on a runtime with one worker. Waits forever without acting if
 /// jemalloc's counter cannot be read.
-pub async fn release_cache_when_quiet() {
+pub async fn release_cache_when_quiet() -> std::convert::Infallible {
     let mut ticks = tokio::time::interval(PERIOD);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut watch = QuietWatch::default();

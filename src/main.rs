@@ -352,7 +352,15 @@ fn run_agent(
         logging: Some(logging.control.clone()),
         shards,
     };
-    match runtime.block_on(nodetunnel::app::run(config, options)) {
+    // The main thread polls the agent's top-level future (start-up, then the control plane's
+    // waits): its allocator cache too goes back once it is quiet.
+    let agent = async {
+        tokio::select! {
+            result = nodetunnel::app::run(config, options) => result,
+            never = nodetunnel::allocator::release_cache_when_quiet() => match never {},
+        }
+    };
+    match runtime.block_on(agent) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!("{error:#}");

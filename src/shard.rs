@@ -68,7 +68,7 @@ impl Shards {
                     runtime.block_on(async move {
                         tokio::select! {
                             () = async { while stopped.changed().await.is_ok() {} } => {}
-                            () = crate::allocator::release_cache_when_quiet() => {}
+                            never = crate::allocator::release_cache_when_quiet() => match never {},
                         }
                     });
                     // The agent is exiting: tasks still on this shard are cut, not awaited.
