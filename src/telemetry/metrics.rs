@@ -22,9 +22,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 pub use super::labels::{Direction, Peer, Reporter, ResponseFlag, TrafficLabels};
-use super::record::ConnectionFields;
+use crate::hbone::TraceParent;
 use crate::spiffe::Identity;
-use crate::state::{TunnelProtocol, Workload};
+use crate::state::{Service, TunnelProtocol, Workload};
 use agent::{AgentMetrics, ReasonLabels, RefusalLabels};
 pub use agent::{AgentSample, MemoryBudgetSample, RuntimeSample, WorkerSample};
 use authorization::DecisionCounters;
@@ -105,6 +105,66 @@ pub struct ConnectionInfo {
     /// When it was accepted.
     #[serde(skip)]
     pub started: Option<Instant>,
+}
+
+/// Who and what one proxied connection connects, as its record learns it. Shared with the
+/// table of open connections once established (`/connections` and the metrics' series read it
+/// there), so an open connection keeps these fields once, in one allocation, rather than in its
+/// task and again in the table.
+#[derive(Debug, Clone)]
+pub struct ConnectionFields {
+    /// Which way the connection goes.
+    pub direction: Direction,
+    /// When it was accepted.
+    pub started: Instant,
+    /// Connection id shared by both agents (the HBONE `traceparent`). Kept as the value, not
+    /// its text: formatted only when an access-log line is written.
+    pub trace: Option<TraceParent>,
+    /// The source's address.
+    pub src_addr: Box<str>,
+    /// The source workload, if known.
+    pub src_workload: Option<Arc<Workload>>,
+    /// The source identity proven by mTLS (inbound) or presented by us (outbound).
+    pub src_identity: Option<Identity>,
+    /// The destination address (the app's original destination, or the pod target).
+    pub dst_addr: Box<str>,
+    /// The destination the connection arrived with (outbound: what the app dialled; inbound:
+    /// the CONNECT authority or the original destination), kept when `dst_addr` is replaced.
+    pub original_dst: Box<str>,
+    /// The HBONE tunnel target (`:authority`), when tunnelled.
+    pub dst_hbone_addr: Option<Box<str>>,
+    /// The destination workload, if known.
+    pub dst_workload: Option<Arc<Workload>>,
+    /// The service addressed, if any.
+    pub dst_service: Option<Arc<Service>>,
+    /// The destination identity.
+    pub dst_identity: Option<Identity>,
+}
+
+impl ConnectionFields {
+    /// The connection as `/connections` shows it.
+    pub fn info(&self) -> ConnectionInfo {
+        let original_dst = match (self.direction, &self.dst_service) {
+            (Direction::Inbound, Some(service)) => service.hostname.clone(),
+            _ => self.original_dst.to_string(),
+        };
+        ConnectionInfo {
+            direction: self.direction,
+            src_addr: self.src_addr.to_string(),
+            dst_addr: self.dst_addr.to_string(),
+            original_dst,
+            protocol: if self.dst_hbone_addr.is_some() {
+                TunnelProtocol::Hbone
+            } else {
+                TunnelProtocol::Tcp
+            },
+            src_workload: self.src_workload.clone(),
+            dst_workload: self.dst_workload.clone(),
+            src_identity: self.src_identity.clone(),
+            dst_identity: self.dst_identity.clone(),
+            started: Some(self.started),
+        }
+    }
 }
 
 /// An open connection as `/connections` shows it.

@@ -25,8 +25,9 @@ use tracing_subscriber::{fmt as tracing_fmt, reload, EnvFilter, Registry};
 
 pub use labels::Direction;
 pub use metrics::ByteCounters;
+pub use metrics::ConnectionFields;
 pub use metrics::{Metrics, ResponseFlag};
-pub use record::{ConnectionFields, ConnectionRecord};
+pub use record::ConnectionRecord;
 
 /// Log lines buffered before the writer starts dropping (Istio buffers 10 000 too).
 const LOG_BUFFER_LINES: usize = 10_000;

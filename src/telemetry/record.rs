@@ -13,10 +13,8 @@ use std::time::Instant;
 
 use super::labels::Direction;
 use super::metrics::ByteCounters;
-use super::metrics::{ConnectionInfo, LiveHandle, Metrics, Peer, ResponseFlag, TrafficLabels};
-use crate::hbone::TraceParent;
-use crate::spiffe::Identity;
-use crate::state::{Service, TunnelProtocol, Workload};
+use super::metrics::{ConnectionFields, LiveHandle, Metrics, Peer, ResponseFlag, TrafficLabels};
+use crate::state::Workload;
 
 /// One access-log event with every field of the record (target `access`).
 macro_rules! access_event {
@@ -44,66 +42,6 @@ macro_rules! access_event {
             $message
         )
     };
-}
-
-/// Who and what one proxied connection connects, as its record learns it. Shared with the
-/// table of open connections once established (`/connections` and the metrics' series read it
-/// there), so an open connection keeps these fields once, in one allocation, rather than in its
-/// task and again in the table.
-#[derive(Debug, Clone)]
-pub struct ConnectionFields {
-    /// Which way the connection goes.
-    pub direction: Direction,
-    /// When it was accepted.
-    pub started: Instant,
-    /// Connection id shared by both agents (the HBONE `traceparent`). Kept as the value, not
-    /// its text: formatted only when an access-log line is written.
-    pub trace: Option<TraceParent>,
-    /// The source's address.
-    pub src_addr: Box<str>,
-    /// The source workload, if known.
-    pub src_workload: Option<Arc<Workload>>,
-    /// The source identity proven by mTLS (inbound) or presented by us (outbound).
-    pub src_identity: Option<Identity>,
-    /// The destination address (the app's original destination, or the pod target).
-    pub dst_addr: Box<str>,
-    /// The destination the connection arrived with (outbound: what the app dialled; inbound:
-    /// the CONNECT authority or the original destination), kept when `dst_addr` is replaced.
-    pub original_dst: Box<str>,
-    /// The HBONE tunnel target (`:authority`), when tunnelled.
-    pub dst_hbone_addr: Option<Box<str>>,
-    /// The destination workload, if known.
-    pub dst_workload: Option<Arc<Workload>>,
-    /// The service addressed, if any.
-    pub dst_service: Option<Arc<Service>>,
-    /// The destination identity.
-    pub dst_identity: Option<Identity>,
-}
-
-impl ConnectionFields {
-    /// The connection as `/connections` shows it.
-    pub fn info(&self) -> ConnectionInfo {
-        let original_dst = match (self.direction, &self.dst_service) {
-            (Direction::Inbound, Some(service)) => service.hostname.clone(),
-            _ => self.original_dst.to_string(),
-        };
-        ConnectionInfo {
-            direction: self.direction,
-            src_addr: self.src_addr.to_string(),
-            dst_addr: self.dst_addr.to_string(),
-            original_dst,
-            protocol: if self.dst_hbone_addr.is_some() {
-                TunnelProtocol::Hbone
-            } else {
-                TunnelProtocol::Tcp
-            },
-            src_workload: self.src_workload.clone(),
-            dst_workload: self.dst_workload.clone(),
-            src_identity: self.src_identity.clone(),
-            dst_identity: self.dst_identity.clone(),
-            started: Some(self.started),
-        }
-    }
 }
 
 /// What is known about one proxied connection; logs itself once when dropped.
