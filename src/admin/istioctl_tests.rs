@@ -345,7 +345,6 @@ fn open(
             dst_workload: workloads[1].cloned(),
             src_identity: "spiffe://cluster.local/ns/app/sa/client".parse().ok(),
             dst_identity: "spiffe://cluster.local/ns/app/sa/server".parse().ok(),
-            started: None,
         },
         bytes_sent: 4,
         bytes_received: 4,

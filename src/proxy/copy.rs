@@ -126,7 +126,7 @@ pub struct Tunnel<'a> {
 }
 
 /// TCP → tunnel.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy)]
 enum Forward {
     /// Waiting for the socket to be readable, then for allowance, then reading.
     Reading,
@@ -137,7 +137,7 @@ enum Forward {
 }
 
 /// Tunnel → TCP.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy)]
 enum Backward {
     /// Waiting for h2's next chunk.
     Receiving,

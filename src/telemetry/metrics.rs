@@ -102,9 +102,6 @@ pub struct ConnectionInfo {
     /// Destination identity (mTLS only; empty in JSON otherwise).
     #[serde(serialize_with = "identity_or_empty")]
     pub dst_identity: Option<Identity>,
-    /// When it was accepted.
-    #[serde(skip)]
-    pub started: Option<Instant>,
 }
 
 /// Who and what one proxied connection connects, as its record learns it. Shared with the
@@ -162,7 +159,6 @@ impl ConnectionFields {
             dst_workload: self.dst_workload.clone(),
             src_identity: self.src_identity.clone(),
             dst_identity: self.dst_identity.clone(),
-            started: Some(self.started),
         }
     }
 }
