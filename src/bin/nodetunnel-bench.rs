@@ -12,8 +12,10 @@
 //! - `dns-serve`: a UDP DNS server answering every A query with one address at once (the
 //!   upstream of the DNS rows; dnsperf is the client).
 //! - `relay`: the least a tunnel can do (`scripts/bench-bound`): relays each accepted connection
-//!   to one target, one copy per direction, in plain TCP or over TLS 1.3 with the agent's
-//!   provider and suites but no HTTP/2, so its cost per Gbit bounds what the agents can reach.
+//!   to one target, one copy per direction, in plain TCP, over TLS 1.3 with the agent's
+//!   provider and suites (server authentication only), or over the agents' own mutual TLS
+//!   (their configs, verifiers and read batching, SPIFFE certificates from a built-in CA), but
+//!   no HTTP/2, so its cost bounds what the agents can reach.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -103,7 +105,9 @@ enum Mode {
         /// Where each connection goes.
         #[arg(long)]
         target: SocketAddr,
-        /// `tls-server` writes its self-signed certificate (PEM) here; `tls-client` trusts it.
+        /// `tls-server` writes its self-signed certificate (PEM) here and `tls-client` trusts it;
+        /// `mtls-server` writes its CA here (certificate, and the key in `<path>.key`) and
+        /// `mtls-client` has the same CA issue its own certificate.
         #[arg(long)]
         certificate: Option<PathBuf>,
     },
@@ -118,6 +122,11 @@ enum RelayKind {
     TlsClient,
     /// TLS in, TCP out (as the server's agent).
     TlsServer,
+    /// TCP in, the agents' mutual TLS out: their client config, expecting the server's identity.
+    MtlsClient,
+    /// The agents' mutual TLS in (their server config: a client certificate of the trust
+    /// domain required), TCP out.
+    MtlsServer,
 }
 
 fn main() -> Result<()> {
@@ -337,6 +346,11 @@ async fn idle(
 const RELAY_BUFFER: usize = 64 * 1024;
 /// The name the TLS relays' certificate carries and the client side checks.
 const RELAY_NAME: &str = "relay.bench.invalid";
+/// The identities of the mutual-TLS relays' certificates.
+const RELAY_SERVER_IDENTITY: &str = "spiffe://cluster.local/ns/bench/sa/relay-server";
+const RELAY_CLIENT_IDENTITY: &str = "spiffe://cluster.local/ns/bench/sa/relay-client";
+/// Lifetime of the mutual-TLS relays' certificates: longer than any bench run.
+const RELAY_CERTIFICATE_TTL: Duration = Duration::from_secs(24 * 3600);
 
 /// How a relay wraps its connections.
 #[derive(Clone)]
@@ -344,6 +358,9 @@ enum RelayTls {
     Plain,
     Connect(tokio_rustls::TlsConnector),
     Accept(tokio_rustls::TlsAcceptor),
+    /// As the agents dial and accept: reads batched under TLS (`tls::BatchedReads`).
+    MutualConnect(tokio_rustls::TlsConnector),
+    MutualAccept(tokio_rustls::TlsAcceptor),
 }
 
 async fn relay(
@@ -391,7 +408,41 @@ fn relay_tls(kind: RelayKind, certificate: Option<&std::path::Path>) -> Result<R
                 .with_no_client_auth();
             Ok(RelayTls::Connect(Arc::new(config).into()))
         }
+        RelayKind::MtlsServer => {
+            let (cert_pem, key_pem) =
+                nodetunnel::identity::ca::BuiltinCa::generate_root("bench relay CA")?;
+            std::fs::write(path()?, &cert_pem)?;
+            std::fs::write(key_path(path()?), &key_pem)?;
+            let certificate = relay_certificate(&cert_pem, &key_pem, RELAY_SERVER_IDENTITY)?;
+            Ok(RelayTls::MutualAccept(certificate.server_config().into()))
+        }
+        RelayKind::MtlsClient => {
+            let cert_pem = std::fs::read_to_string(path()?)?;
+            let key_pem = std::fs::read_to_string(key_path(path()?))?;
+            let certificate = relay_certificate(&cert_pem, &key_pem, RELAY_CLIENT_IDENTITY)?;
+            let expected = [RELAY_SERVER_IDENTITY.parse()?];
+            Ok(RelayTls::MutualConnect(
+                certificate.client_config(&expected).into(),
+            ))
+        }
     }
+}
+
+fn key_path(certificate: &std::path::Path) -> PathBuf {
+    let mut path = certificate.as_os_str().to_owned();
+    path.push(".key");
+    path.into()
+}
+
+/// A workload certificate for `identity` from the relays' CA, as an agent holds one.
+fn relay_certificate(
+    cert_pem: &str,
+    key_pem: &str,
+    identity: &str,
+) -> Result<nodetunnel::identity::WorkloadCertificate> {
+    let ca =
+        nodetunnel::identity::ca::BuiltinCa::from_pem(cert_pem, key_pem, RELAY_CERTIFICATE_TTL)?;
+    Ok(ca.issue(&identity.parse()?)?)
 }
 
 async fn relay_one(tls: &RelayTls, inbound: TcpStream, target: SocketAddr) -> Result<()> {
@@ -405,6 +456,21 @@ async fn relay_one(tls: &RelayTls, inbound: TcpStream, target: SocketAddr) -> Re
             copy_both(inbound, connector.connect(name, outbound).await?).await
         }
         RelayTls::Accept(acceptor) => copy_both(acceptor.accept(inbound).await?, outbound).await,
+        RelayTls::MutualConnect(connector) => {
+            let tls = connector
+                .connect(
+                    nodetunnel::tls::dummy_server_name(),
+                    nodetunnel::tls::BatchedReads::new(outbound),
+                )
+                .await?;
+            copy_both(inbound, tls).await
+        }
+        RelayTls::MutualAccept(acceptor) => {
+            let tls = acceptor
+                .accept(nodetunnel::tls::BatchedReads::new(inbound))
+                .await?;
+            copy_both(tls, outbound).await
+        }
     }
 }
 
@@ -416,4 +482,53 @@ where
     tokio::io::copy_bidirectional_with_sizes(&mut first, &mut second, RELAY_BUFFER, RELAY_BUFFER)
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Accepts on `listener` forever, relaying each connection to `target` as `tls` says.
+    fn spawn_relay(listener: TcpListener, tls: RelayTls, target: SocketAddr) {
+        tokio::spawn(async move {
+            loop {
+                let (inbound, _) = listener.accept().await.expect("accept");
+                let tls = tls.clone();
+                tokio::spawn(async move { relay_one(&tls, inbound, target).await });
+            }
+        });
+    }
+
+    #[tokio::test]
+    async fn mutual_tls_relays_carry_bytes_both_ways_to_the_echo_server() {
+        let directory = tempfile::tempdir().expect("temporary directory");
+        let ca = directory.path().join("relay.pem");
+        let echo_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let echo_address = echo_listener.local_addr().expect("address");
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = echo_listener.accept().await.expect("accept");
+                tokio::spawn(echo(stream));
+            }
+        });
+        // The server's relay writes the CA that the client's relay then has issue its certificate.
+        let server_tls = relay_tls(RelayKind::MtlsServer, Some(&ca)).expect("server relay");
+        let client_tls = relay_tls(RelayKind::MtlsClient, Some(&ca)).expect("client relay");
+        let server_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let server_address = server_listener.local_addr().expect("address");
+        spawn_relay(server_listener, server_tls, echo_address);
+        let client_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let client_address = client_listener.local_addr().expect("address");
+        spawn_relay(client_listener, client_tls, server_address);
+
+        let mut app = TcpStream::connect(client_address).await.expect("connect");
+        let sent: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        app.write_all(&sent).await.expect("write");
+        let mut received = vec![0u8; sent.len()];
+        tokio::time::timeout(Duration::from_secs(10), app.read_exact(&mut received))
+            .await
+            .expect("echo within 10 s")
+            .expect("read");
+        assert!(received == sent, "the echo differs from what was sent");
+    }
 }
