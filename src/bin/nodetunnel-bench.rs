@@ -181,7 +181,11 @@ async fn serve(listen: SocketAddr) -> Result<()> {
     socket.set_nonblocking(true)?;
     socket.bind(&listen.into())?;
     socket.listen(4096)?;
-    let listener = TcpListener::from_std(socket.into())?;
+    echo_each(TcpListener::from_std(socket.into())?).await
+}
+
+/// Echoes every connection `listener` accepts.
+async fn echo_each(listener: TcpListener) -> Result<()> {
     loop {
         let (stream, _) = listener.accept().await?;
         tokio::spawn(echo(stream));
@@ -370,7 +374,11 @@ async fn relay(
     certificate: Option<&std::path::Path>,
 ) -> Result<()> {
     let tls = relay_tls(kind, certificate)?;
-    let listener = TcpListener::bind(listen).await?;
+    relay_each(TcpListener::bind(listen).await?, tls, target).await
+}
+
+/// Relays every connection `listener` accepts to `target`, wrapped as `tls` says.
+async fn relay_each(listener: TcpListener, tls: RelayTls, target: SocketAddr) -> Result<()> {
     loop {
         let (inbound, _) = listener.accept().await?;
         let tls = tls.clone();
@@ -488,38 +496,22 @@ where
 mod tests {
     use super::*;
 
-    /// Accepts on `listener` forever, relaying each connection to `target` as `tls` says.
-    fn spawn_relay(listener: TcpListener, tls: RelayTls, target: SocketAddr) {
-        tokio::spawn(async move {
-            loop {
-                let (inbound, _) = listener.accept().await.expect("accept");
-                let tls = tls.clone();
-                tokio::spawn(async move { relay_one(&tls, inbound, target).await });
-            }
-        });
-    }
-
     #[tokio::test]
     async fn mutual_tls_relays_carry_bytes_both_ways_to_the_echo_server() {
         let directory = tempfile::tempdir().expect("temporary directory");
         let ca = directory.path().join("relay.pem");
         let echo_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let echo_address = echo_listener.local_addr().expect("address");
-        tokio::spawn(async move {
-            loop {
-                let (stream, _) = echo_listener.accept().await.expect("accept");
-                tokio::spawn(echo(stream));
-            }
-        });
+        tokio::spawn(echo_each(echo_listener));
         // The server's relay writes the CA that the client's relay then has issue its certificate.
         let server_tls = relay_tls(RelayKind::MtlsServer, Some(&ca)).expect("server relay");
         let client_tls = relay_tls(RelayKind::MtlsClient, Some(&ca)).expect("client relay");
         let server_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let server_address = server_listener.local_addr().expect("address");
-        spawn_relay(server_listener, server_tls, echo_address);
+        tokio::spawn(relay_each(server_listener, server_tls, echo_address));
         let client_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let client_address = client_listener.local_addr().expect("address");
-        spawn_relay(client_listener, client_tls, server_address);
+        tokio::spawn(relay_each(client_listener, client_tls, server_address));
 
         let mut app = TcpStream::connect(client_address).await.expect("connect");
         let sent: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
