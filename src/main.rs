@@ -274,6 +274,14 @@ fn run_agent(
         Ok(_) => {}
         Err(error) => tracing::warn!(%error, "cannot raise the open-file limit"),
     }
+    // Before any TLS config exists: the key exchange is fixed for the process's life.
+    let key_exchange = overrides.env.key_exchange();
+    if let Err(fixed) = nodetunnel::tls::set_key_exchange(key_exchange) {
+        eprintln!(
+            "error: TLS key exchange already fixed to {fixed:?}, cannot use {key_exchange:?}"
+        );
+        return ExitCode::FAILURE;
+    }
     let istio_mode = path.is_none();
     // Reloads of LOCAL_XDS_PATH must start from the same Istio-mode defaults.
     let overrides = Overrides {

@@ -212,7 +212,7 @@ fn try_tls(target: SocketAddr, options: TlsOptions, authority: &str, marker: &[u
 
 /// The first TLS record a real client sends (its ClientHello), as bytes on the wire.
 fn client_hello() -> Vec<u8> {
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .expect("TLS 1.3")

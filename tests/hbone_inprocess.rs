@@ -259,7 +259,7 @@ async fn server_with_validity(root_cert: &str, root_key: &str, starts: i64) -> S
     params.not_before = start;
     params.not_after = start + time::Duration::hours(2);
     let leaf = params.signed_by(&key, &issuer, &issuer_key).expect("leaf");
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .expect("TLS 1.3")

@@ -14,7 +14,7 @@ use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::time::Duration;
 
-use support::agent::ServiceSpec;
+use support::agent::{Agent, ServiceSpec, READY_TIMEOUT};
 use support::apps::{self, EchoServer, Reply};
 use support::capture::{self, Capture};
 use support::cluster::Cluster;
@@ -465,6 +465,77 @@ fn hbone_port_refuses_untrusted_client_certificates() {
         1,
         "only the trusted probe may reach the app"
     );
+}
+
+/// `COMPLIANCE_POLICY=pqc` (Istio's setting for a post-quantum mesh) makes node b's agent take
+/// only the X25519MLKEM768 hybrid on its pods' 15008, while node a's agent, with the default key
+/// exchange, still carries traffic both ways: dialing b it is asked again for the hybrid, dialed
+/// by b it takes the hybrid at once.
+#[test]
+fn compliance_policy_pqc_takes_only_the_hybrid_and_still_interoperates() {
+    require_netns!("compliance_policy_pqc_takes_only_the_hybrid_and_still_interoperates");
+    let cluster = Cluster::build(&[("a", "client"), ("b", "server"), ("a", "prober")])
+        .mesh(|_, mesh| mesh.workloads.retain(|workload| workload.name != "prober"))
+        .captured(&["client", "server"])
+        .spawn_with(|cluster, node| {
+            let env = match node {
+                "b" => vec![("COMPLIANCE_POLICY".to_string(), "pqc".to_string())],
+                _ => Vec::new(),
+            };
+            let config = cluster.render(node);
+            let mut agent =
+                Agent::spawn_with_env(&cluster.topology, node, &cluster.ca, &config, &env)
+                    .expect("agent");
+            agent
+                .wait_ready(&cluster.topology, READY_TIMEOUT)
+                .expect("agent ready");
+            agent
+        });
+    let _on_server =
+        EchoServer::start(&cluster.topology, "server", APP_PORT, Reply::Echo).expect("server app");
+    let _on_client =
+        EchoServer::start(&cluster.topology, "client", APP_PORT, Reply::Echo).expect("client app");
+    for (from, to) in [("client", "server"), ("server", "client")] {
+        let payload = apps::payload(b"", 64 * 1024, 7);
+        let target = addr(cluster.ip(to), APP_PORT);
+        let response = apps::exchange(&cluster.topology, from, target, payload.clone(), IO_TIMEOUT)
+            .unwrap_or_else(|error| panic!("{from} -> {to}: {error:#}"));
+        assert!(response == payload, "{from} -> {to}: echo differs");
+    }
+
+    let client_id = cluster.mesh.workload("client").identity();
+    let classical = [rustls::NamedGroup::X25519, rustls::NamedGroup::secp256r1];
+    let hybrid = [rustls::NamedGroup::X25519MLKEM768];
+    let cases = [
+        ("server", &classical[..], None),
+        (
+            "server",
+            &hybrid[..],
+            Some(rustls::NamedGroup::X25519MLKEM768),
+        ),
+        ("client", &classical[..], Some(rustls::NamedGroup::X25519)),
+        (
+            "client",
+            &hybrid[..],
+            Some(rustls::NamedGroup::X25519MLKEM768),
+        ),
+    ];
+    for (pod, groups, expected) in cases {
+        let hbone = addr(cluster.ip(pod), 15008);
+        let cert = tls_probe::leaf_from_root(&cluster.ca, &client_id).expect("cert");
+        let offered = groups.to_vec();
+        let chosen = cluster
+            .topology
+            .run_in("prober", move || {
+                tls_probe::key_exchange(hbone, cert, &offered)
+            })
+            .expect("probe thread");
+        match (expected, chosen) {
+            (Some(expected), Ok(chosen)) => assert_eq!(chosen, expected, "{pod} {groups:?}"),
+            (None, Err(_)) => {}
+            (expected, chosen) => panic!("{pod} offered {groups:?}: {chosen:?}, want {expected:?}"),
+        }
+    }
 }
 
 /// A workload with `protocol: TCP` that is not captured is reached from a captured client by

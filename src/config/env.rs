@@ -338,6 +338,16 @@ impl Environment {
         }
     }
 
+    /// The TLS key exchange `COMPLIANCE_POLICY` asks for: `pqc` (compared exactly, as ztunnel
+    /// does) is X25519MLKEM768 only; any other value leaves the default and is reported by
+    /// [`Environment::unsupported`].
+    pub fn key_exchange(&self) -> crate::tls::KeyExchange {
+        match self.get("COMPLIANCE_POLICY") {
+            Some("pqc") => crate::tls::KeyExchange::PostQuantumOnly,
+            _ => crate::tls::KeyExchange::Classical,
+        }
+    }
+
     /// Whether connections run on the data-plane shards (`NODETUNNEL_SHARDS`: `on`, the
     /// default, or `off` for one multi-thread runtime with work stealing).
     pub fn data_plane_shards(&self) -> Result<bool, EnvProblem> {

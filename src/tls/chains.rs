@@ -124,7 +124,7 @@ impl VerifiedChains {
 /// SHA-256 over every certificate, each prefixed by its length, so that no two different
 /// chains share the input.
 fn fingerprint(end_entity: &CertificateDer<'_>, intermediates: &[CertificateDer<'_>]) -> [u8; 32] {
-    let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut context = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
     for certificate in std::iter::once(end_entity).chain(intermediates) {
         context.update(&(certificate.len() as u64).to_be_bytes());
         context.update(certificate.as_ref());

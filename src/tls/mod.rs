@@ -9,8 +9,9 @@
 //!
 //! Settings (shared/reference/istio-compat.md §2.4–2.5): TLS 1.3 only, suites exactly
 //! `TLS13_AES_256_GCM_SHA384` and `TLS13_AES_128_GCM_SHA256`, ALPN `h2` on both sides, no SNI,
-//! no session resumption, client certificate mandatory. Chains are verified to the roots that
-//! came with our own certificate; identities are compared byte for byte.
+//! no session resumption, client certificate mandatory, key exchange X25519 unless
+//! `COMPLIANCE_POLICY=pqc` asks for X25519MLKEM768 only ([`KeyExchange`]). Chains are verified to
+//! the roots that came with our own certificate; identities are compared byte for byte.
 
 mod batched;
 mod chains;
@@ -19,7 +20,7 @@ mod verify;
 pub use batched::BatchedReads;
 pub use chains::VerifiedChains;
 
-use std::sync::{Arc, LazyLock};
+use std::sync::{Arc, LazyLock, OnceLock};
 
 use rustls::client::Resumption;
 use rustls::crypto::CryptoProvider;
@@ -51,17 +52,64 @@ pub enum TlsError {
     Settings(#[source] rustls::Error),
 }
 
+/// Which key exchanges TLS offers and accepts, for the process's life (ztunnel's
+/// `COMPLIANCE_POLICY`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KeyExchange {
+    /// X25519 first, so a ClientHello carries one cheap key share, then P-256 and P-384, and the
+    /// hybrid X25519MLKEM768 last: a peer that insists on the hybrid (ztunnel with
+    /// `COMPLIANCE_POLICY=pqc`) gets it when it dials us, and after one HelloRetryRequest when
+    /// we dial it.
+    #[default]
+    Classical,
+    /// Only X25519MLKEM768 (`COMPLIANCE_POLICY=pqc`): a peer without it cannot handshake.
+    PostQuantumOnly,
+}
+
+static KEY_EXCHANGE: OnceLock<KeyExchange> = OnceLock::new();
+
 static PROVIDER: LazyLock<Arc<CryptoProvider>> = LazyLock::new(|| {
-    let mut provider = rustls::crypto::ring::default_provider();
-    provider.cipher_suites = vec![
-        rustls::crypto::ring::cipher_suite::TLS13_AES_256_GCM_SHA384,
-        rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256,
-    ];
-    Arc::new(provider)
+    Arc::new(provider_for(
+        *KEY_EXCHANGE.get_or_init(KeyExchange::default),
+    ))
 });
 
-/// The ring provider restricted to the two AES-GCM TLS 1.3 suites. Every config and verifier in
-/// this module uses it, so signature algorithms and suites cannot drift between sides.
+/// Fixes the key exchange of every TLS config this process builds. Call it before the first
+/// config is built; once one is, the choice cannot change, and a different `policy` is refused
+/// with the one in force.
+pub fn set_key_exchange(policy: KeyExchange) -> Result<(), KeyExchange> {
+    let fixed = *KEY_EXCHANGE.get_or_init(|| policy);
+    if fixed == policy {
+        Ok(())
+    } else {
+        Err(fixed)
+    }
+}
+
+/// aws-lc-rs (the provider Istio's ztunnel is built with) restricted to the two AES-GCM TLS 1.3
+/// suites, with the key exchanges of `key_exchange`.
+pub fn provider_for(key_exchange: KeyExchange) -> CryptoProvider {
+    use rustls::crypto::aws_lc_rs::{cipher_suite, default_provider, kx_group};
+    let mut provider = default_provider();
+    provider.cipher_suites = vec![
+        cipher_suite::TLS13_AES_256_GCM_SHA384,
+        cipher_suite::TLS13_AES_128_GCM_SHA256,
+    ];
+    provider.kx_groups = match key_exchange {
+        KeyExchange::Classical => vec![
+            kx_group::X25519,
+            kx_group::SECP256R1,
+            kx_group::SECP384R1,
+            kx_group::X25519MLKEM768,
+        ],
+        KeyExchange::PostQuantumOnly => vec![kx_group::X25519MLKEM768],
+    };
+    provider
+}
+
+/// The process's provider ([`provider_for`] the key exchange of [`set_key_exchange`]). Every
+/// config and verifier in this module uses it, so signature algorithms, suites and key
+/// exchanges cannot drift between sides.
 pub fn provider() -> Arc<CryptoProvider> {
     PROVIDER.clone()
 }

@@ -78,7 +78,7 @@ fn client_config_for(client: Client) -> Arc<ClientConfig> {
         }
         Client::Tls12Only(cert) => {
             let verifier = ServerIdentityVerifier::new(cert.roots().clone(), Vec::new());
-            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
             let mut config = ClientConfig::builder_with_provider(provider)
                 .with_protocol_versions(&[&rustls::version::TLS12])
                 .expect("versions")
@@ -272,6 +272,133 @@ async fn negotiates_h2_tls13_aes_gcm_and_carries_data() {
     let mut buffer = [0u8; 4];
     server.read_exact(&mut buffer).await.expect("read");
     assert_eq!(&buffer, b"ping");
+}
+
+/// A client configured as Istio's ztunnel is with `COMPLIANCE_POLICY=pqc`: the same
+/// certificate and checks, offering only X25519MLKEM768.
+fn post_quantum_client(cert: &WorkloadCertificate, expected: &[Identity]) -> Arc<ClientConfig> {
+    let verifier = ServerIdentityVerifier::new(cert.roots().clone(), expected.to_vec());
+    let provider = Arc::new(provider_for(KeyExchange::PostQuantumOnly));
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("versions")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_client_cert_resolver(
+            cert.client_config(expected)
+                .client_auth_cert_resolver
+                .clone(),
+        );
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    config.enable_sni = false;
+    Arc::new(config)
+}
+
+/// The server side of the same policy.
+fn post_quantum_server(cert: &WorkloadCertificate) -> Arc<ServerConfig> {
+    let verifier = TrustDomainVerifier::new(cert.roots().clone(), cert.identity().trust_domain())
+        .expect("verifier");
+    let provider = Arc::new(provider_for(KeyExchange::PostQuantumOnly));
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("versions")
+        .with_client_cert_verifier(Arc::new(verifier))
+        .with_cert_resolver(cert.server_config().cert_resolver.clone());
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Arc::new(config)
+}
+
+#[tokio::test]
+async fn key_exchange_is_x25519_and_the_post_quantum_hybrid_works_both_ways() {
+    let ca = new_ca();
+    let client_id = identity("spiffe://cluster.local/ns/a/sa/client");
+    let server_id = identity("spiffe://cluster.local/ns/b/sa/server");
+    let client_cert = ca.issue(&client_id).expect("issue");
+    let server_cert = ca.issue(&server_id).expect("issue");
+    let expected = [server_id];
+    let cases = [
+        (
+            "ours to ours",
+            client_cert.client_config(&expected),
+            server_cert.server_config(),
+            rustls::NamedGroup::X25519,
+            rustls::HandshakeKind::Full,
+        ),
+        (
+            "a post-quantum-only client to our server",
+            post_quantum_client(&client_cert, &expected),
+            server_cert.server_config(),
+            rustls::NamedGroup::X25519MLKEM768,
+            rustls::HandshakeKind::Full,
+        ),
+        (
+            // Our ClientHello carries an X25519 share only, so the server asks again.
+            "our client to a post-quantum-only server",
+            client_cert.client_config(&expected),
+            post_quantum_server(&server_cert),
+            rustls::NamedGroup::X25519MLKEM768,
+            rustls::HandshakeKind::FullWithHelloRetryRequest,
+        ),
+    ];
+    for (case, client, server, group, kind) in cases {
+        let result = handshake(client, server).await;
+        let mut client = result
+            .client
+            .unwrap_or_else(|e| panic!("{case}: client: {e}"));
+        let mut server = result
+            .server
+            .unwrap_or_else(|e| panic!("{case}: server: {e}"));
+        for state in [
+            client.get_ref().1 as &rustls::CommonState,
+            server.get_ref().1,
+        ] {
+            let negotiated = state.negotiated_key_exchange_group().expect("group");
+            assert_eq!(negotiated.name(), group, "{case}");
+            assert_eq!(state.handshake_kind(), Some(kind), "{case}");
+        }
+        client.write_all(b"ping").await.expect("write");
+        let mut buffer = [0u8; 4];
+        server.read_exact(&mut buffer).await.expect("read");
+        assert_eq!(&buffer, b"ping", "{case}");
+    }
+}
+
+#[tokio::test]
+async fn a_post_quantum_only_peer_refuses_a_peer_without_the_hybrid() {
+    let ca = new_ca();
+    let server_id = identity("spiffe://cluster.local/ns/b/sa/server");
+    let client_cert = ca
+        .issue(&identity("spiffe://cluster.local/ns/a/sa/client"))
+        .expect("issue");
+    let server_cert = ca.issue(&server_id).expect("issue");
+    // A classical-only client, as a ring-built ztunnel is.
+    let verifier =
+        ServerIdentityVerifier::new(client_cert.roots().clone(), vec![server_id.clone()]);
+    let mut classical = provider_for(KeyExchange::Classical);
+    classical
+        .kx_groups
+        .retain(|group| group.name() != rustls::NamedGroup::X25519MLKEM768);
+    let mut config = ClientConfig::builder_with_provider(Arc::new(classical))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("versions")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_client_cert_resolver(
+            client_cert
+                .client_config(&[server_id])
+                .client_auth_cert_resolver
+                .clone(),
+        );
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    let result = handshake(Arc::new(config), post_quantum_server(&server_cert)).await;
+    let Err(error) = result.server else {
+        panic!("the server accepted a client without the hybrid");
+    };
+    assert!(
+        error.contains("NoKxGroupsInCommon") || error.contains("HandshakeFailure"),
+        "{error}"
+    );
+    assert!(result.client.is_err(), "the client cannot carry on");
 }
 
 #[test]

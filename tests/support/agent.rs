@@ -279,6 +279,17 @@ impl Agent {
 
     /// Writes `config` and starts the agent, without waiting for readiness.
     pub fn spawn(topology: &Topology, node: &str, ca: &Ca, config: &str) -> Result<Agent> {
+        Agent::spawn_with_env(topology, node, ca, config, &[])
+    }
+
+    /// [`Agent::spawn`] with extra environment variables.
+    pub fn spawn_with_env(
+        topology: &Topology,
+        node: &str,
+        ca: &Ca,
+        config: &str,
+        env: &[(String, String)],
+    ) -> Result<Agent> {
         let path_text = |path: &Path| path.to_string_lossy().to_string();
         let args = [
             "--ca-cert".to_string(),
@@ -286,7 +297,7 @@ impl Agent {
             "--ca-key".to_string(),
             path_text(&ca.key),
         ];
-        Agent::launch(topology, node, Some(config), &args, &[])
+        Agent::launch(topology, node, Some(config), &args, env)
     }
 
     /// Starts an agent the Istio way: Istio's environment variables in `env`, and a config file

@@ -279,7 +279,7 @@ fn serving_config(root: &Certificate, root_key: &KeyPair) -> Result<Arc<rustls::
     let cert = params.signed_by(&key, root, root_key)?;
     let key = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
     let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
+        rustls::crypto::aws_lc_rs::default_provider(),
     ))
     .with_safe_default_protocol_versions()?
     .with_no_client_auth()

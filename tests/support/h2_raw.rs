@@ -122,7 +122,7 @@ impl Session {
     /// as the client can tell (in TLS 1.3 the server's verdict on our certificate arrives
     /// later, as an alert on the first read).
     pub fn connect(target: SocketAddr, options: TlsOptions) -> Result<Session> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let versions: &[&rustls::SupportedProtocolVersion] = if options.tls12_only {
             &[&rustls::version::TLS12]
         } else {

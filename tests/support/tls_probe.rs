@@ -139,7 +139,7 @@ fn probe_inner(
     authority: &str,
     marker: &[u8],
 ) -> Result<Outcome> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
@@ -204,6 +204,41 @@ fn probe_inner(
         });
     }
     Ok(Outcome::Refused("EOF before any HTTP/2 frame".into()))
+}
+
+/// Completes a TLS 1.3 handshake with `target`, presenting `cert` and offering only the key
+/// exchange `groups`, and returns the group the server chose; a refused handshake is the error.
+pub fn key_exchange(
+    target: SocketAddr,
+    cert: ClientCert,
+    groups: &[rustls::NamedGroup],
+) -> Result<rustls::NamedGroup> {
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    provider.kx_groups = rustls::crypto::aws_lc_rs::ALL_KX_GROUPS
+        .iter()
+        .copied()
+        .filter(|group| groups.contains(&group.name()))
+        .collect();
+    let provider = Arc::new(provider);
+    let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAnyServer(provider)))
+        .with_client_auth_cert(cert.chain, cert.key)?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let server_name = ServerName::IpAddress(target.ip().into());
+    let mut connection = rustls::ClientConnection::new(Arc::new(config), server_name)?;
+    let mut tcp = TcpStream::connect_timeout(&target, Duration::from_secs(5))
+        .with_context(|| format!("TCP connect to {target}"))?;
+    tcp.set_read_timeout(Some(Duration::from_secs(5)))?;
+    tcp.set_write_timeout(Some(Duration::from_secs(5)))?;
+    while connection.is_handshaking() {
+        connection.complete_io(&mut tcp).context("TLS handshake")?;
+    }
+    connection
+        .negotiated_key_exchange_group()
+        .map(|group| group.name())
+        .context("no key exchange group after the handshake")
 }
 
 /// Encodes one HTTP/2 frame.

@@ -7,6 +7,25 @@ fn applied(pairs: &[(&str, &str)]) -> (AgentConfig, Vec<EnvProblem>) {
 }
 
 #[test]
+fn compliance_policy_pqc_alone_changes_the_key_exchange_and_other_values_are_reported() {
+    use crate::tls::KeyExchange;
+    let env = |pairs: &[(&str, &str)]| Environment::from_pairs(pairs.iter().copied());
+    assert_eq!(env(&[]).key_exchange(), KeyExchange::Classical);
+    let pqc = env(&[("COMPLIANCE_POLICY", "pqc")]);
+    assert_eq!(pqc.key_exchange(), KeyExchange::PostQuantumOnly);
+    assert!(pqc.unsupported().is_empty());
+    assert!(env(&[("COMPLIANCE_POLICY", "")]).unsupported().is_empty());
+    for value in ["fips-140-2", "PQC"] {
+        let other = env(&[("COMPLIANCE_POLICY", value)]);
+        assert_eq!(other.key_exchange(), KeyExchange::Classical, "{value}");
+        let reported = other.unsupported();
+        assert_eq!(reported.len(), 1, "{value}: {reported:?}");
+        assert_eq!(reported[0].variable, "COMPLIANCE_POLICY");
+        assert_eq!(reported[0].value, value);
+    }
+}
+
+#[test]
 fn start_up_pages_are_released_unless_turned_off() {
     let release = |pairs: &[(&str, &str)]| {
         Environment::from_pairs(pairs.iter().copied()).release_startup_pages()

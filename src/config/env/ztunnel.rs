@@ -61,6 +61,10 @@ pub const VARIABLES: &[(&str, Treatment)] = &[
         Honoured("cluster id sent to istiod (ISTIO_META_CLUSTER_ID wins)"),
     ),
     (
+        "COMPLIANCE_POLICY",
+        Honoured("`pqc`: TLS key exchange X25519MLKEM768 only (other values: see below)"),
+    ),
+    (
         "CONNECTION_TERMINATION_DEADLINE",
         Honoured("drain deadline"),
     ),
@@ -363,6 +367,20 @@ impl Environment {
                 variable: name.to_string(),
                 value: value.to_string(),
                 reason: reason.to_string(),
+            });
+        }
+        // ztunnel acts on `pqc` alone (compared exactly) and passes over Istio's other policy
+        // (`fips-140-2`) in silence; we say so.
+        if let Some(value) = self
+            .get("COMPLIANCE_POLICY")
+            .filter(|value| !value.is_empty() && *value != "pqc")
+        {
+            found.push(UnsupportedVariable {
+                variable: "COMPLIANCE_POLICY".to_string(),
+                value: value.to_string(),
+                reason: "only `pqc` changes anything (as in ztunnel): the suites are already \
+                         TLS 1.3 AES-GCM, and this build's crypto is not FIPS-validated"
+                    .to_string(),
             });
         }
         if let Ok(Some(proxy_config)) = self.proxy_config() {
