@@ -274,12 +274,15 @@ async fn negotiates_h2_tls13_aes_gcm_and_carries_data() {
     assert_eq!(&buffer, b"ping");
 }
 
-/// A client configured as Istio's ztunnel is with `COMPLIANCE_POLICY=pqc`: the same
-/// certificate and checks, offering only X25519MLKEM768.
-fn post_quantum_client(cert: &WorkloadCertificate, expected: &[Identity]) -> Arc<ClientConfig> {
+/// A client with the same certificate and checks as ours but `provider`'s key exchanges (Istio's
+/// ztunnel with `COMPLIANCE_POLICY=pqc`, or built with ring).
+fn client_with(
+    provider: CryptoProvider,
+    cert: &WorkloadCertificate,
+    expected: &[Identity],
+) -> Arc<ClientConfig> {
     let verifier = ServerIdentityVerifier::new(cert.roots().clone(), expected.to_vec());
-    let provider = Arc::new(provider_for(KeyExchange::PostQuantumOnly));
-    let mut config = ClientConfig::builder_with_provider(provider)
+    let mut config = ClientConfig::builder_with_provider(Arc::new(provider))
         .with_protocol_versions(&[&rustls::version::TLS13])
         .expect("versions")
         .dangerous()
@@ -292,6 +295,17 @@ fn post_quantum_client(cert: &WorkloadCertificate, expected: &[Identity]) -> Arc
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     config.enable_sni = false;
     Arc::new(config)
+}
+
+/// A client certificate, a server certificate and the server's identity, from one new CA.
+fn issued_pair() -> (WorkloadCertificate, WorkloadCertificate, Identity) {
+    let ca = new_ca();
+    let server_id = identity("spiffe://cluster.local/ns/b/sa/server");
+    let client_cert = ca
+        .issue(&identity("spiffe://cluster.local/ns/a/sa/client"))
+        .expect("issue");
+    let server_cert = ca.issue(&server_id).expect("issue");
+    (client_cert, server_cert, server_id)
 }
 
 /// The server side of the same policy.
@@ -310,11 +324,7 @@ fn post_quantum_server(cert: &WorkloadCertificate) -> Arc<ServerConfig> {
 
 #[tokio::test]
 async fn key_exchange_is_x25519_and_the_post_quantum_hybrid_works_both_ways() {
-    let ca = new_ca();
-    let client_id = identity("spiffe://cluster.local/ns/a/sa/client");
-    let server_id = identity("spiffe://cluster.local/ns/b/sa/server");
-    let client_cert = ca.issue(&client_id).expect("issue");
-    let server_cert = ca.issue(&server_id).expect("issue");
+    let (client_cert, server_cert, server_id) = issued_pair();
     let expected = [server_id];
     let cases = [
         (
@@ -326,7 +336,11 @@ async fn key_exchange_is_x25519_and_the_post_quantum_hybrid_works_both_ways() {
         ),
         (
             "a post-quantum-only client to our server",
-            post_quantum_client(&client_cert, &expected),
+            client_with(
+                provider_for(KeyExchange::PostQuantumOnly),
+                &client_cert,
+                &expected,
+            ),
             server_cert.server_config(),
             rustls::NamedGroup::X25519MLKEM768,
             rustls::HandshakeKind::Full,
@@ -365,32 +379,14 @@ async fn key_exchange_is_x25519_and_the_post_quantum_hybrid_works_both_ways() {
 
 #[tokio::test]
 async fn a_post_quantum_only_peer_refuses_a_peer_without_the_hybrid() {
-    let ca = new_ca();
-    let server_id = identity("spiffe://cluster.local/ns/b/sa/server");
-    let client_cert = ca
-        .issue(&identity("spiffe://cluster.local/ns/a/sa/client"))
-        .expect("issue");
-    let server_cert = ca.issue(&server_id).expect("issue");
+    let (client_cert, server_cert, server_id) = issued_pair();
     // A classical-only client, as a ring-built ztunnel is.
-    let verifier =
-        ServerIdentityVerifier::new(client_cert.roots().clone(), vec![server_id.clone()]);
     let mut classical = provider_for(KeyExchange::Classical);
     classical
         .kx_groups
         .retain(|group| group.name() != rustls::NamedGroup::X25519MLKEM768);
-    let mut config = ClientConfig::builder_with_provider(Arc::new(classical))
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .expect("versions")
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_client_cert_resolver(
-            client_cert
-                .client_config(&[server_id])
-                .client_auth_cert_resolver
-                .clone(),
-        );
-    config.alpn_protocols = vec![ALPN_H2.to_vec()];
-    let result = handshake(Arc::new(config), post_quantum_server(&server_cert)).await;
+    let config = client_with(classical, &client_cert, &[server_id]);
+    let result = handshake(config, post_quantum_server(&server_cert)).await;
     let Err(error) = result.server else {
         panic!("the server accepted a client without the hybrid");
     };
@@ -415,12 +411,7 @@ fn provider_has_exactly_the_aes_gcm_tls13_suites() {
 
 #[tokio::test]
 async fn no_sni_and_no_resumption() {
-    let ca = new_ca();
-    let server_id = identity("spiffe://cluster.local/ns/b/sa/server");
-    let client_cert = ca
-        .issue(&identity("spiffe://cluster.local/ns/a/sa/client"))
-        .expect("issue");
-    let server_cert = ca.issue(&server_id).expect("issue");
+    let (client_cert, server_cert, server_id) = issued_pair();
     let client = client_cert.client_config(&[server_id]);
     for attempt in 0..2 {
         let result = handshake(client.clone(), server_cert.server_config()).await;
