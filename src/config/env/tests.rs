@@ -26,6 +26,19 @@ fn compliance_policy_pqc_alone_changes_the_key_exchange_and_other_values_are_rep
 }
 
 #[test]
+fn tls12_enabled_is_reported_because_only_tls13_is_offered() {
+    let reported = |value: &str| {
+        Environment::from_pairs([("TLS12_ENABLED", value)])
+            .unsupported()
+            .into_iter()
+            .map(|unsupported| unsupported.variable)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(reported("true"), vec!["TLS12_ENABLED".to_string()]);
+    assert!(reported("false").is_empty());
+}
+
+#[test]
 fn start_up_pages_are_released_unless_turned_off() {
     let release = |pairs: &[(&str, &str)]| {
         Environment::from_pairs(pairs.iter().copied()).release_startup_pages()

@@ -222,6 +222,13 @@ pub const VARIABLES: &[(&str, Treatment)] = &[
         Honoured("drain deadline"),
     ),
     (
+        "TLS12_ENABLED",
+        DefaultOnly {
+            default: "false",
+            reason: "TLS 1.2 is not offered: HBONE and istiod connections are TLS 1.3 only",
+        },
+    ),
+    (
         "TRANSPARENT_NETWORK_POLICIES",
         DefaultOnly {
             default: "false",
