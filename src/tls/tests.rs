@@ -308,7 +308,8 @@ fn issued_pair() -> (WorkloadCertificate, WorkloadCertificate, Identity) {
     (client_cert, server_cert, server_id)
 }
 
-/// The server side of the same policy.
+/// A server configured as Istio's ztunnel is with `COMPLIANCE_POLICY=pqc`: our certificate and
+/// client checks, accepting only X25519MLKEM768.
 fn post_quantum_server(cert: &WorkloadCertificate) -> Arc<ServerConfig> {
     let verifier = TrustDomainVerifier::new(cert.roots().clone(), cert.identity().trust_domain())
         .expect("verifier");
