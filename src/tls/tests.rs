@@ -236,7 +236,7 @@ async fn handshake_table() {
 }
 
 #[tokio::test]
-async fn negotiates_h2_tls13_aes_gcm_and_carries_data() {
+async fn negotiates_h2_tls13_aes128_gcm_and_carries_data() {
     let ca = new_ca();
     let client_id = identity("spiffe://cluster.local/ns/a/sa/client");
     let server_id = identity("spiffe://cluster.local/ns/b/sa/server");
@@ -259,14 +259,7 @@ async fn negotiates_h2_tls13_aes_gcm_and_carries_data() {
             Some(rustls::ProtocolVersion::TLSv1_3)
         );
         let suite = state.negotiated_cipher_suite().expect("suite").suite();
-        assert!(
-            matches!(
-                suite,
-                rustls::CipherSuite::TLS13_AES_256_GCM_SHA384
-                    | rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
-            ),
-            "{suite:?}"
-        );
+        assert_eq!(suite, rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
     }
     client.write_all(b"ping").await.expect("write");
     let mut buffer = [0u8; 4];
@@ -334,6 +327,20 @@ async fn key_exchange_is_x25519_and_the_post_quantum_hybrid_works_both_ways() {
             server_cert.server_config(),
             rustls::NamedGroup::X25519,
             rustls::HandshakeKind::Full,
+            AES_128,
+        ),
+        (
+            // Istio's ztunnel offers AES-256 first; our server follows the client's order.
+            "a client preferring AES-256 to our server",
+            client_with(
+                aes_256_first(KeyExchange::Classical),
+                &client_cert,
+                &expected,
+            ),
+            server_cert.server_config(),
+            rustls::NamedGroup::X25519,
+            rustls::HandshakeKind::Full,
+            AES_256,
         ),
         (
             "a post-quantum-only client to our server",
@@ -345,6 +352,7 @@ async fn key_exchange_is_x25519_and_the_post_quantum_hybrid_works_both_ways() {
             server_cert.server_config(),
             rustls::NamedGroup::X25519MLKEM768,
             rustls::HandshakeKind::Full,
+            AES_256,
         ),
         (
             // Our ClientHello carries an X25519 share only, so the server asks again.
@@ -353,9 +361,10 @@ async fn key_exchange_is_x25519_and_the_post_quantum_hybrid_works_both_ways() {
             post_quantum_server(&server_cert),
             rustls::NamedGroup::X25519MLKEM768,
             rustls::HandshakeKind::FullWithHelloRetryRequest,
+            AES_128,
         ),
     ];
-    for (case, client, server, group, kind) in cases {
+    for (case, client, server, group, kind, suite) in cases {
         let result = handshake(client, server).await;
         let mut client = result
             .client
@@ -370,6 +379,8 @@ async fn key_exchange_is_x25519_and_the_post_quantum_hybrid_works_both_ways() {
             let negotiated = state.negotiated_key_exchange_group().expect("group");
             assert_eq!(negotiated.name(), group, "{case}");
             assert_eq!(state.handshake_kind(), Some(kind), "{case}");
+            let negotiated = state.negotiated_cipher_suite().expect("suite").suite();
+            assert_eq!(negotiated, suite, "{case}");
         }
         client.write_all(b"ping").await.expect("write");
         let mut buffer = [0u8; 4];
@@ -398,15 +409,31 @@ async fn a_post_quantum_only_peer_refuses_a_peer_without_the_hybrid() {
     assert!(result.client.is_err(), "the client cannot carry on");
 }
 
+const AES_128: rustls::CipherSuite = rustls::CipherSuite::TLS13_AES_128_GCM_SHA256;
+const AES_256: rustls::CipherSuite = rustls::CipherSuite::TLS13_AES_256_GCM_SHA384;
+
+/// A provider with the suites in Istio's ztunnel's order.
+fn aes_256_first(key_exchange: KeyExchange) -> CryptoProvider {
+    let mut provider = provider_for(key_exchange);
+    provider
+        .cipher_suites
+        .sort_by_key(|suite| suite.suite() != AES_256);
+    provider
+}
+
 #[test]
-fn provider_has_exactly_the_aes_gcm_tls13_suites() {
-    let suites: Vec<_> = provider().cipher_suites.iter().map(|s| s.suite()).collect();
+fn suites_are_the_two_aes_gcm_ones_ordered_by_the_key_exchange() {
+    let suites = |provider: &CryptoProvider| -> Vec<_> {
+        provider.cipher_suites.iter().map(|s| s.suite()).collect()
+    };
+    assert_eq!(suites(&provider()), vec![AES_128, AES_256]);
     assert_eq!(
-        suites,
-        vec![
-            rustls::CipherSuite::TLS13_AES_256_GCM_SHA384,
-            rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
-        ]
+        suites(&provider_for(KeyExchange::PostQuantumOnly)),
+        vec![AES_256, AES_128]
+    );
+    assert_eq!(
+        suites(&aes_256_first(KeyExchange::Classical)),
+        vec![AES_256, AES_128]
     );
 }
 
