@@ -485,3 +485,49 @@ async fn data_plane_shards_read_as_one_runtime_with_a_worker_each() {
     release.send(()).expect("task waiting");
     waiting.await.expect("task");
 }
+
+#[test]
+fn connections_of_one_series_share_its_labels_and_the_series_table_follows_them() {
+    let metrics = Metrics::new();
+    let client = workload("team", "client", "client");
+    let labels = || {
+        TrafficLabels::build(
+            Reporter::Source,
+            Peer {
+                workload: Some(&client),
+                identity: None,
+            },
+            Peer::default(),
+            None,
+            ResponseFlag::None,
+        )
+    };
+    let first = metrics.open(labels(), info(&client), Arc::new(ByteCounters::default()));
+    let second = metrics.open(labels(), info(&client), Arc::new(ByteCounters::default()));
+    {
+        let live = lock(&metrics.live);
+        let [a, b] = [&live[&first.0].labels, &live[&second.0].labels];
+        assert!(Arc::ptr_eq(&a.labels, &b.labels), "built twice, kept once");
+    }
+    assert_eq!(lock(&metrics.series).len(), 1);
+    let different = Series::new(TrafficLabels {
+        source_workload: "other".to_string(),
+        ..labels()
+    });
+    assert_ne!(Series::new(labels()), different);
+
+    // Evicted while both connections are open: closing them records the series again, so it
+    // can be evicted once more when its workload leaves for good.
+    assert_eq!(metrics.retain_workloads(|_| false), 1);
+    assert!(lock(&metrics.series).is_empty());
+    metrics.close(first, ResponseFlag::None, || unreachable!("same flag"));
+    metrics.close(second, ResponseFlag::None, || unreachable!("same flag"));
+    let text = metrics.encode(&AgentSample::default(), false);
+    assert_eq!(
+        sample_value(&text, "istio_tcp_connections_closed_total", "client"),
+        Some(2)
+    );
+    assert_eq!(metrics.retain_workloads(|_| false), 1);
+    let text = metrics.encode(&AgentSample::default(), false);
+    assert!(!text.contains("source_workload=\"client\""), "{text}");
+}
