@@ -308,8 +308,8 @@ fn run_agent(
         }
     };
     let workers = workers.unwrap_or(cpus);
-    // The worker count goes to the data-plane shards, where connections run, and the runtime
-    // behind them (control plane, accept loops, DNS, admin) needs one thread. With
+    // The worker count goes to the data-plane shards, where connections are accepted and run,
+    // and the runtime behind them (control plane, DNS, admin) needs one thread. With
     // NODETUNNEL_SHARDS=off connections run on that runtime's workers instead.
     let sharded = match overrides.env.data_plane_shards() {
         Ok(sharded) => sharded,

@@ -128,7 +128,25 @@ impl SocketFactory {
     /// A wildcard IPv6 address is dual-stack; if the namespace has no IPv6, IPv4 wildcard is used.
     /// `transparent` lets the listener accept connections for non-local addresses (TPROXY).
     pub fn listen(&self, addr: SocketAddr, transparent: bool) -> Result<TcpListener, SocketError> {
-        let attempt = |addr: SocketAddr| -> io::Result<TcpListener> {
+        let listener = self.listen_std(addr, transparent)?;
+        let addr = listener.local_addr().unwrap_or(addr);
+        TcpListener::from_std(listener).map_err(|source| SocketError::Io {
+            op: "listen",
+            addr,
+            source,
+        })
+    }
+
+    /// [`SocketFactory::listen`], not yet registered with any runtime: the runtime that will
+    /// accept on it registers it (a data-plane shard, see `WorkloadProxy::spawn`). Several
+    /// listeners on one address form a `SO_REUSEPORT` group, over which the kernel spreads new
+    /// connections.
+    pub fn listen_std(
+        &self,
+        addr: SocketAddr,
+        transparent: bool,
+    ) -> Result<std::net::TcpListener, SocketError> {
+        let attempt = |addr: SocketAddr| -> io::Result<std::net::TcpListener> {
             let socket = self.raw_socket(Domain::for_address(addr), Some(LISTENER_OWNER))?;
             warn_unless_owned(&socket, addr);
             socket.set_reuse_address(true)?;
@@ -146,7 +164,7 @@ impl SocketFactory {
             socket.set_tcp_keepalive(&TcpKeepalive::new().with_time(KEEPALIVE_TIME))?;
             socket.bind(&addr.into())?;
             socket.listen(LISTEN_BACKLOG)?;
-            TcpListener::from_std(socket.into())
+            Ok(socket.into())
         };
         match attempt(addr) {
             Ok(listener) => Ok(listener),

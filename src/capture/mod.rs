@@ -389,8 +389,9 @@ impl PodManager {
         let path = netns.path().to_path_buf();
         let netns = Arc::new(netns);
         let sockets = SocketFactory::pod(netns.clone(), self.home.clone(), self.mark);
+        let copies = WorkloadProxy::listener_copies(&self.inputs);
         let (listeners, dns_listeners) =
-            bind_listeners(netns.clone(), sockets.clone(), self.dns.is_some()).await?;
+            bind_listeners(netns.clone(), sockets.clone(), self.dns.is_some(), copies).await?;
         let drain = self.drain.child();
         // One learned set per pod, shared by its DNS proxy (writer) and its workload proxy
         // (reader); it goes with them when the pod goes. Without DNS it stays empty.
@@ -520,12 +521,13 @@ impl PodManager {
     }
 }
 
-/// Binds the pod's listeners (and its DNS listeners with `with_dns`) on a thread inside its
-/// namespace, off the runtime's workers.
+/// Binds `copies` of the pod's listeners (and its DNS listeners with `with_dns`) on a thread
+/// inside its namespace, off the runtime's workers.
 async fn bind_listeners(
     netns: Arc<Netns>,
     sockets: SocketFactory,
     with_dns: bool,
+    copies: usize,
 ) -> Result<(Listeners, Option<DnsListeners>), CaptureError> {
     let path = netns.path().to_path_buf();
     // A blocking-pool thread has the runtime context that registering the sockets with tokio
@@ -539,7 +541,7 @@ async fn bind_listeners(
                 tracing::debug!(%error, "cannot set net.ipv4.tcp_migrate_req in the pod");
             }
             let _context = runtime.enter();
-            let listeners = Listeners::bind(&sockets)?;
+            let listeners = Listeners::bind(&sockets, copies)?;
             let dns = with_dns.then(|| DnsListeners::bind(&sockets)).transpose()?;
             Ok::<_, SocketError>((listeners, dns))
         })

@@ -43,6 +43,10 @@ fn fresh_netns(name: &str) -> Netns {
 }
 
 fn manager() -> PodManager {
+    manager_on(crate::shard::Shards::inline())
+}
+
+fn manager_on(shards: Arc<crate::shard::Shards>) -> PodManager {
     let (root, key) = BuiltinCa::generate_root("test root").expect("root");
     let ca = BuiltinCa::from_pem(&root, &key, Duration::from_secs(3600)).expect("CA");
     let inputs = ProxyInputs {
@@ -55,7 +59,7 @@ fn manager() -> PodManager {
         metrics: Arc::new(Metrics::new()),
         sources: crate::proxy::limits::SourceLimits::new(u32::MAX),
         memory: crate::proxy::budget::MemoryBudget::unlimited(),
-        shards: crate::shard::Shards::inline(),
+        shards,
     };
     let home = Arc::new(Netns::current().expect("own namespace"));
     PodManager::new(inputs, home, 0x539, None, Drain::new())
@@ -237,4 +241,93 @@ async fn a_closing_listener_hands_its_queued_connections_to_the_other_agent() {
     seen.sort_unstable();
     assert_eq!(seen, (0..CLIENTS as u8).collect::<Vec<_>>());
     drop(clients);
+}
+
+/// Listening TCP sockets on `port` in the calling thread's network namespace.
+fn listening_on(port: u16) -> usize {
+    const LISTEN: &str = "0A";
+    ["tcp", "tcp6"]
+        .iter()
+        .filter_map(|table| std::fs::read_to_string(format!("/proc/thread-self/net/{table}")).ok())
+        .flat_map(|text| {
+            text.lines()
+                .skip(1)
+                .filter(|line| {
+                    let fields: Vec<&str> = line.split_whitespace().collect();
+                    let local_port = fields
+                        .get(1)
+                        .and_then(|local| local.rsplit(':').next())
+                        .and_then(|hex| u16::from_str_radix(hex, 16).ok());
+                    local_port == Some(port) && fields.get(3) == Some(&LISTEN)
+                })
+                .map(|_| ())
+                .collect::<Vec<_>>()
+        })
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_shard_accepts_on_its_own_copy_of_the_pod_listeners() {
+    const CONNECTIONS: usize = 32;
+    if !netns_tests_enabled("each_shard_accepts_on_its_own_copy_of_the_pod_listeners") {
+        return;
+    }
+    let shards = crate::shard::Shards::start(2).expect("shards");
+    let manager = manager_on(shards.clone());
+    let metrics = manager.inputs.metrics.clone();
+    let pod = fresh_netns("copies");
+    pod.run_on_thread(|| {
+        let up = std::process::Command::new("ip")
+            .args(["link", "set", "lo", "up"])
+            .status();
+        assert!(up.is_ok_and(|status| status.success()), "ip link set lo up");
+    })
+    .expect("thread in the pod");
+    let handle = pod
+        .run_on_thread(Netns::current)
+        .expect("thread in the pod")
+        .expect("a second handle on the pod's namespace");
+    let added = manager.add("pod", handle);
+    assert_eq!(added.await.expect("pod starts"), AddOutcome::Started);
+
+    let counts = pod
+        .run_on_thread(|| [15001, 15006, 15008].map(listening_on))
+        .expect("thread in the pod");
+    assert_eq!(
+        counts,
+        [2, 2, 2],
+        "one listener per shard on 15001, 15006, 15008"
+    );
+    for (index, shard) in shards.handles().iter().enumerate() {
+        let alive = shard.metrics().num_alive_tasks();
+        assert!(
+            alive >= 3,
+            "shard {index} runs {alive} tasks, not its three accept loops"
+        );
+    }
+
+    // Connections to 15006 itself are refused after accept (it is one of the agent's ports):
+    // the kernel spreads them over both copies, and every one is accepted and closed.
+    let closed = pod
+        .run_on_thread(|| {
+            (0..CONNECTIONS)
+                .filter(|_| {
+                    let mut client =
+                        std::net::TcpStream::connect("127.0.0.1:15006").expect("connect");
+                    client.set_read_timeout(Some(HANG_GUARD)).expect("timeout");
+                    let mut byte = [0u8; 1];
+                    matches!(std::io::Read::read(&mut client, &mut byte), Ok(0) | Err(_))
+                })
+                .count()
+        })
+        .expect("thread in the pod");
+    assert_eq!(closed, CONNECTIONS);
+    let text = metrics.encode(&Default::default(), false);
+    let failed: u64 = text
+        .lines()
+        .filter(|line| line.starts_with("istio_tcp_connections_failed_total{"))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert_eq!(failed, CONNECTIONS as u64, "{text}");
+    manager.remove("pod").await;
 }

@@ -65,12 +65,14 @@ impl AdmissionError {
     }
 }
 
-/// Accepts until drain starts, spawning `handle` per connection in the proxy's drain scope.
-/// A connection over the pod's or its source's cap of unauthenticated connections is reset
-/// before any work; the others get their slot, to hold while they are unauthenticated.
+/// Accepts on `listener` until drain starts, spawning `handle` per connection in the proxy's
+/// drain scope on the calling runtime (the listener's shard: a connection stays on the thread
+/// that accepted it). A connection over the pod's or its source's cap of unauthenticated
+/// connections is reset before any work; the others get their slot, to hold while they are
+/// unauthenticated.
 pub(super) async fn accept_loop<F, Fut>(
     proxy: &Arc<WorkloadProxy>,
-    listener: TcpListener,
+    listener: std::net::TcpListener,
     kind: ListenerKind,
     handle: F,
 ) where
@@ -78,6 +80,16 @@ pub(super) async fn accept_loop<F, Fut>(
     Fut: Future<Output = ()> + Send + 'static,
 {
     let name = kind.name();
+    let listener = match TcpListener::from_std(listener) {
+        Ok(listener) => listener,
+        Err(error) => {
+            // Dropping it closes it, so the kernel stops giving it connections; the other
+            // copies of the listener carry on.
+            tracing::error!(workload = %proxy.workload_uid, listener = name, %error,
+                "cannot register a listener copy; closing it");
+            return;
+        }
+    };
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -97,47 +109,14 @@ pub(super) async fn accept_loop<F, Fut>(
                             continue;
                         }
                     };
-                spawn_connection(proxy, stream, peer, admitted, &handle);
+                let connection = handle(proxy.clone(), stream, peer, admitted);
+                proxy.drain.spawn_until_forced(connection);
             }
             Err(error) => {
                 // EMFILE and friends: back off briefly instead of spinning.
                 tracing::warn!(listener = name, %error, "accept failed");
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
-        }
-    }
-}
-
-/// Runs `handle` for an accepted connection in the proxy's drain scope until it ends or force
-/// is sent, on the next data-plane shard (see [`crate::shard`]) unless the shards are inline.
-fn spawn_connection<F, Fut>(
-    proxy: &Arc<WorkloadProxy>,
-    stream: TcpStream,
-    peer: SocketAddr,
-    admitted: Admitted,
-    handle: &F,
-) where
-    F: Fn(Arc<WorkloadProxy>, TcpStream, SocketAddr, Admitted) -> Fut,
-    Fut: Future<Output = ()> + Send + 'static,
-{
-    let Some(shard) = proxy.inputs.shards.pick() else {
-        let connection = handle(proxy.clone(), stream, peer, admitted);
-        proxy.drain.spawn_until_forced(connection);
-        return;
-    };
-    // A socket is polled by the reactor it was registered with: move it from the accept loop's
-    // to the shard's (registering from here is fine; it is the shard that polls it).
-    let moved = stream.into_std().and_then(|stream| {
-        let _shard_context = shard.enter();
-        TcpStream::from_std(stream)
-    });
-    match moved {
-        Ok(stream) => {
-            let connection = handle(proxy.clone(), stream, peer, admitted);
-            proxy.drain.spawn_until_forced_on(shard, connection);
-        }
-        Err(error) => {
-            tracing::warn!(%peer, %error, "accepted connection lost before its shard took it");
         }
     }
 }

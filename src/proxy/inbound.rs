@@ -20,7 +20,7 @@ use h2::server::SendResponse;
 use h2::RecvStream;
 use http::{Request, Response, StatusCode};
 use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
@@ -37,7 +37,7 @@ use crate::net::ClientAddr;
 use crate::spiffe::Identity;
 use crate::telemetry::{ConnectionRecord, Direction, ResponseFlag};
 
-pub(super) async fn serve(proxy: Arc<WorkloadProxy>, listener: TcpListener) {
+pub(super) async fn serve(proxy: Arc<WorkloadProxy>, listener: std::net::TcpListener) {
     accept_loop(&proxy, listener, ListenerKind::Hbone, handle).await
 }
 

@@ -8,7 +8,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tracing::Instrument;
 
 use super::admission::{self, accept_loop, AdmissionError, Admitted, ListenerKind, Redirected};
@@ -17,7 +17,7 @@ use crate::authz::ConnectionFacts;
 use crate::net::ports;
 use crate::telemetry::{ConnectionRecord, Direction, ResponseFlag};
 
-pub(super) async fn serve(proxy: Arc<WorkloadProxy>, listener: TcpListener) {
+pub(super) async fn serve(proxy: Arc<WorkloadProxy>, listener: std::net::TcpListener) {
     accept_loop(&proxy, listener, ListenerKind::InboundPlaintext, handle).await
 }
 

@@ -25,7 +25,7 @@ pub mod route;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
-use tokio::net::TcpListener;
+use tokio::runtime::Handle;
 
 use crate::config::agent::{PoolConfig, ProxyConfig};
 use crate::drain::Drain;
@@ -64,26 +64,45 @@ pub struct ProxyInputs {
     pub shards: Arc<crate::shard::Shards>,
 }
 
-/// The three listeners of a workload, bound inside its namespace.
+/// The three listeners of a workload, bound inside its namespace, in as many copies as there
+/// are data-plane shards.
+///
+/// Each shard accepts on its own copy (the copies of a port form a `SO_REUSEPORT` group, over
+/// which the kernel spreads new connections), so a connection is accepted on the thread that
+/// serves it: no wake-up of a second thread and no move of the socket between reactors (two
+/// `epoll_ctl` calls) per connection, as with one accept loop handing connections over.
 #[derive(Debug)]
 pub struct Listeners {
+    copies: Vec<ListenerSet>,
+}
+
+/// One copy of a workload's listeners, not yet registered with the runtime that accepts on it.
+#[derive(Debug)]
+struct ListenerSet {
     /// 15001.
-    pub outbound: TcpListener,
+    outbound: std::net::TcpListener,
     /// 15006.
-    pub inbound_plaintext: TcpListener,
+    inbound_plaintext: std::net::TcpListener,
     /// 15008.
-    pub inbound: TcpListener,
+    inbound: std::net::TcpListener,
 }
 
 impl Listeners {
-    /// Binds the three listeners (wildcard, dual-stack where possible) with `sockets`.
-    pub fn bind(sockets: &SocketFactory) -> Result<Self, SocketError> {
+    /// Binds `copies` (at least one) of the three listeners (wildcard, dual-stack where
+    /// possible) with `sockets`: one per data-plane shard.
+    pub fn bind(sockets: &SocketFactory, copies: usize) -> Result<Self, SocketError> {
         let wildcard = |port| SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port);
-        Ok(Listeners {
-            outbound: sockets.listen(wildcard(ports::OUTBOUND), true)?,
-            inbound_plaintext: sockets.listen(wildcard(ports::INBOUND_PLAINTEXT), true)?,
-            inbound: sockets.listen(wildcard(ports::HBONE), false)?,
-        })
+        let copies = (0..copies.max(1))
+            .map(|_| {
+                Ok(ListenerSet {
+                    outbound: sockets.listen_std(wildcard(ports::OUTBOUND), true)?,
+                    inbound_plaintext: sockets
+                        .listen_std(wildcard(ports::INBOUND_PLAINTEXT), true)?,
+                    inbound: sockets.listen_std(wildcard(ports::HBONE), false)?,
+                })
+            })
+            .collect::<Result<_, SocketError>>()?;
+        Ok(Listeners { copies })
     }
 }
 
@@ -154,23 +173,27 @@ impl WorkloadProxy {
         &self.learned
     }
 
-    /// Starts the accept loops and the pool's idle release on the proxy's drain scope.
+    /// Starts the accept loops (each copy of the listeners on its own shard, see [`Listeners`])
+    /// and the pool's idle release on the proxy's drain scope.
     pub fn spawn(self: &Arc<Self>, listeners: Listeners) {
         let drain = &self.drain;
-        let local = |listener: &TcpListener| {
+        let local = |listener: &std::net::TcpListener| {
             listener
                 .local_addr()
                 .map(ListenAddr)
                 .map(|addr| addr.to_string())
                 .unwrap_or_default()
         };
-        tracing::info!(
-            workload = %self.workload_uid,
-            outbound = %local(&listeners.outbound),
-            inbound = %local(&listeners.inbound),
-            inbound_plaintext = %local(&listeners.inbound_plaintext),
-            "workload proxy listening"
-        );
+        if let Some(first) = listeners.copies.first() {
+            tracing::info!(
+                workload = %self.workload_uid,
+                outbound = %local(&first.outbound),
+                inbound = %local(&first.inbound),
+                inbound_plaintext = %local(&first.inbound_plaintext),
+                copies = listeners.copies.len(),
+                "workload proxy listening"
+            );
+        }
         // Subscribed before the first accept, so no change can slip past a new connection.
         drain.spawn(connections::run_reevaluation(
             self.connections.clone(),
@@ -179,16 +202,26 @@ impl WorkloadProxy {
             self.inputs.state.subscribe(),
             self.drain.clone(),
         ));
-        drain.spawn(outbound::serve(self.clone(), listeners.outbound));
-        drain.spawn(inbound::serve(self.clone(), listeners.inbound));
-        drain.spawn(inbound_plaintext::serve(
-            self.clone(),
-            listeners.inbound_plaintext,
-        ));
+        let shards = self.inputs.shards.clone();
+        for (index, copy) in listeners.copies.into_iter().enumerate() {
+            let shard = shards.handles().get(index);
+            spawn_on_shard(drain, shard, outbound::serve(self.clone(), copy.outbound));
+            spawn_on_shard(drain, shard, inbound::serve(self.clone(), copy.inbound));
+            spawn_on_shard(
+                drain,
+                shard,
+                inbound_plaintext::serve(self.clone(), copy.inbound_plaintext),
+            );
+        }
         let pool = self.pool.clone();
         let stop = self.drain.clone();
         drain.spawn(async move { pool.run_idle_release(stop.draining()).await });
         drain.spawn(prune_learned(self.learned.clone(), self.drain.clone()));
+    }
+
+    /// The number of listener copies a proxy binds: one per data-plane shard.
+    pub fn listener_copies(inputs: &ProxyInputs) -> usize {
+        inputs.shards.handles().len().max(1)
     }
 
     /// Open inbound connections (HBONE streams and plaintext) under authorization (admin).
@@ -217,6 +250,17 @@ async fn prune_learned(learned: Arc<LearnedDestinations>, drain: Drain) {
             _ = drain.draining() => return,
         }
     }
+}
+
+/// Spawns `task` on `shard`, or on the caller's runtime when the shards are inline.
+fn spawn_on_shard<F>(drain: &Drain, shard: Option<&Handle>, task: F)
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    match shard {
+        Some(shard) => drain.spawn_on(shard, task),
+        None => drain.spawn(task),
+    };
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use futures_util::future::Either;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tracing::Instrument;
 
 use super::admission::{self, accept_loop, AdmissionError, Admitted, ListenerKind, Redirected};
@@ -20,7 +20,7 @@ use crate::telemetry::metrics::ByteCounters;
 use crate::telemetry::protection::LimitReason;
 use crate::telemetry::{ConnectionRecord, Direction, ResponseFlag};
 
-pub(super) async fn serve(proxy: Arc<WorkloadProxy>, listener: TcpListener) {
+pub(super) async fn serve(proxy: Arc<WorkloadProxy>, listener: std::net::TcpListener) {
     accept_loop(&proxy, listener, ListenerKind::Outbound, handle).await
 }
 
