@@ -82,9 +82,15 @@ impl FakeCni {
 
     /// Waits for the agent to connect and reads its hello, which must be `V1`.
     pub fn accept(&self) -> Result<CniConnection> {
-        let (socket, _peer) = self
-            .listener
-            .accept()
+        // A signal to the test process (another test's child exiting) interrupts a wait with
+        // SO_RCVTIMEO even under SA_RESTART: wait again.
+        let accepted = loop {
+            match self.listener.accept() {
+                Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
+                other => break other,
+            }
+        };
+        let (socket, _peer) = accepted
             .with_context(|| format!("no agent connected to {} in time", self.path.display()))?;
         set_timeout(&socket)?;
         let connection = CniConnection {
@@ -197,8 +203,13 @@ impl CniConnection {
 
     fn receive(&self) -> Result<Vec<u8>> {
         let mut buffer = vec![0u8; 4096];
-        let read = recv(self.socket.as_raw_fd(), &mut buffer, MsgFlags::empty())
-            .context("recv from the agent")?;
+        let read = loop {
+            match recv(self.socket.as_raw_fd(), &mut buffer, MsgFlags::empty()) {
+                Err(nix::errno::Errno::EINTR) => continue,
+                other => break other,
+            }
+        }
+        .context("recv from the agent")?;
         if read == 0 {
             bail!("the agent closed the connection");
         }
