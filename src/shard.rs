@@ -34,6 +34,8 @@ pub fn current() -> usize {
 #[derive(Debug)]
 pub struct Shards {
     handles: Vec<Handle>,
+    /// Connections each shard runs now, for [`Shards::place`].
+    loads: Vec<Load>,
     next: AtomicUsize,
     /// Dropping this stops every shard's thread (their runtimes end with it).
     _stop: Option<tokio::sync::watch::Sender<()>>,
@@ -44,6 +46,7 @@ impl Shards {
     pub fn inline() -> Arc<Self> {
         Arc::new(Shards {
             handles: Vec::new(),
+            loads: Vec::new(),
             next: AtomicUsize::new(0),
             _stop: None,
         })
@@ -76,6 +79,7 @@ impl Shards {
                 })?;
         }
         Ok(Arc::new(Shards {
+            loads: handles.iter().map(|_| Load::default()).collect(),
             handles,
             next: AtomicUsize::new(0),
             _stop: Some(stop),
@@ -101,6 +105,30 @@ impl Shards {
         self.handles.get(index)
     }
 
+    /// Where a connection just accepted on the calling shard runs, counted there until the
+    /// returned [`ShardLoad`] is dropped; `None` when the shards are inline.
+    ///
+    /// Each shard accepts on its own copy of a listener and the kernel picks the copy by a hash
+    /// of the addresses: fine for many connections, uneven for a few (two HBONE connections
+    /// land on one shard half the time, and then one core carries both). So a connection
+    /// stays where it was accepted unless that shard runs more than `slack` connections more
+    /// than the least loaded one, which then takes it (the caller moves the socket there).
+    pub fn place(self: &Arc<Self>, slack: usize) -> Option<ShardLoad> {
+        let load = |index: usize| self.loads[index].0.load(Ordering::Relaxed);
+        let (least, least_load) = (0..self.loads.len())
+            .map(|index| (index, load(index)))
+            .min_by_key(|&(_, load)| load)?;
+        let index = match CURRENT.with(Cell::get) {
+            Some(here) if here < self.loads.len() && load(here) <= least_load + slack => here,
+            _ => least,
+        };
+        self.loads[index].0.fetch_add(1, Ordering::Relaxed);
+        Some(ShardLoad {
+            shards: self.clone(),
+            index,
+        })
+    }
+
     /// Spawns `task` on the next shard (or on the caller's runtime when inline).
     pub fn spawn<F>(&self, task: F) -> JoinHandle<F::Output>
     where
@@ -111,6 +139,39 @@ impl Shards {
             Some(shard) => shard.spawn(task),
             None => tokio::spawn(task),
         }
+    }
+}
+
+/// One shard's connection count, alone on its cache line: each shard updates its own on every
+/// connection, and placement reads them all.
+#[derive(Debug, Default)]
+#[repr(align(64))]
+struct Load(AtomicUsize);
+
+/// A connection counted on its shard (see [`Shards::place`]); dropping it ends the count.
+#[derive(Debug)]
+pub struct ShardLoad {
+    shards: Arc<Shards>,
+    index: usize,
+}
+
+impl ShardLoad {
+    /// The shard the connection runs on.
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    /// That shard's runtime.
+    pub fn handle(&self) -> &Handle {
+        &self.shards.handles[self.index]
+    }
+}
+
+impl Drop for ShardLoad {
+    fn drop(&mut self) {
+        self.shards.loads[self.index]
+            .0
+            .fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -150,5 +211,36 @@ mod tests {
         // A current-thread test runtime: the task ran on this very thread.
         assert_eq!(here, there);
         assert_eq!(current(), 0);
+    }
+
+    #[tokio::test]
+    async fn connections_stay_on_the_accepting_shard_until_it_is_busier_by_more_than_slack() {
+        assert!(
+            Shards::inline().place(0).is_none(),
+            "inline: nothing to place"
+        );
+        let shards = Shards::start(2).expect("start shards");
+        let inner = shards.clone();
+        let [exact, with_slack] = shards.handles()[0]
+            .spawn(async move {
+                let mut placed = [Vec::new(), Vec::new()];
+                for (slack, indices) in placed.iter_mut().enumerate() {
+                    let held: Vec<_> = (0..5)
+                        .map(|_| inner.place(slack).expect("sharded"))
+                        .collect();
+                    indices.extend(held.iter().map(ShardLoad::index));
+                }
+                placed
+            })
+            .await
+            .expect("shard task");
+        assert_eq!(exact, vec![0, 1, 0, 1, 0]);
+        assert_eq!(with_slack, vec![0, 0, 1, 0, 1]);
+        let loads: Vec<usize> = shards
+            .loads
+            .iter()
+            .map(|load| load.0.load(Ordering::Relaxed))
+            .collect();
+        assert_eq!(loads, vec![0, 0], "every count ends with its connection");
     }
 }

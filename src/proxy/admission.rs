@@ -109,14 +109,60 @@ pub(super) async fn accept_loop<F, Fut>(
                             continue;
                         }
                     };
-                let connection = handle(proxy.clone(), stream, peer, admitted);
-                proxy.drain.spawn_until_forced(connection);
+                spawn_connection(proxy, stream, peer, admitted, kind, &handle);
             }
             Err(error) => {
                 // EMFILE and friends: back off briefly instead of spinning.
                 tracing::warn!(listener = name, %error, "accept failed");
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
+        }
+    }
+}
+
+/// Runs `handle` for an accepted connection in the proxy's drain scope until it ends or force
+/// is sent: on the calling shard, unless [`crate::shard::Shards::place`] finds this shard too
+/// busy, then on the least loaded one; on the calling runtime when the shards are inline.
+fn spawn_connection<F, Fut>(
+    proxy: &Arc<WorkloadProxy>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    admitted: Admitted,
+    kind: ListenerKind,
+    handle: &F,
+) where
+    F: Fn(Arc<WorkloadProxy>, TcpStream, SocketAddr, Admitted) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    use futures_util::FutureExt as _;
+    let Some(load) = proxy.inputs.shards.place(kind.placement_slack()) else {
+        let connection = handle(proxy.clone(), stream, peer, admitted);
+        proxy.drain.spawn_until_forced(connection);
+        return;
+    };
+    if load.index() == crate::shard::current() {
+        let connection = handle(proxy.clone(), stream, peer, admitted);
+        proxy
+            .drain
+            .spawn_until_forced(connection.map(move |()| drop(load)));
+        return;
+    }
+    // A socket is polled by the reactor it was registered with: move it from this shard's to
+    // the other's (registering from here is fine; it is the other shard that polls it).
+    let moved = stream.into_std().and_then(|stream| {
+        let _shard_context = load.handle().enter();
+        TcpStream::from_std(stream)
+    });
+    match moved {
+        Ok(stream) => {
+            let shard = load.handle().clone();
+            let connection = handle(proxy.clone(), stream, peer, admitted);
+            proxy
+                .drain
+                .spawn_until_forced_on(&shard, connection.map(move |()| drop(load)));
+        }
+        Err(error) => {
+            tracing::warn!(%peer, %error, "accepted connection lost moving to another shard");
         }
     }
 }

@@ -40,6 +40,18 @@ impl ListenerKind {
     fn remote_source(self) -> bool {
         !matches!(self, ListenerKind::Outbound)
     }
+
+    /// How many connections more than the least loaded shard the accepting shard may run
+    /// and still keep a new one (`shard::Shards::place`). HBONE connections are few, long-lived
+    /// and carry many streams each: balanced exactly. An app's connections are many and mostly
+    /// short: a shard keeps them unless it is clearly busier, since moving one costs a second
+    /// thread's wake-up.
+    pub(super) fn placement_slack(self) -> usize {
+        match self {
+            ListenerKind::Hbone => 0,
+            ListenerKind::Outbound | ListenerKind::InboundPlaintext => 1,
+        }
+    }
 }
 
 /// Why a connection was refused.
