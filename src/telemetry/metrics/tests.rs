@@ -163,20 +163,25 @@ fn info(source: &Workload) -> Arc<ConnectionFields> {
     })
 }
 
-#[test]
-fn bytes_are_reported_while_open_and_exactly_once_after_close() {
-    let metrics = Metrics::new();
-    let client = workload("team", "client", "client");
-    let labels = TrafficLabels::build(
+/// The source agent's labels for a connection from `source` to nothing known, without mTLS.
+fn outbound_labels(source: &Workload) -> TrafficLabels {
+    TrafficLabels::build(
         Reporter::Source,
         Peer {
-            workload: Some(&client),
+            workload: Some(source),
             identity: None,
         },
         Peer::default(),
         None,
         ResponseFlag::None,
-    );
+    )
+}
+
+#[test]
+fn bytes_are_reported_while_open_and_exactly_once_after_close() {
+    let metrics = Metrics::new();
+    let client = workload("team", "client", "client");
+    let labels = outbound_labels(&client);
     let bytes = Arc::new(ByteCounters::default());
     let live = metrics.open(labels.clone(), info(&client), bytes.clone());
     bytes.sent.fetch_add(100, Ordering::Relaxed);
@@ -247,16 +252,7 @@ fn series_of_removed_workloads_are_evicted_and_others_stay() {
     let gone = workload("team", "gone", "gone");
     let stays = workload("team", "stays", "stays");
     for source in [&gone, &stays] {
-        let labels = TrafficLabels::build(
-            Reporter::Source,
-            Peer {
-                workload: Some(source),
-                identity: None,
-            },
-            Peer::default(),
-            None,
-            ResponseFlag::None,
-        );
+        let labels = outbound_labels(source);
         let live = metrics.open(
             labels.clone(),
             info(source),
@@ -490,18 +486,7 @@ async fn data_plane_shards_read_as_one_runtime_with_a_worker_each() {
 fn connections_of_one_series_share_its_labels_and_the_series_table_follows_them() {
     let metrics = Metrics::new();
     let client = workload("team", "client", "client");
-    let labels = || {
-        TrafficLabels::build(
-            Reporter::Source,
-            Peer {
-                workload: Some(&client),
-                identity: None,
-            },
-            Peer::default(),
-            None,
-            ResponseFlag::None,
-        )
-    };
+    let labels = || outbound_labels(&client);
     let first = metrics.open(labels(), info(&client), Arc::new(ByteCounters::default()));
     let second = metrics.open(labels(), info(&client), Arc::new(ByteCounters::default()));
     {
