@@ -4,7 +4,8 @@
 //! it rides on run wherever a worker is free: every chunk handed between them can wake a parked
 //! worker on another core (a `futex` call and a cold cache for the bytes just read), and an
 //! HBONE round trip crosses threads several times. A shard is one thread with a single-threaded
-//! runtime. Accept loops hand each connection to a shard; everything the connection spawns
+//! runtime. Each shard accepts on its own copy of a pod's listeners and keeps what it accepts
+//! unless another shard is less loaded ([`Shards::place`]); everything the connection spawns
 //! (the stream tasks of an inbound HTTP/2 connection, the HTTP/2 connection an outbound tunnel
 //! opens) is spawned on that shard, and the pool keeps each shard's HBONE connections apart
 //! ([`current`] is part of the pool key), so a tunnel and its connection share a thread and
@@ -13,12 +14,10 @@
 //! [`Shards::inline`] spawns on the caller's runtime instead (tests, embedders).
 
 use std::cell::Cell;
-use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use tokio::runtime::Handle;
-use tokio::task::JoinHandle;
 
 thread_local! {
     /// The index of the shard whose thread this is.
@@ -36,7 +35,6 @@ pub struct Shards {
     handles: Vec<Handle>,
     /// Connections each shard runs now, for [`Shards::place`].
     loads: Vec<Load>,
-    next: AtomicUsize,
     /// Dropping this stops every shard's thread (their runtimes end with it).
     _stop: Option<tokio::sync::watch::Sender<()>>,
 }
@@ -47,7 +45,6 @@ impl Shards {
         Arc::new(Shards {
             handles: Vec::new(),
             loads: Vec::new(),
-            next: AtomicUsize::new(0),
             _stop: None,
         })
     }
@@ -81,7 +78,6 @@ impl Shards {
         Ok(Arc::new(Shards {
             loads: handles.iter().map(|_| Load::default()).collect(),
             handles,
-            next: AtomicUsize::new(0),
             _stop: Some(stop),
         }))
     }
@@ -94,15 +90,6 @@ impl Shards {
     /// Whether connections run on the caller's runtime ([`Shards::inline`]).
     pub fn is_empty(&self) -> bool {
         self.handles.is_empty()
-    }
-
-    /// The runtime the next connection goes to (round robin), or `None` when inline.
-    pub fn pick(&self) -> Option<&Handle> {
-        if self.handles.is_empty() {
-            return None;
-        }
-        let index = self.next.fetch_add(1, Ordering::Relaxed) % self.handles.len();
-        self.handles.get(index)
     }
 
     /// Where a connection just accepted on the calling shard runs, counted there until the
@@ -127,18 +114,6 @@ impl Shards {
             shards: self.clone(),
             index,
         })
-    }
-
-    /// Spawns `task` on the next shard (or on the caller's runtime when inline).
-    pub fn spawn<F>(&self, task: F) -> JoinHandle<F::Output>
-    where
-        F: Future + Send + 'static,
-        F::Output: Send + 'static,
-    {
-        match self.pick() {
-            Some(shard) => shard.spawn(task),
-            None => tokio::spawn(task),
-        }
     }
 }
 
@@ -180,37 +155,22 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn connections_go_round_robin_and_know_their_shard() {
+    async fn tasks_know_their_shard_and_what_they_spawn_stays_on_it() {
         let shards = Shards::start(2).expect("start shards");
-        let mut seen = Vec::new();
-        for _ in 0..4 {
-            let (index, name) = shards
+        for (index, shard) in shards.handles().iter().enumerate() {
+            let (seen, name) = shard
                 .spawn(async {
-                    // A task spawned from a shard stays on it.
                     let nested = tokio::spawn(async { current() }).await.expect("nested");
                     assert_eq!(nested, current());
                     (current(), std::thread::current().name().map(str::to_string))
                 })
                 .await
                 .expect("shard task");
+            assert_eq!(seen, index);
             assert_eq!(name, Some(format!("nodetunnel-shard-{index}")));
-            seen.push(index);
         }
-        assert_eq!(seen, vec![0, 1, 0, 1]);
-    }
-
-    #[tokio::test]
-    async fn inline_shards_spawn_on_the_callers_runtime() {
-        let shards = Shards::inline();
-        assert!(shards.is_empty());
-        let here = std::thread::current().id();
-        let there = shards
-            .spawn(async { std::thread::current().id() })
-            .await
-            .expect("inline task");
-        // A current-thread test runtime: the task ran on this very thread.
-        assert_eq!(here, there);
-        assert_eq!(current(), 0);
+        assert!(Shards::inline().is_empty());
+        assert_eq!(current(), 0, "outside any shard");
     }
 
     #[tokio::test]

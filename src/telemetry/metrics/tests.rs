@@ -471,7 +471,7 @@ async fn runtime_sample_reads_the_live_runtime() {
 async fn data_plane_shards_read_as_one_runtime_with_a_worker_each() {
     let shards = crate::shard::Shards::start(2).expect("shards");
     let (release, wait) = tokio::sync::oneshot::channel::<()>();
-    let waiting = shards.spawn(async move {
+    let waiting = shards.handles()[1].spawn(async move {
         let _ = wait.await;
     });
     let sample = RuntimeSample::of_all(shards.handles());
