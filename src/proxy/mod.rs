@@ -68,9 +68,11 @@ pub struct ProxyInputs {
 /// are data-plane shards.
 ///
 /// Each shard accepts on its own copy (the copies of a port form a `SO_REUSEPORT` group, over
-/// which the kernel spreads new connections), so a connection is accepted on the thread that
-/// serves it: no wake-up of a second thread and no move of the socket between reactors (two
-/// `epoll_ctl` calls) per connection, as with one accept loop handing connections over.
+/// which the kernel spreads new connections), so a connection is mostly served on the thread
+/// that accepted it: no wake-up of a second thread and no move of the socket between reactors
+/// (two `epoll_ctl` calls), as with one accept loop handing every connection over. Only when
+/// the accepting shard is busier than another does the connection move
+/// ([`crate::shard::Shards::place`]).
 #[derive(Debug)]
 pub struct Listeners {
     copies: Vec<ListenerSet>,
