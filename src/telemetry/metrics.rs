@@ -12,12 +12,11 @@
 
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash, Hasher, RandomState};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use prometheus_client::encoding::{EncodeLabelSet, LabelSetEncoder};
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -31,9 +30,11 @@ use agent::{AgentMetrics, ReasonLabels, RefusalLabels};
 pub use agent::{AgentSample, MemoryBudgetSample, RuntimeSample, WorkerSample};
 use authorization::DecisionCounters;
 pub use authorization::{DecisionAction, DecisionLabels, DecisionPhase, NO_POLICY};
+use series::Series;
 
 mod agent;
 mod authorization;
+mod series;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct ReporterLabels {
@@ -44,51 +45,6 @@ struct ReporterLabels {
 struct BuildLabels {
     component: String,
     tag: String,
-}
-
-/// One traffic series' labels, shared, with their hash computed once.
-///
-/// A connection looks its labels up about six times in each agent (opened, the series table,
-/// both byte counters, closed, the series table again). Hashing some twenty strings each time
-/// was ~2 % of the agents' CPU in the connection-rate benchmarks; with the hash computed once the
-/// maps hash one word, and a lookup of an interned series compares one pointer. The hash is
-/// keyed per process, so workload names chosen to collide cannot pile series into one bucket.
-#[derive(Debug, Clone)]
-struct Series {
-    hash: u64,
-    labels: Arc<TrafficLabels>,
-}
-
-static SERIES_HASH_KEY: LazyLock<RandomState> = LazyLock::new(RandomState::new);
-
-impl Series {
-    fn new(labels: TrafficLabels) -> Self {
-        Series {
-            hash: SERIES_HASH_KEY.hash_one(&labels),
-            labels: Arc::new(labels),
-        }
-    }
-}
-
-impl Hash for Series {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        state.write_u64(self.hash);
-    }
-}
-
-impl PartialEq for Series {
-    fn eq(&self, other: &Self) -> bool {
-        self.hash == other.hash
-            && (Arc::ptr_eq(&self.labels, &other.labels) || self.labels == other.labels)
-    }
-}
-
-impl Eq for Series {}
-
-impl EncodeLabelSet for Series {
-    fn encode(&self, encoder: LabelSetEncoder) -> Result<(), std::fmt::Error> {
-        self.labels.encode(encoder)
-    }
 }
 
 /// The five Istio TCP counters, one family each.
