@@ -216,23 +216,44 @@ fn executable_mappings() -> io::Result<Vec<(usize, usize)>> {
 }
 
 /// Asks the kernel to reclaim this process's resident pages of its own executable
-/// (`MADV_PAGEOUT` on the read-only mappings of `/proc/self/exe`); returns the bytes of mappings
-/// advised. Contents are never lost: the pages are clean copies of the file (or, for the few
-/// relocated ones, kept unless there is swap), and any touched again fault back in. Pages that
-/// another process maps too are left alone by the kernel.
+/// (`MADV_PAGEOUT` on the read-only mappings of `/proc/self/exe`, then `POSIX_FADV_DONTNEED` on
+/// the file) and to fault them back one page at a time (`MADV_RANDOM`); returns the bytes of
+/// mappings advised. Contents are never lost: the pages are clean copies of the file (or, for
+/// the few relocated ones, kept unless there is swap), and any touched again fault back in.
+/// Pages that another process maps too are left alone by the kernel.
+///
+/// Why all three: a fault on a file mapping maps every page of the file's page cache within
+/// 64 KiB around it (fault-around), and a fault that reads from the file reads 128 KiB around
+/// it (read-around). `MADV_PAGEOUT` alone unmaps the pages but, on kernels that keep a freshly
+/// written file in large folios (seen on 6.18: 71 of the binary's 74 MB still cached after it),
+/// leaves them cached, so the code connections run later came back in 64 KiB runs. Dropping the
+/// file's cache and reading without read-around, only pages the agent touches come back (RSS
+/// after 2 000 connections closed: 12.0–12.4 MB before, 11.2–11.4 MB with this, on that kernel).
 #[allow(unsafe_code)]
 pub fn release_executable_pages() -> io::Result<usize> {
     let mut advised = 0;
     for (start, len) in executable_mappings()? {
-        // SAFETY: the range is one of this process's own mappings as the kernel lists it, and
-        // MADV_PAGEOUT changes no contents (reclaim only): nothing the program holds is
-        // invalidated, the next access simply faults the page back in.
-        let rc = unsafe { libc::madvise(start as *mut libc::c_void, len, libc::MADV_PAGEOUT) };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
+        // SAFETY: the range is one of this process's own mappings as the kernel lists it;
+        // MADV_RANDOM only changes how faults read ahead, and MADV_PAGEOUT changes no contents
+        // (reclaim only): nothing the program holds is invalidated, the next access simply
+        // faults the page back in.
+        for advice in [libc::MADV_RANDOM, libc::MADV_PAGEOUT] {
+            let rc = unsafe { libc::madvise(start as *mut libc::c_void, len, advice) };
+            if rc != 0 {
+                return Err(io::Error::last_os_error());
+            }
         }
         advised += len;
     }
+    // Only clean pages nobody maps are dropped: other processes running this file lose
+    // nothing but cache.
+    let exe = File::open("/proc/self/exe")?;
+    nix::fcntl::posix_fadvise(
+        exe.as_raw_fd(),
+        0,
+        0,
+        nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+    )?;
     Ok(advised)
 }
 
