@@ -98,10 +98,13 @@ async fn serve_connection(
             })?;
     let acceptor = TlsAcceptor::from(certificate.server_config());
     let transport = crate::tls::BatchedReads::new(stream);
-    let tls = tokio::time::timeout_at(deadline, acceptor.accept(transport))
+    let mut tls = tokio::time::timeout_at(deadline, acceptor.accept(transport))
         .await
         .map_err(|_| ConnectionError::HandshakeTimeout)?
         .map_err(ConnectionError::Tls)?;
+    tls.get_mut()
+        .1
+        .set_buffer_limit(Some(crate::tls::SEND_BUFFER_LIMIT));
     drop(admitted);
     // Reserved once the peer is proven, for the connection's whole life.
     let memory = proxy.inputs.memory.reserve(proxy.h2.connection_window);

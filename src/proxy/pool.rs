@@ -478,7 +478,7 @@ impl Pool {
             .await?;
         let connector = TlsConnector::from(certificate.client_config(&key.expected_identities));
         let handshake = async {
-            let tls = connector
+            let mut tls = connector
                 .connect(
                     crate::tls::dummy_server_name(),
                     crate::tls::BatchedReads::new(tcp),
@@ -488,6 +488,9 @@ impl Pool {
                     peer: key.peer,
                     source,
                 })?;
+            tls.get_mut()
+                .1
+                .set_buffer_limit(Some(crate::tls::SEND_BUFFER_LIMIT));
             let valid_until = crate::identity::connection_valid_until(
                 &certificate,
                 tls.get_ref().1.peer_certificates(),
