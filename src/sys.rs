@@ -224,11 +224,11 @@ fn executable_mappings() -> io::Result<Vec<(usize, usize)>> {
 ///
 /// Why all three: a fault on a file mapping maps every page of the file's page cache within
 /// 64 KiB around it (fault-around), and a fault that reads from the file reads 128 KiB around
-/// it (read-around). `MADV_PAGEOUT` alone unmaps the pages but, on kernels that keep a freshly
-/// written file in large folios (seen on 6.18: 71 of the binary's 74 MB still cached after it),
-/// leaves them cached, so the code connections run later came back in 64 KiB runs. Dropping the
-/// file's cache and reading without read-around, only pages the agent touches come back (RSS
-/// after 2 000 connections closed: 12.0–12.4 MB before, 11.2–11.4 MB with this, on that kernel).
+/// it (read-around). `MADV_PAGEOUT` alone unmapped the pages but, on 6.18, left the file cached
+/// (`fincore`: 71 of the binary's 74 MB after it), so the code connections run later came back
+/// in 64 KiB runs. With the file's cache dropped and no read-around, only pages the agent
+/// touches come back (`scripts/bench`, memory-only: RSS after 2 000 connections closed 12.0–13.5
+/// MB before, mostly 10.7–11.4 MB with this, on that kernel).
 #[allow(unsafe_code)]
 pub fn release_executable_pages() -> io::Result<usize> {
     let mut advised = 0;
