@@ -104,6 +104,11 @@ impl RedirectRules {
                  \x20   oifname != \"lo\" tcp dport 53 redirect to :{port}\n"
             )
         });
+        // The return path restores the mark only on the app's replies (`ct direction reply`):
+        // the agent's own packets on those connections go to the pod's IP, which the main table
+        // already routes locally, and marking them would make every one of them routed a second
+        // time (a `route` chain re-routes a packet whose mark it changed): istio-cni's
+        // `CONNMARK --restore-mark` does that for every packet the agent sends to the app.
         format!(
             "table inet {TABLE}\n\
              delete table inet {TABLE}\n\
@@ -114,7 +119,7 @@ impl RedirectRules {
              \x20 }}\n\
              \x20 chain output_mangle {{\n\
              \x20   type route hook output priority mangle; policy accept;\n\
-             \x20   ct mark & {MARK_MASK:#x} == {RETURN_MARK:#x} meta mark set meta mark & {keep:#x} | {RETURN_MARK:#x}\n\
+             \x20   ct direction reply ct mark & {MARK_MASK:#x} == {RETURN_MARK:#x} meta mark set meta mark & {keep:#x} | {RETURN_MARK:#x}\n\
              \x20 }}\n\
              \x20 chain output_nat {{\n\
              \x20   type nat hook output priority -100; policy accept;\n\
@@ -295,6 +300,8 @@ mod tests {
             "meta l4proto tcp redirect to :15006",
             "ct mark set ct mark & 0xfffff000 | 0x111",
             "meta mark set meta mark & 0xfffff000 | 0x111",
+            // Only the app's replies: the agent's own packets to the app need no second route.
+            "ct direction reply ct mark & 0xfff == 0x111 meta mark set",
         ] {
             assert!(script.contains(needle), "missing {needle:?} in\n{script}");
         }
