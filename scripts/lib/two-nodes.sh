@@ -7,7 +7,7 @@
 # prefix), and may set BENCH_AGENT_YAML (extra lines under `agent:` for both agents). After
 # sourcing: $P-* namespaces exist, $WORK is a scratch directory, $SERVER the server pod's IP,
 # the iperf3 (5201), echo (7000) and DNS (53/udp) servers run, and an EXIT trap cleans everything up.
-# Functions: nsx, write_configs, start_agents, stop_agents, agent_cpu, agent_rss, agent_fds,
+# Functions: nsx, write_configs, start_agents, stop_agents, agent_cpu, agent_rss, agent_rss_parts, agent_fds,
 # settle.
 
 P="$PREFIX$(printf '%x' $$)"       # unique prefix for this run's namespaces
@@ -145,6 +145,9 @@ agent_cpu() {
 
 # RSS in KiB of agent number $1.
 agent_rss() { awk '/^VmRSS/ {print $2}' "/proc/${AGENTS[$1]}/status"; }
+
+# Resident KiB of agent number $1 by kind: "anon file" (heap and stacks; the binary's code).
+agent_rss_parts() { awk '/^RssAnon/ {a=$2} /^RssFile/ {f=$2} END {print a, f}' "/proc/${AGENTS[$1]}/status"; }
 
 # Open file descriptors of agent number $1.
 agent_fds() { find "/proc/${AGENTS[$1]}/fd" -mindepth 1 -maxdepth 1 | wc -l; }
