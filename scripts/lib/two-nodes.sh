@@ -7,8 +7,8 @@
 # prefix), and may set BENCH_AGENT_YAML (extra lines under `agent:` for both agents). After
 # sourcing: $P-* namespaces exist, $WORK is a scratch directory, $SERVER the server pod's IP,
 # the iperf3 (5201), echo (7000) and DNS (53/udp) servers run, and an EXIT trap cleans everything up.
-# Functions: nsx, write_configs, start_agents, stop_agents, agent_cpu, agent_rss, agent_rss_parts, agent_fds,
-# settle.
+# Functions: nsx, write_configs, start_agents, stop_agents, agent_cpu, agent_rss,
+# agent_rss_parts, agent_fds, settle.
 
 P="$PREFIX$(printf '%x' $$)"       # unique prefix for this run's namespaces
 WORK=$(mktemp -d)
