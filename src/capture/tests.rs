@@ -322,12 +322,23 @@ async fn each_shard_accepts_on_its_own_copy_of_the_pod_listeners() {
         })
         .expect("thread in the pod");
     assert_eq!(closed, CONNECTIONS);
-    let text = metrics.encode(&Default::default(), false);
-    let failed: u64 = text
-        .lines()
-        .filter(|line| line.starts_with("istio_tcp_connections_failed_total{"))
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum();
+    // A connection is counted when its record drops, just after its socket closed: the client
+    // can see the close first, so the count is read until it settles (bounded by HANG_GUARD).
+    let failed_count = || {
+        let text = metrics.encode(&Default::default(), false);
+        let failed: u64 = text
+            .lines()
+            .filter(|line| line.starts_with("istio_tcp_connections_failed_total{"))
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum();
+        (failed, text)
+    };
+    let deadline = tokio::time::Instant::now() + HANG_GUARD;
+    let (mut failed, mut text) = failed_count();
+    while failed < CONNECTIONS as u64 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        (failed, text) = failed_count();
+    }
     assert_eq!(failed, CONNECTIONS as u64, "{text}");
     manager.remove("pod").await;
 }
