@@ -116,6 +116,10 @@ impl Agent {
     /// The certificate source and manager, the model, the xDS client and the pod manager.
     fn build(config: &Config, options: &RunOptions) -> anyhow::Result<Self> {
         let settings = config.agent.clone();
+        if let Some(algorithm) = &settings.proxy.congestion_control {
+            crate::socket::check_congestion_control(algorithm)
+                .map_err(|problem| anyhow::anyhow!("agent.proxy.congestionControl: {problem}"))?;
+        }
         let home = Arc::new(Netns::current().context("open the agent's own network namespace")?);
         let metrics = Arc::new(Metrics::new());
         let failures = metrics.clone();

@@ -22,7 +22,7 @@ use tonic::metadata::{AsciiMetadataKey, AsciiMetadataValue, MetadataMap};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::net::{HttpsAddress, HttpsAddressError};
-use crate::socket::SocketFactory;
+use crate::socket::{Leg, SocketFactory};
 
 /// Why the channel to the control plane cannot be set up or used.
 #[derive(Debug, thiserror::Error)]
@@ -290,7 +290,7 @@ impl ControlPlane {
                 source: std::io::Error::new(std::io::ErrorKind::NotFound, "no address"),
             })?;
         let tcp = SocketFactory::node()
-            .connect(address, None, self.connect_timeout)
+            .connect(address, None, Leg::Network, self.connect_timeout)
             .await?;
         let mut config = ClientConfig::builder_with_provider(crate::tls::provider())
             .with_protocol_versions(&[&rustls::version::TLS13])

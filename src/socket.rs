@@ -3,7 +3,8 @@
 //! A factory is either for the agent's own namespace (node-level servers) or for one pod's
 //! namespace, where every socket — listeners and outgoing connections alike — is created inside
 //! the pod's netns and carries the packet mark so the pod's redirection rules skip it. Every
-//! setting a socket needs (reuse-port, no-delay, keepalive, transparent, mark) lives here.
+//! setting a socket needs (reuse-port, no-delay, keepalive, transparent, mark, congestion
+//! control) lives here.
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -29,11 +30,33 @@ const KEEPALIVE_TIME: Duration = Duration::from_secs(180);
 /// process with `CAP_SETUID` could take it on.
 pub const LISTENER_OWNER: u32 = u32::MAX - 1;
 
+/// The congestion control of in-pod legs, and the one every kernel has if that one is missing.
+///
+/// Pod namespaces inherit the node's default, and where that is BBR the kernel paces every
+/// socket with its own timers unless the device has an `fq` qdisc (loopback has none). A
+/// connection between the agent and the app it captured never leaves the pod, so that pacing
+/// buys nothing; through both agents it cost a tenth of their CPU per Gbit (README,
+/// Performance, eleventh pass).
+const IN_POD_CONGESTION: [&[u8]; 2] = [b"cubic", b"reno"];
+
+/// Where the other end of a socket's connection is, which decides its TCP congestion control.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Leg {
+    /// The app in the same pod, over loopback (connections captured on 15001, delivery to the
+    /// pod's own app): cubic, whatever the namespace's default (see [`IN_POD_CONGESTION`]).
+    InPod,
+    /// Across the network (HBONE both ways, passthrough, DNS upstreams): the factory's
+    /// configured algorithm (`proxy.congestionControl`), else the namespace's default.
+    Network,
+}
+
 /// Where sockets are created and how they are marked.
 #[derive(Debug, Clone)]
 pub struct SocketFactory {
     /// `None`: the agent's own namespace.
     pod: Option<PodNetns>,
+    /// Congestion control of [`Leg::Network`] sockets; `None`: the namespace's default.
+    network_congestion: Option<Arc<str>>,
 }
 
 #[derive(Debug, Clone)]
@@ -79,7 +102,10 @@ impl SocketError {
 impl SocketFactory {
     /// Sockets in the agent's own namespace, unmarked.
     pub fn node() -> Self {
-        SocketFactory { pod: None }
+        SocketFactory {
+            pod: None,
+            network_congestion: None,
+        }
     }
 
     /// Sockets inside `netns`, marked with `mark`. `home` is the agent's own namespace, to which
@@ -87,6 +113,29 @@ impl SocketFactory {
     pub fn pod(netns: Arc<Netns>, home: Arc<Netns>, mark: u32) -> Self {
         SocketFactory {
             pod: Some(PodNetns { netns, home, mark }),
+            network_congestion: None,
+        }
+    }
+
+    /// Gives [`Leg::Network`] sockets `algorithm` (checked with [`check_congestion_control`]
+    /// at start-up) instead of the namespace's default.
+    pub fn with_network_congestion(mut self, algorithm: Option<&str>) -> Self {
+        self.network_congestion = algorithm.map(Arc::from);
+        self
+    }
+
+    /// Sets `socket`'s congestion control for `leg`. Never fails the socket: a kernel without
+    /// the algorithm leaves the namespace's default, which carries traffic just the same.
+    fn set_congestion(&self, socket: &Socket, leg: Leg) {
+        let result = match (leg, &self.network_congestion) {
+            (Leg::InPod, _) => socket
+                .set_tcp_congestion(IN_POD_CONGESTION[0])
+                .or_else(|_| socket.set_tcp_congestion(IN_POD_CONGESTION[1])),
+            (Leg::Network, Some(algorithm)) => socket.set_tcp_congestion(algorithm.as_bytes()),
+            (Leg::Network, None) => Ok(()),
+        };
+        if let Err(error) = result {
+            tracing::debug!(?leg, %error, "congestion control not set; the namespace's default applies");
         }
     }
 
@@ -126,9 +175,15 @@ impl SocketFactory {
     /// A listener on `addr`, owned by [`LISTENER_OWNER`] with port reuse on, so that a
     /// restarted agent can bind beside the old one and nothing else can.
     /// A wildcard IPv6 address is dual-stack; if the namespace has no IPv6, IPv4 wildcard is used.
-    /// `transparent` lets the listener accept connections for non-local addresses (TPROXY).
-    pub fn listen(&self, addr: SocketAddr, transparent: bool) -> Result<TcpListener, SocketError> {
-        let listener = self.listen_std(addr, transparent)?;
+    /// `transparent` lets the listener accept connections for non-local addresses (TPROXY);
+    /// accepted connections get `leg`'s congestion control.
+    pub fn listen(
+        &self,
+        addr: SocketAddr,
+        transparent: bool,
+        leg: Leg,
+    ) -> Result<TcpListener, SocketError> {
+        let listener = self.listen_std(addr, transparent, leg)?;
         let addr = listener.local_addr().unwrap_or(addr);
         TcpListener::from_std(listener).map_err(|source| SocketError::Io {
             op: "listen",
@@ -145,6 +200,7 @@ impl SocketFactory {
         &self,
         addr: SocketAddr,
         transparent: bool,
+        leg: Leg,
     ) -> Result<std::net::TcpListener, SocketError> {
         let attempt = |addr: SocketAddr| -> io::Result<std::net::TcpListener> {
             let socket = self.raw_socket(Domain::for_address(addr), Some(LISTENER_OWNER))?;
@@ -158,10 +214,11 @@ impl SocketFactory {
                 // Best effort: without CAP_NET_ADMIN TPROXY is unavailable, REDIRECT still works.
                 let _ = socket.set_ip_transparent(true);
             }
-            // Linux copies these to every accepted connection, which saves each of them three
-            // setsockopt calls (a test below checks the inheritance).
+            // Linux copies these to every accepted connection, which saves each of them up to
+            // four setsockopt calls (a test below checks the inheritance).
             socket.set_nodelay(true)?;
             socket.set_tcp_keepalive(&TcpKeepalive::new().with_time(KEEPALIVE_TIME))?;
+            self.set_congestion(&socket, leg);
             socket.bind(&addr.into())?;
             socket.listen(LISTEN_BACKLOG)?;
             Ok(socket.into())
@@ -235,12 +292,14 @@ impl SocketFactory {
         })
     }
 
-    /// Connects to `dst`. With `source` set, the socket is bound to that (foreign) IP with
-    /// transparent + freebind, so the destination sees the original client's address.
+    /// Connects to `dst`, which is `leg` away. With `source` set, the socket is bound to that
+    /// (foreign) IP with transparent + freebind, so the destination sees the original client's
+    /// address.
     pub async fn connect(
         &self,
         dst: SocketAddr,
         source: Option<IpAddr>,
+        leg: Leg,
         timeout: Duration,
     ) -> Result<TcpStream, SocketError> {
         let io_error = |op, source| SocketError::Io {
@@ -257,6 +316,7 @@ impl SocketFactory {
         socket
             .set_tcp_keepalive(&TcpKeepalive::new().with_time(KEEPALIVE_TIME))
             .map_err(|source| io_error("setsockopt", source))?;
+        self.set_congestion(&socket, leg);
         if let Some(ip) = source {
             let bind = || -> io::Result<()> {
                 // Transparent alone lets the socket bind a foreign address (Linux checks
@@ -286,6 +346,26 @@ impl SocketFactory {
             Err(_) => Err(SocketError::ConnectTimeout(dst)),
         }
     }
+}
+
+/// Checks at start-up that this kernel lets the agent give its sockets `algorithm` (loading
+/// its module if need be), so that a typo in `proxy.congestionControl` stops the agent with a
+/// clear error instead of leaving every connection on the default.
+pub fn check_congestion_control(algorithm: &str) -> Result<(), String> {
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))
+        .map_err(|error| format!("cannot make a socket to try it on: {error}"))?;
+    socket
+        .set_tcp_congestion(algorithm.as_bytes())
+        .map_err(|error| {
+            let available =
+                std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_congestion_control")
+                    .map(|list| list.trim().to_string())
+                    .unwrap_or_else(|_| "unknown".into());
+            format!(
+                "the kernel refuses TCP congestion control {algorithm:?}: {error} \
+                 (available: {available})"
+            )
+        })
 }
 
 /// Without the owner (an agent in a user namespace that does not map it), port reuse is open
@@ -349,7 +429,9 @@ mod tests {
     async fn a_listener_rebinds_while_its_closed_connections_are_in_time_wait() {
         let sockets = SocketFactory::node();
         let any_port = SocketAddr::from(([127, 0, 0, 1], 0));
-        let first = sockets.listen(any_port, false).expect("listen");
+        let first = sockets
+            .listen(any_port, false, Leg::Network)
+            .expect("listen");
         let address = first.local_addr().expect("address");
         let mut client = TcpStream::connect(address).await.expect("connect");
         let (accepted, _) = first.accept().await.expect("accept");
@@ -360,7 +442,7 @@ mod tests {
         drop(client);
         drop(first);
         sockets
-            .listen(address, false)
+            .listen(address, false, Leg::Network)
             .expect("rebinding beside TIME_WAIT must work");
     }
 
@@ -377,7 +459,7 @@ mod tests {
         );
         let sockets = SocketFactory::node();
         let agent = sockets
-            .listen(SocketAddr::from(([127, 0, 0, 1], 0)), false)
+            .listen(SocketAddr::from(([127, 0, 0, 1], 0)), false, Leg::Network)
             .expect("listen");
         let port = agent.local_addr().expect("address").port();
         let app_binds = |addr: SocketAddr| {
@@ -400,16 +482,87 @@ mod tests {
             );
         }
         let successor = sockets
-            .listen(SocketAddr::from(([127, 0, 0, 1], port)), false)
+            .listen(
+                SocketAddr::from(([127, 0, 0, 1], port)),
+                false,
+                Leg::Network,
+            )
             .expect("a restarted agent binds beside the old listener");
         drop(successor);
+    }
+
+    fn congestion_of(socket: &impl std::os::fd::AsFd) -> String {
+        let name = SockRef::from(socket)
+            .tcp_congestion()
+            .expect("TCP_CONGESTION");
+        String::from_utf8_lossy(&name)
+            .trim_end_matches('\0')
+            .to_string()
+    }
+
+    /// In-pod legs run cubic (reno where the kernel has no cubic) whatever the namespace's
+    /// default, on connects and on accepted connections alike; network legs keep the default
+    /// unless the factory is given an algorithm.
+    #[tokio::test]
+    async fn in_pod_legs_run_cubic_and_network_legs_the_configured_or_default_algorithm() {
+        let available =
+            std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_congestion_control")
+                .expect("available congestion controls");
+        let in_pod = if available.split_whitespace().any(|name| name == "cubic") {
+            "cubic"
+        } else {
+            "reno"
+        };
+        let default = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control")
+            .expect("default congestion control")
+            .trim()
+            .to_string();
+        let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+        let timeout = Duration::from_secs(5);
+        let cases = [
+            (SocketFactory::node(), Leg::InPod, in_pod),
+            (SocketFactory::node(), Leg::Network, default.as_str()),
+            (
+                SocketFactory::node().with_network_congestion(Some("reno")),
+                Leg::Network,
+                "reno",
+            ),
+            (
+                SocketFactory::node().with_network_congestion(Some("reno")),
+                Leg::InPod,
+                in_pod,
+            ),
+        ];
+        for (sockets, leg, expected) in cases {
+            let listener = sockets.listen(loopback, false, leg).expect("listen");
+            let address = listener.local_addr().expect("address");
+            let connected = sockets
+                .connect(address, None, leg, timeout)
+                .await
+                .expect("connect");
+            let (accepted, _) = listener.accept().await.expect("accept");
+            assert_eq!(congestion_of(&connected), expected, "{leg:?} connect");
+            assert_eq!(congestion_of(&accepted), expected, "{leg:?} accepted");
+        }
+    }
+
+    /// A name the kernel does not know stops start-up with the name and what is available.
+    #[test]
+    fn an_unknown_congestion_control_is_refused_naming_it() {
+        check_congestion_control("reno").expect("reno is built into every kernel");
+        let problem = check_congestion_control("nosuchalgo").expect_err("unknown algorithm");
+        assert!(problem.contains("\"nosuchalgo\""), "{problem}");
+        assert!(
+            problem.contains("available: ") && problem.contains("reno"),
+            "{problem}"
+        );
     }
 
     /// Accepted connections carry the listener's options (no per-connection setsockopt).
     #[tokio::test]
     async fn accepted_connections_inherit_nodelay_and_keepalive() {
         let listener = SocketFactory::node()
-            .listen(SocketAddr::from(([127, 0, 0, 1], 0)), false)
+            .listen(SocketAddr::from(([127, 0, 0, 1], 0)), false, Leg::Network)
             .expect("listen");
         let address = listener.local_addr().expect("address");
         let _client = TcpStream::connect(address).await.expect("connect");

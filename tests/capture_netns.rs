@@ -173,6 +173,112 @@ fn agent_rules_capture_unmodified_apps_with_original_source() {
     );
 }
 
+/// The congestion control of each TCP connection in `pod` with `port` as its local (`Local`)
+/// or remote (`Peer`) port, as `ss -ti` shows them.
+fn congestion_controls(cluster: &Cluster, pod: &str, port: PortSide) -> Vec<String> {
+    let output = cluster
+        .topology
+        .exec_role(pod, &["ss", "-tinH", "state", "established"])
+        .expect("ss");
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    let mut found = Vec::new();
+    let mut lines = text.lines();
+    while let Some(socket) = lines.next() {
+        let Some(details) = lines.next() else { break };
+        let fields: Vec<&str> = socket.split_whitespace().collect();
+        // Recv-Q Send-Q Local Peer
+        let (local, peer) = (fields[2], fields[3]);
+        let (address, wanted) = match port {
+            PortSide::Local(wanted) => (local, wanted),
+            PortSide::Peer(wanted) => (peer, wanted),
+        };
+        if address.rsplit(':').next() == Some(wanted.to_string().as_str()) {
+            found.push(
+                details
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or_default()
+                    .to_string(),
+            );
+        }
+    }
+    found
+}
+
+#[derive(Debug, Clone, Copy)]
+enum PortSide {
+    Local(u16),
+    Peer(u16),
+}
+
+/// Whatever congestion control the pods' namespaces default to (here reno), the agents'
+/// connections to the apps in their own pods run cubic (BBR's pacing would only cost on
+/// loopback), while the HBONE connection between the nodes keeps the namespace's default.
+#[test]
+fn in_pod_legs_run_cubic_and_the_tunnel_keeps_the_namespace_default() {
+    require_netns!("in_pod_legs_run_cubic_and_the_tunnel_keeps_the_namespace_default");
+    let available = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_congestion_control")
+        .expect("available congestion controls");
+    let in_pod = if available.split_whitespace().any(|name| name == "cubic") {
+        "cubic"
+    } else {
+        "reno"
+    };
+    let cluster = start(&[("a", "client"), ("b", "server")], &["client", "server"]);
+    for pod in ["client", "server"] {
+        let output = cluster
+            .topology
+            .exec_role(
+                pod,
+                &["sysctl", "-qw", "net.ipv4.tcp_congestion_control=reno"],
+            )
+            .expect("sysctl");
+        assert!(output.status.success(), "{pod}: {output:?}");
+    }
+    let _server =
+        EchoServer::start(&cluster.topology, "server", APP_PORT, Reply::Echo).expect("app");
+    let mut stream = open_connection(
+        &cluster.topology,
+        "client",
+        addr(cluster.ip("server"), APP_PORT),
+    );
+    assert_eq!(echo_once(&mut stream, b"legs").expect("echo"), b"legs");
+    let expectations = [
+        (
+            "client",
+            PortSide::Local(15001),
+            in_pod,
+            "captured app connection",
+        ),
+        (
+            "client",
+            PortSide::Peer(15008),
+            "reno",
+            "HBONE to the server's node",
+        ),
+        (
+            "server",
+            PortSide::Local(15008),
+            "reno",
+            "HBONE from the client's node",
+        ),
+        (
+            "server",
+            PortSide::Peer(APP_PORT),
+            in_pod,
+            "delivery to the app",
+        ),
+    ];
+    for (pod, port, expected, what) in expectations {
+        let found = congestion_controls(&cluster, pod, port);
+        assert!(
+            !found.is_empty() && found.iter().all(|name| name == expected),
+            "{pod}, {what} ({port:?}): expected {expected}, found {found:?}"
+        );
+    }
+    drop(stream);
+}
+
 /// Connections from a captured pod to the agent's own ports are refused and logged, whichever
 /// way they arrive: to loopback (straight into the outbound listener) or to the pod's own IP
 /// (redirected to the plaintext inbound listener). Nothing is proxied to the agent itself.

@@ -388,7 +388,8 @@ impl PodManager {
         }
         let path = netns.path().to_path_buf();
         let netns = Arc::new(netns);
-        let sockets = SocketFactory::pod(netns.clone(), self.home.clone(), self.mark);
+        let sockets = SocketFactory::pod(netns.clone(), self.home.clone(), self.mark)
+            .with_network_congestion(self.inputs.settings.proxy.congestion_control.as_deref());
         let copies = WorkloadProxy::listener_copies(&self.inputs);
         let (listeners, dns_listeners) =
             bind_listeners(netns.clone(), sockets.clone(), self.dns.is_some(), copies).await?;

@@ -204,10 +204,10 @@ async fn a_closing_listener_hands_its_queued_connections_to_the_other_agent() {
     let sockets = SocketFactory::pod(pod.clone(), home, 0x539);
     let port: std::net::SocketAddr = "127.0.0.1:15008".parse().expect("address");
     let old = sockets
-        .listen(port, false)
+        .listen(port, false, crate::socket::Leg::Network)
         .expect("the old agent's listener");
     let new = sockets
-        .listen(port, false)
+        .listen(port, false, crate::socket::Leg::Network)
         .expect("the new agent's listener beside it");
     let clients = pod
         .run_on_thread(|| {

@@ -350,6 +350,12 @@ pub struct ProxyConfig {
     /// the agent with `capture.installRules`, or by istio-cni).
     #[serde(default = "defaults::original_source")]
     pub original_source: bool,
+    /// TCP congestion control of the agent's connections across the network (HBONE both
+    /// ways, passthrough, DNS upstreams), e.g. `cubic`; unset, the pod namespace's default
+    /// (`net.ipv4.tcp_congestion_control`, inherited from the node). Connections between the
+    /// agent and the app in its pod always use cubic (`socket::Leg`). Checked at start-up.
+    #[serde(default)]
+    pub congestion_control: Option<String>,
 }
 
 impl Default for ProxyConfig {
@@ -372,6 +378,7 @@ impl Default for ProxyConfig {
             max_unauthenticated_per_pod: defaults::max_unauthenticated_per_pod(),
             max_unauthenticated_per_source: defaults::max_unauthenticated_per_source(),
             original_source: defaults::original_source(),
+            congestion_control: None,
         }
     }
 }

@@ -265,6 +265,10 @@ impl Environment {
         if let Some(size) = self.parsed::<u32>("HTTP2_FRAME_SIZE", bytes, problem) {
             agent.proxy.frame_size = size;
         }
+        // Ours, not ztunnel's: Istio's Helm chart sets only the container's environment.
+        if let Some(algorithm) = self.get("NODETUNNEL_CONGESTION_CONTROL") {
+            agent.proxy.congestion_control = (!algorithm.is_empty()).then(|| algorithm.into());
+        }
         // ztunnel's FAKE_CA makes its own self-signed CA; ours is the built-in CA.
         if self.flag("FAKE_CA", problem) == Some(true) {
             agent.ca.address = None;

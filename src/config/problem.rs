@@ -13,6 +13,9 @@ pub enum SemanticError {
     /// A DNS domain that is not dot-separated labels of letters, digits and hyphens.
     #[error("invalid DNS domain {0:?}: expected labels of a-z, 0-9 and '-' separated by dots")]
     DnsName(String),
+    /// A congestion control name that no kernel could have.
+    #[error("invalid TCP congestion control {0:?}: expected a kernel algorithm name such as cubic or bbr (a-z, 0-9, '_', at most 15)")]
+    CongestionControl(String),
     /// A string that should be an IP address is not one.
     #[error("invalid IP address {0:?}")]
     Ip(String),

@@ -401,6 +401,13 @@ fn error_cases() -> Vec<(&'static str, String, Vec<&'static str>)> {
             ],
         ),
         (
+            "congestion control that no kernel could have",
+            "agent:\n  proxy:\n    congestionControl: \"BBR v2\"\n".into(),
+            vec![
+                "nodetunnel.yaml:3:24: agent.proxy.congestionControl: invalid TCP congestion control \"BBR v2\": expected a kernel algorithm name such as cubic or bbr (a-z, 0-9, '_', at most 15)",
+            ],
+        ),
+        (
             "DNS upstream that is not an address",
             "agent:\n  dns:\n    upstreams: [dns.example]\n".into(),
             vec![

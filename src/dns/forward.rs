@@ -21,7 +21,7 @@ use hickory_proto::op::{Message, MessageType, Query, ResponseCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
-use crate::socket::{SocketError, SocketFactory};
+use crate::socket::{Leg, SocketError, SocketFactory};
 
 /// Datagrams from the upstream that do not answer our query are skipped, up to this many.
 const MAX_STRAY_DATAGRAMS: usize = 16;
@@ -168,7 +168,10 @@ impl Forwarder {
         timeout: Duration,
     ) -> Result<(Vec<u8>, Checked), ForwardError> {
         let io = |source| ForwardError::Io { upstream, source };
-        let mut stream = self.sockets.connect(upstream, None, timeout).await?;
+        let mut stream = self
+            .sockets
+            .connect(upstream, None, Leg::Network, timeout)
+            .await?;
         let length = u16::try_from(query.len()).map_err(|_| ForwardError::BadAnswer {
             upstream,
             reason: "query too long for TCP",

@@ -33,7 +33,7 @@ pub use handler::{handle, Context, Forward, Handled, Transport, TTL};
 
 use crate::config::dns::{DnsConfig, UpstreamsError};
 use crate::drain::Drain;
-use crate::socket::{SocketError, SocketFactory};
+use crate::socket::{Leg, SocketError, SocketFactory};
 use crate::state::learned::{LearnedDestinations, LearnedLimits};
 use crate::state::StateStore;
 use crate::telemetry::Metrics;
@@ -114,11 +114,11 @@ impl DnsListeners {
         let v4 = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port);
         let mut listeners = DnsListeners {
             udp: vec![sockets.udp_bind(v4)?],
-            tcp: vec![sockets.listen(v4, false)?],
+            tcp: vec![sockets.listen(v4, false, Leg::InPod)?],
         };
         let v6 = SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), port);
         // A pod without IPv6 (disabled, or no ::1 on lo) simply has no v6 listener.
-        match (sockets.udp_bind(v6), sockets.listen(v6, false)) {
+        match (sockets.udp_bind(v6), sockets.listen(v6, false, Leg::InPod)) {
             (Ok(udp), Ok(tcp)) => {
                 listeners.udp.push(udp);
                 listeners.tcp.push(tcp);

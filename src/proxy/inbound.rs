@@ -328,7 +328,7 @@ async fn prepare(
     let timeout = proxy.inputs.settings.proxy.connect_timeout;
     let mut upstream = proxy
         .sockets
-        .connect(target, source_ip, timeout)
+        .connect(target, source_ip, crate::socket::Leg::InPod, timeout)
         .await
         .map_err(StreamError::Upstream)?;
     if delivery.proxy_header {

@@ -104,7 +104,7 @@ async fn proxy_connection(
     let timeout = proxy.inputs.settings.proxy.connect_timeout;
     let upstream = proxy
         .sockets
-        .connect(destination.0, source_ip, timeout)
+        .connect(destination.0, source_ip, crate::socket::Leg::InPod, timeout)
         .await?;
     record.connected();
     let copy = copy::bidirectional(stream, upstream, &record.bytes.sent, &record.bytes.received);

@@ -32,7 +32,7 @@ use crate::drain::Drain;
 use crate::hbone::H2Settings;
 use crate::identity::CertificateManager;
 use crate::net::{ports, ListenAddr};
-use crate::socket::{SocketError, SocketFactory};
+use crate::socket::{Leg, SocketError, SocketFactory};
 use crate::state::learned::LearnedDestinations;
 use crate::state::StateStore;
 
@@ -97,10 +97,13 @@ impl Listeners {
         let copies = (0..copies.max(1))
             .map(|_| {
                 Ok(ListenerSet {
-                    outbound: sockets.listen_std(wildcard(ports::OUTBOUND), true)?,
-                    inbound_plaintext: sockets
-                        .listen_std(wildcard(ports::INBOUND_PLAINTEXT), true)?,
-                    inbound: sockets.listen_std(wildcard(ports::HBONE), false)?,
+                    outbound: sockets.listen_std(wildcard(ports::OUTBOUND), true, Leg::InPod)?,
+                    inbound_plaintext: sockets.listen_std(
+                        wildcard(ports::INBOUND_PLAINTEXT),
+                        true,
+                        Leg::Network,
+                    )?,
+                    inbound: sockets.listen_std(wildcard(ports::HBONE), false, Leg::Network)?,
                 })
             })
             .collect::<Result<_, SocketError>>()?;

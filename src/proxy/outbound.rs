@@ -300,7 +300,10 @@ async fn passthrough_connection(
     let timeout = breaker
         .connect_timeout()
         .unwrap_or(proxy.inputs.settings.proxy.connect_timeout);
-    let upstream = proxy.sockets.connect(target.0, None, timeout).await;
+    let upstream = proxy
+        .sockets
+        .connect(target.0, None, crate::socket::Leg::Network, timeout)
+        .await;
     if let Some(endpoint) = &known {
         breaker.report(&proxy.inputs.metrics, endpoint, upstream.is_ok());
     }

@@ -32,7 +32,7 @@ use crate::hbone::stream::H2Stream;
 use crate::hbone::{ConnectRequest, H2Settings};
 use crate::identity::{CertificateError, CertificateManager};
 use crate::net::UpstreamAddr;
-use crate::socket::{SocketError, SocketFactory};
+use crate::socket::{Leg, SocketError, SocketFactory};
 use crate::spiffe::Identity;
 
 /// What makes two tunnels shareable on one connection.
@@ -474,7 +474,7 @@ impl Pool {
         let tcp = self
             .inner
             .sockets
-            .connect(key.peer.0, None, settings.connect_timeout)
+            .connect(key.peer.0, None, Leg::Network, settings.connect_timeout)
             .await?;
         let connector = TlsConnector::from(certificate.client_config(&key.expected_identities));
         let handshake = async {

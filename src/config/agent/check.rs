@@ -5,6 +5,15 @@ use super::super::locate::FieldPath;
 use super::super::problem::{Problems, SemanticError};
 use super::{AgentConfig, MAX_CONCURRENT_STREAMS, MAX_HEADER_LIST_SIZE};
 
+/// A kernel congestion control name (`TCP_CA_NAME_MAX` is 16 with the NUL): whether it exists
+/// is checked when the agent starts (`socket::check_congestion_control`).
+fn valid_congestion_control(algorithm: &str) -> bool {
+    (1..16).contains(&algorithm.len())
+        && algorithm
+            .bytes()
+            .all(|byte| byte.is_ascii_lowercase() || byte.is_ascii_digit() || byte == b'_')
+}
+
 /// A bounded number: section, field, value, smallest and largest allowed.
 type Range = (&'static str, &'static str, u32, u32, u32);
 
@@ -124,6 +133,14 @@ impl AgentConfig {
         }
         if self.proxy.hbone_port == 0 {
             problems.push(path.key("proxy").key("hbonePort"), SemanticError::PortZero);
+        }
+        if let Some(algorithm) = &self.proxy.congestion_control {
+            if !valid_congestion_control(algorithm) {
+                problems.push(
+                    path.key("proxy").key("congestionControl"),
+                    SemanticError::CongestionControl(algorithm.clone()),
+                );
+            }
         }
     }
 

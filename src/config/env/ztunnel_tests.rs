@@ -29,6 +29,12 @@ fn chart_variables_are_applied() {
         (&[("HTTP2_FRAME_SIZE", "32768")], |a| {
             a.proxy.frame_size == 32768
         }),
+        (&[("NODETUNNEL_CONGESTION_CONTROL", "cubic")], |a| {
+            a.proxy.congestion_control.as_deref() == Some("cubic")
+        }),
+        (&[("NODETUNNEL_CONGESTION_CONTROL", "")], |a| {
+            a.proxy.congestion_control.is_none()
+        }),
         (
             &[("CA_ADDRESS", "istiod:15012"), ("FAKE_CA", "true")],
             |a| a.ca.address.is_none(),
