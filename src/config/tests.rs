@@ -757,10 +757,17 @@ fn restart_fields_are_named() {
     assert!(watch::restart_fields(&old, &new).is_empty());
     new.agent.listen.admin = "127.0.0.1:16000".parse().unwrap();
     new.agent.ca.cert_file = Some("/ca.pem".into());
+    new.agent.proxy.congestion_control = Some("cubic".into());
+    new.agent.pool.max_streams_per_connection += 1;
     new.workloads.pop();
     assert_eq!(
         watch::restart_fields(&old, &new),
-        ["agent.listen.admin", "agent.ca.certFile"]
+        [
+            "agent.listen.admin",
+            "agent.ca.certFile",
+            "agent.proxy",
+            "agent.pool"
+        ]
     );
 }
 

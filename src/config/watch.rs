@@ -235,6 +235,9 @@ pub(crate) fn restart_fields(old: &Config, new: &Config) -> Vec<&'static str> {
         ),
         ("agent.ca.certFile", old.ca.cert_file != new.ca.cert_file),
         ("agent.ca.keyFile", old.ca.key_file != new.ca.key_file),
+        // Every pod's proxy and socket factory take these once, at start-up (`app::Agent`).
+        ("agent.proxy", old.proxy != new.proxy),
+        ("agent.pool", old.pool != new.pool),
     ];
     checks
         .into_iter()
